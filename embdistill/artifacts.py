@@ -1,0 +1,297 @@
+"""Reading and writing stage outputs safely.
+
+* Pickles are read through :class:`RestrictedUnpickler`, which allows only the types our
+  artefacts hold (builtin containers and scalars, numpy arrays and dtypes, torch tensors)
+  and refuses anything else with a :class:`UserError`: loading a pickle can run code.
+* Every write is atomic (temp file in the same folder + ``os.replace``), so a killed stage
+  never leaves a half-written file under the final name.
+* Each artefact gets a JSON manifest beside it (``<file>.manifest.json``): stage, resolved
+  config, input fingerprints, package versions, creation time. A stage is *done* when its
+  manifest exists with the same config and inputs; :func:`is_done` checks exactly that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("embdistill.artifacts")
+
+MANIFEST_SUFFIX = ".manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+# (module, name) pairs a pickle may reference. numpy moved its internals from numpy.core to
+# numpy._core in 2.0; pickles written by either are accepted.
+_ALLOWED_GLOBALS = {
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "complex"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("builtins", "bool"),
+    ("builtins", "slice"),
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("collections", "Counter"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    # torch tensors pickled with plain pickle (the original's .kmeanspkl holds bf16 tensors)
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch", "Size"),
+    ("torch", "bfloat16"),
+    ("torch", "float16"),
+    ("torch", "float32"),
+    ("torch", "float64"),
+    ("torch", "int64"),
+    ("torch", "int32"),
+    ("torch", "uint8"),
+    ("torch", "bool"),
+}
+_NUMPY_DTYPE_MODULES = {"numpy", "numpy.dtypes"}
+_TORCH_STORAGES = {
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "DoubleStorage",
+    "LongStorage",
+    "IntStorage",
+    "ByteStorage",
+    "BoolStorage",
+    "UntypedStorage",
+    "TypedStorage",
+}
+
+
+def _load_storage_from_bytes(data: bytes):
+    """Safe stand-in for ``torch.storage._load_from_bytes``, which calls torch.load with
+    ``weights_only=False`` (arbitrary code); the tensor payload needs only weights."""
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals our artefacts contain."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module in _NUMPY_DTYPE_MODULES and name.endswith("DType"):
+            return super().find_class(module, name)
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _load_storage_from_bytes
+        if module == "torch" and name in _TORCH_STORAGES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load global '{module}.{name}'")
+
+
+def load_pickle(path: str | os.PathLike) -> Any:
+    """Load a pickle through the restricted unpickler; every failure is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    try:
+        with open(path, "rb") as fh:
+            return RestrictedUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        if "refused" in str(exc):
+            raise UserError(
+                f"{path}: unsafe pickle ({exc}); only dicts, lists, numbers, numpy arrays and "
+                "torch tensors are allowed"
+            ) from None
+        raise UserError(f"{path}: corrupt pickle ({exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+            RuntimeError, OSError) as exc:
+        reason = "truncated" if isinstance(exc, EOFError) else type(exc).__name__
+        raise UserError(f"{path}: corrupt pickle ({reason}: {exc})".rstrip(": ")) from None
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temp file beside ``path``; on success fsync and ``os.replace`` it into place.
+
+    On any exception the temp file is removed and ``path`` is left untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any file
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_pickle(obj: Any, path: str | os.PathLike) -> None:
+    """Pickle ``obj`` to ``path`` atomically (protocol 4, readable by Python >= 3.4)."""
+    with atomic_open(path, "wb") as fh:
+        pickle.dump(obj, fh, protocol=4)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (indented, keys in insertion order)."""
+    with atomic_open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.write("\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a file's content (or of a folder's files, in name order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes our outputs."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("embdistill", "torch", "transformers", "sentence-transformers", "numpy",
+                 "scikit-learn", "mteb", "peft"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + MANIFEST_SUFFIX)
+
+
+def _normalise(value: Any) -> Any:
+    """Config as it reads back from JSON (tuples -> lists, paths -> str), for comparison."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Record what produced ``path``: write it *after* the artefact, so that a manifest
+    means the artefact is complete."""
+    manifest = {
+        "artifact": Path(path).name,
+        "stage": stage,
+        "config": _normalise(dict(config)),
+        "inputs": {k: fingerprint(v) for k, v in (inputs or {}).items()},
+        "versions": package_versions(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        manifest["extra"] = _normalise(dict(extra))
+    save_json(manifest, manifest_path(path))
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """The manifest beside ``path``, or None when there is none or it is unreadable."""
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        return None
+    try:
+        return json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def is_done(
+    path: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+) -> bool:
+    """True when ``path`` exists and its manifest records the same config and inputs."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not path.exists() or manifest is None:
+        return False
+    if manifest.get("config") != _normalise(dict(config)):
+        return False
+    recorded = manifest.get("inputs", {})
+    for key, value in (inputs or {}).items():
+        if not Path(value).exists() or recorded.get(key) != fingerprint(value):
+            return False
+    return True
+
+
+def skip_if_done(
+    path: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+    overwrite: bool = False,
+    what: str = "stage",
+) -> bool:
+    """Log and return True when the work behind ``path`` is already done (and not --overwrite)."""
+    if not overwrite and is_done(path, config=config, inputs=inputs):
+        log.info("%s: %s is up to date, skipping (--overwrite to redo)", what, path)
+        return True
+    return False

@@ -1,0 +1,79 @@
+"""Argument and entry-point helpers shared by every stage script.
+
+Each stage script builds its parser with :func:`stage_parser`, then calls
+``run_main(main)``. ``run_main`` turns :class:`UserError` into one line on stderr and exit
+status 2, so users never see a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+log = logging.getLogger("embdistill")
+
+
+def setup_logging(level: str | None = None) -> None:
+    """Log ``HH:MM:SS stage message`` lines to stderr; rank > 0 logs warnings only."""
+    level = level or os.environ.get("EMBDISTILL_LOG", "INFO")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=level if rank == 0 else "WARNING",
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Hub libraries are chatty about things our users cannot act on.
+    for noisy in ("transformers", "sentence_transformers", "datasets", "mteb", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Hub retries are logged once per attempt; the failure itself reaches the user as one
+    # UserError line naming what could not be downloaded.
+    # huggingface_hub configures its own root logger on import, so set it through its API.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+
+
+def stage_parser(description: str, *, task: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    if task:
+        parser.add_argument(
+            "--task",
+            default="bbc-news",
+            help="task index 1-16, a task name (e.g. bbc-news, tweet-sentiment, "
+            "Banking77Classification) or a .jsonl/.csv file with text and label columns",
+        )
+        parser.add_argument("--text-column", default="text", help="text column of a user file")
+        parser.add_argument("--label-column", default="label", help="label column of a user file")
+    parser.add_argument(
+        "--base-dir",
+        default=None,
+        help="where outputs go (text_train/, work/, sense_dict/, runs/, results/); "
+        "default $EMBDISTILL_HOME or the current directory",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="redo work that is already done")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--log-level", default=None, help="logging level (default INFO)")
+    return parser
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a stage's ``main``; bad input becomes one line and exit status 2."""
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

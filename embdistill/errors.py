@@ -1,0 +1,9 @@
+"""The one exception type for problems with the user's input.
+
+Stage scripts run under :func:`embdistill.cli.run_main`, which prints a ``UserError`` as a
+single line (``error: ...``) and exits with status 2: no traceback from deep inside.
+"""
+
+
+class UserError(Exception):
+    """Bad input (task, file, model, artefact, option): reported as one line, exit status 2."""

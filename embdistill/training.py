@@ -1,0 +1,542 @@
+"""The training loop shared by both methods (SKD and multi-teacher distillation).
+
+:class:`Trainer` trains any ``nn.Module`` on any loss, in the manner of a torchtune recipe:
+
+* **loss**: ``loss_fn(model, batch) -> LossOutput(loss, count, metrics)``, where ``loss`` is
+  the mean over the ``count`` units of the micro-batch (text tokens for SKD, texts for the
+  multi-teacher heads). The trainer makes every optimiser step minimise the mean over *all*
+  units of the step (every micro-batch of the accumulation, every rank): it back-propagates
+  ``loss * count`` and rescales the gradients by ``world_size / global_count``. So 2 ranks x
+  batch b, 1 rank x batch 2b and batch b with 2 accumulation steps take the same step, however
+  the units are spread over the batches. ``loss_fn`` gets the (DDP-wrapped) model and must call
+  it, so that DDP synchronises the gradients.
+* **data**: each epoch shuffles the dataset with ``DistributedSampler`` (seed + epoch), each
+  rank takes its share, in batches of ``batch_size``; ``collate_fn`` turns a list of items into
+  a batch (tensors are moved to the device here).
+* **optimisation**: AdamW, cosine schedule with linear warm-up, gradient accumulation,
+  gradient clipping, bf16 autocast on CUDA (float32 weights and optimiser state).
+* **checkpoints** (``run_dir/checkpoints/step-NNNNNNNN.pt``, written atomically every
+  ``save_every`` steps, at each epoch end and at the end): model, optimiser, scheduler, the RNG
+  states of every rank, epoch and step within it, config; the last ``keep_last`` are kept.
+  ``resume=True`` continues from the latest readable checkpoint, skipping the batches that
+  epoch already trained on, and refuses one written for a different run (model, data, batch
+  layout, optimiser settings, world size). The run folder must be shared by all ranks.
+* **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
+  ``log_every`` steps, and draws ``run_dir/loss.png`` at the end.
+* **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
+  the step, before the optimiser step (the last checkpoint stays the last good one); a peer
+  that dies or hangs ends the others with a one-line ``UserError`` after at most
+  ``dist_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_open, load_json, save_json
+from .distributed import DistEnv, barrier, default_device, init_distributed
+from .errors import UserError
+
+log = logging.getLogger("embdistill.training")
+
+CHECKPOINT_PATTERN = "step-*.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the SKD paper's reference run (per rank)."""
+
+    epochs: int = 5
+    batch_size: int = 3  # per rank and micro-batch
+    lr: float = 5e-6  # as used: scale it by the world size before, if wanted
+    weight_decay: float = 1e-4
+    warmup_steps: int = 300
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_grad_norm: float = 0.0  # 0: no clipping
+    max_steps: int = 0  # 0: as many as the epochs give; else stop (and end the schedule) there
+    save_every: int = 1000  # optimiser steps between checkpoints (and at each epoch end)
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = True  # autocast on CUDA; ignored on the CPU
+    dist_timeout_s: float = 1800.0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "max_steps"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.dist_timeout_s <= 0:
+            raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
+
+
+# Settings that may change between a checkpoint and its resumption: they set how long to train
+# and what to write, not what a step does.
+RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_last", "log_every", "dist_timeout_s")
+
+
+class LossOutput(NamedTuple):
+    """What a ``loss_fn`` returns for one micro-batch."""
+
+    loss: torch.Tensor  # mean over the micro-batch's units, with its graph
+    count: int  # the number of units in that mean (0 allowed: the batch then weighs nothing)
+    metrics: Mapping[str, torch.Tensor | float]  # per-unit means to log (same keys every call)
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    epoch: int
+    metrics: dict[str, float]  # of the last logged window
+    resumed_from: Path | None
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor: linear 0 -> 1 over ``warmup_steps``, then cosine 1 -> 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def _normalised(value: Any) -> Any:
+    """As the value reads back from JSON, so that saved and current configs compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+_PEER_FAILURE = re.compile(
+    r"gloo|nccl|connection (closed|reset|refused)|timed? ?out|broken pipe|peer|socket", re.IGNORECASE
+)
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether an error from inside training is another process dying or hanging."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc)) is not None
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+
+
+def _rng_state() -> dict:
+    """This process's RNG states, as tensors and plain values (``torch.load(weights_only=True)``
+    reads them back without extra safe globals)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Train ``model`` on ``loss_fn`` over ``train_dataset``; see the module docstring.
+
+    ``run_config``: what identifies the run besides the optimisation settings (model, data,
+    loss; JSON-serialisable): saved in ``config.json`` and in every checkpoint, and a
+    checkpoint with a different one is refused on resume. ``device``: default this rank's GPU,
+    else the CPU.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], LossOutput],
+        train_dataset: Sequence,
+        collate_fn: Callable[[list], Any],
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        run_config: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        resume: bool = True,
+    ):
+        if len(train_dataset) == 0:
+            raise UserError("no training examples")
+        self.config = config
+        self.env = join_process_group(config.dist_timeout_s)
+        self.device = torch.device(device) if device is not None else default_device(self.env)
+        self.module = model.to(self.device)
+        self.model = self._wrap(self.module)
+        self.loss_fn = loss_fn
+        self.dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run_config = _normalised(dict(run_config or {}))
+        self.resume = resume
+
+        self.parameters = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise UserError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        batches_per_epoch = math.ceil(len(self._sampler(0)) / config.batch_size)
+        self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(config.warmup_steps, self.total_steps)
+        )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.last_checkpoint: Path | None = None
+        self.autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and config.bf16
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # set-up
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.env.distributed:
+            return module
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def _sampler(self, epoch: int) -> DistributedSampler:
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=True,
+            seed=self.config.seed, drop_last=False,
+        )
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """This rank's optimiser steps of ``epoch``: lists of micro-batches of dataset indices."""
+        indices = list(self._sampler(epoch))
+        size = self.config.batch_size
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        accum = self.config.grad_accum
+        return [batches[i : i + accum] for i in range(0, len(batches), accum)]
+
+    @property
+    def saved_config(self) -> dict:
+        """The resolved config: ``config.json`` and every checkpoint hold it."""
+        return {
+            "run": self.run_config,
+            "train": dataclasses.asdict(self.config),
+            "world_size": self.env.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> TrainResult:
+        """Train to the end (resuming first when asked); return where it ended."""
+        try:
+            return self._train()
+        except Exception as exc:
+            if self.env.distributed and _peer_failure(exc):
+                raise UserError(
+                    f"rank {self.env.rank}: lost contact with the other processes at step "
+                    f"{self.global_step + 1} ({_first_line(exc)}); another rank crashed or hung "
+                    "(see its log), or --dist-timeout is too short"
+                ) from None
+            raise
+
+    def _train(self) -> TrainResult:
+        resumed_from = self._resume() if self.resume else None
+        if resumed_from is None:
+            torch.manual_seed(self.config.seed + self.env.rank)
+            random.seed(self.config.seed + self.env.rank)
+            np.random.seed(self.config.seed + self.env.rank)
+        if self.env.is_main:
+            save_json(self.saved_config, self.run_dir / "config.json")
+            self._trim_metrics()
+        self.module.train()
+        window: dict[str, float] = {}
+        last_logged: dict[str, float] = {}
+        started = time.perf_counter()
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc="train",
+                        disable=not self.env.is_main, dynamic_ncols=True)
+        with progress:
+            while self.global_step < self.total_steps:
+                steps = self._epoch_steps(self.epoch)
+                for micro_batches in steps[self.step_in_epoch :]:
+                    stats = self._step(micro_batches)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    epoch_end = self.step_in_epoch == len(steps)
+                    if epoch_end:
+                        self.epoch += 1
+                        self.step_in_epoch = 0
+                    _accumulate(window, stats)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats['loss']:.4f}")
+                    finished = self.global_step >= self.total_steps
+                    if self.global_step % self.config.log_every == 0 or finished:
+                        last_logged = self._log(window, time.perf_counter() - started)
+                        window = {}
+                    if epoch_end or finished or self.global_step % self.config.save_every == 0:
+                        self._save_checkpoint()
+                    if finished:
+                        break
+        if self.env.is_main and self.metrics_path.is_file():
+            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+        return TrainResult(self.global_step, self.epoch, last_logged, resumed_from)
+
+    def _step(self, micro_batches: list[list[int]]) -> dict[str, float]:
+        """One optimiser step over ``micro_batches``; the step's global statistics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: torch.Tensor | None = None
+        metric_names: list[str] = []
+        for i, indices in enumerate(micro_batches):
+            batch = _to_device(self.collate_fn([self.dataset[j] for j in indices]), self.device)
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients in the last micro-batch's backward only.
+            no_sync = self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast:
+                    loss, count, metrics = self.loss_fn(self.model, batch)
+                (loss * count).backward()
+            metric_names = sorted(metrics)
+            values = [loss.detach().float() * count, torch.tensor(float(count), device=self.device)]
+            values += [torch.as_tensor(metrics[name], dtype=torch.float32, device=self.device) * count
+                       for name in metric_names]
+            micro_sums = torch.stack([v.to(self.device, torch.float64).reshape(()) for v in values])
+            sums = micro_sums if sums is None else sums + micro_sums
+        if self.env.distributed:
+            dist.all_reduce(sums)
+        loss_sum, count, *metric_sums = sums.tolist()
+        if not math.isfinite(loss_sum):
+            self._stop(f"the loss is {loss_sum}")
+        # DDP averaged the gradients over ranks; this makes them those of the mean over units.
+        scale = self.env.world_size / max(count, 1.0)
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        if not math.isfinite(grad_norm):
+            self._stop(f"the gradient norm is {grad_norm}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        denominator = max(count, 1.0)
+        stats = {"loss": loss_sum / denominator, "count": count, "grad_norm": grad_norm, "lr": lr}
+        stats.update({name: value / denominator for name, value in zip(metric_names, metric_sums)})
+        return stats
+
+    def _stop(self, what: str) -> None:
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise UserError(
+            f"{what} at step {self.global_step + 1} (epoch {self.epoch}); training stopped "
+            f"before the optimiser step, {kept}; try a lower --lr or --max-grad-norm"
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # metrics
+
+    def _log(self, window: dict[str, float], elapsed: float) -> dict[str, float]:
+        row = _window_means(window)
+        row = {"step": self.global_step,
+               "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
+               **row, "elapsed_s": round(elapsed, 3)}
+        if self.env.is_main:
+            log.info("step %d/%d  %s", self.global_step, self.total_steps,
+                     "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "epoch")))
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return row
+
+    def _trim_metrics(self) -> None:
+        """Drop metric rows logged after the checkpoint we resume from (or all, when fresh)."""
+        if not self.metrics_path.is_file():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.global_step]
+        with atomic_open(self.metrics_path, "w") as fh:
+            fh.write("".join(row + "\n" for row in rows))
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _save_checkpoint(self) -> None:
+        rng_states = [None] * self.env.world_size
+        if self.env.distributed:
+            dist.all_gather_object(rng_states, _rng_state())
+        else:
+            rng_states = [_rng_state()]
+        path = self.checkpoint_dir / f"step-{self.global_step:08d}.pt"
+        if self.env.is_main:
+            state = {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_states,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "config": self.saved_config,
+            }
+            with atomic_open(path, "wb") as fh:
+                torch.save(state, fh)
+            for old in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN))[: -self.config.keep_last]:
+                old.unlink()
+            log.info("saved %s", path)
+        self.last_checkpoint = path
+        barrier()
+
+    def _resume(self) -> Path | None:
+        """Load the latest readable checkpoint, if any; return its path."""
+        for path in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN), reverse=True):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a damaged file of any kind: fall back to the one before
+                log.warning("skipping unreadable checkpoint %s (%s)", path, _first_line(exc))
+                continue
+            self._check_resumable(path, state["config"])
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"][self.env.rank])
+            self.epoch = state["epoch"]
+            self.step_in_epoch = state["step_in_epoch"]
+            self.global_step = state["global_step"]
+            self.last_checkpoint = path
+            log.info("resumed from %s (step %d, epoch %d)", path, self.global_step, self.epoch)
+            return path
+        return None
+
+    def _check_resumable(self, path: Path, saved: dict) -> None:
+        current = _normalised(self.saved_config)
+        differences = [f"{key}: {saved['run'].get(key)!r} -> {value!r}"
+                       for key, value in current["run"].items() if saved["run"].get(key) != value]
+        differences += [f"{key}: {saved['run'][key]!r} -> (none)" for key in saved["run"]
+                        if key not in current["run"]]
+        differences += [f"{key}: {saved['train'].get(key)!r} -> {value!r}"
+                        for key, value in current["train"].items()
+                        if key not in RESUMABLE_CHANGES and saved["train"].get(key) != value]
+        if saved["world_size"] != current["world_size"]:
+            differences.append(f"world_size: {saved['world_size']} -> {current['world_size']}")
+        if differences:
+            raise UserError(
+                f"{path} belongs to a different run ({'; '.join(differences)}); pass --overwrite "
+                "(or --no-resume) to start over, or choose another --run"
+            )
+        changed = [key for key in RESUMABLE_CHANGES if saved["train"].get(key) != current["train"][key]]
+        if changed:
+            log.info("resuming with changed %s", ", ".join(changed))
+
+
+def join_process_group(timeout_s: float) -> DistEnv:
+    """``init_distributed`` with a bounded wait; a peer that never joins is a one-line error."""
+    try:
+        return init_distributed(timeout_s=timeout_s)
+    except dist.DistError as exc:
+        raise UserError(
+            f"could not join the process group ({_first_line(exc)}); check that every node "
+            "started, --master_addr/--master_port, and --dist-timeout"
+        ) from None
+
+
+def _accumulate(window: dict[str, float], stats: dict[str, float]) -> None:
+    """Add a step to the log window: unit-weighted sums of means, the latest lr and norm."""
+    count = stats["count"]
+    window["count"] = window.get("count", 0.0) + count
+    window["steps"] = window.get("steps", 0.0) + 1
+    for name, value in stats.items():
+        if name in ("lr", "grad_norm"):
+            window[name] = value
+        elif name != "count":
+            window[f"sum:{name}"] = window.get(f"sum:{name}", 0.0) + value * count
+
+
+def _window_means(window: dict[str, float]) -> dict[str, float]:
+    count = max(window.get("count", 0.0), 1.0)
+    row = {name[4:]: value / count for name, value in window.items() if name.startswith("sum:")}
+    row.update(lr=window.get("lr", 0.0), grad_norm=window.get("grad_norm", 0.0),
+               units_per_step=window.get("count", 0.0) / max(window.get("steps", 1.0), 1.0))
+    return row
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
+    """One panel per logged quantity against the step (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    names = [k for k in rows[0] if k not in ("step", "epoch", "elapsed_s")] if rows else []
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * max(len(names), 1)), sharex=True,
+                             squeeze=False)
+    steps = [row["step"] for row in rows]
+    for axis, name in zip(axes[:, 0], names):
+        axis.plot(steps, [row.get(name, float("nan")) for row in rows], marker=".")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimiser step")
+    fig.suptitle(Path(metrics_path).parent.name)
+    fig.tight_layout()
+    with atomic_open(png_path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    """``run_dir/config.json`` as written by :class:`Trainer`."""
+    return load_json(Path(run_dir) / "config.json")

