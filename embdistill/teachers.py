@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 
 from . import paths
+from .artifacts import load_json
 from .distributed import default_device
 from .errors import UserError
 from .text import tokenize_with_embed_mask
@@ -184,14 +185,19 @@ def _model_file(source: str, filename: str) -> str | None:
 
 def _read_json(source: str, filename: str) -> dict | None:
     file = _model_file(source, filename)
-    return json.loads(Path(file).read_text()) if file else None
+    return load_json(file) if file else None
 
 
-def _check_source(name: str, source: str) -> None:
-    """A name that looks like a path must exist; hub ids are ``name`` or ``owner/name``."""
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
-    if looks_like_path and not Path(source).expanduser().exists():
+def _local_or_hub(name: str, source: str) -> str:
+    """``source`` itself when it is a hub id (``name`` or ``owner/name``), else a folder that
+    must exist (``~`` expanded)."""
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+    if not looks_like_path:
+        return source
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
         raise UserError(f"could not load model {name}: no such folder {source}")
+    return str(folder)
 
 
 def _torch_dtype(dtype: torch.dtype | str | None, device: torch.device, decoder: bool) -> torch.dtype:
@@ -207,10 +213,12 @@ def _torch_dtype(dtype: torch.dtype | str | None, device: torch.device, decoder:
 
 
 def _merge_lora(model: nn.Module, adapter: str, name: str) -> nn.Module:
-    """Merge a PEFT LoRA adapter into ``model`` (W += alpha/r * B @ A) and return the base model.
+    """Merge a PEFT LoRA adapter into the backbone ``model`` (W += scale * B @ A, scale =
+    alpha/r, or alpha/sqrt(r) for rsLoRA) and return the backbone.
 
-    The adapter's weights must all find their modules: PEFT would otherwise leave the missing
-    ones at their init (B = 0) and merge nothing, silently."""
+    Adapters saved from the backbone (LLM2Vec's: ``layers.N...``) and from a task wrapper
+    (``model.layers.N...``) both load. The adapter's weights must all find their modules: PEFT
+    would otherwise leave the missing ones at their init and merge nothing, silently."""
     from peft import LoraConfig, PeftModel
 
     config = _read_json(adapter, "adapter_config.json")
@@ -220,7 +228,9 @@ def _merge_lora(model: nn.Module, adapter: str, name: str) -> nn.Module:
         raise UserError(f"could not load adapter {adapter}: only LoRA adapters merge, got {config.get('peft_type')}")
     with _load_errors(f"{name} (adapter {adapter})"):
         adapted = PeftModel(model, LoraConfig.from_pretrained(adapter))
-        result = adapted.load_adapter(adapter, adapter_name="default", torch_device=str(model.device))
+        wrapper_prefix = {rf"^{re.escape(model.base_model_prefix)}\.": ""}  # "model.layers.0" -> "layers.0"
+        result = adapted.load_adapter(adapter, adapter_name="default", torch_device=str(model.device),
+                                      key_mapping=wrapper_prefix)
     if result.missing_keys:
         raise UserError(
             f"could not load adapter {adapter}: {len(result.missing_keys)} LoRA weights of the model are "
@@ -251,9 +261,11 @@ def load_teacher(
     name = str(name_or_path)
     resolve_source, alias_adapters = TEACHER_ALIASES.get(name, (lambda: name, ()))
     source = str(resolve_source())
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
     adapters = [*alias_adapters, *map(str, adapters)]
     slug = name if name in TEACHER_ALIASES else paths.slug(name)
-    _check_source(name, source)
+    source = _local_or_hub(name, source)
 
     with _load_errors(name):
         adapter_config = _read_json(source, "adapter_config.json")
@@ -274,18 +286,17 @@ def load_teacher(
     else:
         model_class, extra = AutoModel, {}
     with _load_errors(name):
-        model, info = model_class.from_pretrained(base, dtype=torch_dtype, output_loading_info=True, **extra)
+        model, info = model_class.from_pretrained(base, dtype=torch_dtype, device_map=device,
+                                                  output_loading_info=True, **extra)
         tokenizer_source = source if _model_file(source, "tokenizer_config.json") else base
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
+    # a random pooler is harmless (token states never pass through it); any other gap is not
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    if missing:
         raise UserError(f"could not load model {name}: its checkpoint lacks {len(missing)} weights (e.g. {missing[0]})")
     if not tokenizer.is_fast:
         raise UserError(f"could not load model {name}: its tokenizer has no fast version (the embed mask needs one)")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
 
-    model.to(device)
     for adapter in adapters:
         model = _merge_lora(model, adapter, name)
     if is_llama:

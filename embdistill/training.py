@@ -20,7 +20,8 @@
   states of every rank, epoch and step within it, config; the last ``keep_last`` are kept.
   ``resume=True`` continues from the latest readable checkpoint, skipping the batches that
   epoch already trained on, and refuses one written for a different run (model, data, batch
-  layout, optimiser settings, world size). The run folder must be shared by all ranks.
+  layout, optimiser settings, world size); ``resume=False`` deletes the old checkpoints and
+  starts over. The run folder must be shared by all ranks.
 * **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
   ``log_every`` steps, and draws ``run_dir/loss.png`` at the end.
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
@@ -51,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_open, load_json, save_json
+from .artifacts import atomic_open, save_json
 from .distributed import DistEnv, barrier, default_device, init_distributed
 from .errors import UserError
 
@@ -234,9 +235,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.last_checkpoint: Path | None = None
-        self.autocast = torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and config.bf16
-        )
+        self.use_bf16 = self.device.type == "cuda" and config.bf16
 
     # ---------------------------------------------------------------------------------------
     # set-up
@@ -291,7 +290,8 @@ class Trainer:
             raise
 
     def _train(self) -> TrainResult:
-        resumed_from = self._resume() if self.resume else None
+        resumed_from = self._resume() if self.resume else self._discard_checkpoints()
+        self._check_ranks_agree()
         if resumed_from is None:
             torch.manual_seed(self.config.seed + self.env.rank)
             random.seed(self.config.seed + self.env.rank)
@@ -342,7 +342,7 @@ class Trainer:
             # DDP all-reduces gradients in the last micro-batch's backward only.
             no_sync = self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
             with no_sync:
-                with self.autocast:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
                     loss, count, metrics = self.loss_fn(self.model, batch)
                 (loss * count).backward()
             metric_names = sorted(metrics)
@@ -454,6 +454,25 @@ class Trainer:
             return path
         return None
 
+    def _discard_checkpoints(self) -> None:
+        """Starting over: old checkpoints would otherwise be resumed from later."""
+        if self.env.is_main:
+            for old in self.checkpoint_dir.glob(CHECKPOINT_PATTERN):
+                old.unlink()
+        barrier()
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must start from the same step (one may not see the checkpoints)."""
+        if not self.env.distributed:
+            return
+        steps = [None] * self.env.world_size
+        dist.all_gather_object(steps, self.global_step)
+        if len(set(steps)) > 1:
+            raise UserError(
+                f"the ranks found different checkpoints to resume from (steps {steps}); "
+                f"{self.checkpoint_dir} must be on a file system shared by every node"
+            )
+
     def _check_resumable(self, path: Path, saved: dict) -> None:
         current = _normalised(self.saved_config)
         differences = [f"{key}: {saved['run'].get(key)!r} -> {value!r}"
@@ -535,8 +554,3 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     with atomic_open(png_path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
-
-
-def load_run_config(run_dir: str | Path) -> dict:
-    """``run_dir/config.json`` as written by :class:`Trainer`."""
-    return load_json(Path(run_dir) / "config.json")

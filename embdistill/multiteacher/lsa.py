@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import (atomic_open, load_json, manifest_path, read_manifest, save_json,
+from ..artifacts import (atomic_open, is_done, load_json, manifest_path, read_manifest, save_json,
                          write_manifest)
 from ..errors import UserError
 
 log = logging.getLogger("embdistill.multiteacher.lsa")
 
+FIT_PARAMS = ("dim", "min_df", "max_features", "seed")
 ENCODE_BATCH = 4096  # texts per sparse block in transform: bounds memory, not results
 
 
@@ -91,8 +92,14 @@ class LsaModel:
         """The teacher interface of the shard stage (batch size and length do not apply)."""
         return self.transform(list(texts))
 
-    def save(self, folder: str | Path) -> None:
-        """Write the artefact (module docstring); the manifest goes last."""
+    @property
+    def fit_params(self) -> dict:
+        """The settings it was fitted with: its manifest's config."""
+        return {key: self.config[key] for key in FIT_PARAMS}
+
+    def save(self, folder: str | Path, inputs: dict | None = None) -> None:
+        """Write the artefact (module docstring); the manifest goes last. ``inputs``: the
+        files it was fitted on, fingerprinted in the manifest."""
         folder = Path(folder)
         manifest_path(folder).unlink(missing_ok=True)  # stale until the new files are all in
         save_json(self.config, folder / "config.json")
@@ -100,7 +107,7 @@ class LsaModel:
         for name, array in (("idf", self.idf), ("components", self.components)):
             with atomic_open(folder / f"{name}.npy", "wb") as fh:
                 np.save(fh, array, allow_pickle=False)
-        write_manifest(folder, stage="lsa", config=self.config)
+        write_manifest(folder, stage="lsa", config=self.fit_params, inputs=inputs)
 
     @classmethod
     def load(cls, folder: str | Path) -> "LsaModel":
@@ -172,3 +179,24 @@ def fit_lsa(texts: list[str], dim: int = 256, min_df: int = 2, max_features: int
              dim, 100 * config["explained_variance"])
     return LsaModel(vocabulary, vectorizer.idf_.astype(np.float64),
                     svd.components_.astype(np.float32), config)
+
+
+def prepare_lsa(folder: Path, texts: list[str], corpus_file: Path, *, dim: int, min_df: int,
+                max_features: int | None, seed: int, overwrite: bool = False) -> None:
+    """Fit the LSA teacher on ``texts`` into ``folder/model`` and export it to
+    ``folder/sentence-transformer``, unless both are done with these settings."""
+    params = {"dim": dim, "min_df": min_df, "max_features": max_features, "seed": seed}
+    model_dir, st_dir = lsa_dirs(folder)
+    if overwrite or not is_done(model_dir, config=params, inputs={"corpus": corpus_file}):
+        fit_lsa(texts, dim, min_df, max_features, seed).save(model_dir, inputs={"corpus": corpus_file})
+    else:
+        log.info("LSA: %s is up to date, skipping (--overwrite to redo)", model_dir)
+    if overwrite or not is_done(st_dir, config=params, inputs={"model": model_dir}):
+        manifest_path(st_dir).unlink(missing_ok=True)
+        LsaModel.load(model_dir).export_sentence_transformer(st_dir)
+        write_manifest(st_dir, stage="lsa_export", config=params, inputs={"model": model_dir})
+
+
+def lsa_dirs(folder: Path) -> tuple[Path, Path]:
+    """(the artefact, its SentenceTransformer export) in an LSA teacher's embeddings folder."""
+    return Path(folder) / "model", Path(folder) / "sentence-transformer"

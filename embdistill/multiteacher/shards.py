@@ -100,11 +100,11 @@ def write_teacher_shards(
     batch_size: int = 64,
     max_length: int | None = None,
     env: DistEnv | None = None,
-    overwrite: bool = False,
 ) -> list[int]:
     """Encode this rank's unfinished shards of ``texts`` (unique, in corpus order) into
     ``folder``; return the shards written. ``teacher_config`` identifies the teacher's
-    weights and settings: shards made with another config are redone."""
+    weights and settings: shards made with another config are redone (and
+    :func:`reset_teacher` makes them all be redone)."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     env = env or dist_env()
@@ -119,7 +119,7 @@ def write_teacher_shards(
         start, stop = index * shard_size, min((index + 1) * shard_size, len(texts))
         vectors_path, ids_path = shard_files(folder, index)
         config = _shard_config(base, index, len(texts), shard_size)
-        if not overwrite and is_done(vectors_path, config=config) and _checksums_match(vectors_path, ids_path):
+        if is_done(vectors_path, config=config) and _checksums_match(vectors_path, ids_path):
             continue
         # From here on the shard, hence the teacher, is incomplete.
         manifest_path(vectors_path).unlink(missing_ok=True)
@@ -152,12 +152,24 @@ def finish_teacher(folder: Path, texts: list[str], *, teacher_config: dict, shar
         if not is_done(shard_files(folder, index)[0],
                        config=_shard_config(base, index, len(texts), shard_size)):
             return False
+    for stale in (i for i in _shard_indices(folder) if i >= n_shards):  # of a larger, older corpus
+        log.info("removing %s: not part of the current corpus", shard_files(folder, stale)[0])
+        for path in shard_files(folder, stale):
+            manifest_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     targets = load_teacher_targets(folder, texts, require_index=False)
     index = {"teacher": teacher_config.get("teacher"), "dim": targets.dim, "n_texts": len(texts),
              "n_shards": n_shards, "shard_size": shard_size, "dtype": "float16"}
     save_json(index, folder / INDEX_NAME)
     write_manifest(folder / INDEX_NAME, stage=_STAGE, config=base)
     return True
+
+
+def reset_teacher(folder: Path) -> None:
+    """Mark every shard and the index of a teacher unfinished (``--overwrite``)."""
+    manifest_path(Path(folder) / INDEX_NAME).unlink(missing_ok=True)
+    for index in _shard_indices(Path(folder)):
+        manifest_path(shard_files(Path(folder), index)[0]).unlink(missing_ok=True)
 
 
 class TeacherTargets:
@@ -176,9 +188,10 @@ class TeacherTargets:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self._shards[self._shard_of[i]][self._row_of[i]], dtype=np.float32)
 
-    def gather(self, indices) -> np.ndarray:
-        """(len(indices), dim) float32."""
-        return np.stack([self[int(i)] for i in indices]) if len(indices) else np.zeros((0, self.dim), np.float32)
+    def subset(self, indices) -> "TeacherTargets":
+        """The rows of ``indices``, in that order (the shards are shared, not copied)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return TeacherTargets(self.name, self._shards, self._shard_of[indices], self._row_of[indices])
 
 
 def _shard_indices(folder: Path) -> list[int]:

@@ -178,8 +178,7 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict
 
 
 def write_combined(combined: dict, meta: dict, output: Path, config: Mapping,
-                   inputs: Sequence[Path]) -> None:
+                   inputs: Mapping[str, Path]) -> None:
     """combined.pkl then its manifest (teacher, hidden size, dtype in ``extra``)."""
     save_pickle(combined, output)
-    write_manifest(output, stage="combine", config=config,
-                   inputs={f"input{i}": p for i, p in enumerate(inputs)}, extra=meta)
+    write_manifest(output, stage="combine", config=config, inputs=inputs, extra=meta)

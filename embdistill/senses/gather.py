@@ -81,6 +81,8 @@ def count_config(teacher: str, max_length: int) -> dict:
 
 def load_counts(path: Path, max_length: int) -> dict[int, int]:
     """counts.pkl, checked to have been counted with the same truncation as the gather."""
+    if not path.is_file():
+        raise UserError(f"missing {path}: run scripts/01_count.py first")
     manifest = read_manifest(path)
     counted_at = (manifest or {}).get("config", {}).get("max_length")
     if counted_at is not None and counted_at != max_length:
@@ -282,21 +284,24 @@ def gather_shard(
         log.info("rank %d: resuming, %d of %d parts (%d texts) already gathered",
                  env.rank, sum(done), len(parts), resumed_texts)
 
+    log.info("gather rank %d/%d: %d of %d texts in %d parts, teacher %s (%d-d, %s on %s), "
+             "per token %d, seed %d -> %s", env.rank, env.world_size, len(indices), len(texts),
+             len(chunks), teacher.slug, teacher.hidden_size, teacher.dtype,
+             teacher.device, cfg.per_token, cfg.seed, rank_file)
     kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0"))
     written = 0
-    progress = tqdm(total=len(indices), initial=resumed_texts, desc=f"gather rank {env.rank}",
-                    unit="text", disable=not env.is_main)
-    for chunk, path, part_config, finished in zip(chunks, parts, part_configs, done):
-        if finished:
-            continue
-        part = gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
-                            batch_size=batch_size, buffer_rows=buffer_rows, progress=progress)
-        save_pickle(part, path)
-        write_manifest(path, stage="gather-part", config=part_config)
-        written += 1
-        if kill_after and written >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    progress.close()
+    with tqdm(total=len(indices), initial=resumed_texts, desc=f"gather rank {env.rank}",
+              unit="text", disable=not env.is_main) as progress:
+        for chunk, path, part_config, finished in zip(chunks, parts, part_configs, done):
+            if finished:
+                continue
+            part = gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
+                                batch_size=batch_size, buffer_rows=buffer_rows, progress=progress)
+            save_pickle(part, path)
+            write_manifest(path, stage="gather-part", config=part_config)
+            written += 1
+            if kill_after and written >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     states_by_token, index_by_token = merge_parts([load_pickle(path) for path in parts])
     n_rows = sum(len(v) for v in states_by_token.values())

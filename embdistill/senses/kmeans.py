@@ -16,8 +16,8 @@ rounding); on the CPU runs are bitwise reproducible. Tokens leave the Lloyd loop
 converge, so a batch costs what its tokens cost, not max_iter times its slowest.
 
 The reference backends run one token at a time: ``sklearn`` (``sklearn.cluster.KMeans``, what
-the original ran) and ``faiss`` (``faiss.Kmeans``, random seeding and a fixed ``max_iter``
-iterations, as faiss does; only when faiss is installed, e.g. ``pip install faiss-cpu``).
+the original ran) and ``faiss`` (``faiss.Kmeans``; only when faiss is installed, e.g.
+``pip install faiss-cpu``).
 Every backend returns one :class:`KMeansResult` per token.
 """
 
@@ -263,22 +263,27 @@ def kmeans_sklearn(points, ks, *, keys=None, seed=0, max_iter=300, tol=1e-4, n_i
 
 def kmeans_faiss(points, ks, *, keys=None, seed=0, max_iter=300, tol=1e-4, n_init=1,
                  device=None) -> list[KMeansResult]:
-    """faiss.Kmeans per token: random seeding, exactly ``max_iter`` iterations (``tol`` unused:
-    faiss has no early stop), ``n_init`` redos. No subsampling, no small-n warning."""
+    """faiss.Kmeans per token, no subsampling; k-means++ seeding where faiss has it (>= 1.14,
+    else random). ``tol`` is unused: faiss stops when the objective stops changing."""
     import faiss
 
     keys = _check(points, ks, keys, max_iter, tol, n_init)
+    seeding = {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS} if hasattr(
+        faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS") else {}
     results = []
     for p, k, key in zip(points, ks, keys):
         data = np.ascontiguousarray(p, dtype=np.float32)
-        model = faiss.Kmeans(data.shape[1], k, niter=max_iter, nredo=n_init, seed=_seed_int(seed, key, 0),
-                             min_points_per_centroid=1, max_points_per_centroid=len(data) + 1,
-                             verbose=False)
-        model.train(data)
-        # model.obj lists every redo's iterations; faiss keeps the redo that ends lowest
-        redos = np.asarray(model.obj, dtype=np.float64).reshape(n_init, max_iter)
-        objective = redos[redos[:, -1].argmin()].tolist()
-        results.append(KMeansResult(model.centroids.copy(), objective, max_iter, False))
+        best = None
+        for restart in range(n_init):  # our own redo loop: faiss's nredo mixes the redos' stats
+            model = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=_seed_int(seed, key, restart),
+                                 min_points_per_centroid=1, max_points_per_centroid=len(data) + 1,
+                                 verbose=False, **seeding)
+            model.train(data)
+            final = float(model.assign(data)[0].sum())
+            if best is None or final < best.objective[-1]:
+                best = KMeansResult(model.centroids.copy(), [*map(float, model.obj), final],
+                                    len(model.obj), len(model.obj) < max_iter)
+        results.append(best)
     return results
 
 

@@ -1,0 +1,55 @@
+"""Combine gathered states of ranks and tasks into one dict per token, each capped (combined.pkl).
+
+    python a0_generate_combinepkl.py --task bbc-news          # its gather/ -> work/bbc-news/minilm/combined.pkl
+    python a0_generate_combinepkl.py --inputs bbc-news tweet-sentiment --output work/two-tasks/combined.pkl
+    python a0_generate_combinepkl.py --inputs old/rank0.pkl old/rank1.pkl --output combined.pkl
+
+Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir).
+"""
+
+from pathlib import Path
+
+from embdistill.artifacts import skip_if_done
+from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.distributed import print0
+from embdistill.errors import UserError
+from embdistill.paths import Paths, base_dir, slug
+from embdistill.senses.combine import combine, resolve_inputs, write_combined
+from embdistill.tasks import resolve_task
+
+
+def main() -> int:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--inputs", nargs="+", default=None,
+                        help="rank pkls, gather folders or task names (default: --task's gather folder)")
+    parser.add_argument("--output", default=None, help="combined pickle (default: --task's combined.pkl; "
+                        "required with --inputs)")
+    parser.add_argument("--cap", type=int, default=4000, help="most samples kept per token")
+    parser.add_argument("--teacher", default="minilm", help="teacher whose gathers task names refer to")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+
+    base, teacher = base_dir(args.base_dir), slug(args.teacher)
+
+    def task_paths(name: str) -> Paths:
+        return Paths(base, resolve_task(name, args.text_column, args.label_column).slug, teacher)
+
+    if args.inputs and not args.output:
+        raise UserError("--output is required with --inputs")
+    output = Path(args.output) if args.output else task_paths(args.task).combined
+    groups = resolve_inputs(args.inputs or [args.task], lambda name: task_paths(name).gather_dir)
+    files = [path for group in groups for path in group]
+    config = {"inputs": [str(p) for p in files], "cap": args.cap, "seed": args.seed}
+    inputs = {f"input{i}": path for i, path in enumerate(files)}
+    if skip_if_done(output, config=config, inputs=inputs, overwrite=args.overwrite, what="combine"):
+        return 0
+    combined, meta = combine(groups, args.cap, args.seed)
+    write_combined(combined, meta, output, config, inputs)
+    print0(f"combine: {len(groups)} gather(s), {len(files)} files -> {meta['token_ids']} token ids, "
+           f"{meta['rows']} rows ({meta['capped']} capped at {args.cap}), {meta['hidden_size']}-d "
+           f"{meta['dtype']} -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,11 @@
+"""Evaluation: our models and any sentence-transformers model on classification tasks through
+mteb, replace mode, and the results table.
+
+* :mod:`.models`: model specs (``[LABEL=]KIND:TARGET``) and their mteb encoders;
+* :mod:`.local_tasks`: hub tasks as mteb runs them, local tasks built from eval.json;
+* :mod:`.replace`: replace mode, batched (and the original's per-token loop, for reference);
+* :mod:`.table`: table.json / table.md / accuracy.png, read back from mteb's result files;
+* :mod:`.run`: one evaluation run (``scripts/05_evaluate.py``).
+
+Submodules are imported where used: mteb takes seconds to import, replace mode needs none of it.
+"""

@@ -1,0 +1,134 @@
+"""One evaluation run: every model on every task through ``mteb.evaluate``, then the table.
+
+Layout under ``results/<run>/`` (:func:`embdistill.paths.results_dir`)::
+
+    mteb/results/embdistill__<label>/<revision>/<Task>.json   mteb's own result files
+    mteb/results/embdistill__<label>/<revision>/model_meta.json
+    table.json (+ .manifest.json), table.md, accuracy.png
+
+Tasks load first (a missing eval.json or an unreachable hub fails before any model loads);
+then one model at a time: load, measure throughput, evaluate on each task, release. mteb
+re-runs every (model, task) pair of a run (``overwrite_strategy="always"``): whether the run
+as a whole is done is decided by the table's manifest, which records the specs, the protocol
+and fingerprints of the local inputs (eval.json files, model folders, dictionaries).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import is_done, load_json, write_manifest
+from ..distributed import print0
+from ..errors import UserError
+from ..paths import Paths, results_dir
+from ..tasks import resolve_task
+from .local_tasks import EvaluationTask, load_evaluation_task
+from .models import ModelSpec, load_encoder, measure_throughput, parse_model_specs
+from .table import ModelRow, build_table, format_markdown, write_table
+
+log = logging.getLogger("embdistill.evaluation")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    run: str
+    tasks: tuple[str, ...]  # task arguments (index, name or file)
+    models: tuple[str, ...]  # model specs
+    samples_per_label: int | None = None  # None: 32 for local tasks, mteb's own for hub tasks
+    n_experiments: int | None = None  # None: mteb's default (10)
+    batch_size: int = 32
+    max_length: int = 512
+    throughput_texts: int = 256
+    seed: int = 0
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = False) -> dict:
+    """Run the evaluation (or reuse a finished one) and return the table."""
+    specs = parse_model_specs(config.models)
+    out_dir = results_dir(base, config.run)
+    table_path = out_dir / "table.json"
+    tasks = [resolve_task(arg, config.text_column, config.label_column) for arg in config.tasks]
+    inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.mteb_name is None}
+    for spec in specs:
+        inputs.update(spec.local_inputs)
+    manifest_config = {**vars(config), "models": [spec.text for spec in specs]}
+    if not overwrite and is_done(table_path, config=manifest_config, inputs=inputs):
+        log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
+        return load_json(table_path)
+
+    eval_tasks = [
+        load_evaluation_task(task, Paths(base, task.slug), samples_per_label=config.samples_per_label,
+                             n_experiments=config.n_experiments, seed=config.seed)
+        for task in tasks
+    ]
+    names = [t.name for t in eval_tasks]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"task {name} is given twice")
+    rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config)
+    protocol = {t.name: {"eval_splits": list(t.mteb_task.metadata.eval_splits),
+                         "samples_per_label": t.mteb_task.samples_per_label,
+                         "n_experiments": t.mteb_task.n_experiments} for t in eval_tasks}
+    table = build_table(config.run, rows, protocol, out_dir)
+    files = write_table(table, out_dir)
+    write_manifest(table_path, stage="evaluate", config=manifest_config, inputs=inputs,
+                   extra={"files": {k: v.name for k, v in files.items()}})
+    return table
+
+
+def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_dir: Path, *,
+                    device, config: EvaluationConfig) -> list[ModelRow]:
+    """Each model on each task, one model in memory at a time (a model used in plain and in
+    replace mode by consecutive specs loads once)."""
+    import mteb
+
+    cache = mteb.ResultCache(cache_path=cache_dir)
+    instructions = {t.name: t.instruction for t in tasks}
+    throughput_texts = tasks[0].texts(config.throughput_texts)
+    loaded: dict = {}
+    rows = []
+    for i, spec in enumerate(specs):
+        still_needed = {s.target for s in specs[i:] if s.kind != "st"}
+        for target in [t for t in loaded if t not in still_needed]:
+            del loaded[target]
+        _release_memory()
+        encoder = load_encoder(spec, instructions, device=device, batch_size=config.batch_size,
+                               max_length=config.max_length, loaded=loaded)
+        texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
+        log.info("model %s: %.1f texts/s on %d texts of %s", spec.label, texts_per_second,
+                 len(throughput_texts), tasks[0].name)
+        result_files = {}
+        for task in tasks:
+            result = mteb.evaluate(encoder, task.mteb_task, cache=cache, overwrite_strategy="always",
+                                   encode_kwargs={"batch_size": config.batch_size},
+                                   co2_tracker=False, show_progress_bar=False)
+            path = cache.get_task_result_path(task.name, encoder.mteb_model_meta)
+            result_files[task.name] = path
+            log.info("model %s, task %s: accuracy %.4f (%s)", spec.label, task.name,
+                     result.task_results[0].main_score, path)
+        rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
+                             n_parameters=encoder.n_parameters,
+                             dictionary_values=encoder.dictionary_values,
+                             texts_per_second=texts_per_second, result_files=result_files))
+        del encoder
+    loaded.clear()
+    _release_memory()
+    return rows
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_table(table: dict, out_dir: Path) -> None:
+    print0(format_markdown(table), end="")
+    print0(f"results: {out_dir} (table.md, table.json, accuracy.png, mteb/)")

@@ -1,0 +1,261 @@
+"""Stage 2 of SKD: cluster every token's gathered states into its senses.
+
+For each token with n samples: the k rule gives k (``mcl``: the original's MCL count rule;
+``n``: k from n alone, see :mod:`.krule`); a token with n < 5 or n <= k keeps its raw vectors;
+the others are clustered by k-means into k centroids (:mod:`.kmeans`).
+
+Work is planned once, the same way on every rank: the tokens that need work (n > 5) are sorted
+by n and cut into batches of similar n (at most ``batch_tokens`` tokens and about
+``batch_elements`` floats per working tensor); batch i belongs to rank i mod world size. Each
+finished batch is written atomically as a part file named by its index, in a folder named by
+a hash of everything the results depend on, so a killed run (even kill -9) resumes from its
+finished parts, with any number of processes. After a barrier rank 0 merges the parts with the
+raw-vector tokens, writes the dictionary, its manifest, summary and plot, and deletes the
+parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import fingerprint, load_pickle, save_pickle
+from ..distributed import DistEnv, barrier, shard
+from ..errors import UserError
+from .combine import read_source
+from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
+from .kmeans import check_backend, kmeans
+from .krule import (
+    K_RULES,
+    MIN_SENSES,
+    k_from_mcl_count,
+    k_from_samples,
+    keeps_raw_vectors,
+    mcl_counts,
+)
+
+log = logging.getLogger("embdistill.cluster")
+
+# Test hook: SIGKILL this process after it has written N part files, so that the resume test
+# interrupts the clustering at a known point instead of racing a timer.
+KILL_AFTER_PARTS_ENV = "EMBDISTILL_CLUSTER_KILL_AFTER_PARTS"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What the dictionary depends on (batching and device do not change which senses come out)."""
+
+    teacher: str
+    k_rule: str = "mcl"
+    backend: str = "torch"
+    seed: int = 0
+    max_iter: int = 300
+    tol: float = 1e-4
+    n_init: int = 1
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.k_rule not in K_RULES:
+            raise UserError(f"unknown --k-rule '{self.k_rule}': choose one of {', '.join(K_RULES)}")
+        check_backend(self.backend)
+        if self.dtype not in SENSE_DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(SENSE_DTYPES)}, got '{self.dtype}'")
+        if self.max_iter < 1 or self.n_init < 1 or self.tol < 0:
+            raise UserError("--max-iter and --n-init must be >= 1, --tol >= 0")
+
+
+@dataclass(frozen=True)
+class Batching:
+    tokens: int = 256  # tokens per batch, at most
+    elements: int = 1 << 26  # floats per working tensor, about (a lone large token may exceed it)
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.elements < 1:
+            raise UserError("--batch-tokens and --batch-elements must be >= 1")
+
+
+def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict[int, np.ndarray], int]:
+    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size)."""
+    source = read_source(path)
+    if source.teacher is not None and source.teacher != teacher:
+        raise UserError(f"{path} holds states of teacher '{source.teacher}', not '{teacher}' "
+                        "(--teacher); cluster it with --teacher " + source.teacher)
+    if hidden_size is not None and source.hidden_size != hidden_size:
+        raise UserError(f"{path} holds {source.hidden_size}-d states, not {hidden_size}-d "
+                        "(--hidden-size): states of another teacher?")
+    if not source.states:
+        raise UserError(f"{path}: no tokens to cluster")
+    return source.states, source.hidden_size
+
+
+def _token_cost(n: int, k_rule: str, hidden_size: int) -> int:
+    """Floats in a token's largest working tensor: the n x n MCL matrix, or n x max(k, d)."""
+    width = n if k_rule == "mcl" else k_from_samples(n)
+    return n * max(width, hidden_size)
+
+
+def plan_batches(sizes: dict[int, int], k_rule: str, hidden_size: int, batching: Batching) -> list[list[int]]:
+    """Tokens needing work (n > 5), sorted by (n, id), cut into batches of similar n."""
+    tokens = sorted((t for t, n in sizes.items() if n > MIN_SENSES), key=lambda t: (sizes[t], t))
+    batches: list[list[int]] = []
+    for token in tokens:  # ascending n: the newest token is the batch's largest
+        current = batches[-1] if batches else None
+        if (current is None or len(current) >= batching.tokens
+                or (len(current) + 1) * _token_cost(sizes[token], k_rule, hidden_size) > batching.elements):
+            batches.append([token])
+        else:
+            current.append(token)
+    return batches
+
+
+def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfig,
+                  device: torch.device) -> dict:
+    """One batch: k per token, then k-means on the tokens that do not keep raw vectors.
+
+    Returns a part: ``senses`` {token: (k, d) float32}, ``stats`` {token: {n, k, mcl, raw,
+    iterations, objective}}, ``seconds`` {k_rule, kmeans}."""
+    started = time.perf_counter()
+    if cfg.k_rule == "mcl":
+        counts = [c.clusters for c in mcl_counts(points, device=device)]
+        ks = [k_from_mcl_count(m) for m in counts]
+    else:
+        counts = [None] * len(points)
+        ks = [k_from_samples(len(p)) for p in points]
+    rule_done = time.perf_counter()
+    todo = [i for i, (p, k) in enumerate(zip(points, ks)) if not keeps_raw_vectors(len(p), k)]
+    results = kmeans([points[i] for i in todo], [ks[i] for i in todo], backend=cfg.backend,
+                     keys=[tokens[i] for i in todo], seed=cfg.seed, max_iter=cfg.max_iter,
+                     tol=cfg.tol, n_init=cfg.n_init, device=device)
+    by_index = dict(zip(todo, results))
+    senses, stats = {}, {}
+    for i, token in enumerate(tokens):
+        result = by_index.get(i)
+        senses[token] = result.centroids if result else np.asarray(points[i], dtype=np.float32)
+        stats[token] = {"n": len(points[i]), "k": len(senses[token]), "mcl": counts[i],
+                        "raw": result is None, "iterations": result.iterations if result else 0,
+                        "objective": result.objective[-1] if result else 0.0}
+    return {"senses": senses, "stats": stats,
+            "seconds": {"k_rule": rule_done - started, "kmeans": time.perf_counter() - rule_done}}
+
+
+def parts_root(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".parts")
+
+
+def parts_dir(out_path: Path, cfg: ClusterConfig, batching: Batching, input_print: str) -> Path:
+    """The part folder of this exact job: a hash of config, batching and input."""
+    key = json.dumps([asdict(cfg), asdict(batching), input_print], sort_keys=True)
+    return parts_root(out_path) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def part_path(folder: Path, index: int) -> Path:
+    return folder / f"part-{index:06d}.pkl"
+
+
+def _prepare_parts(folder: Path, env: DistEnv, overwrite: bool) -> None:
+    """Rank 0 clears what must not be reused (all parts on --overwrite, temp files of killed
+    writes), then every rank starts together."""
+    if env.is_main:
+        if overwrite:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".part-*.tmp"):
+            stale.unlink()
+    barrier()
+
+
+def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path,
+                 cfg: ClusterConfig, env: DistEnv, device: torch.device) -> None:
+    """This rank's batches, written as part files; finished parts are kept."""
+    mine = [(i, b) for i, b in shard(list(enumerate(batches)), env)]
+    todo = [(i, b) for i, b in mine if not part_path(folder, i).is_file()]
+    if len(todo) < len(mine):
+        log.info("rank %d: resuming, %d of %d batches already clustered", env.rank,
+                 len(mine) - len(todo), len(mine))
+    kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0"))
+    progress = tqdm(total=sum(len(b) for _, b in todo), desc=f"cluster rank {env.rank}", unit="token",
+                    disable=not env.is_main)
+    for written, (index, tokens) in enumerate(todo, start=1):
+        part = cluster_batch([states[t] for t in tokens], tokens, cfg, device)
+        save_pickle(part, part_path(folder, index))
+        progress.update(len(tokens))
+        if kill_after and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+
+
+def merge_parts(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path) -> tuple[dict, dict, dict]:
+    """All parts plus the raw-vector tokens: (senses, stats, seconds summed over parts)."""
+    senses, stats, seconds = {}, {}, {"k_rule": 0.0, "kmeans": 0.0}
+    for index, tokens in enumerate(batches):
+        part = load_pickle(part_path(folder, index))
+        if not isinstance(part, dict) or sorted(part.get("senses", {})) != sorted(tokens):
+            raise UserError(f"{part_path(folder, index)} does not hold its batch; rerun with --overwrite")
+        senses.update(part["senses"])
+        stats.update(part["stats"])
+        for key in seconds:
+            seconds[key] += part["seconds"][key]
+    for token, rows in states.items():
+        if token not in senses:  # n <= 5: raw vectors whatever the rule
+            senses[token] = rows
+            stats[token] = {"n": len(rows), "k": len(rows), "mcl": None, "raw": True,
+                            "iterations": 0, "objective": 0.0}
+    return senses, stats, seconds
+
+
+def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: ClusterConfig,
+        batching: Batching, env: DistEnv, device: torch.device, *, input_path: Path,
+        overwrite: bool = False) -> dict | None:
+    """Cluster ``states`` into the dictionary at ``out_path`` (every rank calls this); rank 0
+    writes the dictionary, manifest, summary and plot and returns the summary, others None."""
+    started = time.perf_counter()
+    folder = parts_dir(out_path, cfg, batching, fingerprint(input_path))
+    batches = plan_batches({t: len(v) for t, v in states.items()}, cfg.k_rule, hidden_size, batching)
+    _prepare_parts(folder, env, overwrite)
+    cluster_rank(states, batches, folder, cfg, env, device)
+    barrier()
+    if not env.is_main:
+        return None
+    senses, stats, seconds = merge_parts(states, batches, folder)
+    tokens = sorted(stats)
+    per_token, samples = [stats[t]["k"] for t in tokens], [stats[t]["n"] for t in tokens]
+    clustered = [stats[t] for t in tokens if not stats[t]["raw"]]
+    summary = {
+        "hidden_size": hidden_size, "tokens": len(tokens), "senses": sum(per_token),
+        "samples": sum(samples), "tokens_clustered": len(clustered),
+        "tokens_raw": len(tokens) - len(clustered), "batches": len(batches),
+        "seconds": round(time.perf_counter() - started, 2),
+        "seconds_k_rule": round(seconds["k_rule"], 2), "seconds_kmeans": round(seconds["kmeans"], 2),
+        "kmeans_iterations_mean": round(float(np.mean([s["iterations"] for s in clustered] or [0])), 2),
+        "world_size": env.world_size, "threads": torch.get_num_threads(), "device": str(device),
+        "batch_tokens": batching.tokens, "batch_elements": batching.elements,
+    }
+    save_sense_dict(senses, out_path, dtype=cfg.dtype, config=asdict(cfg),
+                    inputs={"states": input_path}, extra=summary)
+    header = [
+        f"sense dictionary {out_path}: teacher {cfg.teacher}, {hidden_size}-d, {cfg.dtype}",
+        f"k rule {cfg.k_rule}, k-means backend {cfg.backend}, seed {cfg.seed}; input {input_path}",
+        f"tokens {len(tokens)}: {len(clustered)} clustered, {len(tokens) - len(clustered)} keep "
+        f"their raw vectors (n < {MIN_SENSES} or n <= k)",
+        f"senses {summary['senses']} from {summary['samples']} samples "
+        f"({summary['senses'] / len(tokens):.2f} per token)",
+        f"time {summary['seconds']} s on {env.world_size} process(es) x {summary['threads']} "
+        f"thread(s) on {device}; summed over batches: k rule {summary['seconds_k_rule']} s, "
+        f"k-means {summary['seconds_kmeans']} s",
+    ]
+    write_summary(summary_path(out_path), header, per_token)
+    plot_senses(plot_path(out_path), samples, per_token,
+                f"{out_path.parent.name} / {cfg.teacher}: k rule {cfg.k_rule}")
+    shutil.rmtree(parts_root(out_path), ignore_errors=True)
+    return summary

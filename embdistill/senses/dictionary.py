@@ -1,0 +1,137 @@
+"""The sense dictionary: ``{token_id: (k, d) sense vectors}``, its summary and its plot.
+
+On disk (``sense_dict/<task>/<teacher>.kmeanspkl``) it is a pickle of
+``dict[int -> np.ndarray (k, d) float16]`` (``float32`` on request), or, with ``bfloat16``,
+``dict[int -> torch.Tensor (k, d) bfloat16]`` as the original wrote it; the manifest beside it
+holds teacher, dtype, k rule, backend, seed (``config``), the input's fingerprint and hidden
+size and counts (``extra``). Beside
+them: ``<teacher>.summary.txt`` (counts, a histogram of senses per token, time) and
+``<teacher>.senses.png`` (senses per token against samples per token).
+
+:func:`load_sense_dict` reads ours and the original's files and returns NumPy arrays (float16
+or float32 as stored; bf16 tensors become float32, which holds them exactly).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..artifacts import atomic_open, load_pickle, read_manifest, save_pickle, write_manifest
+from ..errors import UserError
+
+log = logging.getLogger("embdistill.dictionary")
+
+SENSE_DTYPES = ("float16", "float32", "bfloat16")
+HISTOGRAM_BINS = ((1, 1), (2, 4), (5, 9), (10, 19), (20, 49), (50, 99), (100, 199), (200, 499),
+                  (500, None))
+
+
+def summary_path(dict_path: str | Path) -> Path:
+    return Path(dict_path).with_suffix(".summary.txt")
+
+
+def plot_path(dict_path: str | Path) -> Path:
+    return Path(dict_path).with_suffix(".senses.png")
+
+
+def _stored(senses: np.ndarray, dtype: str):
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(senses, dtype=np.float32)).to(torch.bfloat16)
+    return np.ascontiguousarray(senses, dtype=dtype)
+
+
+def save_sense_dict(senses: Mapping[int, np.ndarray], path: str | Path, *, dtype: str = "float16",
+                    config: Mapping, inputs: Mapping[str, str | Path], extra: Mapping) -> None:
+    """Write the dictionary (atomically) in ``dtype``, then its manifest."""
+    if dtype not in SENSE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(SENSE_DTYPES)}, got '{dtype}'")
+    stored = {int(t): _stored(v, dtype) for t, v in sorted(senses.items())}
+    if dtype == "float16" and not all(np.isfinite(v).all() for v in stored.values()):
+        raise UserError("sense vectors overflow float16; rerun with --dtype float32 or bfloat16")
+    save_pickle(stored, path)
+    write_manifest(path, stage="cluster", config=config, inputs=inputs, extra=extra)
+
+
+def _as_array(value) -> np.ndarray | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return value if isinstance(value, np.ndarray) else None
+
+
+def load_sense_dict(path: str | Path, hidden_size: int | None = None) -> dict[int, np.ndarray]:
+    """Read a sense dictionary (ours or the original's); UserError if it is not one, or if its
+    vectors are not ``hidden_size``-d (a dictionary built with another teacher)."""
+    path = Path(path)
+    raw = load_pickle(path)
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: expected a non-empty dict token_id -> (k, d) sense vectors")
+    senses: dict[int, np.ndarray] = {}
+    for token, value in raw.items():
+        array = _as_array(value)
+        if not isinstance(token, (int, np.integer)) or array is None or array.ndim != 2 or not len(array):
+            raise UserError(f"{path}: expected a dict token_id -> (k, d) sense vectors; entry {token!r} is not")
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise UserError(f"{path}: the senses of token {token} are not finite floats")
+        senses[int(token)] = array
+    widths = {a.shape[1] for a in senses.values()}
+    if len(widths) > 1:
+        raise UserError(f"{path}: sense vectors of several widths {sorted(widths)}")
+    width = widths.pop()
+    recorded = ((read_manifest(path) or {}).get("extra") or {}).get("hidden_size")
+    if recorded is not None and recorded != width:
+        raise UserError(f"{path}: vectors are {width}-d, its manifest says {recorded}; the file was replaced")
+    if hidden_size is not None and width != hidden_size:
+        raise UserError(f"{path}: sense vectors are {width}-d but the model's hidden size is "
+                        f"{hidden_size}; was the dictionary built with another teacher?")
+    return senses
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def senses_histogram(senses_per_token: list[int]) -> list[tuple[str, int]]:
+    """(bin label, tokens) over :data:`HISTOGRAM_BINS`."""
+    counts = np.asarray(senses_per_token)
+    rows = []
+    for low, high in HISTOGRAM_BINS:
+        inside = (counts >= low) & (counts <= high) if high is not None else counts >= low
+        label = str(low) if low == high else f"{low}-{high}" if high is not None else f"{low}+"
+        rows.append((label, int(inside.sum())))
+    return rows
+
+
+def write_summary(path: str | Path, header: list[str], senses_per_token: list[int]) -> None:
+    """The human-readable summary: ``header`` lines, then the histogram of senses per token."""
+    histogram = senses_histogram(senses_per_token)
+    widest = max(count for _, count in histogram) or 1
+    lines = [*header, "senses per token (tokens):"]
+    lines += [f"  {label:>8} {count:>8}  {'#' * round(40 * count / widest)}" for label, count in histogram]
+    with atomic_open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot_senses(path: str | Path, samples: list[int], senses: list[int], title: str) -> None:
+    """Senses per token against samples per token (log x), one dot per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.scatter(samples, senses, s=4, alpha=0.4, linewidths=0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("samples per token (token frequency, capped by the gather)")
+    ax.set_ylabel("senses per token")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""Stage 1b: teacher states of sampled text tokens, one file per rank (work/<task>/<teacher>/gather/).
+
+    python scripts/02_gather.py --task bbc-news
+    torchrun --nproc_per_node 6 scripts/02_gather.py --task 14 --teacher llm2vec-llama3-8b --max-length 512
+
+Ranks share nothing (each gathers its shard of texts), so no process group is set up; a
+killed run resumes from its finished part files when started again with the same options.
+"""
+
+from embdistill.artifacts import skip_if_done
+from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.distributed import default_device, dist_env, print0
+from embdistill.paths import Paths, base_dir, slug
+from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
+from embdistill.tasks import resolve_task
+from embdistill.teachers import load_teacher
+from embdistill.texts import read_train_texts
+
+
+def main() -> int:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
+    parser.add_argument("--max-length", type=int, default=256,
+                        help="tokens per text, longer texts are cut; the same as 01_count.py's")
+    parser.add_argument("--per-token", type=int, default=1000,
+                        help="keep an occurrence when randint(0, count) < this: ~this many per token")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    parser.add_argument("--dtype", default="float16", choices=sorted(OUT_DTYPES), help="stored states")
+    parser.add_argument("--flush-every", type=int, default=256,
+                        help="texts per part file (bounds memory; a killed run resumes from parts)")
+    parser.add_argument("--buffer-rows", type=int, default=16384,
+                        help="selected rows kept on the device before one copy to the CPU")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    parser.add_argument("--teacher-dtype", default=None,
+                        help="default: bfloat16 for decoders on GPU, else float32")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+
+    env = dist_env()
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    paths = Paths(base_dir(args.base_dir), task.slug, slug(args.teacher))
+    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype)
+    rank_file = paths.gather_rank(env.rank)
+    inputs = {"texts": paths.train_json, "counts": paths.counts}
+    if skip_if_done(rank_file, config=cfg.rank_config(env), inputs=inputs,
+                    overwrite=args.overwrite, what=f"gather rank {env.rank}"):
+        return 0
+    texts = read_train_texts(paths)
+    counts = load_counts(paths.counts, args.max_length)
+    teacher = load_teacher(args.teacher, device=args.device or default_device(env), dtype=args.teacher_dtype)
+    summary = gather_shard(teacher, texts, counts, rank_file, cfg, env, inputs=inputs,
+                           batch_size=args.batch_size, flush_every=args.flush_every,
+                           buffer_rows=args.buffer_rows, overwrite=args.overwrite)
+    log.info("gather: %s", summary)
+    print0(f"gather: {task.name} rank {env.rank}/{env.world_size}: {summary['texts']} texts "
+           f"({summary['texts_resumed']} resumed) -> {summary['rows']} rows of {summary['token_ids']} "
+           f"token ids, {summary['hidden_size']}-d {summary['dtype']}, {summary['seconds']} s -> {rank_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

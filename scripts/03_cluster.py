@@ -1,0 +1,105 @@
+"""Stage 2: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
+
+    python scripts/03_cluster.py --task bbc-news
+    python scripts/03_cluster.py --task bbc-news --k-rule mcl --backend sklearn
+    torchrun --nproc_per_node 4 scripts/03_cluster.py --task bbc-news --threads 2
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from embdistill.artifacts import skip_if_done
+from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.distributed import cleanup, default_device, init_distributed, print0
+from embdistill.errors import UserError
+from embdistill.paths import Paths, base_dir, slug
+from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
+from embdistill.senses.dictionary import SENSE_DTYPES
+from embdistill.senses.kmeans import BACKENDS
+from embdistill.senses.krule import K_RULES
+from embdistill.tasks import resolve_task
+
+
+def parse_args():
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
+    parser.add_argument("--input", default=None,
+                        help="gathered states (default work/<task>/<teacher>/combined.pkl)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="refuse states that are not this wide (e.g. 4096 for Llama-3-8B)")
+    parser.add_argument("--k-rule", choices=K_RULES, default="n",
+                        help="senses per token: mcl = the original's MCL count rule, n = k from the "
+                        "sample count alone (fitted to mcl; see BENCHMARKS.md)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="k-means: torch (batched, any device), sklearn (the original's), faiss")
+    parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
+                        help="stored sense vectors (bfloat16: torch tensors, as the original)")
+    parser.add_argument("--max-iter", type=int, default=300, help="Lloyd iterations, at most")
+    parser.add_argument("--tol", type=float, default=1e-4,
+                        help="stop when the squared centre shift is below tol x mean variance")
+    parser.add_argument("--n-init", type=int, default=1, help="k-means++ seedings per token, best kept")
+    parser.add_argument("--batch-tokens", type=int, default=256, help="tokens clustered together, at most")
+    parser.add_argument("--batch-elements", type=int, default=1 << 26,
+                        help="floats per working tensor of a batch, about (bounds memory)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds a process waits for the others at the barrier")
+    return parser.parse_args()
+
+
+def resolve_device(arg: str | None) -> torch.device:
+    if arg is None:
+        return default_device()
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{arg}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {arg}: CUDA is not available here")
+    return device
+
+
+def main() -> int:
+    args = parse_args()
+    setup_logging(args.log_level)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    teacher = slug(args.teacher)
+    paths = Paths(base_dir(args.base_dir), task.slug, teacher)
+    input_path = paths.combined if args.input is None else Path(args.input).resolve()
+    if not input_path.is_file():
+        raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
+                        "and a0_generate_combinepkl.py first, or pass --input")
+    cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, backend=args.backend, seed=args.seed,
+                        max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype)
+    batching = Batching(tokens=args.batch_tokens, elements=args.batch_elements)
+    out = paths.sense_dict
+    if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
+                    what="cluster"):
+        return 0
+    if device.type == "cuda":  # index_add_ (centroid sums) uses atomics unless told otherwise
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    states, hidden_size = load_states(input_path, teacher, args.hidden_size)
+    env = init_distributed(timeout_s=args.timeout)
+    try:
+        summary = run(states, hidden_size, out, cfg, batching, env, device, input_path=input_path,
+                      overwrite=args.overwrite)
+    finally:
+        cleanup()
+    if summary is not None:
+        log.info("cluster: wrote %s", out)
+        print0(f"cluster: {task.slug}/{teacher}: {summary['tokens']} tokens -> {summary['senses']} "
+               f"senses ({summary['tokens_clustered']} clustered, {summary['tokens_raw']} raw), "
+               f"k rule {cfg.k_rule}, {cfg.backend}, {summary['seconds']} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,136 @@
+"""Stage 3: train the SKD student (the teacher's first layers) and export it; runs/<task>/<run>/.
+
+    python scripts/04_train.py --task bbc-news                 # the paper's settings
+    python scripts/04_train.py --task bbc-news --epochs 1 --max-steps 300 --max-length 128 --lr 2e-5
+    ./run_train.sh bbc-news --nproc_per_node 2 --max-steps 300  # torchrun, DDP
+
+Writes runs/<task>/<run>/: config.json, checkpoints/, metrics.jsonl, loss.png, export/hf
+(transformers folder: scripts/05_evaluate.py student:... and replace:...) and export/st
+(SentenceTransformer folder). Resumes from the latest checkpoint unless --no-resume/--overwrite.
+"""
+
+import argparse
+import functools
+import os
+from pathlib import Path
+
+from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
+from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.distributed import cleanup, default_device, print0
+from embdistill.errors import UserError
+from embdistill.losses import SenseLoss
+from embdistill.paths import Paths, base_dir
+from embdistill.senses.dictionary import load_sense_dict
+from embdistill.students import (TokenDistillation, build_student, default_student_layers,
+                                 default_teacher_device, export_student)
+from embdistill.tasks import resolve_task
+from embdistill.teachers import load_teacher
+from embdistill.texts import read_train_texts
+from embdistill.training import Trainer, TrainConfig, join_process_group
+
+
+def main() -> int:
+    lines = __doc__.splitlines()
+    parser = stage_parser(lines[0])
+    parser.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
+                                                argparse.RawDescriptionHelpFormatter), {})
+    parser.epilog = "\n".join(lines[1:])
+    parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
+    parser.add_argument("--loss", choices=("sense", "mse"), default="sense",
+                        help="sense: SKD's loss over the sense dictionary; mse: token states (ablation)")
+    parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: skd, or mse)")
+    parser.add_argument("--sense-dict", default=None,
+                        help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
+    parser.add_argument("--student-layers", type=int, default=None,
+                        help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=3, help="examples per process and micro-batch")
+    parser.add_argument("--lr", type=float, default=5e-6, help="learning rate per process (x world size)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--max-length", type=int, default=512, help="max tokens per example")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
+    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics rows")
+    parser.add_argument("--teacher-device", default=None,
+                        help="default: a spare GPU per process when there is one, else the student's")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the latest checkpoint of this run")
+    parser.add_argument("--dist-timeout", type=float, default=1800.0,
+                        help="seconds a process waits for the others before giving up")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+
+    if args.max_length < 1:
+        raise UserError(f"--max-length must be at least 1, got {args.max_length}")
+    run = args.run or ("skd" if args.loss == "sense" else "mse")
+    if "/" in run or run in (".", ".."):
+        raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    env = join_process_group(args.dist_timeout)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr * env.world_size,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, save_every=args.save_every,
+        keep_last=args.keep_last, log_every=args.log_every, seed=args.seed, bf16=args.bf16,
+        dist_timeout_s=args.dist_timeout,
+    )
+    device = default_device(env)
+    teacher_device = args.teacher_device or default_teacher_device(
+        device, env, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    teacher = load_teacher(args.teacher, device=teacher_device)
+    paths = Paths(base_dir(args.base_dir), task.slug, teacher.slug, run)
+    examples = read_train_texts(paths)
+    layers = args.student_layers or default_student_layers(teacher)
+
+    sense_dict_path = None
+    if args.loss == "sense":
+        sense_dict_path = paths.sense_dict if args.sense_dict is None else Path(args.sense_dict)
+        if not sense_dict_path.is_file():
+            raise UserError(f"missing sense dictionary {sense_dict_path}: run scripts/03_cluster.py "
+                            f"--task {args.task} --teacher {args.teacher} first, or pass --sense-dict")
+    run_config = {
+        "task": task.name, "teacher": teacher.name, "student_layers": layers, "loss": args.loss,
+        "max_length": args.max_length, "train_texts": fingerprint(paths.train_json),
+        "sense_dict": fingerprint(sense_dict_path) if sense_dict_path else None,
+    }
+    resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size}}
+    if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
+        return 0
+
+    student = build_student(teacher, layers)
+    sense_loss = None
+    if sense_dict_path is not None:
+        senses = load_sense_dict(sense_dict_path, hidden_size=teacher.hidden_size)
+        vocab_size = max(student.config.vocab_size, len(teacher.tokenizer))
+        sense_loss = SenseLoss(senses, vocab_size).to(device)
+        log.info("sense dictionary %s: %d tokens, %d senses", sense_dict_path, len(senses),
+                 sense_loss.centroids.shape[0])
+    log.info("student: %d of %d layers of %s, %.1fM parameters; %d examples, lr %.3g (%d processes)",
+             layers, teacher.model.config.num_hidden_layers, teacher.name,
+             sum(p.numel() for p in student.parameters()) / 1e6, len(examples), config.lr, env.world_size)
+
+    trainer = Trainer(
+        student, TokenDistillation(teacher, sense_loss), examples,
+        functools.partial(teacher.tokenize, max_length=args.max_length), config, paths.run_dir,
+        run_config=run_config, device=device, resume=args.resume and not args.overwrite,
+    )
+    result = trainer.train()
+    if env.is_main:
+        export_student(trainer.module, teacher.tokenizer, paths.export_dir,
+                       normalize=teacher.normalize, max_seq_length=args.max_length)
+        write_manifest(paths.export_dir, stage="train", config=resolved,
+                       extra={"global_step": result.global_step, "metrics": result.metrics})
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                        if k in ("loss", "sense_accuracy"))
+    print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

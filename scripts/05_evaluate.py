@@ -1,0 +1,78 @@
+"""Stage 4: evaluate models on classification tasks through mteb; write results/<run>/.
+
+    python scripts/05_evaluate.py --task bbc-news --run demo --models teacher:minilm
+        untrained:minilm@3 student:runs/bbc-news/skd/export/hf
+        replace:runs/bbc-news/skd/export/hf@sense_dict/bbc-news/minilm.kmeanspkl
+        replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
+    python scripts/05_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
+
+Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/models.py):
+  teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
+  student:DIR            an exported student (runs/<task>/<run>/export/hf), plain mode
+  untrained:MODEL@N      the first N layers of MODEL, untrained
+  replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT
+  st:MODEL               a sentence-transformers folder or hub id, plain text, as published
+"""
+
+import argparse
+
+from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.distributed import default_device
+from embdistill.errors import UserError
+from embdistill.paths import base_dir, results_dir
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, the epilog's examples as written."""
+
+
+def main() -> int:
+    lines = __doc__.splitlines()
+    parser = stage_parser(lines[0])
+    parser.formatter_class = HelpFormatter
+    parser.epilog = "\n".join(lines[1:])
+    parser.set_defaults(task=None)
+    parser.add_argument("--tasks", nargs="+", default=[],
+                        help="tasks to evaluate on (with --task: both; default bbc-news)")
+    parser.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="models (see below)")
+    parser.add_argument("--run", default="eval", help="results go to results/<run>/")
+    parser.add_argument("--samples-per-label", type=positive_int, default=None,
+                        help="training texts per label in each experiment (default: 32 for local "
+                             "tasks, mteb's own (8) for hub tasks, to compare with the leaderboard)")
+    parser.add_argument("--n-experiments", type=positive_int, default=None,
+                        help="logistic-regression experiments per task (default: mteb's, 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="max tokens of our models' inputs (st: models keep their own)")
+    parser.add_argument("--throughput-texts", type=positive_int, default=256,
+                        help="texts of the first task timed for the texts/s column")
+    parser.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+
+    from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
+
+    tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
+    if not args.run or "/" in args.run or args.run in (".", ".."):
+        raise UserError(f"bad run name '{args.run}': a folder name under results/")
+    config = EvaluationConfig(
+        run=args.run, tasks=tuple(tasks), models=tuple(args.models),
+        samples_per_label=args.samples_per_label, n_experiments=args.n_experiments,
+        batch_size=args.batch_size, max_length=args.max_length,
+        throughput_texts=args.throughput_texts, seed=args.seed,
+        text_column=args.text_column, label_column=args.label_column,
+    )
+    base = base_dir(args.base_dir)
+    table = evaluate(config, base, device=args.device or default_device(), overwrite=args.overwrite)
+    print_table(table, results_dir(base, args.run))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,361 @@
+"""Stage 1 (count, gather) and the combine script, on a tiny random BERT and ~30 short texts.
+
+The gathered rows are checked against the model's own forward pass; the sample against the
+keep rule; 1 vs 2 ranks (in process and under torchrun) and a SIGKILLed-then-resumed run
+against an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.artifacts import load_pickle, save_pickle, write_manifest
+from embdistill.cli import run_main
+from embdistill.distributed import DistEnv
+from embdistill.errors import UserError
+from embdistill.paths import Paths, slug
+from embdistill.senses.combine import combine
+from embdistill.senses.gather import (
+    KILL_AFTER_PARTS_ENV,
+    GatherConfig,
+    count_config,
+    count_tokens,
+    gather_shard,
+    index_path,
+    keep_occurrences,
+    part_path,
+)
+from embdistill.teachers import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LENGTH = 32  # the tiny BERT has 64 positions
+WORDS = "the a of to and in is on for with cat dog sat mat good bad movie team won lost market price bank".split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Examples in the train.json format: instruction, separator, 3-20 words of text."""
+    rng = random.Random(seed)
+    return [f"classify the topic !@#$%^&*(){' '.join(rng.choices(WORDS, k=rng.randint(3, 20)))}"
+            for _ in range(n)]
+
+
+def write_task(base: Path, texts: list[str], task: str = "bbc-news", teacher: str = "minilm") -> Paths:
+    """A task folder as stage 0 leaves it (train.json; bbc-news resolves without loading data)."""
+    paths = Paths(base, task, teacher)
+    paths.text_dir.mkdir(parents=True, exist_ok=True)
+    paths.train_json.write_text(json.dumps(texts))
+    return paths
+
+
+def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    """A stage script's main, in this process, as ``python script args`` runs it."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module.main)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 120):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_bert_dir):
+    return load_teacher(tiny_bert_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return make_texts(30)
+
+
+@pytest.fixture(scope="module")
+def counts(teacher, texts) -> dict[int, int]:
+    return count_tokens(teacher.tokenize, texts, MAX_LENGTH, progress=False)
+
+
+def gather(teacher, texts, counts, out: Path, *, per_token=1000, dtype="float32", rank=0, world_size=1,
+           batch_size=4, flush_every=8, seed=0) -> Path:
+    """gather_shard with the tiny task's inputs (the train.json written beside ``out``)."""
+    inputs = {"texts": out.parent / "train.json"}
+    inputs["texts"].parent.mkdir(parents=True, exist_ok=True)
+    inputs["texts"].write_text(json.dumps(texts))
+    cfg = GatherConfig(str(teacher.name), MAX_LENGTH, per_token, seed, dtype)
+    gather_shard(teacher, texts, counts, out, cfg, DistEnv(rank=rank, world_size=world_size),
+                 inputs=inputs, batch_size=batch_size, flush_every=flush_every)
+    return out
+
+
+def assert_same_combined(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for token in a:
+        assert a[token].shape == b[token].shape, token
+        np.testing.assert_allclose(a[token].astype(np.float32), b[token].astype(np.float32), atol=atol)
+
+
+# ----------------------------------------------------------------------------- the keep rule
+
+
+def test_keep_rule_reproducible_and_about_per_token():
+    table = np.array([0, 5, 10_000], dtype=np.int64)
+    tokens = np.array([1] * 50 + [2] * 50)
+    first = keep_occurrences(tokens, table, per_token=1000, seed=3, text_idx=7)
+    assert np.array_equal(first, keep_occurrences(tokens, table, 1000, 3, 7))  # same key, same draws
+    assert not np.array_equal(first, keep_occurrences(tokens, table, 1000, 4, 7))
+    assert first[:50].all()  # a token seen 5 times (<= per_token) keeps every occurrence
+    # a token seen 10,000 times keeps about per_token / count = 10% of its occurrences
+    many = np.concatenate([keep_occurrences(np.full(1000, 2), table, 1000, 0, i) for i in range(20)])
+    assert 0.08 < many.mean() < 0.12
+    with pytest.raises(UserError, match="missing from counts.pkl"):
+        keep_occurrences(np.array([0, 1]), table, 1000, 0, 0)  # token 0 was never counted
+
+
+def test_count_tokens_counts_text_tokens_only(teacher, texts, counts):
+    batch = teacher.tokenize(texts, MAX_LENGTH)
+    assert sum(counts.values()) == int(batch["embed_mask"].sum()) > 0
+    instruction_only = teacher.tokenizer.convert_tokens_to_ids(["classify", "topic"])
+    assert not set(instruction_only) & set(counts)  # "classify the topic" is instruction
+    assert counts == count_tokens(teacher.tokenize, texts, MAX_LENGTH, batch_size=7, progress=False)
+    assert list(counts) == sorted(counts)
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def test_gathered_rows_are_the_models_hidden_states(tmp_path, tiny_bert_dir, teacher, texts, counts):
+    """Every text token kept (per_token >= every count): each row equals the model's final
+    hidden state at its position, computed here text by text with transformers directly."""
+    from transformers import AutoModel
+
+    out = gather(teacher, texts, counts, tmp_path / "gather" / "rank0.pkl", per_token=10_000)
+    states, index = load_pickle(out), load_pickle(index_path(out))
+    assert {t: len(v) for t, v in states.items()} == counts
+    assert all(v.dtype == np.float32 and v.shape[1] == 32 for v in states.values())
+    assert not list(out.parent.glob("rank0.part*"))  # parts merged and removed
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    for token, rows in states.items():
+        occurrences = index[token]
+        assert np.all(np.diff(occurrences) > 0)  # rows in occurrence order
+        for row, occurrence in zip(rows, occurrences):
+            text_idx, position = divmod(int(occurrence), MAX_LENGTH)
+            single = teacher.tokenize([texts[text_idx]], MAX_LENGTH)  # one text: no padding
+            assert single["input_ids"][0, position] == token and single["embed_mask"][0, position] == 1
+            with torch.no_grad():
+                expected = model(input_ids=single["input_ids"]).last_hidden_state[0, position]
+            np.testing.assert_allclose(row, expected.numpy(), atol=1e-5)
+
+
+def test_sample_follows_counts_and_seed(tmp_path, teacher, texts, counts):
+    out = gather(teacher, texts, counts, tmp_path / "a" / "rank0.pkl", per_token=3, dtype="float16")
+    states = load_pickle(out)
+    assert all(v.dtype == np.float16 for v in states.values())
+    for token, n in counts.items():
+        kept = len(states.get(token, ()))
+        assert kept == n if n <= 3 else kept < n
+    other_seed = load_pickle(gather(teacher, texts, counts, tmp_path / "b" / "rank0.pkl", per_token=3, seed=1))
+    assert load_pickle(index_path(out)).keys() == states.keys()
+    assert any(len(other_seed.get(t, ())) != len(states.get(t, ())) for t in counts)
+
+
+def test_two_ranks_in_process_equal_one(tmp_path, teacher, texts, counts):
+    """Ranks, batch size and part size change nothing once ranks are combined."""
+    one = gather(teacher, texts, counts, tmp_path / "one" / "rank0.pkl", per_token=4)
+    two = [gather(teacher, texts, counts, tmp_path / "two" / f"rank{r}.pkl", per_token=4, rank=r,
+                  world_size=2, batch_size=3, flush_every=5) for r in range(2)]
+    for rank, rank_file in enumerate(two):  # rank r gathered texts r, r+2, ...
+        occurrences = np.concatenate(list(load_pickle(index_path(rank_file)).values()))
+        assert len(occurrences) and np.all(occurrences // MAX_LENGTH % 2 == rank)
+    combined_one, _ = combine([[one]], cap=10_000, seed=0)
+    combined_two, _ = combine([two], cap=10_000, seed=0)
+    assert_same_combined(combined_one, combined_two, atol=1e-5)
+
+
+def test_more_ranks_than_texts(tmp_path, teacher, texts, counts):
+    out = gather(teacher, texts[:1], counts, tmp_path / "rank1.pkl", rank=1, world_size=2)
+    assert load_pickle(out) == {} and load_pickle(index_path(out)) == {}
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+@pytest.fixture
+def task(tmp_path, tiny_bert_dir, texts) -> tuple[Path, Paths, list[str]]:
+    """A base dir holding the tiny task's train.json; the CLI options that point at it."""
+    paths = write_task(tmp_path, texts, teacher=slug(str(tiny_bert_dir)))
+    options = ["--task", "bbc-news", "--base-dir", str(tmp_path), "--teacher", str(tiny_bert_dir),
+               "--max-length", str(MAX_LENGTH)]
+    return tmp_path, paths, options
+
+
+def test_scripts_skip_finished_work_unless_overwrite(task, monkeypatch, capsys):
+    base, paths, options = task
+    gather_options = [*options, "--per-token", "4", "--flush-every", "8", "--batch-size", "4"]
+    assert run_script("scripts/01_count.py", *options, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+    code, out, _ = run_script("scripts/02_gather.py", *gather_options, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "30 texts (0 resumed)" in out
+    code, out, _ = run_script("a0_generate_combinepkl.py", *options[:6], "--cap", "2",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "capped at 2" in out
+    combined = load_pickle(paths.combined)
+    assert combined and max(len(v) for v in combined.values()) == 2
+
+    stamps = {p: p.stat().st_mtime_ns for p in (paths.counts, paths.gather_rank(0), paths.combined)}
+    for script, args in (("scripts/01_count.py", options), ("scripts/02_gather.py", gather_options),
+                         ("a0_generate_combinepkl.py", [*options[:6], "--cap", "2"])):
+        code, out, err = run_script(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0 and "up to date, skipping" in err and out == ""
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+    code, out, _ = run_script("scripts/02_gather.py", *gather_options, "--overwrite",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and paths.gather_rank(0).stat().st_mtime_ns != stamps[paths.gather_rank(0)]
+    # a changed option is not "done": the gather reruns
+    code, out, _ = run_script("scripts/02_gather.py", *gather_options[:-6], "--per-token", "5",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "30 texts" in out
+
+
+@pytest.mark.parametrize("case", ["empty texts", "no texts", "no counts", "counts other length",
+                                  "corrupt counts", "counts disagree"])
+def test_bad_inputs_fail_in_one_line(task, case, monkeypatch, capsys):
+    base, paths, options = task
+    script, expected = "scripts/02_gather.py", {
+        "empty texts": "no training texts", "no texts": "missing", "no counts": "run scripts/01_count.py",
+        "counts other length": "--max-length 8", "corrupt counts": "corrupt pickle",
+        "counts disagree": "counts and train.json disagree"}[case]
+    if case == "empty texts":
+        paths.train_json.write_text("[]")
+        script = "scripts/01_count.py"
+    elif case == "no texts":
+        paths.train_json.unlink()
+        script = "scripts/01_count.py"
+    elif case == "counts other length":
+        run_script("scripts/01_count.py", *options[:-1], "8", monkeypatch=monkeypatch, capsys=capsys)
+    elif case == "corrupt counts":
+        paths.counts.parent.mkdir(parents=True)
+        paths.counts.write_bytes(b"\x80\x04not a pickle")
+    elif case == "counts disagree":
+        save_pickle({1: 1}, paths.counts)
+        write_manifest(paths.counts, stage="count", config=count_config(options[5], MAX_LENGTH))
+    code, out, err = run_script(script, *options, monkeypatch=monkeypatch, capsys=capsys)
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(error_lines) == 1 and expected in error_lines[0], err
+    assert "Traceback" not in err
+    assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.part*"))
+    if script.endswith("01_count.py"):
+        assert not paths.counts.exists()
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def prepared_task(base: Path, tiny_bert_dir: Path, texts: list[str]) -> tuple[Paths, list[str]]:
+    paths = write_task(base, texts, teacher=slug(str(tiny_bert_dir)))
+    options = ["--task", "bbc-news", "--base-dir", str(base), "--teacher", str(tiny_bert_dir),
+               "--max-length", str(MAX_LENGTH)]
+    return paths, options
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_dir, texts, monkeypatch, capsys):
+    gather_args = ["--per-token", "4", "--flush-every", "6", "--batch-size", "4"]
+    results = {}
+    for nproc in (1, 2):
+        paths, options = prepared_task(tmp_path / f"n{nproc}", tiny_bert_dir, texts)
+        assert run_script("scripts/01_count.py", *options, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        proc = run_subprocess([*launcher, str(REPO / "scripts/02_gather.py"), *options, *gather_args])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert sorted(p.name for p in paths.gather_dir.glob("rank?.pkl")) == [f"rank{r}.pkl" for r in range(nproc)]
+        code, _, err = run_script("a0_generate_combinepkl.py", *options[:6], monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 0, err
+        results[nproc] = load_pickle(paths.combined)
+    assert_same_combined(results[1], results[2], atol=1e-3)  # float16 rows; padding differs by batch
+
+
+def test_killed_gather_resumes_from_parts(tmp_path, tiny_bert_dir, teacher, texts, counts, caplog):
+    """SIGKILL after the first part, again after the next: finished parts are not redone, and
+    the result equals an uninterrupted run's."""
+    paths, options = prepared_task(tmp_path / "killed", tiny_bert_dir, texts)
+    save_pickle(counts, paths.counts)
+    write_manifest(paths.counts, stage="count", config=count_config(str(tiny_bert_dir), MAX_LENGTH))
+    args = [str(REPO / "scripts/02_gather.py"), *options, "--per-token", "4", "--flush-every", "8",
+            "--batch-size", "4", "--dtype", "float32"]
+    rank_file = paths.gather_rank(0)
+
+    first = run_subprocess(args, {KILL_AFTER_PARTS_ENV: "1"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert part_path(rank_file, 0).exists() and not part_path(rank_file, 1).exists()
+    assert not rank_file.exists()
+    part0_stamp = part_path(rank_file, 0).stat().st_mtime_ns
+
+    second = run_subprocess(args, {KILL_AFTER_PARTS_ENV: "1"})
+    assert second.returncode == -9
+    assert "resuming, 1 of 4 parts (8 texts) already gathered" in second.stderr
+    assert part_path(rank_file, 0).stat().st_mtime_ns == part0_stamp  # not redone
+    assert part_path(rank_file, 1).exists() and not rank_file.exists()
+
+    third = run_subprocess(args)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "resuming, 2 of 4 parts (16 texts) already gathered" in third.stderr
+    assert "30 texts (16 resumed)" in third.stdout
+    assert not list(rank_file.parent.glob("*part*"))
+
+    reference = gather(teacher, texts, counts, tmp_path / "uninterrupted" / "rank0.pkl", per_token=4)
+    resumed, uninterrupted = load_pickle(rank_file), load_pickle(reference)
+    assert_same_combined(resumed, uninterrupted, atol=1e-5)
+    for token, occurrences in load_pickle(index_path(reference)).items():
+        assert np.array_equal(load_pickle(index_path(rank_file))[token], occurrences)
+
+
+@pytest.mark.slow
+def test_minilm_rows_are_its_hidden_states(tmp_path, minilm_dir):
+    """The real teacher: gathered rows equal all-MiniLM-L6-v2's last hidden state."""
+    from transformers import AutoModel
+
+    minilm = load_teacher("minilm", device="cpu")
+    texts = ["Classify the topic of the given news article !@#$%^&*()Shares in the bank rose after strong results.",
+             "Classify the topic of the given news article !@#$%^&*()The striker scored twice as the team won.",
+             "Classify the topic of the given news article !@#$%^&*()A new phone with a faster chip."]
+    counts = count_tokens(minilm.tokenize, texts, 64, progress=False)
+    out = tmp_path / "gather" / "rank0.pkl"
+    (tmp_path / "gather").mkdir()
+    (tmp_path / "train.json").write_text(json.dumps(texts))
+    gather_shard(minilm, texts, counts, out, GatherConfig("minilm", 64, 1000, 0, "float32"), DistEnv(),
+                 inputs={"texts": tmp_path / "train.json"}, batch_size=2, flush_every=2)
+    states, index = load_pickle(out), load_pickle(index_path(out))
+    assert {t: len(v) for t, v in states.items()} == counts and all(v.shape[1] == 384 for v in states.values())
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    tokenizer = minilm.tokenizer
+    with torch.no_grad():
+        direct = [model(**tokenizer(t.replace("!@#$%^&*()", ""), return_tensors="pt")).last_hidden_state[0]
+                  for t in texts]
+    for token, rows in states.items():
+        for row, occurrence in zip(rows, index[token]):
+            text_idx, position = divmod(int(occurrence), 64)
+            np.testing.assert_allclose(row, direct[text_idx][position].numpy(), atol=1e-4)

@@ -1,0 +1,135 @@
+"""Replace mode: the batched version against the original's per-token loop, and replace mode
+inside a model's encode (tiny random BERT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.errors import UserError
+from embdistill.evaluation.replace import (
+    ReplaceModeModel,
+    pack_senses,
+    replace_reference_loop,
+    replace_with_senses,
+)
+from embdistill.teachers import load_teacher, mean_pool
+from embdistill.text import format_example
+
+VOCAB, DIM, PAD = 30, 8, 0
+
+
+def _dictionary(seed: int) -> dict[int, np.ndarray]:
+    """Entries for tokens 0..19 (the pad id 0 included), k from 1 to 6; 20..29 have none."""
+    rng = np.random.default_rng(seed)
+    return {t: rng.normal(size=(int(rng.integers(1, 7)), DIM)).astype(np.float16) for t in range(20)}
+
+
+def _batch(seed: int, dtype: torch.dtype):
+    """Token ids drawn from all 30 (so some have no entry), ragged lengths padded with PAD, a
+    text mask that also leaves out a few real tokens (instruction / special tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (4, 12), generator=generator)
+    lengths = torch.tensor([12, 9, 5, 1])
+    padding = torch.arange(12)[None] >= lengths[:, None]
+    input_ids[padding] = PAD
+    text_mask = (~padding & (torch.rand(4, 12, generator=generator) > 0.2)).long()
+    states = torch.randn(4, 12, DIM, generator=generator).to(dtype)
+    return states, input_ids, text_mask, padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 25])  # one token per chunk / all at once
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_replace_equals_the_per_token_loop(seed, chunk_elements, dtype):
+    dictionary = _dictionary(seed)
+    states, input_ids, text_mask, padding = _batch(seed, dtype)
+
+    batched = replace_with_senses(states, input_ids, text_mask, pack_senses(dictionary, VOCAB),
+                                  chunk_elements=chunk_elements)
+    looped = replace_reference_loop(states, input_ids, text_mask, dictionary)
+
+    assert batched.dtype == dtype
+    assert torch.equal(batched, looped)
+    # the case covers every branch: replaced tokens, text tokens without an entry, padding
+    # (whose id has an entry) and masked-out tokens, all of which keep their states
+    has_entry = input_ids < 20
+    replaced = text_mask.bool() & has_entry
+    kept = ~replaced
+    assert replaced.sum() > 5 and (text_mask.bool() & ~has_entry).sum() > 0 and padding.sum() > 0
+    assert torch.equal(batched[kept], states[kept])
+    assert not torch.equal(batched[replaced], states[replaced])
+    # a replaced state is one of its token's senses: the one with the largest dot product
+    for b, t in replaced.nonzero().tolist():
+        senses = torch.tensor(dictionary[int(input_ids[b, t])], dtype=torch.float32)
+        best = int(torch.argmax(senses @ states[b, t].float()))
+        assert torch.equal(batched[b, t], senses[best].to(dtype))
+
+
+def test_replace_leaves_a_batch_without_entries_unchanged():
+    dictionary = {25: np.ones((2, DIM), dtype=np.float16)}
+    states, input_ids, text_mask, _ = _batch(0, torch.float32)
+    input_ids[input_ids == 25] = 26
+    out = replace_with_senses(states, input_ids, text_mask, pack_senses(dictionary, VOCAB))
+    assert torch.equal(out, states) and out is not states
+
+
+def test_packing_refuses_token_ids_outside_the_vocabulary():
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
+        pack_senses({VOCAB + 3: np.ones((2, DIM), dtype=np.float16)}, VOCAB)
+
+
+TEXTS = ["the team won the game", "the market price of money", "a good movie review",
+         "hello world, the cat sat on the mat"]
+INSTRUCTION = "classify the topic"
+
+
+def _model_dictionary(model, examples, seed=0) -> dict[int, np.ndarray]:
+    """Senses for the text tokens of ``examples``: a few noisy copies of real states, so that
+    the nearest sense differs from token to token."""
+    rng = np.random.default_rng(seed)
+    batch = model.tokenize(examples, 64)
+    states = model.token_states(batch).float().numpy()
+    ids, mask = batch["input_ids"].numpy(), batch["embed_mask"].numpy().astype(bool)
+    dictionary = {}
+    for token in np.unique(ids[mask]).tolist()[::2]:  # every other token gets an entry
+        vectors = states[(ids == token) & mask]
+        k = int(rng.integers(1, 4))
+        dictionary[token] = (vectors[rng.integers(0, len(vectors), k)]
+                             + rng.normal(scale=0.5, size=(k, vectors.shape[1]))).astype(np.float16)
+    return dictionary
+
+
+def test_replace_mode_model_pools_the_replaced_text_token_states(tiny_bert_dir):
+    model = load_teacher(str(tiny_bert_dir), device="cpu")
+    examples = [format_example(INSTRUCTION, text) for text in TEXTS]
+    dictionary = _model_dictionary(model, examples)
+    replace_model = ReplaceModeModel(model, dictionary)
+
+    embedded = replace_model.encode(examples, batch_size=3, max_length=64)
+
+    batch = model.tokenize(examples, 64)
+    replaced = replace_reference_loop(model.token_states(batch), batch["input_ids"],
+                                      batch["embed_mask"], dictionary)
+    expected = mean_pool(replaced, batch["embed_mask"])
+    if model.normalize:
+        expected = torch.nn.functional.normalize(expected, dim=-1)
+    np.testing.assert_allclose(embedded, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(embedded, model.encode(examples, batch_size=3, max_length=64), atol=1e-3)
+    assert replace_model.dictionary_values == sum(v.size for v in dictionary.values())
+
+
+def test_replace_mode_with_no_matching_entry_is_plain_mode(tiny_bert_dir):
+    model = load_teacher(str(tiny_bert_dir), device="cpu")
+    examples = [format_example(INSTRUCTION, text) for text in TEXTS]
+    unused = model.tokenizer.convert_tokens_to_ids("bank")  # in the vocabulary, not in TEXTS
+    replace_model = ReplaceModeModel(model, {unused: np.ones((3, model.hidden_size), np.float16)})
+    np.testing.assert_array_equal(replace_model.encode(examples, max_length=64),
+                                  model.encode(examples, max_length=64))
+
+
+def test_replace_mode_refuses_a_dictionary_of_another_width(tiny_bert_dir):
+    model = load_teacher(str(tiny_bert_dir), device="cpu")
+    with pytest.raises(UserError, match="hidden size 16"):
+        ReplaceModeModel(model, {5: np.ones((2, 16), dtype=np.float16)})

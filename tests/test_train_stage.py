@@ -1,0 +1,350 @@
+"""Stage 3 end to end: scripts/04_train.py (and run_train.sh) on a tiny random BERT.
+
+The inputs are built here: train.json from a few sentences, and a sense dictionary whose
+senses are the tiny teacher's own states of each token (up to 3 per token), so that the
+sense targets are meaningful. Everything runs on the CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.artifacts import save_json, save_pickle
+from embdistill.errors import UserError
+from embdistill.paths import Paths, slug
+from embdistill.students import build_student, export_student
+from embdistill.teachers import load_teacher
+from embdistill.text import format_example
+from embdistill.training import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+PINNED = Path(__file__).parent / "data" / "pinned_train_run.json"
+SENTENCES = [
+    "the team won the game in the last minute",
+    "the market price of the bank fell again",
+    "a good movie review and a bad one",
+    "the cat sat on the mat with the dog",
+    "money is tight and the price is high",
+    "the news of the day is about the music",
+    "this sentence is about sport and the team",
+    "hello world the market is open today",
+    "the bank lost money on the market",
+    "a bad game for the team that lost",
+    "the dog and the cat watched a movie",
+    "music and sport are in the news",
+]
+# The pinned run: 12 examples, batch 2, 2 epochs = 12 steps; checkpoints at 4, 6, 8, 12.
+PINNED_ARGS = ["--student-layers", "1", "--epochs", "2", "--batch-size", "2", "--lr", "2e-3",
+               "--warmup-steps", "2", "--max-length", "32", "--log-every", "1", "--save-every", "4",
+               "--seed", "0"]
+
+
+def make_inputs(base: Path, teacher_dir: Path, task: str = "bbc-news", senses_per_token: int = 3) -> Paths:
+    """train.json for ``task`` and a sense dictionary made of the teacher's own token states."""
+    teacher = load_teacher(str(teacher_dir), device="cpu")
+    paths = Paths(base, task, teacher.slug)
+    examples = [format_example("Classify the topic of the given news article", s) for s in SENTENCES]
+    save_json(examples, paths.train_json)
+    batch = teacher.tokenize(examples, 32)
+    states = teacher.token_states(batch)
+    gathered: dict[int, list[np.ndarray]] = {}
+    for token, state, text in zip(batch["input_ids"].flatten(), states.flatten(0, 1),
+                                  batch["embed_mask"].flatten()):
+        if text:
+            gathered.setdefault(int(token), []).append(state.numpy())
+    senses = {token: np.stack(vectors[:: max(1, len(vectors) // senses_per_token)][:senses_per_token])
+              .astype(np.float16) for token, vectors in gathered.items()}
+    save_pickle(senses, paths.sense_dict)
+    return paths
+
+
+def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
+    return ["--task", "bbc-news", "--base-dir", str(base), "--teacher", str(teacher_dir), *extra]
+
+
+def run_in_process(args: list[str], capsys) -> tuple[int, str]:
+    """scripts/04_train.py in this process: its exit status and stderr."""
+    argv = sys.argv
+    sys.argv = ["04_train.py", *args]
+    try:
+        runpy.run_path(str(REPO / "scripts" / "04_train.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def script_command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "04_train.py"), *args]
+
+
+# ------------------------------------------------------------------------------------------
+# the pinned run, its outputs and its export
+
+
+@pytest.fixture(scope="module")
+def pinned_run(tmp_path_factory, tiny_bert_dir):
+    base = tmp_path_factory.mktemp("pinned")
+    paths = make_inputs(base, tiny_bert_dir)
+    argv = sys.argv
+    sys.argv = ["04_train.py", *train_script(base, tiny_bert_dir, *PINNED_ARGS)]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(REPO / "scripts" / "04_train.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code == 0
+    return Paths(base, paths.task, paths.teacher, "skd")
+
+
+def test_the_pinned_run_reproduces_its_stored_losses(pinned_run):
+    rows = read_metrics(pinned_run.run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    pinned = json.loads(PINNED.read_text())
+    assert pinned["args"] == PINNED_ARGS
+    measured = {"loss": [row["loss"] for row in rows], "sense_accuracy": [row["sense_accuracy"] for row in rows]}
+    for name, values in measured.items():
+        np.testing.assert_allclose(values, pinned[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{name} changed; measured {values}")
+
+
+def test_the_run_folder_holds_config_checkpoints_plot_and_manifest(pinned_run):
+    run = pinned_run.run_dir
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["student_layers"] == 1 and config["run"]["loss"] == "sense"
+    assert config["train"]["lr"] == 2e-3 and config["world_size"] == 1 and config["total_steps"] == 12
+    assert sorted(p.name for p in pinned_run.checkpoint_dir.iterdir()) == ["step-00000008.pt", "step-00000012.pt"]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads((run / "export.manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["extra"]["global_step"] == 12
+
+
+def test_the_export_holds_the_trained_student(pinned_run, tiny_bert_dir):
+    """Both folders hold the trained weights (the last checkpoint's), not the teacher's: the
+    layer count is the student's and token states / embeddings equal the student's."""
+    from sentence_transformers import SentenceTransformer
+
+    from embdistill.teachers import mean_pool
+
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    student = build_student(teacher, 1)
+    state = torch.load(pinned_run.checkpoint_dir / "step-00000012.pt", weights_only=True)
+    student.load_state_dict(state["model"])
+    student.eval()
+    untrained = build_student(teacher, 1).eval()
+
+    exported = load_teacher(str(pinned_run.export_dir / "hf"), device="cpu")
+    assert exported.model.config.num_hidden_layers == 1
+    batch = exported.tokenize(["Classify: !@#$%^&*()the team won", "the bank fell"], 32)
+    with torch.no_grad():
+        expected = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        before = untrained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(exported.token_states(batch), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, before, atol=1e-3)  # training changed the weights
+
+    st = SentenceTransformer(str(pinned_run.export_dir / "st"), device="cpu")
+    texts = ["the team won the game", "money is tight"]
+    plain = exported.tokenize(texts, 32)
+    with torch.no_grad():
+        states = student(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).last_hidden_state
+    np.testing.assert_allclose(st.encode(texts), mean_pool(states, plain["attention_mask"]).numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_finished_run_is_skipped_and_overwrite_redoes_it(pinned_run, tiny_bert_dir, capsys):
+    args = train_script(pinned_run.base, tiny_bert_dir, *PINNED_ARGS)
+    before = (pinned_run.export_dir / "hf" / "model.safetensors").stat().st_mtime_ns
+    code, err = run_in_process(args, capsys)
+    assert code == 0 and "up to date" in err
+    assert (pinned_run.export_dir / "hf" / "model.safetensors").stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------------------------------
+# kill -9 and resume
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_result(tmp_path, tiny_bert_dir):
+    long_run = ["--student-layers", "1", "--epochs", "30", "--batch-size", "2", "--lr", "1e-3",
+                "--warmup-steps", "5", "--max-length", "32", "--save-every", "5", "--log-every", "5"]
+    paths = make_inputs(tmp_path / "killed", tiny_bert_dir)
+    make_inputs(tmp_path / "whole", tiny_bert_dir)
+    command = script_command(*train_script(tmp_path / "killed", tiny_bert_dir, *long_run))
+    checkpoints = paths.checkpoint_dir  # make_inputs' paths have the default run, skd
+
+    process = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(checkpoints.glob("step-*.pt")), process, timeout=120)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(p.stem.split("-")[1]) for p in checkpoints.glob("step-*.pt"))
+    assert 0 < killed_at < 180, "the kill came too late to test resuming"
+
+    resumed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints / f'step-{killed_at:08d}.pt'}" in resumed.stderr
+
+    whole = subprocess.run(script_command(*train_script(tmp_path / "whole", tiny_bert_dir, *long_run)),
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    final = "step-00000180.pt"
+    resumed_state = torch.load(checkpoints / final, weights_only=True)
+    whole_state = torch.load(Paths(tmp_path / "whole", paths.task, paths.teacher, "skd").checkpoint_dir / final,
+                             weights_only=True)
+    for key, value in whole_state["model"].items():
+        torch.testing.assert_close(resumed_state["model"][key], value, rtol=1e-6, atol=1e-7)
+    steps = [row["step"] for row in read_metrics(checkpoints.parent / "metrics.jsonl")]
+    assert steps == list(range(5, 181, 5))  # no duplicated rows from before the kill
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.fixture
+def stage_inputs(tmp_path, tiny_bert_dir) -> Paths:
+    return make_inputs(tmp_path, tiny_bert_dir)
+
+
+def test_a_dictionary_of_another_teacher_is_refused(stage_inputs, tiny_bert_dir, capsys):
+    save_pickle({5: np.ones((2, 48), np.float16)}, stage_inputs.sense_dict)
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--max-steps", "1"), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: ") and "another teacher" in err
+    assert not Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "skd").run_dir.exists()
+
+
+def test_missing_inputs_are_one_line_errors(stage_inputs, tiny_bert_dir, capsys):
+    stage_inputs.sense_dict.unlink()
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir), capsys)
+    assert code == 2 and f"error: missing sense dictionary {stage_inputs.sense_dict}" in err
+    stage_inputs.train_json.unlink()
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir), capsys)
+    assert code == 2 and "error: missing" in err and "00_texts.py" in err
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--batch-size", "0"), capsys)
+    assert code == 2 and "error: --batch-size must be at least 1" in err
+
+
+def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_dir, capsys):
+    args = train_script(stage_inputs.base, tiny_bert_dir, "--max-length", "32", "--max-steps", "2",
+                        "--save-every", "1")
+    assert run_in_process([*args, "--student-layers", "1"], capsys)[0] == 0
+    code, err = run_in_process([*args, "--student-layers", "2", "--max-steps", "3"], capsys)
+    assert code == 2 and "different run (student_layers: 1 -> 2)" in err
+    code, err = run_in_process([*args, "--student-layers", "2", "--max-steps", "3", "--overwrite"], capsys)
+    assert code == 0
+
+
+# ------------------------------------------------------------------------------------------
+# two processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_run_train_sh_trains_with_two_processes_and_the_mse_loss(stage_inputs, tiny_bert_dir):
+    done = subprocess.run(
+        [str(REPO / "run_train.sh"), "bbc-news", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "--base-dir", str(stage_inputs.base), "--teacher", str(tiny_bert_dir), "--loss", "mse",
+         "--max-length", "32", "--batch-size", "2", "--max-steps", "4", "--log-every", "2"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "mse")
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["train"]["lr"] == pytest.approx(1e-5)  # 5e-6 x 2
+    assert [row["step"] for row in read_metrics(run.run_dir / "metrics.jsonl")] == [2, 4]
+    assert (run.export_dir / "st" / "modules.json").is_file()
+
+
+def test_a_killed_peer_ends_the_other_rank_with_a_clear_error(stage_inputs, tiny_bert_dir):
+    """Without torchrun's agent (as on another node): the survivor must not hang."""
+    args = train_script(stage_inputs.base, tiny_bert_dir, "--student-layers", "1", "--epochs", "200",
+                        "--batch-size", "2", "--max-length", "32", "--save-every", "3",
+                        "--dist-timeout", "20")
+    port = str(free_port())
+    ranks = [subprocess.Popen(script_command(*args), stderr=subprocess.PIPE, text=True,
+                              env={**subprocess_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    checkpoints = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "skd").checkpoint_dir
+    try:
+        _wait_for(lambda: any(checkpoints.glob("step-*.pt")), ranks[0], timeout=120)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = ranks[0].communicate(timeout=60)
+        assert time.monotonic() - killed < 45
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+    assert ranks[0].returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: lost contact with the other processes at step"), err[-2000:]
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# students
+
+
+def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp_path):
+    teacher = load_teacher(str(tiny_llama_dir), device="cpu")
+    with pytest.raises(UserError, match="1 to 2 layers of the teacher, got 4"):  # Llama's default, as in the paper
+        build_student(teacher)
+    student = build_student(teacher, 1)
+    assert type(student) is type(teacher.model)
+    assert student.config.num_hidden_layers == 1
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
+    export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False)
+    loaded = load_teacher(str(tmp_path / "export" / "hf"), device="cpu")
+    assert type(loaded.model).__name__ == "BidirectionalLlamaModel"
+    batch = loaded.tokenize(["Represent this sentence: !@#$%^&*()the cat sat", "markets fell"], 32)
+    student.eval()
+    with torch.no_grad():
+        expected = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(loaded.token_states(batch), expected, rtol=1e-5, atol=1e-6)
+    # bidirectional: the first token's state depends on the last token
+    changed = batch["input_ids"].clone()
+    changed[0, -1] = (changed[0, -1] + 1) % loaded.model.config.vocab_size
+    with torch.no_grad():
+        other = student(input_ids=changed, attention_mask=batch["attention_mask"]).last_hidden_state
+    assert not torch.allclose(other[0, 0], expected[0, 0])
+
+
+def test_export_replaces_a_previous_export_whole(tiny_bert_dir, tmp_path):
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    export_student(build_student(teacher, 2), teacher.tokenizer, tmp_path / "export", normalize=True)
+    export_student(build_student(teacher, 1), teacher.tokenizer, tmp_path / "export", normalize=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    modules = json.loads((tmp_path / "export" / "st" / "modules.json").read_text())
+    assert modules[-1]["type"].endswith("Normalize")
+    config = json.loads((tmp_path / "export" / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
