@@ -29,9 +29,11 @@ def parse_args():
                         help="gathered states (default work/<task>/<teacher>/combined.pkl)")
     parser.add_argument("--hidden-size", type=int, default=None,
                         help="refuse states that are not this wide (e.g. 4096 for Llama-3-8B)")
-    parser.add_argument("--k-rule", choices=K_RULES, default="n",
-                        help="senses per token: mcl = the original's MCL count rule, n = k from the "
-                        "sample count alone (fitted to mcl; see BENCHMARKS.md)")
+    parser.add_argument("--k-rule", choices=K_RULES, default="fixed",
+                        help="senses per token: mcl = the original's rule (k from an MCL cluster "
+                        "count; slow), fixed = --senses for every token (what mcl gives on MiniLM; "
+                        "checked against MCL on a few tokens, see BENCHMARKS.md)")
+    parser.add_argument("--senses", type=int, default=5, help="k of the fixed rule")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="k-means: torch (batched, any device), sklearn (the original's), faiss")
     parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
@@ -77,15 +79,13 @@ def main() -> int:
     if not input_path.is_file():
         raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
                         "and a0_generate_combinepkl.py first, or pass --input")
-    cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, backend=args.backend, seed=args.seed,
+    cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, senses=args.senses, backend=args.backend, seed=args.seed,
                         max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype)
     batching = Batching(tokens=args.batch_tokens, elements=args.batch_elements)
     out = paths.sense_dict
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
                     what="cluster"):
         return 0
-    if device.type == "cuda":  # index_add_ (centroid sums) uses atomics unless told otherwise
-        torch.use_deterministic_algorithms(True, warn_only=True)
     states, hidden_size = load_states(input_path, teacher, args.hidden_size)
     env = init_distributed(timeout_s=args.timeout)
     try:

@@ -6,7 +6,7 @@
         replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
     python scripts/05_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
 
-Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/models.py):
+Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/specs.py):
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
   student:DIR            an exported student (runs/<task>/<run>/export/hf), plain mode
   untrained:MODEL@N      the first N layers of MODEL, untrained
@@ -19,6 +19,7 @@ import argparse
 from embdistill.cli import run_main, setup_logging, stage_parser
 from embdistill.distributed import default_device
 from embdistill.errors import UserError
+from embdistill.evaluation.specs import parse_model_specs
 from embdistill.paths import base_dir, results_dir
 
 
@@ -56,6 +57,8 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.log_level)
 
+    # Spec mistakes (syntax, missing folders) fail here, before mteb and the models load.
+    parse_model_specs(args.models)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
     tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]

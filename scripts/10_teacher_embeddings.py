@@ -17,18 +17,16 @@ from embdistill.cli import log, run_main, setup_logging, stage_parser
 from embdistill.distributed import barrier, cleanup, default_device, init_distributed
 from embdistill.multiteacher.corpus import (add_corpus_args, build_corpus, corpus_file, corpus_name,
                                             read_corpus, write_corpus)
-from embdistill.multiteacher.lsa import LsaModel, lsa_dirs, prepare_lsa
+from embdistill.multiteacher.lsa import LSA_TEACHER, LsaModel, lsa_dirs, prepare_lsa
 from embdistill.multiteacher.shards import (finish_teacher, reset_teacher, shards_config,
                                             write_teacher_shards)
 from embdistill.paths import Paths, base_dir, slug
-
-LSA = "lsa"
 
 
 def main() -> int:
     parser = stage_parser(__doc__.splitlines()[0], task=False)
     add_corpus_args(parser)
-    parser.add_argument("--teachers", nargs="+", default=["minilm", LSA],
+    parser.add_argument("--teachers", nargs="+", default=["minilm", LSA_TEACHER],
                         help="'minilm', 'lsa' (TF-IDF + SVD fitted on the corpus), or any encoder's "
                         "hub id or folder")
     parser.add_argument("--shard-size", type=int, default=100_000, help="texts per shard")
@@ -80,20 +78,20 @@ def prepare(args, base, paths: Paths, teachers: list[str]) -> None:
         folder = paths.embeddings_dir(slug(name))
         if args.overwrite:
             reset_teacher(folder)
-        if name == LSA:
+        if name == LSA_TEACHER:
             prepare_lsa(folder, texts, corpus_file(paths), dim=args.lsa_dim, min_df=args.lsa_min_df,
                         max_features=args.lsa_max_features, seed=args.seed, overwrite=args.overwrite)
 
 
 def teacher_config(name: str, folder, args) -> dict:
     """What makes a teacher's vectors what they are: shards made otherwise are redone."""
-    if name == LSA:
-        return {"teacher": LSA, "model": fingerprint(lsa_dirs(folder)[0])}
+    if name == LSA_TEACHER:
+        return {"teacher": LSA_TEACHER, "model": fingerprint(lsa_dirs(folder)[0])}
     return {"teacher": slug(name), "source": name, "max_length": args.max_length}
 
 
 def load_encoder(name: str, folder):
-    if name == LSA:
+    if name == LSA_TEACHER:
         return LsaModel.load(lsa_dirs(folder)[0])
     from embdistill.teachers import load_teacher
 

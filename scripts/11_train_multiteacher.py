@@ -12,11 +12,15 @@ checkpoint unless --no-resume/--overwrite.
 """
 
 import argparse
+import inspect
+
+import torch
 
 from embdistill.artifacts import fingerprint, is_done, save_json, skip_if_done, write_manifest
 from embdistill.cli import log, run_main, setup_logging, stage_parser
 from embdistill.distributed import cleanup, default_device, print0
 from embdistill.errors import UserError
+from embdistill.multiteacher import initial_export_dir
 from embdistill.multiteacher.corpus import (add_corpus_args, corpus_file, corpus_name, read_corpus,
                                             validation_split)
 from embdistill.multiteacher.model import (LOSSES, POOLING, Collator, DistillationDataset,
@@ -34,7 +38,7 @@ def main() -> int:
     parser.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
                                                 argparse.RawDescriptionHelpFormatter), {})
     parser.epilog = "\n".join(lines[1:])
-    add_corpus_args(parser)
+    add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
                         help="teachers whose embeddings scripts/10_teacher_embeddings.py wrote")
     parser.add_argument("--loss", choices=LOSSES, default="nll",
@@ -70,6 +74,9 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.log_level)
 
+    if args.pooling != "mean" and "pooling" not in inspect.signature(export_student).parameters:
+        # checked before training, not after: embdistill.students.export_student pools by mean only
+        raise UserError("--pooling cls cannot be exported yet (export_student has no pooling option)")
     if args.max_length < 1 or args.student_layers < 0:
         raise UserError("--max-length must be at least 1 and --student-layers at least 0")
     run = args.run or f"mt-{args.loss}"
@@ -103,8 +110,9 @@ def main() -> int:
     device = default_device(env)
     source = load_teacher(args.student, device=device)
     encoder = build_student(source, args.student_layers or source.model.config.num_hidden_layers)
+    torch.manual_seed(args.seed)  # the heads' initialisation: reruns and resumed runs agree
     model = MultiTeacherStudent(encoder, {t.name: t.dim for t in targets}, args.pooling)
-    initial_dir = paths.run_dir / "initial"
+    initial_dir = initial_export_dir(paths)
     initial_config = {k: run_config[k] for k in ("student", "student_layers", "pooling", "max_length")}
     if env.is_main and (args.overwrite or not is_done(initial_dir, config=initial_config)):
         export(model, source.tokenizer, initial_dir, args)

@@ -4,6 +4,7 @@ task (table == mteb's result files), skipping finished runs, and bad input (exit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import runpy
@@ -16,7 +17,7 @@ import pytest
 
 from embdistill.artifacts import read_manifest, save_pickle
 from embdistill.errors import UserError
-from embdistill.evaluation.models import parse_model_spec, parse_model_specs
+from embdistill.evaluation.specs import parse_model_spec, parse_model_specs
 from embdistill.paths import Paths
 from embdistill.tasks import resolve_task
 from embdistill.texts import write_texts
@@ -211,14 +212,47 @@ def test_finished_run_is_skipped_unless_overwrite(finished_run, workspace, monke
         run.evaluate(finished_run["config"], workspace["base"], device="cpu", overwrite=True)
 
 
+def _result_file(path: Path, experiments_per_entry: list[list[float]]) -> Path:
+    """An mteb classification result with one (split, subset) entry per list."""
+    entries = [{"scores_per_experiment": [{"accuracy": a} for a in accuracies],
+                "main_score": float(np.mean(accuracies)), "hf_subset": f"s{i}"}
+               for i, accuracies in enumerate(experiments_per_entry)]
+    path.write_text(json.dumps({"task_name": "t", "scores": {"test": entries}}))
+    return path
+
+
+def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
+    from embdistill.evaluation.table import ModelRow, build_table, format_markdown
+
+    rows = [
+        ModelRow("zero", "teacher", "zero=teacher:x", 10, 0, 1.0,
+                 {"t": _result_file(tmp_path / "zero.json", [[0.0, 0.0]])}),
+        ModelRow("two", "student", "two=student:y", 5, 0, 2.0,
+                 {"t": _result_file(tmp_path / "two.json", [[0.5, 0.7], [0.9, 0.7]])}),
+    ]
+    table = build_table("r", rows, {"t": {"eval_splits": ["test"], "samples_per_label": 2,
+                                          "n_experiments": 2}}, tmp_path)
+    two = table["models"][1]["scores"]["t"]
+    assert two["accuracy"] == pytest.approx(0.7)  # the mean of the entries' main scores
+    assert two["per_experiment"] == pytest.approx([0.7, 0.7])  # experiment i: mean over entries
+    assert two["std"] == 0.0 and two["result_file"] == "two.json"
+    assert table["models"][1]["relative_to_teacher"] is None
+    assert "| two | 70.0 ± 0.0 | 70.0 | n/a | 0.0M | 2.0 |" in format_markdown(table)
+
+
 # ------------------------------------------------------------------------------- bad input
 
 
 def _stage(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run scripts/05_evaluate.py in this process; (exit status, stderr)."""
     monkeypatch.setattr(sys, "argv", [str(STAGE), *args])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(STAGE), run_name="__main__")
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(STAGE), run_name="__main__")
+    finally:  # the stage logs to this test's captured stderr, which closes with the test
+        root.handlers[:] = handlers
     return exit_info.value.code, capsys.readouterr().err
 
 

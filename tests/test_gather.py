@@ -271,6 +271,30 @@ def test_bad_inputs_fail_in_one_line(task, case, monkeypatch, capsys):
         assert not paths.counts.exists()
 
 
+def test_combine_script_bad_inputs_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    """Nothing gathered, a corrupt rank file, mismatched hidden sizes, --inputs without
+    --output: exit 2, one line, no output file."""
+    output = tmp_path / "out" / "combined.pkl"
+    a, b = tmp_path / "a" / "rank0.pkl", tmp_path / "b" / "rank0.pkl"
+    for path, width in ((a, 4), (b, 8)):
+        save_pickle({3: np.zeros((2, width), dtype=np.float16)}, path)
+    corrupt = tmp_path / "c" / "rank0.pkl"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x80\x04\x95\x10")
+    cases = {
+        "task bbc-news: nothing gathered": ["--task", "bbc-news"],
+        "corrupt pickle": ["--inputs", str(corrupt), "--output", str(output)],
+        "inputs differ in hidden size: 4": ["--inputs", str(a), str(b), "--output", str(output)],
+        "--output is required with --inputs": ["--inputs", str(a)],
+    }
+    for expected, args in cases.items():
+        code, out, err = run_script("a0_generate_combinepkl.py", "--base-dir", str(tmp_path), *args,
+                                    monkeypatch=monkeypatch, capsys=capsys)
+        error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(error_lines) == 1 and expected in error_lines[0], (expected, err)
+        assert not output.exists() and not (tmp_path / "work").exists()
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -281,16 +305,24 @@ def prepared_task(base: Path, tiny_bert_dir: Path, texts: list[str]) -> tuple[Pa
     return paths, options
 
 
+@pytest.mark.slow  # process start-up (torch + transformers imports) dominates: ~10 s a process here
 def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_dir, texts, monkeypatch, capsys):
+    """02_gather.py under torchrun with 2 CPU processes, combined, equals 1 process (the same
+    script run in this process)."""
     gather_args = ["--per-token", "4", "--flush-every", "6", "--batch-size", "4"]
     results = {}
     for nproc in (1, 2):
         paths, options = prepared_task(tmp_path / f"n{nproc}", tiny_bert_dir, texts)
         assert run_script("scripts/01_count.py", *options, monkeypatch=monkeypatch, capsys=capsys)[0] == 0
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        proc = run_subprocess([*launcher, str(REPO / "scripts/02_gather.py"), *options, *gather_args])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if nproc == 1:
+            code, _, err = run_script("scripts/02_gather.py", *options, *gather_args,
+                                      monkeypatch=monkeypatch, capsys=capsys)
+            assert code == 0, err
+        else:
+            launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+            proc = run_subprocess([*launcher, str(REPO / "scripts/02_gather.py"), *options, *gather_args])
+            assert proc.returncode == 0, proc.stderr[-3000:]
         assert sorted(p.name for p in paths.gather_dir.glob("rank?.pkl")) == [f"rank{r}.pkl" for r in range(nproc)]
         code, _, err = run_script("a0_generate_combinepkl.py", *options[:6], monkeypatch=monkeypatch, capsys=capsys)
         assert code == 0, err
@@ -298,39 +330,39 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_dir, texts, monkey
     assert_same_combined(results[1], results[2], atol=1e-3)  # float16 rows; padding differs by batch
 
 
-def test_killed_gather_resumes_from_parts(tmp_path, tiny_bert_dir, teacher, texts, counts, caplog):
+@pytest.mark.slow  # two process start-ups
+def test_killed_gather_resumes_from_parts(tmp_path, tiny_bert_dir, teacher, texts, counts, monkeypatch, capsys):
     """SIGKILL after the first part, again after the next: finished parts are not redone, and
-    the result equals an uninterrupted run's."""
+    the finished run (here in this process) equals an uninterrupted run."""
     paths, options = prepared_task(tmp_path / "killed", tiny_bert_dir, texts)
     save_pickle(counts, paths.counts)
     write_manifest(paths.counts, stage="count", config=count_config(str(tiny_bert_dir), MAX_LENGTH))
-    args = [str(REPO / "scripts/02_gather.py"), *options, "--per-token", "4", "--flush-every", "8",
-            "--batch-size", "4", "--dtype", "float32"]
+    args = [*options, "--per-token", "4", "--flush-every", "8", "--batch-size", "4", "--dtype", "float32"]
     rank_file = paths.gather_rank(0)
 
-    first = run_subprocess(args, {KILL_AFTER_PARTS_ENV: "1"})
+    first = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
     assert first.returncode == -9, first.stderr[-2000:]
     assert part_path(rank_file, 0).exists() and not part_path(rank_file, 1).exists()
     assert not rank_file.exists()
     part0_stamp = part_path(rank_file, 0).stat().st_mtime_ns
 
-    second = run_subprocess(args, {KILL_AFTER_PARTS_ENV: "1"})
+    second = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
     assert second.returncode == -9
     assert "resuming, 1 of 4 parts (8 texts) already gathered" in second.stderr
     assert part_path(rank_file, 0).stat().st_mtime_ns == part0_stamp  # not redone
     assert part_path(rank_file, 1).exists() and not rank_file.exists()
 
-    third = run_subprocess(args)
-    assert third.returncode == 0, third.stderr[-2000:]
-    assert "resuming, 2 of 4 parts (16 texts) already gathered" in third.stderr
-    assert "30 texts (16 resumed)" in third.stdout
+    code, out, err = run_script("scripts/02_gather.py", *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err
+    assert "resuming, 2 of 4 parts (16 texts) already gathered" in err
+    assert "30 texts (16 resumed)" in out
     assert not list(rank_file.parent.glob("*part*"))
 
     reference = gather(teacher, texts, counts, tmp_path / "uninterrupted" / "rank0.pkl", per_token=4)
-    resumed, uninterrupted = load_pickle(rank_file), load_pickle(reference)
-    assert_same_combined(resumed, uninterrupted, atol=1e-5)
+    assert_same_combined(load_pickle(rank_file), load_pickle(reference), atol=1e-5)
+    resumed_index = load_pickle(index_path(rank_file))
     for token, occurrences in load_pickle(index_path(reference)).items():
-        assert np.array_equal(load_pickle(index_path(rank_file))[token], occurrences)
+        assert np.array_equal(resumed_index[token], occurrences)
 
 
 @pytest.mark.slow

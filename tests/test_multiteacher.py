@@ -362,8 +362,8 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def run_script(script: str, *args) -> None:
-    """A stage script in this process (``run_main`` exits: status 0 expected)."""
+def run_script(script: str, *args, status: int = 0) -> None:
+    """A stage script in this process (``run_main`` exits with ``status``)."""
     argv = sys.argv
     sys.argv = [script, *map(str, args)]
     try:
@@ -371,7 +371,13 @@ def run_script(script: str, *args) -> None:
             runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
     finally:
         sys.argv = argv
-    assert exited.value.code == 0
+    assert exited.value.code == status
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_killed(module, owner, method, n, script, *args) -> subprocess.CompletedProcess:
@@ -425,6 +431,22 @@ def test_teacher_stage_killed_then_rerun_matches_an_uninterrupted_run(tmp_path, 
     assert "!@#$%^&*()" in first and "!@#$%^&*()" not in texts[0]  # teachers see plain text
 
 
+def test_teacher_stage_under_torchrun_with_two_ranks_writes_the_same_shards(tmp_path, teacher_base, task_file,
+                                                                           tiny_bert_dir):
+    base = tmp_path / "base"
+    run_script("00_texts.py", "--task", task_file, "--base-dir", base)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(REPO / "scripts" / "10_teacher_embeddings.py"), *map(str, teacher_args(base, task_file, tiny_bert_dir))]
+    done = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 wrote 3 shards" in done.stdout and "rank 0 wrote 4 shards" in done.stdout
+    for name in (Path(tiny_bert_dir).name, "lsa"):
+        done_dir, expected = base / "embeddings" / "toy" / name, teacher_base / "embeddings" / "toy" / name
+        assert shard_bytes(done_dir) == shard_bytes(expected)
+        assert (done_dir / INDEX_NAME).is_file()
+
+
 def train_args(base, task_file, tiny_bert_dir, run):
     return ["--task", task_file, "--base-dir", base, "--teachers", tiny_bert_dir, "lsa", "--run", run,
             "--student", tiny_bert_dir, "--student-layers", 0, "--max-steps", 6, "--batch-size", 8,
@@ -475,19 +497,16 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
     run_script("11_train_multiteacher.py", *train_args(teacher_base, task_file, tiny_bert_dir, "reference"))
 
 
-def test_stage_errors_are_one_line(teacher_base, task_file, tiny_bert_dir):
-    script = REPO / "scripts" / "11_train_multiteacher.py"
-    done = subprocess.run([sys.executable, str(script), "--task", task_file, "--base-dir", teacher_base,
-                           "--teachers", "minilm"], env=SUBPROCESS_ENV, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and "no index.json" in done.stderr
-    assert done.stderr.count("\n") == 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_stage_errors_are_one_line(teacher_base, task_file, capsys):
+    capsys.readouterr()
+    run_script("11_train_multiteacher.py", "--task", task_file, "--base-dir", teacher_base,
+               "--teachers", "minilm", status=2)
+    run_script("10_teacher_embeddings.py", "--task", task_file, "--base-dir", teacher_base,
+               "--corpus", "hub:someone/medi-triplets", status=2)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in stderr
+    assert "no index.json" in errors[0] and "someone/medi-triplets" in errors[1]
 
 
 def test_two_ranks_keep_identical_parameters_and_match_one_rank(tmp_path, tiny_bert_dir):

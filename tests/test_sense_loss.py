@@ -47,15 +47,21 @@ def _batch(seed: int, batch: int = 4, length: int = 11):
     return input_ids, mask, teacher, student
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed):
+# the last case cuts the scored tokens into chunks of 5 (k is at most 9), in order of k
+@pytest.mark.parametrize("seed, chunk_elements", [(0, 1 << 25), (1, 1 << 25), (2, 1 << 25), (0, 9 * DIM * 5)])
+def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
     dictionary = _random_dictionary(seed)
     assert len({len(v) for v in dictionary.values()}) > 3  # really mixed k
     input_ids, mask, teacher, student = _batch(seed)
     student_fast = student.clone().requires_grad_(True)
     student_loop = student.clone().requires_grad_(True)
 
-    loss, accuracy, count = SenseLoss(dictionary, VOCAB)(student_fast, teacher, input_ids, mask)
+    sense_loss = SenseLoss(dictionary, VOCAB, chunk_elements=chunk_elements)
+    loss, accuracy, count = sense_loss(student_fast, teacher, input_ids, mask)
+    entries = sense_loss.entry_of_token[input_ids][mask.bool() & (sense_loss.entry_of_token[input_ids] >= 0)]
+    chunks = sense_loss.chunks_by_size(entries)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(count))
+    assert len(chunks) == (1 if chunk_elements == 1 << 25 else -(-count // 5))
     expected_loss, expected_accuracy, expected_count = _reference(dictionary, student_loop, teacher,
                                                                   input_ids, mask)
     assert count == expected_count

@@ -1,7 +1,8 @@
 """Evaluation: our models and any sentence-transformers model on classification tasks through
 mteb, replace mode, and the results table.
 
-* :mod:`.models`: model specs (``[LABEL=]KIND:TARGET``) and their mteb encoders;
+* :mod:`.specs`: model specs, ``[LABEL=]KIND:TARGET`` (the syntax is documented there);
+* :mod:`.models`: our model kinds and sentence-transformers models as mteb encoders;
 * :mod:`.local_tasks`: hub tasks as mteb runs them, local tasks built from eval.json;
 * :mod:`.replace`: replace mode, batched (and the original's per-token loop, for reference);
 * :mod:`.table`: table.json / table.md / accuracy.png, read back from mteb's result files;

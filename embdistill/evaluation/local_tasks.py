@@ -36,16 +36,12 @@ DEFAULT_SAMPLES_PER_LABEL = 32
 
 
 class LocalClassificationTask(AbsTaskClassification):
-    """A classification task whose labelled splits are given, not downloaded.
+    """A classification task whose labelled splits are given, not downloaded. Labels are
+    integers: mteb's metrics for binary tasks need numeric labels."""
 
-    Labels are mapped to integers in sorted order of their text (``label_names`` keeps the
-    originals); mteb's metrics for binary tasks need numeric labels."""
-
-    def __init__(self, splits: dict[str, tuple[list[str], list[int]]], label_names: list[str],
-                 seed: int):
+    def __init__(self, splits: dict[str, tuple[list[str], list[int]]], seed: int):
         super().__init__(seed=seed)
         self.splits = splits
-        self.label_names = label_names
 
     def load_data(self, num_proc=None, **kwargs) -> None:
         self.dataset = DatasetDict({
@@ -69,7 +65,7 @@ def local_task(task: Task, eval_split: dict, *, samples_per_label: int, n_experi
         log.warning("task %s: test labels %s never occur in train; those texts cannot be "
                     "classified correctly", task.name, unseen)
         classes += sorted({y for y in test_labels if str(y) in unseen}, key=str)
-    index = {label: i for i, label in enumerate(classes)}
+    index = {label: i for i, label in enumerate(classes)}  # in sorted order of the label text
     rare = {str(y): n for y, n in Counter(train_labels).items() if n < samples_per_label}
     if rare:
         log.info("task %s: classes with fewer than %d training texts use all they have: %s",
@@ -94,7 +90,6 @@ def local_task(task: Task, eval_split: dict, *, samples_per_label: int, n_experi
     mteb_task = task_class(
         {"train": (train_texts, [index[y] for y in train_labels]),
          "test": (test_texts, [index[y] for y in test_labels])},
-        label_names=[str(label) for label in classes],
         seed=seed,
     )
     mteb_task.samples_per_label = samples_per_label

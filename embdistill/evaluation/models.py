@@ -1,26 +1,8 @@
-"""The models an evaluation compares, named on the command line, wrapped for mteb.
-
-Model spec syntax: ``[LABEL=]KIND:TARGET``, one per model; LABEL names the table row and the
-result folder (letters, digits, ``. _ + -``), with a default derived from the target.
-
-=============================  ==================================================================
-``teacher:MODEL``              a teacher in plain mode: MODEL is anything ``load_teacher`` loads
-                               (``minilm``, ``llm2vec-llama3-8b``, a hub id, a folder). The first
-                               teacher row is the reference of "relative to teacher".
-``student:DIR``                an exported student in plain mode (``runs/<task>/<run>/export/hf``)
-``untrained:MODEL@N``          the first N layers of MODEL, untrained: the student SKD starts from
-``replace:MODEL@DICT``         MODEL (student or teacher) in replace mode with the sense dictionary
-                               DICT (``sense_dict/<task>/<teacher>.kmeanspkl``); the teacher in
-                               replace mode is the dictionary's ceiling
-``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
-=============================  ==================================================================
+"""Our model kinds and sentence-transformers models as mteb encoders (specs: :mod:`.specs`).
 
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
 through their own pipeline (pooling, normalisation, max_seq_length), as published.
-Default labels: ``teacher:minilm`` -> ``minilm``; ``student:runs/bbc-news/skd/export/hf`` ->
-``skd`` (the run); ``untrained:minilm@3`` -> ``minilm-first3``; ``replace:X@D`` -> X's label
-plus ``-replace``; ``st:X`` -> X's name plus ``-st``.
 """
 
 from __future__ import annotations
@@ -28,116 +10,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from mteb.models import ModelMeta
-from mteb.models.model_meta import ScoringFunction
 from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
 from ..errors import UserError
-from ..paths import slug
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..text import format_example
 from .replace import ReplaceModeModel
+from .specs import ModelSpec, looks_like_path
 
 log = logging.getLogger("embdistill.evaluation")
-
-KINDS = ("teacher", "student", "untrained", "replace", "st")
-_LABEL = re.compile(r"[A-Za-z0-9._+-]+")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of an evaluation (see the module docstring for the syntax)."""
-
-    label: str
-    kind: str
-    target: str  # the model: a load_teacher name or path, or a sentence-transformers id/path
-    sense_dict: str | None = None  # replace mode: the dictionary file
-    n_layers: int | None = None  # untrained: how many of the target's first layers
-
-    @property
-    def text(self) -> str:
-        """The spec as written on the command line (with its label)."""
-        suffix = {"replace": f"@{self.sense_dict}", "untrained": f"@{self.n_layers}"}.get(self.kind, "")
-        return f"{self.label}={self.kind}:{self.target}{suffix}"
-
-    @property
-    def local_inputs(self) -> dict[str, str]:
-        """The files behind this model that exist locally (fingerprinted by the manifest)."""
-        files = {f"{self.label}.model": self.target, f"{self.label}.sense_dict": self.sense_dict}
-        return {key: path for key, path in files.items() if path and Path(path).exists()}
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """``[LABEL=]KIND:TARGET`` -> :class:`ModelSpec`; UserError on bad syntax."""
-    label, sep, body = text.partition("=")
-    if not sep or ":" in label:  # no label given ('=' may only start a label before the kind)
-        label, body = "", text
-    kind, sep, target = body.partition(":")
-    if not sep or kind not in KINDS or not target:
-        raise UserError(f"bad model spec '{text}': expected [LABEL=]KIND:TARGET with KIND one of "
-                        f"{', '.join(KINDS)} (e.g. teacher:minilm, replace:runs/t/skd/export/hf@d.kmeanspkl)")
-    sense_dict = n_layers = None
-    if kind in ("replace", "untrained"):
-        target, at, extra = target.rpartition("@")
-        if not at or not target or not extra:
-            what = "DICT" if kind == "replace" else "N"
-            raise UserError(f"bad model spec '{text}': {kind} needs {kind}:MODEL@{what}")
-        if kind == "replace":
-            sense_dict = extra
-        elif not extra.isdigit() or int(extra) < 1:
-            raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
-        else:
-            n_layers = int(extra)
-    label = label or default_label(kind, target, n_layers)
-    if not _LABEL.fullmatch(label):
-        raise UserError(f"bad model label '{label}': use letters, digits and . _ + -")
-    return ModelSpec(label=label, kind=kind, target=target, sense_dict=sense_dict, n_layers=n_layers)
-
-
-def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
-    parts = Path(target.rstrip("/")).parts
-    if len(parts) > 2 and parts[-2] == "export" and parts[-1] in ("hf", "st"):
-        name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
-    else:
-        name = slug(target)
-    return {"untrained": f"{name}-first{n_layers}", "replace": f"{name}-replace",
-            "st": f"{name}-st"}.get(kind, name)
-
-
-def parse_model_specs(texts: Sequence[str]) -> list[ModelSpec]:
-    """Parse specs and check the cheap things before any model loads: unique labels, local
-    paths that exist, dictionaries that exist."""
-    specs = [parse_model_spec(text) for text in texts]
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.label in seen:
-            raise UserError(f"two models are labelled '{spec.label}': name them, e.g. "
-                            f"other={spec.kind}:{spec.target}")
-        seen.add(spec.label)
-        if _looks_like_path(spec.target) and not Path(spec.target).expanduser().exists():
-            raise UserError(f"model {spec.label}: no such folder {spec.target}")
-        if spec.sense_dict is not None and not Path(spec.sense_dict).is_file():
-            raise UserError(f"model {spec.label}: no sense dictionary at {spec.sense_dict}")
-    return specs
-
-
-def _looks_like_path(target: str) -> bool:
-    """A folder rather than a hub id (``owner/name``) or an alias."""
-    return target.startswith(("/", ".", "~")) or target.count("/") > 1
-
-
-# --------------------------------------------------------------------------------------------
-# mteb encoders
 
 
 def _model_meta(spec: ModelSpec, *, n_parameters: int, embed_dim: int, max_tokens: int | None,
@@ -244,7 +135,7 @@ def _load_sentence_transformer(target: str, device):
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(str(Path(target).expanduser()) if _looks_like_path(target) else target,
+        return SentenceTransformer(str(Path(target).expanduser()) if looks_like_path(target) else target,
                                    device=str(device))
     except (OSError, ValueError) as exc:
         first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]

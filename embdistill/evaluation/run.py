@@ -28,7 +28,8 @@ from ..errors import UserError
 from ..paths import Paths, results_dir
 from ..tasks import resolve_task
 from .local_tasks import EvaluationTask, load_evaluation_task
-from .models import ModelSpec, load_encoder, measure_throughput, parse_model_specs
+from .models import load_encoder, measure_throughput
+from .specs import ModelSpec, parse_model_specs
 from .table import ModelRow, build_table, format_markdown, write_table
 
 log = logging.getLogger("embdistill.evaluation")

@@ -78,8 +78,8 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
         reference = next(model for model in models if model["label"] == teacher)
         for model in models:
             for name, score in model["scores"].items():
-                score["relative_to_teacher"] = score["accuracy"] / reference["scores"][name]["accuracy"]
-            model["relative_to_teacher"] = model["mean_accuracy"] / reference["mean_accuracy"]
+                score["relative_to_teacher"] = _ratio(score["accuracy"], reference["scores"][name]["accuracy"])
+            model["relative_to_teacher"] = _ratio(model["mean_accuracy"], reference["mean_accuracy"])
     return {
         "run": run,
         "main_score": "accuracy",
@@ -89,6 +89,10 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
         "tasks": tasks,
         "models": models,
     }
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference else None  # None (JSON null): a teacher scoring 0
 
 
 def _percent(value: float) -> str:
@@ -102,9 +106,9 @@ def _millions(count: int) -> str:
 def format_markdown(table: dict) -> str:
     """The table as GitHub markdown (accuracy in %, mean +- std over experiments)."""
     tasks = list(table["tasks"])
-    relative = table["teacher"] is not None
+    has_teacher = table["teacher"] is not None
     header = ["model", *tasks, "mean"]
-    if relative:
+    if has_teacher:
         header.append(f"vs {table['teacher']}")
     header += ["params", "texts/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -113,8 +117,9 @@ def format_markdown(table: dict) -> str:
         cells += [f"{_percent(model['scores'][t]['accuracy'])} ± {_percent(model['scores'][t]['std'])}"
                   for t in tasks]
         cells.append(_percent(model["mean_accuracy"]))
-        if relative:
-            cells.append(f"{_percent(model['relative_to_teacher'])}%")
+        if has_teacher:
+            relative = model["relative_to_teacher"]
+            cells.append("n/a" if relative is None else f"{_percent(relative)}%")
         params = _millions(model["n_parameters"])
         if model["dictionary_values"]:
             params += f" + {_millions(model['dictionary_values'])} dict"

@@ -17,11 +17,12 @@ those N tokens where argmax_j of the student's logits equals target_i.
 
 Batching over tokens with different k_v: the dictionary is packed once into one flat
 (sum_v k_v, d) matrix with per-entry offsets and sizes, plus a vocabulary-sized lookup
-token id -> entry (-1 for none). A batch gathers its tokens' senses into a
-(N, k_max_batch, d) tensor padded to the largest k among *its* tokens, with -inf logits on the
-padding. Flat storage rather than a (entries, k_max, d) block keeps the dictionary at
-sum_v k_v rows: k varies from 5 to hundreds, and padding every entry to the global k_max would
-multiply the memory of a 4096-d dictionary several times over.
+token id -> entry (-1 for none). A batch's scored tokens are ordered by k and cut into chunks;
+each chunk gathers its senses into a (n, k_max_chunk, d) tensor padded to the largest k in
+*that chunk*, with -inf logits on the padding. k ranges from 1 to hundreds and frequent tokens
+have the most senses, so padding to the dictionary's (or the batch's) largest k would multiply
+the memory of a 4096-d model's gathered senses, which autograd keeps for the backward pass;
+for the same reason the dictionary is stored flat, not as an (entries, k_max, d) block.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ class SenseLoss(nn.Module):
     ``sense_dict``: ``{token_id: array (k, d)}`` as returned by
     :func:`embdistill.senses.dictionary.load_sense_dict`. ``vocab_size``: the model's
     vocabulary size (the lookup table's length); token ids of the dictionary must be below it.
+    ``chunk_elements``: about how many floats one chunk's gathered senses may hold.
     The packed dictionary lives in float32 buffers, so ``.to(device)`` moves it with the module.
     """
 
-    def __init__(self, sense_dict: Mapping[int, np.ndarray | torch.Tensor], vocab_size: int):
+    def __init__(self, sense_dict: Mapping[int, np.ndarray | torch.Tensor], vocab_size: int,
+                 chunk_elements: int = 1 << 25):
         super().__init__()
+        self.chunk_elements = chunk_elements
         if not sense_dict:
             raise UserError("the sense dictionary is empty")
         token_ids = sorted(int(t) for t in sense_dict)
@@ -79,6 +83,16 @@ class SenseLoss(nn.Module):
         logits = torch.einsum("nkd,nd->nk", senses, states.float())
         return logits.masked_fill(~valid, float("-inf"))
 
+    def chunks_by_size(self, entries: torch.Tensor) -> list[torch.Tensor]:
+        """Positions of ``entries`` in order of k, cut so that a chunk's padded senses hold
+        about ``chunk_elements`` floats (at least one token per chunk)."""
+        if len(entries) == 0:
+            return []
+        sizes = self.sizes[entries]
+        order = torch.argsort(sizes, stable=True)
+        length = max(1, self.chunk_elements // (int(sizes.max()) * self.hidden_size))
+        return list(order.split(length))
+
     def forward(
         self,
         student_states: torch.Tensor,
@@ -97,9 +111,13 @@ class SenseLoss(nn.Module):
         scored = text_mask.bool() & (entries >= 0)
         entries = entries[scored]
         count = int(entries.numel())
-        with torch.no_grad():
-            targets = self.sense_logits(teacher_states[scored], entries).argmax(-1)
-        logits = self.sense_logits(student_states[scored], entries)
-        loss = nn.functional.cross_entropy(logits, targets, reduction="sum") / max(count, 1)
-        accuracy = (logits.detach().argmax(-1) == targets).float().sum() / max(count, 1)
-        return loss, accuracy, count
+        student_states, teacher_states = student_states[scored], teacher_states[scored]
+        loss = student_states.sum() * 0.0  # keeps the graph when no token is scored
+        correct = torch.zeros((), device=student_states.device)
+        for part in self.chunks_by_size(entries):
+            with torch.no_grad():
+                targets = self.sense_logits(teacher_states[part], entries[part]).argmax(-1)
+            logits = self.sense_logits(student_states[part], entries[part])
+            loss = loss + nn.functional.cross_entropy(logits, targets, reduction="sum")
+            correct += (logits.detach().argmax(-1) == targets).sum()
+        return loss / max(count, 1), correct / max(count, 1), count

@@ -34,8 +34,9 @@ log = logging.getLogger("embdistill.multiteacher.corpus")
 HUB_PREFIX = "hub:"
 
 
-def add_corpus_args(parser: argparse.ArgumentParser) -> None:
-    """The options that name a corpus (shared by the teacher and training stages)."""
+def add_corpus_args(parser: argparse.ArgumentParser, *, building: bool = True) -> None:
+    """The options that name a corpus (the teacher and training stages) and, with
+    ``building``, those that choose its texts (the teacher stage, which writes it)."""
     parser.add_argument("--task", nargs="+", default=["bbc-news"],
                         help="tasks whose training texts form the corpus (index 1-16, a name such as "
                         "bbc-news or tweet-sentiment, or a .jsonl/.csv file; run scripts/00_texts.py "
@@ -45,6 +46,8 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="tasks",
                         help="'tasks' (the tasks' training texts) or hub:<dataset id> "
                         "(e.g. a MEDI-style triplet dataset; needs the hub)")
+    if not building:
+        return
     parser.add_argument("--corpus-columns", nargs="*", default=None,
                         help="hub corpus: the columns holding texts (default: every text column)")
     parser.add_argument("--corpus-split", default="train", help="hub corpus: the split to read")

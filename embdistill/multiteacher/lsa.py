@@ -39,6 +39,7 @@ from ..errors import UserError
 
 log = logging.getLogger("embdistill.multiteacher.lsa")
 
+LSA_TEACHER = "lsa"  # the teacher name that selects this model (scripts, folders, specs)
 FIT_PARAMS = ("dim", "min_df", "max_features", "seed")
 ENCODE_BATCH = 4096  # texts per sparse block in transform: bounds memory, not results
 

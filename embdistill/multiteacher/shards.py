@@ -25,8 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..artifacts import (atomic_open, is_done, load_json, manifest_path, read_manifest,
-                         save_json, write_manifest)
+from ..artifacts import (atomic_open, fingerprint, is_done, load_json, manifest_path,
+                         read_manifest, save_json, write_manifest)
 from ..distributed import DistEnv, dist_env, shard
 from ..errors import UserError
 
@@ -63,19 +63,11 @@ def shard_files(folder: Path, index: int) -> tuple[Path, Path]:
     return folder / f"shard-{index}.npy", folder / f"shard-{index}.ids.npy"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checksums_match(vectors: Path, ids: Path) -> bool:
     manifest = read_manifest(vectors)
     recorded = (manifest or {}).get("extra", {}).get("sha256", {})
-    return (vectors.is_file() and ids.is_file() and recorded.get("vectors") == _sha256(vectors)
-            and recorded.get("ids") == _sha256(ids))
+    return (vectors.is_file() and ids.is_file() and recorded.get("vectors") == fingerprint(vectors)
+            and recorded.get("ids") == fingerprint(ids))
 
 
 def shards_config(teacher_config: dict, texts: list[str], shard_size: int) -> dict:
@@ -137,7 +129,7 @@ def write_teacher_shards(
             with atomic_open(path, "wb") as fh:
                 np.save(fh, array, allow_pickle=False)
         write_manifest(vectors_path, stage=_STAGE, config=config,
-                       extra={"sha256": {"vectors": _sha256(vectors_path), "ids": _sha256(ids_path)},
+                       extra={"sha256": {"vectors": fingerprint(vectors_path), "ids": fingerprint(ids_path)},
                               "dim": half.shape[1]})
         written.append(index)
     return written

@@ -1,8 +1,9 @@
 """Stage 2 of SKD: cluster every token's gathered states into its senses.
 
 For each token with n samples: the k rule gives k (``mcl``: the original's MCL count rule;
-``n``: k from n alone, see :mod:`.krule`); a token with n < 5 or n <= k keeps its raw vectors;
-the others are clustered by k-means into k centroids (:mod:`.kmeans`).
+``fixed``: the same k for every token, checked against MCL on a few tokens; see :mod:`.krule`);
+a token with n < 5 or n <= k keeps its raw vectors; the others are clustered by k-means into k
+centroids (:mod:`.kmeans`).
 
 Work is planned once, the same way on every rank: the tokens that need work (n > 5) are sorted
 by n and cut into batches of similar n (at most ``batch_tokens`` tokens and about
@@ -36,14 +37,7 @@ from ..errors import UserError
 from .combine import read_source
 from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
 from .kmeans import check_backend, kmeans
-from .krule import (
-    K_RULES,
-    MIN_SENSES,
-    k_from_mcl_count,
-    k_from_samples,
-    keeps_raw_vectors,
-    mcl_counts,
-)
+from .krule import K_RULES, MIN_SENSES, k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 
 log = logging.getLogger("embdistill.cluster")
 
@@ -57,7 +51,8 @@ class ClusterConfig:
     """What the dictionary depends on (batching and device do not change which senses come out)."""
 
     teacher: str
-    k_rule: str = "mcl"
+    k_rule: str = "fixed"
+    senses: int = MIN_SENSES  # k of the fixed rule
     backend: str = "torch"
     seed: int = 0
     max_iter: int = 300
@@ -71,17 +66,20 @@ class ClusterConfig:
         check_backend(self.backend)
         if self.dtype not in SENSE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(SENSE_DTYPES)}, got '{self.dtype}'")
-        if self.max_iter < 1 or self.n_init < 1 or self.tol < 0:
-            raise UserError("--max-iter and --n-init must be >= 1, --tol >= 0")
+        if self.max_iter < 1 or self.n_init < 1 or self.tol < 0 or self.senses < 1:
+            raise UserError("--max-iter, --n-init and --senses must be >= 1, --tol >= 0")
 
 
 @dataclass(frozen=True)
 class Batching:
     tokens: int = 256  # tokens per batch, at most
     elements: int = 1 << 26  # floats per working tensor, about (a lone large token may exceed it)
+    # largest n / smallest n in a batch, at most: every token is padded to the largest, and MCL
+    # costs n^3, so a wider spread would waste more than it saves
+    spread: float = 1.25
 
     def __post_init__(self):
-        if self.tokens < 1 or self.elements < 1:
+        if self.tokens < 1 or self.elements < 1 or self.spread < 1:
             raise UserError("--batch-tokens and --batch-elements must be >= 1")
 
 
@@ -99,20 +97,20 @@ def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict
     return source.states, source.hidden_size
 
 
-def _token_cost(n: int, k_rule: str, hidden_size: int) -> int:
+def _token_cost(n: int, cfg: ClusterConfig, hidden_size: int) -> int:
     """Floats in a token's largest working tensor: the n x n MCL matrix, or n x max(k, d)."""
-    width = n if k_rule == "mcl" else k_from_samples(n)
-    return n * max(width, hidden_size)
+    return n * max(n if cfg.k_rule == "mcl" else cfg.senses, hidden_size)
 
 
-def plan_batches(sizes: dict[int, int], k_rule: str, hidden_size: int, batching: Batching) -> list[list[int]]:
+def plan_batches(sizes: dict[int, int], cfg: ClusterConfig, hidden_size: int, batching: Batching) -> list[list[int]]:
     """Tokens needing work (n > 5), sorted by (n, id), cut into batches of similar n."""
     tokens = sorted((t for t, n in sizes.items() if n > MIN_SENSES), key=lambda t: (sizes[t], t))
     batches: list[list[int]] = []
     for token in tokens:  # ascending n: the newest token is the batch's largest
         current = batches[-1] if batches else None
         if (current is None or len(current) >= batching.tokens
-                or (len(current) + 1) * _token_cost(sizes[token], k_rule, hidden_size) > batching.elements):
+                or sizes[token] > batching.spread * sizes[current[0]]
+                or (len(current) + 1) * _token_cost(sizes[token], cfg, hidden_size) > batching.elements):
             batches.append([token])
         else:
             current.append(token)
@@ -131,7 +129,7 @@ def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfi
         ks = [k_from_mcl_count(m) for m in counts]
     else:
         counts = [None] * len(points)
-        ks = [k_from_samples(len(p)) for p in points]
+        ks = [cfg.senses] * len(points)
     rule_done = time.perf_counter()
     todo = [i for i, (p, k) in enumerate(zip(points, ks)) if not keeps_raw_vectors(len(p), k)]
     results = kmeans([points[i] for i in todo], [ks[i] for i in todo], backend=cfg.backend,
@@ -221,12 +219,20 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
     writes the dictionary, manifest, summary and plot and returns the summary, others None."""
     started = time.perf_counter()
     folder = parts_dir(out_path, cfg, batching, fingerprint(input_path))
-    batches = plan_batches({t: len(v) for t, v in states.items()}, cfg.k_rule, hidden_size, batching)
+    batches = plan_batches({t: len(v) for t, v in states.items()}, cfg, hidden_size, batching)
     _prepare_parts(folder, env, overwrite)
     cluster_rank(states, batches, folder, cfg, env, device)
     barrier()
     if not env.is_main:
         return None
+    rule = "mcl (the original's)"
+    if cfg.k_rule == "fixed":
+        agreeing, checked = spot_check(states, cfg.senses, seed=cfg.seed, device=device)
+        rule = f"fixed, k = {cfg.senses} (the MCL rule agrees on {agreeing} of {checked} sampled tokens)"
+        if agreeing < checked:
+            log.warning("the MCL rule gives another k than %d for %d of %d sampled tokens: this "
+                        "teacher's states are spread unlike MiniLM's; --k-rule mcl reproduces the "
+                        "original", cfg.senses, checked - agreeing, checked)
     senses, stats, seconds = merge_parts(states, batches, folder)
     tokens = sorted(stats)
     per_token, samples = [stats[t]["k"] for t in tokens], [stats[t]["n"] for t in tokens]
@@ -240,12 +246,13 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
         "kmeans_iterations_mean": round(float(np.mean([s["iterations"] for s in clustered] or [0])), 2),
         "world_size": env.world_size, "threads": torch.get_num_threads(), "device": str(device),
         "batch_tokens": batching.tokens, "batch_elements": batching.elements,
+        "k_rule": rule,
     }
     save_sense_dict(senses, out_path, dtype=cfg.dtype, config=asdict(cfg),
                     inputs={"states": input_path}, extra=summary)
     header = [
         f"sense dictionary {out_path}: teacher {cfg.teacher}, {hidden_size}-d, {cfg.dtype}",
-        f"k rule {cfg.k_rule}, k-means backend {cfg.backend}, seed {cfg.seed}; input {input_path}",
+        f"k rule {rule}; k-means backend {cfg.backend}, seed {cfg.seed}; input {input_path}",
         f"tokens {len(tokens)}: {len(clustered)} clustered, {len(tokens) - len(clustered)} keep "
         f"their raw vectors (n < {MIN_SENSES} or n <= k)",
         f"senses {summary['senses']} from {summary['samples']} samples "

@@ -114,10 +114,13 @@ def read_source(path: Path) -> Source:
 def check_compatible(sources: Sequence[Source]) -> None:
     """Refuse mixing teachers, hidden sizes or dtypes."""
     for key in ("hidden_size", "dtype", "teacher"):
-        values = {getattr(s, key) for s in sources} - {None}  # the original's files name no teacher
-        if len(values) > 1:
-            by_value = {v: next(s.path for s in sources if getattr(s, key) == v) for v in values}
-            listing = ", ".join(f"{v} ({p})" for v, p in by_value.items())
+        first_with = {}  # value -> first input that has it, in input order
+        for source in sources:
+            value = getattr(source, key)
+            if value is not None:  # the original's files name no teacher
+                first_with.setdefault(value, source.path)
+        if len(first_with) > 1:
+            listing = ", ".join(f"{v} ({p})" for v, p in first_with.items())
             raise UserError(f"inputs differ in {key.replace('_', ' ')}: {listing}")
 
 

@@ -126,7 +126,8 @@ def plot_senses(path: str | Path, samples: list[int], senses: list[int], title: 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter(samples, senses, s=4, alpha=0.4, linewidths=0)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if max(senses) > 20 * min(senses):
+        ax.set_yscale("log")
     ax.set_xlabel("samples per token (token frequency, capped by the gather)")
     ax.set_ylabel("senses per token")
     ax.set_title(title, fontsize=10)

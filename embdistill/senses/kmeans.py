@@ -12,7 +12,7 @@ shift falls to ``tol`` times the mean per-feature variance of the token's sample
 Randomness is per token: every draw comes from ``numpy.random.default_rng([seed, key,
 restart])`` with the token's ``key`` (its id), made before the batch runs. A token therefore
 gets the same centroids whichever batch it lands in and on whichever device (up to float
-rounding); on the CPU runs are bitwise reproducible. Tokens leave the Lloyd loop as they
+rounding); runs are reproducible (no atomics). Tokens leave the Lloyd loop as they
 converge, so a batch costs what its tokens cost, not max_iter times its slowest.
 
 The reference backends run one token at a time: ``sklearn`` (``sklearn.cluster.KMeans``, what
@@ -93,10 +93,15 @@ def _pad(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tensor, tor
     return x, mask
 
 
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared distances (B, P, Q) between rows of a (B, P, d) and b (B, Q, d)."""
-    cross = torch.baddbmm((b * b).sum(-1)[:, None, :], a, b.transpose(1, 2), alpha=-2)
-    return (cross + (a * a).sum(-1)[:, :, None]).clamp_min_(0)
+def _sq_norms(t: torch.Tensor) -> torch.Tensor:
+    return (t * t).sum(-1)
+
+
+def _sq_dist(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """Squared distances (B, P, Q) between rows of a (B, P, d) and b (B, Q, d), given their
+    squared norms (computed once per batch for the samples)."""
+    cross = torch.baddbmm(b_sq[:, None, :], a, b.transpose(1, 2), alpha=-2)
+    return cross.add_(a_sq[:, :, None]).clamp_min_(0)
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor, everyone: bool) -> torch.Tensor:
@@ -108,25 +113,26 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _kmeans_plus_plus(x: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, n: torch.Tensor,
-                      uniforms: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
+def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, mask: torch.Tensor, k: torch.Tensor,
+                      n: torch.Tensor, uniforms: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
     """Greedy k-means++ centres (B, K, d); ``uniforms`` (B, K, L) are each token's draws."""
     batch, _, dim = x.shape
     k_max = int(k.max())
     centres = torch.zeros(batch, k_max, dim, device=x.device, dtype=x.dtype)
-    first = (uniforms[:, 0, 0] * n).long().clamp_max(n - 1)
-    centres[:, 0] = x[torch.arange(batch, device=x.device), first]
-    closest = _sq_dist(centres[:, :1], x)[:, 0] * mask
+    first = (uniforms[:, 0, 0] * n).long().clamp_max(n - 1)[:, None]
+    centres[:, :1] = _take(x, first)
+    closest = _sq_dist(centres[:, :1], x_sq.gather(1, first), x, x_sq)[:, 0] * mask
     potential = closest.sum(1)
     trial_ok = torch.arange(uniforms.shape[2], device=x.device)[None, :] < trials[:, None]
     for c in range(1, k_max):
         rows = torch.nonzero(k > c).squeeze(1)
         everyone = len(rows) == batch
-        xr, closest_r = _rows(x, rows, everyone), _rows(closest, rows, everyone)
+        xr, xr_sq, closest_r = (_rows(t, rows, everyone) for t in (x, x_sq, closest))
         targets = uniforms[rows, c] * potential[rows, None]
         candidates = torch.searchsorted(closest_r.cumsum(1), targets).clamp_max_(n[rows, None] - 1)
         cand_x = _take(xr, candidates)  # (R, L, d)
-        dist = torch.minimum(_sq_dist(cand_x, xr), closest_r[:, None, :]) * _rows(mask, rows, everyone)[:, None, :]
+        dist = _sq_dist(cand_x, xr_sq.gather(1, candidates), xr, xr_sq)
+        dist = torch.minimum(dist, closest_r[:, None, :]) * _rows(mask, rows, everyone)[:, None, :]
         cand_pot = dist.sum(-1).masked_fill(~trial_ok[rows], math.inf)
         best = cand_pot.argmin(1)
         pick = torch.arange(len(rows), device=x.device)
@@ -136,9 +142,9 @@ def _kmeans_plus_plus(x: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, n: t
     return centres
 
 
-def _assign(x, mask, centres, centre_ok):
+def _assign(x, x_sq, mask, centres, centre_ok):
     """Nearest valid centre of every sample: (squared distance, label), padding at distance 0."""
-    dist = _sq_dist(x, centres).masked_fill_(~centre_ok[:, None, :], math.inf)
+    dist = _sq_dist(x, x_sq, centres, _sq_norms(centres)).masked_fill_(~centre_ok[:, None, :], math.inf)
     nearest, labels = dist.min(-1)
     return nearest.masked_fill_(~mask, 0.0), labels
 
@@ -146,13 +152,12 @@ def _assign(x, mask, centres, centre_ok):
 def _update(x, mask, centre_ok, labels, nearest):
     """New centres: the means of their samples; an empty cluster takes the sample farthest from
     its centre, which leaves its old cluster (scikit-learn's relocation)."""
-    batch, n_max, dim = x.shape
-    k_max = centre_ok.shape[1]
-    flat = (labels + k_max * torch.arange(batch, device=x.device)[:, None])[mask]
-    sums = torch.zeros(batch * k_max, dim, device=x.device, dtype=x.dtype).index_add_(0, flat, x[mask])
-    counts = torch.zeros(batch * k_max, device=x.device, dtype=x.dtype).index_add_(
-        0, flat, torch.ones_like(flat, dtype=x.dtype))
-    sums, counts = sums.view(batch, k_max, dim), counts.view(batch, k_max)
+    dim = x.shape[2]
+    # Sums as a product with the one-hot assignment: BLAS-fast, and deterministic on GPUs too
+    # (index_add_ would use atomics there and is slow on CPUs).
+    one_hot = torch.nn.functional.one_hot(labels, centre_ok.shape[1]).to(x.dtype) * mask[..., None]
+    sums = torch.bmm(one_hot.transpose(1, 2), x)
+    counts = one_hot.sum(1)
     empty = (counts == 0) & centre_ok
     if empty.any():
         farthest = nearest.masked_fill(~mask, -1.0).argsort(dim=1, descending=True, stable=True)
@@ -166,32 +171,41 @@ def _update(x, mask, centre_ok, labels, nearest):
     return sums / counts.clamp_min(1)[..., None]
 
 
-def _lloyd(x, mask, k, centres, tol, max_iter):
+def _lloyd(x, x_sq, mask, k, centres, tol, max_iter):
+    """Lloyd iterations of every token until it converges; returns (centres, objective history,
+    iterations, converged). Finished tokens are frozen; the working tensors are compacted to the
+    unfinished ones when half have finished, so copying stays proportional to the work."""
     batch = x.shape[0]
     centre_ok = torch.arange(centres.shape[1], device=x.device)[None, :] < k[:, None]
     history: list[list[float]] = [[] for _ in range(batch)]
     iterations = torch.zeros(batch, dtype=torch.long)
     converged = torch.zeros(batch, dtype=torch.bool)
+    rows = torch.arange(batch, device=x.device)  # batch index of each working row
+    live = torch.ones(batch, dtype=torch.bool, device=x.device)
     previous = torch.full(mask.shape, -1, device=x.device, dtype=torch.long)
-    active = torch.arange(batch, device=x.device)
+    work = [x, x_sq, mask, centres, centre_ok, previous, tol]
     for _ in range(max_iter):
-        everyone = len(active) == batch
-        xa, ma, ca, oka = (_rows(t, active, everyone) for t in (x, mask, centres, centre_ok))
-        nearest, labels = _assign(xa, ma, ca, oka)
-        for row, value in zip(active.tolist(), nearest.sum(1).tolist()):
+        wx, wx_sq, wmask, wcentres, wok, wprevious, wtol = work
+        nearest, labels = _assign(wx, wx_sq, wmask, wcentres, wok)
+        for row, value in zip(rows[live].tolist(), nearest.sum(1)[live].tolist()):
             history[row].append(value)
-        new = _update(xa, ma, oka, labels, nearest)
-        shift = ((new - ca) ** 2).sum((1, 2))  # invalid centres are 0 in both
-        unchanged = ((labels == _rows(previous, active, everyone)) | ~ma).all(1)
-        done = unchanged | (shift <= tol[active])
-        centres[active], previous[active] = new, labels
-        active_cpu = active.cpu()
-        iterations[active_cpu] += 1
-        converged[active_cpu[done.cpu()]] = True
-        active = active[~done]
-        if len(active) == 0:
+        new = _update(wx, wmask, wok, labels, nearest)
+        shift = ((new - wcentres) ** 2).sum((1, 2))  # invalid centres are 0 in both
+        unchanged = ((labels == wprevious) | ~wmask).all(1)
+        done = live & (unchanged | (shift <= wtol))
+        work[3] = torch.where(live[:, None, None], new, wcentres)
+        work[5] = torch.where(live[:, None], labels, wprevious)
+        iterations[rows[live].cpu()] += 1
+        converged[rows[done].cpu()] = True
+        live = live & ~done
+        if not live.any():
             break
-    nearest, _ = _assign(x, mask, centres, centre_ok)
+        if int(live.sum()) <= len(live) // 2:
+            centres[rows] = work[3]
+            keep = live.nonzero().squeeze(1)
+            rows, live, work = rows[keep], live[keep], [t[keep] for t in work]
+    centres[rows] = work[3]
+    nearest, _ = _assign(x, x_sq, mask, centres, centre_ok)
     for row, value in enumerate(nearest.sum(1).tolist()):
         history[row].append(value)
     return centres, history, iterations, converged
@@ -230,8 +244,9 @@ def kmeans_torch(
     mean = (x.sum(1) / n[:, None])[:, None, :]
     variance = (((x - mean) ** 2) * mask[..., None]).sum(1) / n[:, None]
     tol_abs = tol * variance.mean(1)
-    centres = _kmeans_plus_plus(x, mask, k, n, uniforms, trials)
-    centres, history, iterations, converged = _lloyd(x, mask, k, centres, tol_abs, max_iter)
+    x_sq = _sq_norms(x)
+    centres = _kmeans_plus_plus(x, x_sq, mask, k, n, uniforms, trials)
+    centres, history, iterations, converged = _lloyd(x, x_sq, mask, k, centres, tol_abs, max_iter)
     centres = centres.cpu().numpy()
     results = []
     for i in range(len(points)):

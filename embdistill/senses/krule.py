@@ -1,4 +1,4 @@
-"""How many senses a token gets: the original's MCL rule, batched in torch, and a cheap rule.
+"""How many senses a token gets: the original's MCL rule (batched in torch) or a fixed k.
 
 The original runs Markov clustering (MCL) on each token's n samples only to obtain a cluster
 count M, then asks k-means for ``k = int(0.4 M) if M > 900 else int(0.1 M)``, at least 5; a
@@ -19,22 +19,25 @@ own attractors and never touch real nodes; tokens leave the batch as they conver
 token's result is the one it gets alone. :func:`mcl_count_reference` is the plain NumPy
 version, one token at a time, for tests.
 
-MCL costs O(n^3) per iteration per token (a dense matrix product), k-means O(n k d); the cheap
-rule ``n`` (:func:`k_from_samples`) gives a k from n alone, fitted to the MCL rule on MiniLM
-token states (BENCHMARKS.md, "Clustering", says how and how close).
+MCL costs O(n^3) per iteration and token, far more than k-means, and its count depends on the
+scale of the states (the similarity is compared with a self-loop of 1): on MiniLM token states
+it finds few clusters, so the rule gives k = 5 to every token, while the same states scaled up
+10-50x (distances like a 4096-d LLM's) give M close to n. The ``fixed`` rule gives every token
+the same k (by default 5, the rule's floor) at no cost; :func:`spot_check` runs MCL on a few
+tokens to tell whether the two rules agree for the teacher at hand. BENCHMARKS.md,
+"Clustering", has the measurements.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 MIN_SENSES = 5  # the original's floor on k, and on n for clustering at all
-K_RULES = ("mcl", "n")
+K_RULES = ("mcl", "fixed")
 
 
 def k_from_mcl_count(m: int) -> int:
@@ -45,17 +48,6 @@ def k_from_mcl_count(m: int) -> int:
 def keeps_raw_vectors(n: int, k: int) -> bool:
     """The original keeps a token's raw vectors as its senses when it has too few samples."""
     return n < MIN_SENSES or n <= k
-
-
-# Fitted on MiniLM (all-MiniLM-L6-v2) token states of bbc-news, see BENCHMARKS.md "Clustering":
-# k(n) = max(5, round(A * n ** B)) approximates k_from_mcl_count(MCL count of n samples).
-N_RULE_SCALE = 0.0
-N_RULE_POWER = 1.0
-
-
-def k_from_samples(n: int) -> int:
-    """The cheap rule: k from the number of samples alone (no MCL)."""
-    return max(MIN_SENSES, int(round(N_RULE_SCALE * n**N_RULE_POWER)))
 
 
 @dataclass(frozen=True)
@@ -199,12 +191,19 @@ def mcl_counts(
     return [MCLCount(int(c), int(i), bool(v)) for c, i, v in zip(counts, iterations, converged)]
 
 
-def mcl_cost(n: int) -> int:
-    """A token's MCL memory/compute weight for batching: one n x n matrix."""
-    return n * n
+SPOT_CHECK_TOKENS = 16
+SPOT_CHECK_N = (10 * (MIN_SENSES + 1), 512)  # MCL's k exceeds the floor only from M >= 60
 
 
-def log_ratio_error(k_estimate: Sequence[int], k_target: Sequence[int]) -> float:
-    """Mean |log(k_estimate / k_target)|: how far a rule's k is from another's, scale-free."""
-    pairs = [(a, b) for a, b in zip(k_estimate, k_target)]
-    return sum(abs(math.log(a / b)) for a, b in pairs) / max(len(pairs), 1)
+def spot_check(states: Mapping[int, np.ndarray], k: int, *, seed: int = 0,
+               params: MCLParams = MCLParams(), device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Does a fixed ``k`` match the MCL rule for this teacher? MCL on up to 16 tokens (a seeded
+    choice) whose n lies in SPOT_CHECK_N, where the rule can give more than 5 senses (the upper
+    bound keeps the check to seconds); returns (tokens whose MCL k equals k, tokens checked)."""
+    low, high = SPOT_CHECK_N
+    eligible = sorted(t for t, rows in states.items() if low <= len(rows) <= high)
+    if not eligible:
+        return 0, 0
+    chosen = np.random.default_rng(seed).choice(eligible, min(SPOT_CHECK_TOKENS, len(eligible)), replace=False)
+    counts = mcl_counts([states[t] for t in sorted(chosen)], params, device=device)
+    return sum(k_from_mcl_count(c.clusters) == k for c in counts), len(counts)

@@ -1,0 +1,48 @@
+"""Multi-teacher distillation with the Gaussian-kernel loss (arXiv 2510.18680).
+
+    corpus -> embeddings/<corpus>/<teacher>/shard-*.npy     scripts/10_teacher_embeddings.py
+           -> runs/<corpus>/<run>/{initial,export}/          scripts/11_train_multiteacher.py
+           -> results/<run>/                                  scripts/05_evaluate.py (st: specs)
+
+* :mod:`.corpus`: which texts (tasks' training texts or a hub dataset), the validation split;
+* :mod:`.shards`: teacher embeddings in fp16 shards, aligned to texts by a stable text id;
+* :mod:`.lsa`: the offline TF-IDF + SVD teacher, saved as plain data, exported for evaluation;
+* :mod:`.model`: the student with one MLP head per teacher, its data and loss functions
+  (the loss itself: :mod:`embdistill.losses.gaussian_nll`).
+
+``python -m embdistill.multiteacher`` prints the evaluation stage's model specs of a pipeline
+(``run_multiteacher.sh`` uses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..paths import Paths, slug
+
+
+def initial_export_dir(paths: Paths) -> Path:
+    """runs/<corpus>/<run>/initial: the student before distillation, exported like the trained one."""
+    return paths.run_dir / "initial"
+
+
+def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
+    """``LABEL=st:FOLDER`` specs for scripts/05_evaluate.py: each trained run (label -> run name),
+    the student before distillation (that of the first run) and each teacher, all embedding
+    plain text through their SentenceTransformer pipelines, as the teachers did for the shards."""
+    from .lsa import LSA_TEACHER, lsa_dirs
+
+    specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_dir / 'st'}"
+             for label, run in runs.items()]
+    first_run = Paths(paths.base, paths.task, run=next(iter(runs.values())))
+    specs.append(f"student-before=st:{initial_export_dir(first_run) / 'st'}")
+    for name in teachers:
+        if name == LSA_TEACHER:
+            specs.append(f"{LSA_TEACHER}=st:{lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1]}")
+        elif name == "minilm":
+            from ..teachers import minilm_path
+
+            specs.append(f"minilm=st:{minilm_path()}")
+        else:
+            specs.append(f"{slug(name)}=st:{name}")
+    return specs

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Stage 1 of SKD for one task: count its text tokens, gather sampled teacher token states
+# under torchrun (one rank file per process), then combine the ranks into combined.pkl, the
+# input of the cluster stage. Needs text_train/<task>/train.json (scripts/00_texts.py).
+set -euo pipefail
+
+usage() {
+  cat <<USAGE
+usage: bash run_gather_sense.sh TASK [launch flags] [stage options]
+
+  TASK   task index 1-16, a task name (bbc-news, tweet-sentiment, ...) or a .jsonl/.csv file
+
+Runs scripts/01_count.py, scripts/02_gather.py (under torchrun) and a0_generate_combinepkl.py.
+Stage options (see each script's --help) go to the scripts that take them:
+  --teacher NAME       teacher alias, folder or hub id (default minilm)        all three
+  --max-length N       tokens per text (default 256)                            count, gather
+  --per-token N        ~samples per token (default 1000)                        gather
+  --batch-size N  --dtype float16|float32  --flush-every N  --device D          gather
+  --cap N              most samples per token after combining (default 4000)    combine
+  --base-dir DIR  --overwrite  --seed N  --log-level L                          all three
+With --nnodes > 1 the combine is left for one machine to run once all have finished
+(the command is printed).
+
+examples:
+  bash run_gather_sense.sh bbc-news
+  bash run_gather_sense.sh 14 --nproc_per_node 6 --teacher llm2vec-llama3-8b --max-length 512
+USAGE
+}
+
+source "$(dirname "$0")/scripts/lib.sh"
+parse_launch_args "$@"
+[[ -n "$TASK" ]] || { usage >&2; echo "error: a TASK is required" >&2; exit 2; }
+
+# Each script gets only the options it knows; the gather gets all but the combine's --cap.
+COUNT_OPTIONS=" --teacher --max-length --base-dir --overwrite --log-level --text-column --label-column "
+COMBINE_OPTIONS=" --teacher --base-dir --overwrite --log-level --text-column --label-column --seed --cap "
+COUNT_ARGS=() GATHER_ARGS=() COMBINE_ARGS=()
+set -- "${EXTRA_ARGS[@]}"
+while [[ $# -gt 0 ]]; do
+  name="${1%%=*}"
+  if [[ "$1" == *=* || "$name" == --overwrite || $# -eq 1 ]]; then option=("$1"); else option=("$1" "$2"); fi
+  shift "${#option[@]}"
+  [[ "$COUNT_OPTIONS" == *" $name "* ]] && COUNT_ARGS+=("${option[@]}")
+  [[ "$COMBINE_OPTIONS" == *" $name "* ]] && COMBINE_ARGS+=("${option[@]}")
+  [[ "$name" == --cap ]] || GATHER_ARGS+=("${option[@]}")
+done
+
+run_stage scripts/01_count.py --task "$TASK" "${COUNT_ARGS[@]}"
+launch scripts/02_gather.py --task "$TASK" "${GATHER_ARGS[@]}"
+if [[ "$NNODES" -eq 1 ]]; then
+  run_stage a0_generate_combinepkl.py --task "$TASK" "${COMBINE_ARGS[@]}"
+elif [[ "$NODE_RANK" -eq 0 ]]; then
+  echo "when every machine has finished, combine the ranks with:"
+  echo "  $PYTHON $REPO_ROOT/a0_generate_combinepkl.py --task $TASK ${COMBINE_ARGS[*]}"
+fi

@@ -1,0 +1,320 @@
+"""Stage 2: the k rules (MCL batched vs its reference), batching, the sense dictionary format,
+and scripts/03_cluster.py end to end (rules, rerun, bad input, 2 processes, kill -9 + resume)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.artifacts import read_manifest, save_pickle, write_manifest
+from embdistill.errors import UserError
+from embdistill.senses.cluster import KILL_AFTER_PARTS_ENV, Batching, ClusterConfig, plan_batches
+from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
+from embdistill.senses.krule import (
+    k_from_mcl_count,
+    keeps_raw_vectors,
+    mcl_count_reference,
+    mcl_counts,
+    spot_check,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 16
+
+
+# ------------------------------------------------------------------------------ k rules
+
+
+def test_k_rule_is_the_originals():
+    assert [k_from_mcl_count(m) for m in (0, 1, 49, 59, 60, 75, 900, 901, 1000)] == [
+        5, 5, 5, 5, 6, 7, 90, 360, 400]
+    assert keeps_raw_vectors(4, 5) and keeps_raw_vectors(5, 5) and keeps_raw_vectors(9, 12)
+    assert not keeps_raw_vectors(6, 5) and not keeps_raw_vectors(13, 12)
+
+
+def grouped(rng, n: int, groups: int, spread: float, scale: float) -> np.ndarray:
+    centres = rng.normal(size=(groups, DIM)) * scale
+    return centres[np.arange(n) % groups] + rng.normal(size=(n, DIM)) * spread
+
+
+def mcl_tokens() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [grouped(rng, 60, 4, 0.05, 3), grouped(rng, 100, 10, 0.02, 2), grouped(rng, 150, 20, 0.05, 5),
+            rng.normal(size=(40, DIM)) * 20, grouped(rng, 200, 50, 0.01, 1), rng.normal(size=(7, DIM))]
+
+
+def test_batched_mcl_equals_the_reference():
+    tokens = mcl_tokens()
+    reference = [mcl_count_reference(t) for t in tokens]
+    assert len({r.clusters for r in reference}) >= 4  # the cases differ
+    assert all(r.converged for r in reference)
+    assert mcl_counts(tokens, dtype=torch.float64) == reference
+    assert [c.clusters for c in mcl_counts(tokens)] == [r.clusters for r in reference]  # float32
+    alone = [mcl_counts([t], dtype=torch.float64)[0] for t in tokens]
+    assert alone == reference
+
+
+def test_mcl_count_depends_on_scale_and_spot_check_tells():
+    rng = np.random.default_rng(1)
+    near = {t: grouped(rng, 80 + t, 8, 0.3, 0.3).astype(np.float32) for t in range(20)}
+    assert spot_check(near, 5) == (16, 16)  # few clusters: the rule's floor, k = 5
+    far = {t: v * 30 for t, v in near.items()}  # the same states, 30 times farther apart
+    agreeing, checked = spot_check(far, 5)
+    assert checked == 16 and agreeing < checked
+    assert max(c.clusters for c in mcl_counts(list(far.values()))) >= 60
+    assert spot_check({1: near[0][:20]}, 5) == (0, 0)  # no token where the rules can differ
+
+
+def test_plan_batches_cover_tokens_with_similar_n():
+    rng = np.random.default_rng(2)
+    sizes = {int(t): int(n) for t, n in zip(rng.permutation(500), rng.integers(1, 1000, 500))}
+    batching = Batching(tokens=16, elements=1 << 20)
+    for cfg in (ClusterConfig("t", k_rule="mcl"), ClusterConfig("t")):
+        batches = plan_batches(sizes, cfg, 384, batching)
+        flat = [t for b in batches for t in b]
+        assert sorted(flat) == sorted(t for t, n in sizes.items() if n > 5)
+        assert [sizes[t] for t in flat] == sorted(sizes[t] for t in flat)
+        for batch in batches:
+            ns = [sizes[t] for t in batch]
+            assert len(batch) <= 16 and max(ns) <= 1.25 * min(ns)
+            width = max(ns) if cfg.k_rule == "mcl" else 5
+            assert len(batch) == 1 or len(batch) * max(ns) * max(width, 384) <= 1 << 20
+    assert plan_batches(sizes, cfg, 384, batching) == plan_batches(dict(reversed(sizes.items())), cfg, 384, batching)
+
+
+# ------------------------------------------------------------------------- dictionary
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_dictionary_round_trip(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    senses = {7: rng.normal(size=(5, DIM)).astype(np.float32), 3: rng.normal(size=(1, DIM)).astype(np.float32)}
+    path = tmp_path / "t.kmeanspkl"
+    save_sense_dict(senses, path, dtype=dtype, config={"k_rule": "mcl"}, inputs={}, extra={"hidden_size": DIM})
+    loaded = load_sense_dict(path, hidden_size=DIM)
+    assert sorted(loaded) == [3, 7]
+    expected_dtype = np.float16 if dtype == "float16" else np.float32
+    for token, value in senses.items():
+        assert loaded[token].dtype == expected_dtype
+        rounded = torch.from_numpy(value).to(getattr(torch, dtype)).float().numpy()
+        np.testing.assert_array_equal(loaded[token].astype(np.float32), rounded)
+    with pytest.raises(UserError, match="hidden size is 4096"):
+        load_sense_dict(path, hidden_size=4096)
+
+
+def test_loads_the_originals_format(tmp_path):
+    original = {101: torch.randn(7, 4096).to(torch.bfloat16), 2023: torch.randn(5, 4096).to(torch.bfloat16)}
+    path = tmp_path / "combine_1000.kmeanspkl"
+    save_pickle(original, path)  # no manifest, like the original's files
+    loaded = load_sense_dict(path, hidden_size=4096)
+    for token, tensor in original.items():
+        np.testing.assert_array_equal(loaded[token], tensor.float().numpy())
+    with pytest.raises(UserError, match="another teacher"):
+        load_sense_dict(path, hidden_size=384)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({}, "non-empty dict"),
+    ([np.zeros((2, DIM))], "non-empty dict"),
+    ({1: np.zeros(DIM)}, "entry 1 is not"),
+    ({"a": np.zeros((2, DIM))}, "entry 'a' is not"),
+    ({1: np.zeros((2, DIM)), 2: np.zeros((2, DIM + 1))}, "several widths"),
+    ({1: np.full((2, DIM), np.nan)}, "not finite"),
+])
+def test_load_refuses_what_is_not_a_dictionary(tmp_path, content, message):
+    path = tmp_path / "bad.kmeanspkl"
+    save_pickle(content, path)
+    with pytest.raises(UserError, match=message):
+        load_sense_dict(path)
+
+
+def test_load_refuses_corrupt_and_missing_files(tmp_path):
+    path = tmp_path / "corrupt.kmeanspkl"
+    path.write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(UserError, match="corrupt"):
+        load_sense_dict(path)
+    with pytest.raises(UserError, match="missing file"):
+        load_sense_dict(tmp_path / "absent.kmeanspkl")
+
+
+def test_histogram_bins():
+    assert dict(senses_histogram([1, 1, 2, 5, 9, 10, 600])) == {
+        "1": 2, "2-4": 1, "5-9": 2, "10-19": 1, "20-49": 0, "50-99": 0, "100-199": 0, "200-499": 0, "500+": 1}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def make_states(path: Path, *, teacher: str = "minilm", dim: int = DIM, empty: bool = False) -> dict:
+    """A small combined.pkl: MiniLM-like spread, n from 1 to 200, with its manifest."""
+    rng = np.random.default_rng(4)
+    sizes = {10: 1, 11: 3, 12: 4, 13: 5, 14: 6, 15: 9, 16: 30, 17: 64, 18: 80}
+    sizes.update({100 + i: 7 + i for i in range(40)})
+    states = {t: (rng.normal(size=dim) + rng.normal(size=(n, dim)) * 0.3).astype(np.float16)
+              for t, n in sizes.items()}
+    # 100 tight pairs far apart: MCL finds about 100 clusters, so the rule gives k > 5
+    states[19] = grouped(rng, 200, 100, 0.01, 5).astype(np.float16)[:, :dim]
+    states = {} if empty else states
+    save_pickle(states, path)
+    write_manifest(path, stage="combine", config={},
+                   extra={"teacher": teacher, "hidden_size": dim, "dtype": "float16"})
+    return states
+
+
+def run_stage(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "03_cluster.py"), "--task", "bbc-news",
+                           "--threads", "1", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def output(base: Path) -> Path:
+    return base / "sense_dict" / "bbc-news" / "minilm.kmeanspkl"
+
+
+@pytest.fixture(scope="module")
+def states_file(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("states") / "combined.pkl"
+    return path, make_states(path)
+
+
+def test_stage_follows_the_rule(tmp_path, states_file):
+    path, states = states_file
+    for senses in (5, 8):
+        base = tmp_path / f"k{senses}"
+        proc = run_stage("--base-dir", str(base), "--input", str(path), "--senses", str(senses))
+        assert proc.returncode == 0, proc.stderr
+        assert f"-> {output(base)}" in proc.stdout
+        result = load_sense_dict(output(base), hidden_size=DIM)
+        assert sorted(result) == sorted(states)
+        for token, rows in states.items():
+            if len(rows) < 5 or len(rows) <= senses:  # the original's rule: raw vectors kept
+                np.testing.assert_array_equal(result[token], rows)
+            else:
+                assert result[token].shape == (senses, DIM)
+                assert not any((result[token] == row).all(1).all() for row in rows[:1])  # centroids
+        manifest = read_manifest(output(base))
+        assert manifest["config"]["k_rule"] == "fixed" and manifest["config"]["senses"] == senses
+        assert manifest["extra"]["hidden_size"] == DIM and "states" in manifest["inputs"]
+        summary = (base / "sense_dict" / "bbc-news" / "minilm.summary.txt").read_text()
+        assert f"tokens {len(states)}" in summary and "senses per token" in summary
+        assert (base / "sense_dict" / "bbc-news" / "minilm.senses.png").read_bytes()[:4] == b"\x89PNG"
+        assert not (base / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").exists()
+
+
+def test_stage_with_the_mcl_rule(tmp_path, states_file):
+    path, states = states_file
+    proc = run_stage("--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
+    assert proc.returncode == 0, proc.stderr
+    result = load_sense_dict(output(tmp_path))
+    expected = k_from_mcl_count(mcl_count_reference(states[19]).clusters)
+    assert expected > 5 and result[19].shape == (expected, DIM)
+    assert result[16].shape == (5, DIM)
+
+
+def test_rerun_skips_unless_overwrite(tmp_path, states_file):
+    path, _ = states_file
+    args = ("--base-dir", str(tmp_path), "--input", str(path))
+    assert run_stage(*args).returncode == 0
+    written = output(tmp_path).stat().st_mtime_ns
+    again = run_stage(*args)
+    assert again.returncode == 0 and "up to date, skipping" in again.stderr
+    assert output(tmp_path).stat().st_mtime_ns == written
+    redo = run_stage(*args, "--overwrite")
+    assert redo.returncode == 0 and output(tmp_path).stat().st_mtime_ns != written
+    other = run_stage(*args, "--seed", "1")  # another config is not "done"
+    assert other.returncode == 0 and "skipping" not in other.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    path = tmp_path / "combined.pkl"
+    extra = []
+    if case == "corrupt":
+        path.write_bytes(b"\x80\x04\x95garbage")
+    elif case == "other-teacher":
+        make_states(path, teacher="llm2vec-llama3-8b")
+    elif case == "hidden-size":
+        make_states(path)
+        extra = ["--hidden-size", "4096"]
+    elif case == "empty":
+        make_states(path, empty=True)
+    elif case == "bad-option":
+        make_states(path)
+        extra = ["--senses", "0"]
+    proc = run_stage("--base-dir", str(tmp_path), "--input", str(path), *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not output(tmp_path).parent.exists() or not any(output(tmp_path).parent.iterdir())
+
+
+# ------------------------------------------------------------------ processes and resume
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_driver(script: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(["bash", str(REPO / script), "bbc-news", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=REPO)
+
+
+def assert_same_dictionary(a: Path, b: Path) -> None:
+    left, right = load_sense_dict(a), load_sense_dict(b)
+    assert sorted(left) == sorted(right)
+    for token in left:
+        np.testing.assert_array_equal(left[token], right[token])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, states_file) -> Path:
+    """The uninterrupted single-process run, small batches (several part files)."""
+    base = tmp_path_factory.mktemp("one")
+    proc = run_driver("run_sep_cluster.sh", "--base-dir", str(base), "--input", str(states_file[0]),
+                      "--batch-tokens", "4", "--threads", "1", "--master_port", str(free_port()))
+    assert proc.returncode == 0, proc.stderr
+    return output(base)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, states_file, one_process):
+    proc = run_driver("run_multithread_cluster.sh", "--procs", "2", "--threads", "1",
+                      "--master_port", str(free_port()), "--base-dir", str(tmp_path),
+                      "--input", str(states_file[0]), "--batch-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(output(tmp_path))["extra"]["world_size"] == 2
+    assert_same_dictionary(output(tmp_path), one_process)
+
+
+@pytest.mark.slow
+def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
+    args = ("--base-dir", str(tmp_path), "--input", str(states_file[0]), "--batch-tokens", "4")
+    killed = run_stage(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})
+    assert killed.returncode == -9
+    assert not output(tmp_path).exists()
+    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").rglob("part-*.pkl"))
+    assert len(parts) == 3
+    resumed = run_stage(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming, 3 of" in resumed.stderr
+    assert_same_dictionary(output(tmp_path), one_process)
+
+
+def test_drivers_help():
+    for script in ("run_sep_cluster.sh", "run_multithread_cluster.sh"):
+        proc = subprocess.run(["bash", str(REPO / script), "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout and "--k-rule" in proc.stdout
+    proc = subprocess.run(["bash", str(REPO / "run_multithread_cluster.sh"), "bbc-news", "--procs", "x"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "error:" in proc.stderr

@@ -1,0 +1,151 @@
+"""Combining gathered rank files: canonical row order, the cap, the original's layout, refusals.
+
+Rank files are written here in the gather's layout (rank<R>.pkl + rank<R>.index.pkl +
+manifests); each row's values equal its occurrence id, so order is visible in the data.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embdistill.artifacts import save_pickle, write_manifest
+from embdistill.errors import UserError
+from embdistill.senses.combine import combine, resolve_inputs
+from embdistill.senses.gather import index_path
+
+
+def write_rank(folder: Path, rank: int, occurrences: dict[int, list[int]], *, world_size: int = 2,
+               hidden_size: int = 4, dtype: str = "float16", teacher: str = "minilm", seed: int = 0) -> Path:
+    """A rank file as gather_shard writes it; row values = occurrence id."""
+    path = folder / f"rank{rank}.pkl"
+    index = {t: np.asarray(o, dtype=np.int64) for t, o in occurrences.items()}
+    states = {t: np.repeat(o[:, None], hidden_size, axis=1).astype(dtype) for t, o in index.items()}
+    config = {"teacher": teacher, "max_length": 8, "per_token": 1000, "seed": seed, "dtype": dtype,
+              "world_size": world_size, "rank": rank}
+    extra = {"teacher": teacher, "hidden_size": hidden_size, "dtype": dtype}
+    save_pickle(index, index_path(path))
+    save_pickle(states, path)
+    write_manifest(path, stage="gather", config=config, extra=extra)
+    return path
+
+
+def two_ranks(folder: Path, **kwargs) -> list[Path]:
+    # rank 0 gathered texts 0, 2, ...; rank 1 texts 1, 3, ... (occurrence = text * 8 + position)
+    return [write_rank(folder, 0, {5: [1, 17, 33], 7: [2]}, **kwargs),
+            write_rank(folder, 1, {5: [9, 25], 9: [10, 11]}, **kwargs)]
+
+
+def rows_of(combined: dict, token: int) -> list[float]:
+    return combined[token][:, 0].astype(float).tolist()
+
+
+def test_ranks_merge_in_occurrence_order(tmp_path):
+    files = two_ranks(tmp_path)
+    for order in (files, files[::-1]):  # the order of the inputs does not matter within a gather
+        combined, meta = combine([order], cap=100, seed=0)
+        assert rows_of(combined, 5) == [1, 9, 17, 25, 33]
+        assert sorted(combined) == [5, 7, 9] and rows_of(combined, 9) == [10, 11]
+    assert meta == {"teacher": "minilm", "hidden_size": 4, "dtype": "float16", "rows": 8,
+                    "token_ids": 3, "capped": 0}
+
+
+def test_cap_is_a_seeded_ordered_subset(tmp_path):
+    files = two_ranks(tmp_path)
+    first, meta = combine([files], cap=3, seed=0)
+    again, _ = combine([files], cap=3, seed=0)
+    assert meta["capped"] == 1 and len(first[5]) == 3 and rows_of(first, 9) == [10, 11]
+    assert rows_of(first, 5) == rows_of(again, 5)
+    kept = rows_of(first, 5)
+    assert kept == sorted(kept) and set(kept) <= {1, 9, 17, 25, 33}
+    seeds = {tuple(rows_of(combine([files], cap=3, seed=s)[0], 5)) for s in range(8)}
+    assert len(seeds) > 1  # the choice depends on the seed
+
+
+def test_tasks_follow_each_other_in_input_order(tmp_path):
+    a, b = two_ranks(tmp_path / "a"), [write_rank(tmp_path / "b", 0, {5: [0, 100]}, world_size=1)]
+    combined, meta = combine([a, b], cap=100, seed=0)
+    assert rows_of(combined, 5) == [1, 9, 17, 25, 33, 0, 100] and meta["rows"] == 10
+    combined, _ = combine([b, a], cap=100, seed=0)
+    assert rows_of(combined, 5) == [0, 100, 1, 9, 17, 25, 33]
+
+
+def test_resolve_inputs_groups_by_gather_folder(tmp_path):
+    files = two_ranks(tmp_path / "t1" / "gather")
+    other = write_rank(tmp_path / "t2" / "gather", 0, {5: [3]}, world_size=1)
+    (files[0].parent / "rank0.part00000.pkl").write_bytes(b"")  # parts and index files are not inputs
+    groups = resolve_inputs([str(files[1]), "t2", str(files[0].parent)],
+                            task_gather_dir=lambda name: tmp_path / name / "gather")
+    assert groups == [[files[1].resolve(), files[0].resolve()], [other.resolve()]]
+    with pytest.raises(UserError, match="missing file or folder"):
+        resolve_inputs([str(tmp_path / "nope" / "rank0.pkl")], task_gather_dir=lambda n: tmp_path)
+    with pytest.raises(UserError, match="nothing gathered"):
+        resolve_inputs(["t3"], task_gather_dir=lambda name: tmp_path / name / "gather")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no rank<R>.pkl files"):
+        resolve_inputs([str(tmp_path / "empty")], task_gather_dir=lambda n: tmp_path)
+
+
+def test_reads_the_originals_bare_dicts(tmp_path):
+    """The original's rank pickles: dict token -> fp32 (n, d) arrays, no manifest, no index."""
+    bare = tmp_path / "orig"
+    bare.mkdir()
+    for rank, rows in enumerate(([[1.0, 1.0], [2.0, 2.0]], [[3.0, 3.0]])):
+        with open(bare / f"rank{rank}.pkl", "wb") as fh:
+            pickle.dump({np.int64(11): np.asarray(rows, dtype=np.float32)}, fh)
+    combined, meta = combine([resolve_inputs([str(bare)], lambda n: bare)[0]], cap=100, seed=0)
+    assert list(combined) == [11] and isinstance(next(iter(combined)), int)
+    assert rows_of(combined, 11) == [1, 2, 3]  # file order: there are no occurrence ids
+    assert meta["hidden_size"] == 2 and meta["dtype"] == "float32" and meta["teacher"] is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": 8}, "inputs differ in hidden size"),
+    ({"dtype": "float32"}, "inputs differ in dtype"),
+    ({"teacher": "other"}, "inputs differ in teacher"),
+])
+def test_refuses_mixed_teachers_sizes_dtypes(tmp_path, change, message):
+    a = two_ranks(tmp_path / "a")
+    b = [write_rank(tmp_path / "b", 0, {5: [0]}, world_size=1, **change)]
+    with pytest.raises(UserError, match=message):
+        combine([a, b], cap=100, seed=0)
+
+
+def test_refuses_incomplete_or_mixed_gathers(tmp_path):
+    files = two_ranks(tmp_path / "a")
+    with pytest.raises(UserError, match=r"gather of 2 ranks is incomplete \(missing rank 1\)"):
+        combine([files[:1]], cap=100, seed=0)
+    mixed = [files[0], write_rank(tmp_path / "a", 1, {5: [9]}, seed=1)]
+    with pytest.raises(UserError, match="rank files from different gathers"):
+        combine([mixed], cap=100, seed=0)
+
+
+def test_refuses_bad_files(tmp_path):
+    files = two_ranks(tmp_path)
+    files[1].write_bytes(b"\x80\x04\x95garbage")
+    with pytest.raises(UserError, match="corrupt pickle"):
+        combine([files], cap=100, seed=0)
+    save_pickle([1, 2], files[1])
+    with pytest.raises(UserError, match="expected a dict token_id"):
+        combine([files], cap=100, seed=0)
+    save_pickle({5: np.zeros(3)}, files[1])
+    with pytest.raises(UserError, match="entry 5 is not"):
+        combine([files], cap=100, seed=0)
+    write_rank(tmp_path, 1, {5: [9, 25]})
+    save_pickle({5: np.array([9])}, index_path(files[1]))
+    with pytest.raises(UserError, match="does not match"):
+        combine([files], cap=100, seed=0)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(files[1], "wb") as fh:
+        pickle.dump({5: Evil()}, fh)
+    with pytest.raises(UserError, match="unsafe pickle"):
+        combine([files], cap=100, seed=0)
+    with pytest.raises(UserError, match="--cap must be >= 1"):
+        combine([files[:1]], cap=0, seed=0)
