@@ -37,7 +37,7 @@ from embdistill.losses import SenseLoss
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import load_sense_dict
 from embdistill.students import TokenDistillation, build_student
-from embdistill.teachers import Teacher, bidirectional_llama_class, load_teacher
+from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher
 from embdistill.texts import read_train_texts
 from embdistill.training import Trainer, TrainConfig
 
@@ -74,10 +74,10 @@ def random_llama_inputs(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = LlamaConfig(**shape, max_position_embeddings=max(args.length, 128))
     with torch.device(device):
-        model = bidirectional_llama_class()(config).to(dtype)
+        model = BidirectionalLlamaModel(config).to(dtype)
     model.eval().requires_grad_(False)
-    teacher = Teacher(name=f"random-llama-{args.random_llama}", slug="random-llama", tokenizer=None,
-                      model=model, device=device, dtype=dtype, normalize=False)
+    teacher = Teacher(f"random-llama-{args.random_llama}", "random-llama", model, None, normalize=False,
+                      max_seq_length=args.length)
     rng = np.random.default_rng(args.seed)
     vocab = shape["vocab_size"]
     batches = [{"input_ids": torch.from_numpy(rng.integers(0, vocab, (args.batch, args.length))),

@@ -38,7 +38,7 @@ def build_student(teacher: Teacher, n_layers: int | None = None) -> nn.Module:
     """The teacher's first ``n_layers`` layers (default :func:`default_student_layers`), in
     float32 (the optimiser needs float32 weights: an update of lr 5e-6 vanishes in bf16),
     on the teacher's device, in training mode."""
-    student = truncated_copy(teacher, n_layers or default_student_layers(teacher)).float()
+    student = truncated_copy(teacher, n_layers or default_student_layers(teacher)).float().train()
     # BERT's pooler is not on the token-state path: it would get no gradient, which DDP
     # refuses; frozen, it is exported as the teacher's.
     pooler = getattr(student, "pooler", None)

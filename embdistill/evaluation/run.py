@@ -7,10 +7,12 @@ Layout under ``results/<run>/`` (:func:`embdistill.paths.results_dir`)::
     table.json (+ .manifest.json), table.md, accuracy.png
 
 Tasks load first (a missing eval.json or an unreachable hub fails before any model loads);
-then one model at a time: load, measure throughput, evaluate on each task, release. mteb
-re-runs every (model, task) pair of a run (``overwrite_strategy="always"``): whether the run
-as a whole is done is decided by the table's manifest, which records the specs, the protocol
-and fingerprints of the local inputs (eval.json files, model folders, dictionaries).
+then one model at a time: load, measure throughput, evaluate on each task, release (unless
+a later spec uses the same model). mteb re-runs every (model, task) pair of a run
+(``overwrite_strategy="always"``): whether the run as a whole is done is decided by the
+table's manifest, which records the specs, the protocol and fingerprints of the local inputs
+(eval.json files, model folders, dictionaries). The revision folder is a hash of the model's
+spec; the dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
 from __future__ import annotations
@@ -64,15 +66,15 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
         return load_json(table_path)
 
+    names = [task.mteb_name or task.name for task in tasks]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"task {name} is given twice")
     eval_tasks = [
         load_evaluation_task(task, Paths(base, task.slug), samples_per_label=config.samples_per_label,
                              n_experiments=config.n_experiments, seed=config.seed)
         for task in tasks
     ]
-    names = [t.name for t in eval_tasks]
-    for name in names:
-        if names.count(name) > 1:
-            raise UserError(f"task {name} is given twice")
     rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config)
     protocol = {t.name: {"eval_splits": list(t.mteb_task.metadata.eval_splits),
                          "samples_per_label": t.mteb_task.samples_per_label,
@@ -86,8 +88,8 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
 
 def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_dir: Path, *,
                     device, config: EvaluationConfig) -> list[ModelRow]:
-    """Each model on each task, one model in memory at a time (a model used in plain and in
-    replace mode by consecutive specs loads once)."""
+    """Each model on each task, loading one model at a time; a model that later specs use
+    again (plain and replace mode, an untrained student of it) stays loaded until then."""
     import mteb
 
     cache = mteb.ResultCache(cache_path=cache_dir)

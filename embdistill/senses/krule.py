@@ -128,18 +128,20 @@ def _normalise_columns(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _mcl_step(matrix: torch.Tensor, params: MCLParams) -> torch.Tensor:
-    """Expansion, inflation, pruning of a batch of column-stochastic matrices (B, N, N)."""
-    matrix = _normalise_columns(torch.linalg.matrix_power(matrix, params.expansion).pow(params.inflation))
+    """Expansion, inflation, pruning of a batch of column-stochastic matrices (B, N, N): a new
+    matrix, the rest in place (memory traffic is what costs besides the product)."""
+    step = torch.linalg.matrix_power(matrix, params.expansion).pow_(params.inflation)
+    step.div_(step.sum(dim=-2, keepdim=True))
     if params.prune_threshold > 0:
-        keep = matrix >= params.prune_threshold
-        keep.scatter_(-2, matrix.argmax(dim=-2, keepdim=True), True)  # each column's maximum stays
-        matrix = matrix * keep
-    return matrix
+        top = step.argmax(dim=-2, keepdim=True)
+        kept = step.gather(-2, top)
+        step.masked_fill_(step < params.prune_threshold, 0.0).scatter_(-2, top, kept)  # column maxima stay
+    return step
 
 
 def _allclose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """np.allclose per batch item (rtol 1e-5, atol 1e-8)."""
-    return ((a - b).abs() <= 1e-8 + 1e-5 * b.abs()).flatten(1).all(dim=1)
+    """np.allclose(a, b) per batch item (rtol 1e-5, atol 1e-8), for non-negative b."""
+    return (a - b).abs_().sub_(b, alpha=1e-5).le_(1e-8).flatten(1).all(dim=1)
 
 
 def _count_clusters(matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -176,17 +178,19 @@ def mcl_counts(
     batch = len(points)
     iterations = torch.zeros(batch, dtype=torch.long)
     converged = torch.zeros(batch, dtype=torch.bool)
-    active = torch.arange(batch, device=device)
+    rows, work = torch.arange(batch, device=device), matrix  # the tokens still iterating
     for _ in range(params.max_iter):
-        last = matrix[active]
-        step = _mcl_step(last, params)
-        done = _allclose(step, last)
-        matrix[active] = step
-        iterations[active.cpu()] += 1
-        converged[active[done].cpu()] = True
-        active = active[~done]
-        if len(active) == 0:
-            break
+        step = _mcl_step(work, params)
+        done = _allclose(step, work)
+        iterations[rows.cpu()] += 1
+        work = step
+        if done.any():  # converged tokens leave: their matrix is final
+            matrix[rows[done]] = step[done]
+            converged[rows[done].cpu()] = True
+            rows, work = rows[~done], step[~done]
+            if len(rows) == 0:
+                break
+    matrix[rows] = work
     counts = _count_clusters(matrix, mask).cpu()
     return [MCLCount(int(c), int(i), bool(v)) for c, i, v in zip(counts, iterations, converged)]
 
