@@ -21,6 +21,7 @@ from embdistill.distributed import default_device
 from embdistill.errors import UserError
 from embdistill.evaluation.specs import parse_model_specs
 from embdistill.paths import base_dir, results_dir
+from embdistill.tasks import resolve_task
 
 
 def positive_int(text: str) -> int:
@@ -57,11 +58,12 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.log_level)
 
+    tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
     # Spec mistakes (syntax, missing folders) fail here, before mteb and the models load.
-    parse_model_specs(args.models)
+    task_slugs = [resolve_task(t, args.text_column, args.label_column).slug for t in tasks]
+    parse_model_specs(args.models, task_slugs)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
-    tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
     if not args.run or "/" in args.run or args.run in (".", ".."):
         raise UserError(f"bad run name '{args.run}': a folder name under results/")
     config = EvaluationConfig(

@@ -315,3 +315,17 @@ def test_real_minilm_separates_two_topics(workspace, minilm_dir):
     table = evaluate(config, workspace["base"], device="cpu")
     for model in table["models"]:
         assert model["scores"]["topics"]["accuracy"] >= 0.9, model
+
+
+def test_task_placeholder_expands_per_task(tmp_path):
+    for task in ("alpha", "beta"):
+        (tmp_path / "runs" / task / "skd" / "export" / "hf").mkdir(parents=True)
+    spec = parse_model_spec(f"student:{tmp_path}/runs/{{task}}/skd/export/hf")
+    assert spec.per_task and spec.label == "skd"
+    assert spec.for_task("beta").target == f"{tmp_path}/runs/beta/skd/export/hf"
+    assert set(spec.local_inputs(["alpha", "beta"])) == {"skd.alpha.model", "skd.beta.model"}
+    parse_model_specs([spec.text], ["alpha", "beta"])
+    with pytest.raises(UserError, match="no such folder .*runs/gamma"):
+        parse_model_specs([spec.text], ["alpha", "gamma"])
+    with pytest.raises(UserError, match="needs the tasks"):
+        parse_model_specs([spec.text])

@@ -54,13 +54,14 @@ class EvaluationConfig:
 
 def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = False) -> dict:
     """Run the evaluation (or reuse a finished one) and return the table."""
-    specs = parse_model_specs(config.models)
     out_dir = results_dir(base, config.run)
     table_path = out_dir / "table.json"
     tasks = [resolve_task(arg, config.text_column, config.label_column) for arg in config.tasks]
+    task_slugs = [task.slug for task in tasks]
+    specs = parse_model_specs(config.models, task_slugs)
     inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.mteb_name is None}
     for spec in specs:
-        inputs.update(spec.local_inputs)
+        inputs.update(spec.local_inputs(task_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs]}
     if not overwrite and is_done(table_path, config=manifest_config, inputs=inputs):
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
@@ -89,7 +90,9 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
 def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_dir: Path, *,
                     device, config: EvaluationConfig) -> list[ModelRow]:
     """Each model on each task, loading one model at a time; a model that later specs use
-    again (plain and replace mode, an untrained student of it) stays loaded until then."""
+    again (plain and replace mode, an untrained student of it) stays loaded until then. A
+    per-task spec (``{task}``) loads its model for each task; its throughput and parameter
+    count are those of the first task's model."""
     import mteb
 
     cache = mteb.ResultCache(cache_path=cache_dir)
@@ -98,17 +101,23 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
     loaded: dict = {}
     rows = []
     for i, spec in enumerate(specs):
-        still_needed = {s.target for s in specs[i:] if s.kind != "st"}
-        for target in [t for t in loaded if t not in still_needed]:
-            del loaded[target]
-        _release_memory()
-        encoder = load_encoder(spec, instructions, device=device, batch_size=config.batch_size,
-                               max_length=config.max_length, loaded=loaded)
-        texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
-        log.info("model %s: %.1f texts/s on %d texts of %s", spec.label, texts_per_second,
-                 len(throughput_texts), tasks[0].name)
-        result_files = {}
+        result_files, encoder = {}, None
         for task in tasks:
+            resolved = spec.for_task(task.task.slug)
+            if encoder is None or resolved is not spec:
+                still_needed = {s.for_task(t.task.slug).target for s in specs[i:] if s.kind != "st"
+                                for t in tasks}
+                for target in [t for t in loaded if t not in still_needed]:
+                    del loaded[target]
+                _release_memory()
+                encoder = load_encoder(resolved, instructions, device=device,
+                                       batch_size=config.batch_size,
+                                       max_length=config.max_length, loaded=loaded)
+            if not result_files:  # the first task's model stands for the row
+                texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
+                n_parameters, dictionary_values = encoder.n_parameters, encoder.dictionary_values
+                log.info("model %s: %.1f texts/s on %d texts of %s", spec.label,
+                         texts_per_second, len(throughput_texts), tasks[0].name)
             result = mteb.evaluate(encoder, task.mteb_task, cache=cache, overwrite_strategy="always",
                                    encode_kwargs={"batch_size": config.batch_size},
                                    co2_tracker=False, show_progress_bar=False)
@@ -117,8 +126,7 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
             log.info("model %s, task %s: accuracy %.4f (%s)", spec.label, task.name,
                      result.task_results[0].main_score, path)
         rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
-                             n_parameters=encoder.n_parameters,
-                             dictionary_values=encoder.dictionary_values,
+                             n_parameters=n_parameters, dictionary_values=dictionary_values,
                              texts_per_second=texts_per_second, result_files=result_files))
         del encoder
     loaded.clear()

@@ -15,6 +15,10 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
 =============================  ==================================================================
 
+MODEL and DICT may contain ``{task}``, replaced by each task's folder name: one row whose model
+differs per task, e.g. ``skd=student:runs/{task}/skd/export/hf`` (the student distilled on the
+task it is evaluated on, as the paper's per-task SKD students are).
+
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
 through their own pipeline (pooling, normalisation, max_seq_length), as published.
@@ -27,13 +31,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
 from ..paths import slug
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
+TASK_PLACEHOLDER = "{task}"
 _LABEL = re.compile(r"[A-Za-z0-9._+-]+")
 
 
@@ -54,9 +59,24 @@ class ModelSpec:
         return f"{self.label}={self.kind}:{self.target}{suffix}"
 
     @property
-    def local_inputs(self) -> dict[str, str]:
+    def per_task(self) -> bool:
+        """The model differs per task (``{task}`` in its target or dictionary)."""
+        return TASK_PLACEHOLDER in self.target or TASK_PLACEHOLDER in (self.sense_dict or "")
+
+    def for_task(self, task_slug: str) -> "ModelSpec":
+        """This spec with ``{task}`` replaced by ``task_slug`` (itself when it has none)."""
+        if not self.per_task:
+            return self
+        sense_dict = self.sense_dict.replace(TASK_PLACEHOLDER, task_slug) if self.sense_dict else None
+        return replace(self, target=self.target.replace(TASK_PLACEHOLDER, task_slug),
+                       sense_dict=sense_dict)
+
+    def local_inputs(self, task_slugs: Sequence[str]) -> dict[str, str]:
         """The files behind this model that exist locally (fingerprinted by the manifest)."""
-        files = {f"{self.label}.model": self.target, f"{self.label}.sense_dict": self.sense_dict}
+        files = {}
+        for task_slug in task_slugs if self.per_task else [""]:
+            spec, key = self.for_task(task_slug), f"{self.label}{'.' + task_slug if task_slug else ''}"
+            files.update({f"{key}.model": spec.target, f"{key}.sense_dict": spec.sense_dict})
         return {key: path for key, path in files.items() if path and Path(path).exists()}
 
 
@@ -97,9 +117,9 @@ def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
             "st": f"{name}-st"}.get(kind, name)
 
 
-def parse_model_specs(texts: Sequence[str]) -> list[ModelSpec]:
+def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> list[ModelSpec]:
     """Parse specs and check the cheap things before any model loads: unique labels, local
-    paths that exist, dictionaries that exist."""
+    paths that exist, dictionaries that exist (for every task, where ``{task}`` is used)."""
     specs = [parse_model_spec(text) for text in texts]
     seen: set[str] = set()
     for spec in specs:
@@ -107,10 +127,13 @@ def parse_model_specs(texts: Sequence[str]) -> list[ModelSpec]:
             raise UserError(f"two models are labelled '{spec.label}': name them, e.g. "
                             f"other={spec.kind}:{spec.target}")
         seen.add(spec.label)
-        if looks_like_path(spec.target) and not Path(spec.target).expanduser().exists():
-            raise UserError(f"model {spec.label}: no such folder {spec.target}")
-        if spec.sense_dict is not None and not Path(spec.sense_dict).is_file():
-            raise UserError(f"model {spec.label}: no sense dictionary at {spec.sense_dict}")
+        if spec.per_task and not task_slugs:
+            raise UserError(f"model {spec.label}: '{TASK_PLACEHOLDER}' needs the tasks to fill it")
+        for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
+            if looks_like_path(resolved.target) and not Path(resolved.target).expanduser().exists():
+                raise UserError(f"model {spec.label}: no such folder {resolved.target}")
+            if resolved.sense_dict is not None and not Path(resolved.sense_dict).is_file():
+                raise UserError(f"model {spec.label}: no sense dictionary at {resolved.sense_dict}")
     return specs
 
 
