@@ -9,7 +9,8 @@ by the frozen teacher (:class:`TokenDistillation`), and exported twice:
   ``embdistill.teachers.load_teacher(export/"hf")`` loads (token states, replace-mode
   evaluation, a later distillation);
 * ``export/st/``: a SentenceTransformer folder (that model, mean pooling, Normalize when the
-  teacher normalises), which ``SentenceTransformer(export/"st")`` loads.
+  teacher normalises), which ``SentenceTransformer(export/"st")`` loads; for an LLM2Vec student
+  sentence-transformers builds a causal Llama from it (a warning says so), so use ``hf/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from .distributed import DistEnv
 from .losses import SenseLoss, masked_mse
-from .teachers import Teacher, truncated_copy
+from .teachers import BidirectionalLlamaModel, Teacher, truncated_copy
 from .training import LossOutput
 
 log = logging.getLogger("embdistill.students")
@@ -109,6 +110,10 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     if normalize:
         pipeline.append(modules.Normalize())
     SentenceTransformer(modules=pipeline, device="cpu").save(str(building / "st"))
+    if isinstance(student, BidirectionalLlamaModel):
+        log.warning("sentence-transformers loads %s/st as a causal Llama (it has no bidirectional "
+                    "Llama class); embdistill.teachers.load_teacher(%s/hf) loads the bidirectional student",
+                    out_dir, out_dir)
 
     previous = out_dir.with_name(f".{out_dir.name}.previous")
     shutil.rmtree(previous, ignore_errors=True)

@@ -342,7 +342,7 @@ class Trainer:
             # DDP all-reduces gradients in the last micro-batch's backward only.
             no_sync = self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
             with no_sync:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                     loss, count, metrics = self.loss_fn(self.model, batch)
                 (loss * count).backward()
             metric_names = sorted(metrics)
@@ -374,7 +374,8 @@ class Trainer:
         return stats
 
     def _stop(self, what: str) -> None:
-        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
         raise UserError(
             f"{what} at step {self.global_step + 1} (epoch {self.epoch}); training stopped "
             f"before the optimiser step, {kept}; try a lower --lr or --max-grad-norm"

@@ -29,7 +29,7 @@ from embdistill.texts import read_train_texts
 from embdistill.training import Trainer, TrainConfig, join_process_group
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     lines = __doc__.splitlines()
     parser = stage_parser(lines[0])
     parser.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
@@ -62,9 +62,19 @@ def main() -> int:
     parser.add_argument("--dist-timeout", type=float, default=1800.0,
                         help="seconds a process waits for the others before giving up")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
-    args = parser.parse_args()
-    setup_logging(args.log_level)
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
+    setup_logging(args.log_level)
+    try:
+        return train(args)
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise UserError(f"--max-length must be at least 1, got {args.max_length}")
     run = args.run or ("skd" if args.loss == "sense" else "mse")
@@ -86,6 +96,9 @@ def main() -> int:
     paths = Paths(base_dir(args.base_dir), task.slug, teacher.slug, run)
     examples = read_train_texts(paths)
     layers = args.student_layers or default_student_layers(teacher)
+    max_length = min(args.max_length, teacher.max_seq_length)
+    if max_length < args.max_length:
+        log.info("--max-length %d is cut to the teacher's %d", args.max_length, max_length)
 
     sense_dict_path = None
     if args.loss == "sense":
@@ -95,7 +108,7 @@ def main() -> int:
                             f"--task {args.task} --teacher {args.teacher} first, or pass --sense-dict")
     run_config = {
         "task": task.name, "teacher": teacher.name, "student_layers": layers, "loss": args.loss,
-        "max_length": args.max_length, "train_texts": fingerprint(paths.train_json),
+        "max_length": max_length, "train_texts": fingerprint(paths.train_json),
         "sense_dict": fingerprint(sense_dict_path) if sense_dict_path else None,
     }
     resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size}}
@@ -116,19 +129,18 @@ def main() -> int:
 
     trainer = Trainer(
         student, TokenDistillation(teacher, sense_loss), examples,
-        functools.partial(teacher.tokenize, max_length=args.max_length), config, paths.run_dir,
+        functools.partial(teacher.tokenize, max_length=max_length), config, paths.run_dir,
         run_config=run_config, device=device, resume=args.resume and not args.overwrite,
     )
     result = trainer.train()
     if env.is_main:
         export_student(trainer.module, teacher.tokenizer, paths.export_dir,
-                       normalize=teacher.normalize, max_seq_length=args.max_length)
+                       normalize=teacher.normalize, max_seq_length=max_length)
         write_manifest(paths.export_dir, stage="train", config=resolved,
                        extra={"global_step": result.global_step, "metrics": result.metrics})
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                         if k in ("loss", "sense_accuracy"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")
-    cleanup()
     return 0
 
 

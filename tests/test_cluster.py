@@ -4,10 +4,12 @@ and scripts/03_cluster.py end to end (rules, rerun, bad input, 2 processes, kill
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -79,7 +81,7 @@ def test_plan_batches_cover_tokens_with_similar_n():
     for cfg in (ClusterConfig("t", k_rule="mcl"), ClusterConfig("t")):
         batches = plan_batches(sizes, cfg, 384, batching)
         flat = [t for b in batches for t in b]
-        assert sorted(flat) == sorted(t for t, n in sizes.items() if n > 5)
+        assert sorted(flat) == sorted(t for t, n in sizes.items() if n > 5)  # n <= 5 keep raw vectors
         assert [sizes[t] for t in flat] == sorted(sizes[t] for t in flat)
         for batch in batches:
             ns = [sizes[t] for t in batch]
@@ -168,10 +170,26 @@ def make_states(path: Path, *, teacher: str = "minilm", dim: int = DIM, empty: b
     return states
 
 
-def run_stage(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+SCRIPT = REPO / "scripts" / "03_cluster.py"
+STAGE_ARGS = ("--task", "bbc-news", "--threads", "1")
+
+
+def run_stage(capsys, *args: str) -> subprocess.CompletedProcess:
+    """scripts/03_cluster.py in this process (no torch import per run): exit code and output."""
+    with mock.patch.object(sys, "argv", [str(SCRIPT), *STAGE_ARGS, *args]):
+        try:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def run_stage_process(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "03_cluster.py"), "--task", "bbc-news",
-                           "--threads", "1", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, str(SCRIPT), *STAGE_ARGS, *args], capture_output=True,
+                          text=True, env=env, timeout=300)
 
 
 def output(base: Path) -> Path:
@@ -184,11 +202,19 @@ def states_file(tmp_path_factory) -> tuple[Path, dict]:
     return path, make_states(path)
 
 
-def test_stage_follows_the_rule(tmp_path, states_file):
+def assert_lloyd_fixed_point(rows: np.ndarray, centroids: np.ndarray) -> None:
+    """k-means centroids are the means of the samples nearest to them (up to tol and float16)."""
+    rows, centroids = rows.astype(np.float32), centroids.astype(np.float32)
+    labels = ((rows[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    for j in np.unique(labels):
+        np.testing.assert_allclose(rows[labels == j].mean(0), centroids[j], atol=0.02)
+
+
+def test_stage_follows_the_rule(tmp_path, states_file, capsys):
     path, states = states_file
-    for senses in (5, 8):
+    for senses in (5, 8, 3):
         base = tmp_path / f"k{senses}"
-        proc = run_stage("--base-dir", str(base), "--input", str(path), "--senses", str(senses))
+        proc = run_stage(capsys, "--base-dir", str(base), "--input", str(path), "--senses", str(senses))
         assert proc.returncode == 0, proc.stderr
         assert f"-> {output(base)}" in proc.stdout
         result = load_sense_dict(output(base), hidden_size=DIM)
@@ -198,7 +224,7 @@ def test_stage_follows_the_rule(tmp_path, states_file):
                 np.testing.assert_array_equal(result[token], rows)
             else:
                 assert result[token].shape == (senses, DIM)
-                assert not any((result[token] == row).all(1).all() for row in rows[:1])  # centroids
+                assert_lloyd_fixed_point(rows, result[token])
         manifest = read_manifest(output(base))
         assert manifest["config"]["k_rule"] == "fixed" and manifest["config"]["senses"] == senses
         assert manifest["extra"]["hidden_size"] == DIM and "states" in manifest["inputs"]
@@ -208,9 +234,9 @@ def test_stage_follows_the_rule(tmp_path, states_file):
         assert not (base / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").exists()
 
 
-def test_stage_with_the_mcl_rule(tmp_path, states_file):
+def test_stage_with_the_mcl_rule(tmp_path, states_file, capsys):
     path, states = states_file
-    proc = run_stage("--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
+    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
     assert proc.returncode == 0, proc.stderr
     result = load_sense_dict(output(tmp_path))
     expected = k_from_mcl_count(mcl_count_reference(states[19]).clusters)
@@ -218,22 +244,22 @@ def test_stage_with_the_mcl_rule(tmp_path, states_file):
     assert result[16].shape == (5, DIM)
 
 
-def test_rerun_skips_unless_overwrite(tmp_path, states_file):
+def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     path, _ = states_file
     args = ("--base-dir", str(tmp_path), "--input", str(path))
-    assert run_stage(*args).returncode == 0
+    assert run_stage(capsys, *args).returncode == 0
     written = output(tmp_path).stat().st_mtime_ns
-    again = run_stage(*args)
+    again = run_stage(capsys, *args)
     assert again.returncode == 0 and "up to date, skipping" in again.stderr
     assert output(tmp_path).stat().st_mtime_ns == written
-    redo = run_stage(*args, "--overwrite")
+    redo = run_stage(capsys, *args, "--overwrite")
     assert redo.returncode == 0 and output(tmp_path).stat().st_mtime_ns != written
-    other = run_stage(*args, "--seed", "1")  # another config is not "done"
+    other = run_stage(capsys, *args, "--seed", "1")  # another config is not "done"
     assert other.returncode == 0 and "skipping" not in other.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option"])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     path = tmp_path / "combined.pkl"
     extra = []
     if case == "corrupt":
@@ -248,7 +274,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     elif case == "bad-option":
         make_states(path)
         extra = ["--senses", "0"]
-    proc = run_stage("--base-dir", str(tmp_path), "--input", str(path), *extra)
+    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -300,12 +326,12 @@ def test_two_processes_equal_one(tmp_path, states_file, one_process):
 @pytest.mark.slow
 def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
     args = ("--base-dir", str(tmp_path), "--input", str(states_file[0]), "--batch-tokens", "4")
-    killed = run_stage(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})
+    killed = run_stage_process(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})
     assert killed.returncode == -9
     assert not output(tmp_path).exists()
     parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").rglob("part-*.pkl"))
     assert len(parts) == 3
-    resumed = run_stage(*args)
+    resumed = run_stage_process(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming, 3 of" in resumed.stderr
     assert_same_dictionary(output(tmp_path), one_process)

@@ -23,8 +23,9 @@ import torch
 
 from embdistill.artifacts import save_json, save_pickle
 from embdistill.errors import UserError
-from embdistill.paths import Paths, slug
-from embdistill.students import build_student, export_student
+from embdistill.paths import Paths
+from embdistill.distributed import DistEnv
+from embdistill.students import build_student, default_teacher_device, export_student
 from embdistill.teachers import load_teacher
 from embdistill.text import format_example
 from embdistill.training import read_metrics
@@ -170,7 +171,7 @@ def test_the_export_holds_the_trained_student(pinned_run, tiny_bert_dir):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_a_finished_run_is_skipped_and_overwrite_redoes_it(pinned_run, tiny_bert_dir, capsys):
+def test_a_finished_run_is_skipped(pinned_run, tiny_bert_dir, capsys):
     args = train_script(pinned_run.base, tiny_bert_dir, *PINNED_ARGS)
     before = (pinned_run.export_dir / "hf" / "model.safetensors").stat().st_mtime_ns
     code, err = run_in_process(args, capsys)
@@ -312,7 +313,7 @@ def test_a_killed_peer_ends_the_other_rank_with_a_clear_error(stage_inputs, tiny
 # students
 
 
-def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp_path):
+def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp_path, caplog):
     teacher = load_teacher(str(tiny_llama_dir), device="cpu")
     with pytest.raises(UserError, match="1 to 2 layers of the teacher, got 4"):  # Llama's default, as in the paper
         build_student(teacher)
@@ -321,6 +322,7 @@ def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp
     assert student.config.num_hidden_layers == 1
     assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
     export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False)
+    assert "loads the bidirectional student" in caplog.text  # st/ would be causal: said so
     loaded = load_teacher(str(tmp_path / "export" / "hf"), device="cpu")
     assert type(loaded.model).__name__ == "BidirectionalLlamaModel"
     batch = loaded.tokenize(["Represent this sentence: !@#$%^&*()the cat sat", "markets fell"], 32)
@@ -371,3 +373,12 @@ def test_minilm_student_learns_the_senses_and_exports(tmp_path, minilm_dir, caps
     assert st[0].model.config.num_hidden_layers == 2
     embeddings = st.encode(["the team won the game", "the bank fell"])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)  # MiniLM normalises
+
+
+def test_the_teacher_gets_a_spare_gpu_per_process_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    rank1 = DistEnv(rank=1, local_rank=1, world_size=2)
+    assert default_teacher_device(torch.device("cuda", 1), rank1, local_world_size=2) == torch.device("cuda", 3)
+    # 3 processes on 4 GPUs: no spare GPU for rank 1, whose teacher shares its GPU
+    assert default_teacher_device(torch.device("cuda", 1), rank1, local_world_size=3) == torch.device("cuda", 1)
+    assert default_teacher_device(torch.device("cpu"), rank1, local_world_size=2) == torch.device("cpu")

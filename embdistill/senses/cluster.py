@@ -66,8 +66,8 @@ class ClusterConfig:
         check_backend(self.backend)
         if self.dtype not in SENSE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(SENSE_DTYPES)}, got '{self.dtype}'")
-        if self.max_iter < 1 or self.n_init < 1 or self.tol < 0 or self.senses < 1:
-            raise UserError("--max-iter, --n-init and --senses must be >= 1, --tol >= 0")
+        if self.max_iter < 1 or self.n_init < 1 or self.tol < 0 or self.senses < 1 or self.seed < 0:
+            raise UserError("--max-iter, --n-init and --senses must be >= 1, --tol and --seed >= 0")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Batching:
 
     def __post_init__(self):
         if self.tokens < 1 or self.elements < 1 or self.spread < 1:
-            raise UserError("--batch-tokens and --batch-elements must be >= 1")
+            raise UserError("--batch-tokens and --batch-elements must be >= 1 (spread too)")
 
 
 def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict[int, np.ndarray], int]:
@@ -97,14 +97,20 @@ def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict
     return source.states, source.hidden_size
 
 
+def _smallest_k(cfg: ClusterConfig) -> int:
+    return cfg.senses if cfg.k_rule == "fixed" else MIN_SENSES
+
+
 def _token_cost(n: int, cfg: ClusterConfig, hidden_size: int) -> int:
     """Floats in a token's largest working tensor: the n x n MCL matrix, or n x max(k, d)."""
     return n * max(n if cfg.k_rule == "mcl" else cfg.senses, hidden_size)
 
 
 def plan_batches(sizes: dict[int, int], cfg: ClusterConfig, hidden_size: int, batching: Batching) -> list[list[int]]:
-    """Tokens needing work (n > 5), sorted by (n, id), cut into batches of similar n."""
-    tokens = sorted((t for t, n in sizes.items() if n > MIN_SENSES), key=lambda t: (sizes[t], t))
+    """Tokens that may need k-means (the others keep raw vectors whatever their k), sorted by
+    (n, id), cut into batches of similar n."""
+    tokens = sorted((t for t, n in sizes.items() if not keeps_raw_vectors(n, _smallest_k(cfg))),
+                    key=lambda t: (sizes[t], t))
     batches: list[list[int]] = []
     for token in tokens:  # ascending n: the newest token is the batch's largest
         current = batches[-1] if batches else None
@@ -125,10 +131,10 @@ def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfi
     iterations, objective}}, ``seconds`` {k_rule, kmeans}."""
     started = time.perf_counter()
     if cfg.k_rule == "mcl":
-        counts = [c.clusters for c in mcl_counts(points, device=device)]
-        ks = [k_from_mcl_count(m) for m in counts]
+        clusters = [c.clusters for c in mcl_counts(points, device=device)]
+        ks = [k_from_mcl_count(m) for m in clusters]
     else:
-        counts = [None] * len(points)
+        clusters = [None] * len(points)
         ks = [cfg.senses] * len(points)
     rule_done = time.perf_counter()
     todo = [i for i, (p, k) in enumerate(zip(points, ks)) if not keeps_raw_vectors(len(p), k)]
@@ -140,7 +146,7 @@ def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfi
     for i, token in enumerate(tokens):
         result = by_index.get(i)
         senses[token] = result.centroids if result else np.asarray(points[i], dtype=np.float32)
-        stats[token] = {"n": len(points[i]), "k": len(senses[token]), "mcl": counts[i],
+        stats[token] = {"n": len(points[i]), "k": len(senses[token]), "mcl": clusters[i],
                         "raw": result is None, "iterations": result.iterations if result else 0,
                         "objective": result.objective[-1] if result else 0.0}
     return {"senses": senses, "stats": stats,
@@ -205,7 +211,7 @@ def merge_parts(states: dict[int, np.ndarray], batches: list[list[int]], folder:
         for key in seconds:
             seconds[key] += part["seconds"][key]
     for token, rows in states.items():
-        if token not in senses:  # n <= 5: raw vectors whatever the rule
+        if token not in senses:  # not planned: raw vectors whatever the rule
             senses[token] = rows
             stats[token] = {"n": len(rows), "k": len(rows), "mcl": None, "raw": True,
                             "iterations": 0, "objective": 0.0}

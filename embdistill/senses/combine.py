@@ -141,18 +141,16 @@ def check_complete(group: Sequence[Source]) -> None:
                         "gather with --overwrite")
 
 
-def merge_group(group: Sequence[Source]) -> dict[int, np.ndarray]:
-    """One gather's rows per token, in occurrence order (file order for the original's files)."""
-    tokens = sorted({t for s in group for t in s.states})
-    merged = {}
-    for token in tokens:
-        parts = [s for s in group if token in s.states]
-        rows = np.concatenate([s.states[token] for s in parts])
-        if all(s.occurrences is not None for s in parts):
-            order = np.argsort(np.concatenate([s.occurrences[token] for s in parts]), kind="stable")
-            rows = rows[order]
-        merged[token] = rows
-    return merged
+def token_rows(group: Sequence[Source], token: int) -> np.ndarray | None:
+    """One gather's rows of ``token`` in occurrence order (file order for the original's
+    files); None when the gather never kept it."""
+    parts = [s for s in group if token in s.states]
+    if not parts:
+        return None
+    rows = np.concatenate([s.states[token] for s in parts])
+    if all(s.occurrences is not None for s in parts):
+        rows = rows[np.argsort(np.concatenate([s.occurrences[token] for s in parts]), kind="stable")]
+    return rows
 
 
 def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict, dict]:
@@ -164,14 +162,17 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict
     check_compatible([s for group in sources for s in group])
     for group in sources:
         check_complete(group)
-    per_gather = [merge_group(group) for group in sources]
+        log.info("combine: %s: %d file(s), %d rows", group[0].path.parent, len(group),
+                 sum(len(rows) for s in group for rows in s.states.values()))
     combined, capped = {}, 0
-    for token in sorted({t for merged in per_gather for t in merged}):
-        rows = np.concatenate([merged[token] for merged in per_gather if token in merged])
+    for token in sorted({t for group in sources for s in group for t in s.states}):
+        rows = np.concatenate([r for group in sources if (r := token_rows(group, token)) is not None])
         if len(rows) > cap:
             keep = np.sort(np.random.default_rng([seed, token]).choice(len(rows), cap, replace=False))
             rows, capped = rows[keep], capped + 1
         combined[token] = rows
+        for source in (s for group in sources for s in group):  # free inputs as we go: peak
+            source.states.pop(token, None)                     # memory stays near one copy
     first = sources[0][0]
     teachers = {s.teacher for group in sources for s in group} - {None}
     meta = {"teacher": next(iter(teachers), None), "hidden_size": first.hidden_size,

@@ -12,8 +12,9 @@ shift falls to ``tol`` times the mean per-feature variance of the token's sample
 Randomness is per token: every draw comes from ``numpy.random.default_rng([seed, key,
 restart])`` with the token's ``key`` (its id), made before the batch runs. A token therefore
 gets the same centroids whichever batch it lands in and on whichever device (up to float
-rounding); runs are reproducible (no atomics). Tokens leave the Lloyd loop as they
-converge, so a batch costs what its tokens cost, not max_iter times its slowest.
+rounding), and a rerun gets the same bits (centroid sums are a matrix product, not atomics).
+Tokens leave the Lloyd loop as they converge, so a batch costs what its tokens cost, not
+max_iter times its slowest.
 
 The reference backends run one token at a time: ``sklearn`` (``sklearn.cluster.KMeans``, what
 the original ran) and ``faiss`` (``faiss.Kmeans``; only when faiss is installed, e.g.
@@ -82,8 +83,9 @@ def _seed_int(seed: int, key: int, restart: int) -> int:
 # -------------------------------------------------------------------------------- torch
 
 
-def _pad(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, d) samples padded with zeros and the (B, N) mask of real ones."""
+def pad_points(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several tokens' samples (n_i, d) as one (B, N, d) tensor padded with zeros, N the largest
+    n_i, and the (B, N) mask of real samples."""
     n_max = max(len(p) for p in points)
     x = torch.zeros(len(points), n_max, points[0].shape[1], device=device, dtype=dtype)
     mask = torch.zeros(len(points), n_max, device=device, dtype=torch.bool)
@@ -231,7 +233,7 @@ def kmeans_torch(
     if not points:
         return []
     items = [(i, r) for i in range(len(points)) for r in range(n_init)]
-    x, mask = _pad([points[i] for i, _ in items], device, torch.float32)
+    x, mask = pad_points([points[i] for i, _ in items], device, torch.float32)
     n = mask.sum(1)
     k = torch.tensor([ks[i] for i, _ in items], device=device)
     trials = torch.tensor([_local_trials(ks[i]) for i, _ in items], device=device)

@@ -36,6 +36,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .kmeans import pad_points
+
 MIN_SENSES = 5  # the original's floor on k, and on n for clustering at all
 K_RULES = ("mcl", "fixed")
 
@@ -112,17 +114,6 @@ def mcl_count_reference(points: np.ndarray, params: MCLParams = MCLParams()) -> 
 # --------------------------------------------------------------------------- batched torch
 
 
-def _pad(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, d) points padded with zeros and the (B, N) mask of real ones."""
-    sizes = [len(p) for p in points]
-    x = torch.zeros(len(points), max(sizes), points[0].shape[1], device=device, dtype=dtype)
-    mask = torch.zeros(len(points), max(sizes), device=device, dtype=torch.bool)
-    for i, p in enumerate(points):
-        x[i, : len(p)] = torch.as_tensor(p).to(device=device, dtype=dtype)
-        mask[i, : len(p)] = True
-    return x, mask
-
-
 def _normalise_columns(matrix: torch.Tensor) -> torch.Tensor:
     return matrix / matrix.sum(dim=-2, keepdim=True)
 
@@ -168,7 +159,7 @@ def mcl_counts(
     Memory: a few (B, N, N) matrices, N the largest n; callers batch tokens of similar n."""
     if not points:
         return []
-    x, mask = _pad(points, device, dtype)
+    x, mask = pad_points(points, device, dtype)
     real_pair = mask[:, :, None] & mask[:, None, :]
     matrix = torch.where(real_pair, 1.0 / (torch.cdist(x, x) + params.distance_offset), 0.0)
     # Padded nodes get a self-loop too: a column of zeros cannot be normalised.
