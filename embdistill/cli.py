@@ -40,10 +40,18 @@ def setup_logging(level: str | None = None) -> None:
     hub_logging.set_verbosity_error()
 
 
-def stage_parser(description: str, *, task: bool = True) -> argparse.ArgumentParser:
-    """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help; the epilog's examples kept as written."""
+
+
+def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed.
+
+    ``doc`` is the stage script's docstring: its first line describes the stage, the rest
+    (usage examples) is shown after the options."""
+    description, _, epilog = doc.strip().partition("\n")
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, epilog=epilog.strip("\n") or None, formatter_class=HelpFormatter
     )
     if task:
         parser.add_argument(

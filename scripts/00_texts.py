@@ -13,7 +13,7 @@ from embdistill.texts import write_texts
 
 
 def main() -> int:
-    parser = stage_parser(__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share held out for evaluation when the task has no test split")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training texts")

@@ -30,11 +30,7 @@ from embdistill.training import Trainer, TrainConfig, join_process_group
 
 
 def parse_args() -> argparse.Namespace:
-    lines = __doc__.splitlines()
-    parser = stage_parser(lines[0])
-    parser.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
-                                                argparse.RawDescriptionHelpFormatter), {})
-    parser.epilog = "\n".join(lines[1:])
+    parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=("sense", "mse"), default="sense",
                         help="sense: SKD's loss over the sense dictionary; mse: token states (ablation)")

@@ -30,15 +30,8 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, the epilog's examples as written."""
-
-
 def main() -> int:
-    lines = __doc__.splitlines()
-    parser = stage_parser(lines[0])
-    parser.formatter_class = HelpFormatter
-    parser.epilog = "\n".join(lines[1:])
+    parser = stage_parser(__doc__)
     parser.set_defaults(task=None)
     parser.add_argument("--tasks", nargs="+", default=[],
                         help="tasks to evaluate on (with --task: both; default bbc-news)")
