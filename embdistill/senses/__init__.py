@@ -1,3 +1,3 @@
 """Sense dictionaries for SKD: count and gather teacher token states (``gather``), merge
-ranks and tasks (``combine``), choose k per token and cluster (``kmeans``, ``krule``),
-and read/write the dictionary (``dictionary``)."""
+ranks and tasks (``combine``), choose k per token (``krule``), cluster (``kmeans``,
+``cluster``), and read/write the dictionary (``dictionary``)."""

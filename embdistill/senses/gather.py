@@ -239,7 +239,7 @@ def gather_texts(
     }
 
 
-def merge_parts(parts: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict, dict]:
+def merge_parts(parts: list[dict[str, np.ndarray]]) -> tuple[dict, dict]:
     """Group rows by token id, each token's rows in occurrence order:
     ({token_id: (n, d) states}, {token_id: (n,) int64 occurrence ids})."""
     if not parts:  # a rank with no texts (more ranks than texts)
@@ -248,7 +248,8 @@ def merge_parts(parts: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict, dict]:
     occurrences = np.concatenate([p["occurrence_ids"] for p in parts])
     order = np.lexsort((occurrences, token_ids))
     token_ids, occurrences = token_ids[order], occurrences[order]
-    states = np.concatenate([p["states"] for p in parts])[order]
+    # pop: each part's states are freed once copied, so the peak is two copies, not three
+    states = np.concatenate([p.pop("states") for p in parts])[order]
     tokens, starts = np.unique(token_ids, return_index=True)
     ends = np.append(starts[1:], len(token_ids))
     states_by_token = {int(t): states[a:b] for t, a, b in zip(tokens, starts, ends)}
@@ -269,14 +270,19 @@ def gather_shard(
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     for stale in rank_file.parent.glob(f".{rank_file.stem}.*.tmp"):  # a killed atomic write
         stale.unlink()
+    # An earlier result is replaced, not kept beside new parts: killed from here on, the rank
+    # has no file at all, which the combine reports, instead of an old one that looks fine.
+    for old in (rank_file, index_path(rank_file)):
+        manifest_path(old).unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
 
     config = cfg.rank_config(env)
-    input_prints = {key: fingerprint(path) for key, path in inputs.items()}
+    input_fingerprints = {key: fingerprint(path) for key, path in inputs.items()}
     table = count_table(counts)
     indices = shard(list(range(len(texts))), env)
     chunks = [indices[i : i + flush_every] for i in range(0, len(indices), flush_every)]
     parts = [part_path(rank_file, p) for p in range(len(chunks))]
-    part_configs = [{**config, "flush_every": flush_every, "part": p, "inputs": input_prints}
+    part_configs = [{**config, "flush_every": flush_every, "part": p, "inputs": input_fingerprints}
                     for p in range(len(chunks))]
     done = [not overwrite and is_done(path, config=pc) for path, pc in zip(parts, part_configs)]
     resumed_texts = sum(len(c) for c, d in zip(chunks, done) if d)
