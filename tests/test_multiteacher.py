@@ -283,6 +283,21 @@ def test_validation_split_is_disjoint_seeded_and_complete():
         validation_split(100, 1.0, seed=0)
 
 
+def test_evaluation_specs_name_every_exported_model(tmp_path, minilm_dir):
+    from embdistill.multiteacher import evaluation_models
+    from embdistill.paths import Paths
+
+    specs = evaluation_models(Paths(tmp_path, "a+b"), ["minilm", "lsa", "BAAI/bge-small-en-v1.5"],
+                              {"nll-student": "mt-nll", "mse-student": "mt-mse"})
+    runs = tmp_path / "runs" / "a+b"
+    assert specs == [f"nll-student=st:{runs / 'mt-nll' / 'export' / 'st'}",
+                     f"mse-student=st:{runs / 'mt-mse' / 'export' / 'st'}",
+                     f"student-before=st:{runs / 'mt-nll' / 'initial' / 'st'}",
+                     f"minilm=st:{minilm_dir}",
+                     f"lsa=st:{tmp_path / 'embeddings' / 'a+b' / 'lsa' / 'sentence-transformer'}",
+                     "BAAI__bge-small-en-v1.5=st:BAAI/bge-small-en-v1.5"]
+
+
 # ------------------------------------------------------------------------------------ model
 
 

@@ -238,14 +238,13 @@ def kmeans_torch(
     k = torch.tensor([ks[i] for i, _ in items], device=device)
     trials = torch.tensor([_local_trials(ks[i]) for i, _ in items], device=device)
     uniforms = np.zeros((len(items), int(k.max()), int(trials.max())), dtype=np.float32)
+    tol_abs = np.zeros(len(items), dtype=np.float32)
     for row, (i, r) in enumerate(items):
         uniforms[row, : ks[i], : _local_trials(ks[i])] = np.random.default_rng(
             [seed, keys[i], r]).random((ks[i], _local_trials(ks[i])))
-    uniforms = torch.from_numpy(uniforms).to(device)
-    # scikit-learn's tolerance: tol times the mean per-feature variance of the token's samples
-    mean = (x.sum(1) / n[:, None])[:, None, :]
-    variance = (((x - mean) ** 2) * mask[..., None]).sum(1) / n[:, None]
-    tol_abs = tol * variance.mean(1)
+        # scikit-learn's tolerance: tol times the mean per-feature variance of the samples
+        tol_abs[row] = tol * np.asarray(points[i], dtype=np.float32).var(axis=0).mean()
+    uniforms, tol_abs = torch.from_numpy(uniforms).to(device), torch.from_numpy(tol_abs).to(device)
     x_sq = _sq_norms(x)
     centres = _kmeans_plus_plus(x, x_sq, mask, k, n, uniforms, trials)
     centres, history, iterations, converged = _lloyd(x, x_sq, mask, k, centres, tol_abs, max_iter)

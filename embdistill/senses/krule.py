@@ -114,10 +114,6 @@ def mcl_count_reference(points: np.ndarray, params: MCLParams = MCLParams()) -> 
 # --------------------------------------------------------------------------- batched torch
 
 
-def _normalise_columns(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix / matrix.sum(dim=-2, keepdim=True)
-
-
 def _mcl_step(matrix: torch.Tensor, params: MCLParams) -> torch.Tensor:
     """Expansion, inflation, pruning of a batch of column-stochastic matrices (B, N, N): a new
     matrix, the rest in place (memory traffic is what costs besides the product)."""
@@ -164,7 +160,8 @@ def mcl_counts(
     matrix = torch.where(real_pair, 1.0 / (torch.cdist(x, x) + params.distance_offset), 0.0)
     # Padded nodes get a self-loop too: a column of zeros cannot be normalised.
     eye = torch.eye(x.shape[1], device=device, dtype=torch.bool)
-    matrix = _normalise_columns(torch.where(eye, params.loop_value, matrix))
+    matrix = torch.where(eye, params.loop_value, matrix)
+    matrix /= matrix.sum(dim=-2, keepdim=True)  # column-stochastic
     del x
     batch = len(points)
     iterations = torch.zeros(batch, dtype=torch.long)
