@@ -53,10 +53,11 @@ parse_launch_args() {
   done
 }
 
-# launch SCRIPT [ARGS...]: the stage script under torchrun with the parsed flags.
+# launch SCRIPT [ARGS...]: the stage script under torchrun with the parsed flags
+# (embdistill.torchrun: torchrun without option abbreviations, one-line failures).
 launch() {
   local script="$1"; shift
-  "$PYTHON" -m torch.distributed.run \
+  "$PYTHON" -m embdistill.torchrun \
     --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     "$REPO_ROOT/$script" "$@"
