@@ -89,7 +89,7 @@ def _st_modules():
 
 
 def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normalize: bool,
-                   max_seq_length: int | None = None) -> Path:
+                   max_seq_length: int | None = None, pooling: str = "mean") -> Path:
     """Write ``out_dir/hf`` and ``out_dir/st`` (see the module docstring) and return ``out_dir``.
 
     Built in a temporary folder beside ``out_dir`` and moved into place, so that ``out_dir``
@@ -106,7 +106,8 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     tokenizer.save_pretrained(hf_dir)
     modules = _st_modules()
     transformer = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length)
-    pipeline = [transformer, modules.Pooling(student.config.hidden_size, "mean")]
+    # "mean" (SKD, and the multi-teacher default) or "cls" (the arctic-embed students)
+    pipeline = [transformer, modules.Pooling(student.config.hidden_size, pooling)]
     if normalize:
         pipeline.append(modules.Normalize())
     SentenceTransformer(modules=pipeline, device="cpu").save(str(building / "st"))

@@ -12,7 +12,6 @@ checkpoint unless --no-resume/--overwrite.
 """
 
 import argparse
-import inspect
 
 import torch
 
@@ -74,9 +73,6 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging(args.log_level)
 
-    if args.pooling != "mean" and "pooling" not in inspect.signature(export_student).parameters:
-        # checked before training, not after: embdistill.students.export_student pools by mean only
-        raise UserError("--pooling cls cannot be exported yet (export_student has no pooling option)")
     if args.max_length < 1 or args.student_layers < 0:
         raise UserError("--max-length must be at least 1 and --student-layers at least 0")
     run = args.run or f"mt-{args.loss}"
@@ -148,9 +144,8 @@ def main() -> int:
 
 def export(model: MultiTeacherStudent, tokenizer, out_dir, args) -> None:
     """The encoder alone (the heads only serve training), as hf/ and st/."""
-    pooling = {} if model.pooling == "mean" else {"pooling": model.pooling}  # export's default: mean
     export_student(model.encoder, tokenizer, out_dir, normalize=True, max_seq_length=args.max_length,
-                   **pooling)
+                   pooling=model.pooling)
 
 
 if __name__ == "__main__":

@@ -382,3 +382,18 @@ def test_the_teacher_gets_a_spare_gpu_per_process_when_there_is_one(monkeypatch)
     # 3 processes on 4 GPUs: no spare GPU for rank 1, whose teacher shares its GPU
     assert default_teacher_device(torch.device("cuda", 1), rank1, local_world_size=3) == torch.device("cuda", 1)
     assert default_teacher_device(torch.device("cpu"), rank1, local_world_size=2) == torch.device("cpu")
+
+
+def test_cls_pooled_export_embeds_with_the_first_token(tiny_bert_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    student = build_student(teacher, 1).eval()
+    export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False, pooling="cls")
+    texts = ["the cat sat on the mat", "markets fell"]
+    batch = teacher.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        cls_states = student(**batch).last_hidden_state[:, 0]
+    encoded = SentenceTransformer(str(tmp_path / "export" / "st"), device="cpu").encode(
+        texts, convert_to_tensor=True)
+    torch.testing.assert_close(encoded, cls_states, rtol=1e-5, atol=1e-5)
