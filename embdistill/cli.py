@@ -18,6 +18,19 @@ from .errors import UserError
 log = logging.getLogger("embdistill")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record, not as it was at set-up, so a stage
+    run again in the same process after stderr was redirected (tests, notebooks) still logs."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(level: str | None = None) -> None:
     """Log ``HH:MM:SS stage message`` lines to stderr; rank > 0 logs warnings only."""
     level = level or os.environ.get("EMBDISTILL_LOG", "INFO")
@@ -26,7 +39,7 @@ def setup_logging(level: str | None = None) -> None:
         level=level if rank == 0 else "WARNING",
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_CurrentStderrHandler()],
         force=True,
     )
     # Hub libraries are chatty about things our users cannot act on.

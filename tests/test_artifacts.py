@@ -105,3 +105,19 @@ def test_manifest_decides_done(tmp_path):
     assert not artifacts.is_done(out, config={**config, "k": 6}, inputs={"in": source})
     source.write_text("v2")
     assert not artifacts.is_done(out, config=config, inputs={"in": source})
+
+
+def test_logging_follows_the_current_stderr(monkeypatch):
+    """A stage run twice in one process logs to the stderr of the second run."""
+    import logging
+    import sys
+
+    from embdistill.cli import setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging("INFO")
+    first.close()  # as pytest closes a finished test's capture
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("embdistill.test").warning("second run")
+    assert "second run" in second.getvalue()
