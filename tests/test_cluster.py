@@ -77,17 +77,19 @@ def test_mcl_count_depends_on_scale_and_spot_check_tells():
 def test_plan_batches_cover_tokens_with_similar_n():
     rng = np.random.default_rng(2)
     sizes = {int(t): int(n) for t, n in zip(rng.permutation(500), rng.integers(1, 1000, 500))}
-    batching = Batching(tokens=16, elements=1 << 20)
+    batching = Batching(tokens=16, elements=1 << 20, work=1 << 27)
     for cfg in (ClusterConfig("t", k_rule="mcl"), ClusterConfig("t")):
         batches = plan_batches(sizes, cfg, 384, batching)
         flat = [t for b in batches for t in b]
         assert sorted(flat) == sorted(t for t, n in sizes.items() if n > 5)  # n <= 5 keep raw vectors
         assert [sizes[t] for t in flat] == sorted(sizes[t] for t in flat)
         for batch in batches:
-            ns = [sizes[t] for t in batch]
-            assert len(batch) <= 16 and max(ns) <= 1.25 * min(ns)
-            width = max(ns) if cfg.k_rule == "mcl" else 5
-            assert len(batch) == 1 or len(batch) * max(ns) * max(width, 384) <= 1 << 20
+            n, size = max(sizes[t] for t in batch), len(batch)
+            assert size <= 16 and n <= 1.25 * min(sizes[t] for t in batch)
+            floats, work = (n * max(n, 384), n**3) if cfg.k_rule == "mcl" else (n * 384, n * 5 * 384)
+            assert size == 1 or (size * floats <= 1 << 20 and size * work <= 1 << 27)
+        if cfg.k_rule == "mcl":  # the work cap splits the largest tokens into small batches
+            assert len(batches[-1]) < 4
     assert plan_batches(sizes, cfg, 384, batching) == plan_batches(dict(reversed(sizes.items())), cfg, 384, batching)
 
 

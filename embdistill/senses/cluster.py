@@ -77,10 +77,13 @@ class Batching:
     # largest n / smallest n in a batch, at most: every token is padded to the largest, and MCL
     # costs n^3, so a wider spread would waste more than it saves
     spread: float = 1.25
+    # multiply-adds per iteration, about: large tokens gain nothing from batching, and small
+    # batches of them spread the costliest work over the ranks
+    work: int = 1 << 31
 
     def __post_init__(self):
-        if self.tokens < 1 or self.elements < 1 or self.spread < 1:
-            raise UserError("--batch-tokens and --batch-elements must be >= 1 (spread too)")
+        if min(self.tokens, self.elements, self.spread, self.work) < 1:
+            raise UserError("--batch-tokens and --batch-elements must be >= 1")
 
 
 def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict[int, np.ndarray], int]:
@@ -101,9 +104,12 @@ def _smallest_k(cfg: ClusterConfig) -> int:
     return cfg.senses if cfg.k_rule == "fixed" else MIN_SENSES
 
 
-def _token_cost(n: int, cfg: ClusterConfig, hidden_size: int) -> int:
-    """Floats in a token's largest working tensor: the n x n MCL matrix, or n x max(k, d)."""
-    return n * max(n if cfg.k_rule == "mcl" else cfg.senses, hidden_size)
+def _token_cost(n: int, cfg: ClusterConfig, hidden_size: int) -> tuple[int, int]:
+    """(floats in a token's largest working tensor, multiply-adds per iteration): the n x n MCL
+    matrix and its square, or n x max(k, d) and n x k x d for k-means."""
+    if cfg.k_rule == "mcl":
+        return n * max(n, hidden_size), n * n * n
+    return n * max(cfg.senses, hidden_size), n * cfg.senses * hidden_size
 
 
 def plan_batches(sizes: dict[int, int], cfg: ClusterConfig, hidden_size: int, batching: Batching) -> list[list[int]]:
@@ -114,9 +120,11 @@ def plan_batches(sizes: dict[int, int], cfg: ClusterConfig, hidden_size: int, ba
     batches: list[list[int]] = []
     for token in tokens:  # ascending n: the newest token is the batch's largest
         current = batches[-1] if batches else None
+        floats, work = _token_cost(sizes[token], cfg, hidden_size)
         if (current is None or len(current) >= batching.tokens
                 or sizes[token] > batching.spread * sizes[current[0]]
-                or (len(current) + 1) * _token_cost(sizes[token], cfg, hidden_size) > batching.elements):
+                or (len(current) + 1) * floats > batching.elements
+                or (len(current) + 1) * work > batching.work):
             batches.append([token])
         else:
             current.append(token)
@@ -182,7 +190,7 @@ def _prepare_parts(folder: Path, env: DistEnv, overwrite: bool) -> None:
 def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path,
                  cfg: ClusterConfig, env: DistEnv, device: torch.device) -> None:
     """This rank's batches, written as part files; finished parts are kept."""
-    mine = [(i, b) for i, b in shard(list(enumerate(batches)), env)]
+    mine = shard(list(enumerate(batches)), env)  # batch i -> rank i mod world size
     todo = [(i, b) for i, b in mine if not part_path(folder, i).is_file()]
     if len(todo) < len(mine):
         log.info("rank %d: resuming, %d of %d batches already clustered", env.rank,
