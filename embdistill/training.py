@@ -32,6 +32,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import dataclasses
 import json
@@ -89,6 +91,48 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.dist_timeout_s <= 0:
             raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
+
+    @classmethod
+    def from_args(cls, args, *, lr_scale: float = 1.0) -> "TrainConfig":
+        """From the options of :func:`add_training_args` (``lr_scale``: e.g. the world size)."""
+        return cls(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr * lr_scale,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+            grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+            max_steps=args.max_steps, save_every=args.save_every, keep_last=args.keep_last,
+            log_every=args.log_every, seed=args.seed, bf16=args.bf16,
+            dist_timeout_s=args.dist_timeout,
+        )
+
+
+def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning rate") -> None:
+    """The shared loop's options, with a method's reference run as their defaults."""
+    group = parser.add_argument_group("training loop")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="examples per process and micro-batch")
+    group.add_argument("--lr", type=float, default=defaults.lr, help=lr_help)
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                       help="AdamW weight decay")
+    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                       help="linear warm-up before the cosine decay")
+    group.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
+                       help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
+    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
+                       help="gradient clipping (0: off)")
+    group.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                       help="stop after this many steps (0: epochs decide)")
+    group.add_argument("--save-every", type=int, default=defaults.save_every,
+                       help="steps between checkpoints (and one at each epoch end)")
+    group.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept")
+    group.add_argument("--log-every", type=int, default=defaults.log_every,
+                       help="steps between metrics rows")
+    group.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue from the latest checkpoint of this run")
+    group.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout_s,
+                       help="seconds a process waits for the others before giving up")
+    group.add_argument("--no-bf16", dest="bf16", action="store_false",
+                       help="no bf16 autocast on CUDA")
 
 
 # Settings that may change between a checkpoint and its resumption: they set how long to train

@@ -26,7 +26,7 @@ from embdistill.students import (TokenDistillation, build_student, default_stude
 from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher
 from embdistill.texts import read_train_texts
-from embdistill.training import Trainer, TrainConfig, join_process_group
+from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,25 +39,11 @@ def parse_args() -> argparse.Namespace:
                         help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
     parser.add_argument("--student-layers", type=int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=3, help="examples per process and micro-batch")
-    parser.add_argument("--lr", type=float, default=5e-6, help="learning rate per process (x world size)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=512, help="max tokens per example")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
-    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics rows")
     parser.add_argument("--teacher-device", default=None,
                         help="default: a spare GPU per process when there is one, else the student's")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint of this run")
-    parser.add_argument("--dist-timeout", type=float, default=1800.0,
-                        help="seconds a process waits for the others before giving up")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    # The original's reference run (per process; lr is multiplied by the world size).
+    add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
     return parser.parse_args()
 
 
@@ -78,13 +64,7 @@ def train(args: argparse.Namespace) -> int:
         raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
     task = resolve_task(args.task, args.text_column, args.label_column)
     env = join_process_group(args.dist_timeout)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr * env.world_size,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
-        max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, save_every=args.save_every,
-        keep_last=args.keep_last, log_every=args.log_every, seed=args.seed, bf16=args.bf16,
-        dist_timeout_s=args.dist_timeout,
-    )
+    config = TrainConfig.from_args(args, lr_scale=env.world_size)
     device = default_device(env)
     teacher_device = args.teacher_device or default_teacher_device(
         device, env, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -11,7 +11,6 @@ st/: scripts/05_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes fro
 checkpoint unless --no-resume/--overwrite.
 """
 
-import argparse
 
 import torch
 
@@ -28,15 +27,11 @@ from embdistill.multiteacher.shards import INDEX_NAME, load_teacher_targets
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.students import build_student, export_student
 from embdistill.teachers import load_teacher
-from embdistill.training import Trainer, TrainConfig, join_process_group
+from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
 
 
 def main() -> int:
-    lines = __doc__.splitlines()
-    parser = stage_parser(lines[0], task=False)
-    parser.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
-                                                argparse.RawDescriptionHelpFormatter), {})
-    parser.epilog = "\n".join(lines[1:])
+    parser = stage_parser(__doc__, task=False)
     add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
                         help="teachers whose embeddings scripts/10_teacher_embeddings.py wrote")
@@ -53,23 +48,9 @@ def main() -> int:
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per text")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per process and micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping (0: off)")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: epochs decide)")
-    parser.add_argument("--save-every", type=int, default=2000, help="steps between checkpoints")
-    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics rows")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the latest checkpoint of this run")
-    parser.add_argument("--dist-timeout", type=float, default=1800.0,
-                        help="seconds a process waits for the others before giving up")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    # The paper's settings: AdamW 5e-5, clipping 0.5 (batch: --grad-accum for its 2048).
+    add_training_args(parser, TrainConfig(epochs=1, batch_size=64, lr=5e-5, weight_decay=0.01,
+                                          warmup_steps=100, max_grad_norm=0.5, save_every=2000))
     args = parser.parse_args()
     setup_logging(args.log_level)
 
@@ -86,12 +67,7 @@ def main() -> int:
     train_index, val_index = validation_split(len(texts), args.val_fraction, args.seed)
 
     env = join_process_group(args.dist_timeout)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-        max_steps=args.max_steps, save_every=args.save_every, keep_last=args.keep_last,
-        log_every=args.log_every, seed=args.seed, bf16=args.bf16, dist_timeout_s=args.dist_timeout,
-    )
+    config = TrainConfig.from_args(args)
     run_config = {
         "corpus": paths.task, "corpus_texts": fingerprint(corpus_file(paths)),
         "teachers": {name: fingerprint(folder / INDEX_NAME) for name, folder in folders.items()},
