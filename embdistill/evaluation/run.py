@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,11 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
     per-task spec (``{task}``) loads its model for each task; its throughput and parameter
     count are those of the first task's model."""
     import mteb
+    from sklearn.exceptions import ConvergenceWarning
 
+    # mteb's protocol fixes LogisticRegression(max_iter=100), whose lbfgs often stops at that
+    # limit: that is the published protocol, and a warning per fit would bury the log.
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
     cache = mteb.ResultCache(cache_path=cache_dir)
     instructions = {t.name: t.instruction for t in tasks}
     throughput_texts = tasks[0].texts(config.throughput_texts)
