@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from embdistill.senses.krule import (
     mcl_counts,
     spot_check,
 )
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -284,12 +284,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
 
 
 # ------------------------------------------------------------------ processes and resume
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_driver(script: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

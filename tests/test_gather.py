@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from embdistill.senses.gather import (
     part_path,
 )
 from embdistill.teachers import load_teacher
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # the tiny BERT has 64 positions
@@ -75,12 +75,6 @@ def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int 
            **(env_extra or {})}
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import random
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from argparse import Namespace
@@ -34,6 +33,7 @@ from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiT
 from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_teacher,
                                             load_teacher_targets, shard_files, text_id,
                                             write_teacher_shards)
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("market stock bank rates price growth team match goal season player coach film music "
@@ -387,12 +387,6 @@ def run_script(script: str, *args, status: int = 0) -> None:
     finally:
         sys.argv = argv
     assert exited.value.code == status
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_killed(module, owner, method, n, script, *args) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import json
 import os
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from embdistill.students import build_student, default_teacher_device, export_st
 from embdistill.teachers import load_teacher
 from embdistill.text import format_example
 from embdistill.training import read_metrics
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).parent / "data" / "pinned_train_run.json"
@@ -260,12 +260,6 @@ def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_d
 
 # ------------------------------------------------------------------------------------------
 # two processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_run_train_sh_trains_with_two_processes_and_the_mse_loss(stage_inputs, tiny_bert_dir):

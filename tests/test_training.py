@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from embdistill.errors import UserError
 from embdistill.losses import masked_mse
 from embdistill.training import LossOutput, Trainer, TrainConfig, cosine_with_warmup, read_metrics
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, DIM = 20, 6
@@ -205,12 +205,6 @@ def test_bad_settings_are_user_errors(tmp_path):
         config(lr=-1.0)
     with pytest.raises(UserError, match="no training examples"):
         Trainer(TinyTokenModel(), mse_objective, [], collate, config(), tmp_path, device="cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path):
