@@ -83,8 +83,7 @@ done
 echo "== teacher embeddings: ${TEACHERS[*]}"
 launch scripts/10_teacher_embeddings.py "${NAMING[@]}" "${BUILD[@]+"${BUILD[@]}"}" "${COMMON[@]+"${COMMON[@]}"}"
 
-# The runs keep the script's default names, mt-<loss>: torchrun reads any '--run' on its
-# command line as an abbreviation of its own --run-path and stops.
+# The runs keep the script's default names, mt-<loss>, which the evaluation below names.
 for loss in nll mse; do
   echo "== train: $loss -> runs/.../mt-$loss"
   launch scripts/11_train_multiteacher.py "${NAMING[@]}" --loss "$loss" \
