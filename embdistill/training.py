@@ -168,13 +168,13 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
     return factor
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
+        return type(value)(to_device(item, device) for item in value)
     return value
 
 
@@ -381,7 +381,7 @@ class Trainer:
         sums: torch.Tensor | None = None
         metric_names: list[str] = []
         for i, indices in enumerate(micro_batches):
-            batch = _to_device(self.collate_fn([self.dataset[j] for j in indices]), self.device)
+            batch = to_device(self.collate_fn([self.dataset[j] for j in indices]), self.device)
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients in the last micro-batch's backward only.
             no_sync = self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()

@@ -135,14 +135,14 @@ class Collator:
 def evaluate_loss(model: nn.Module, loss_fn, dataset, collate_fn, batch_size: int,
                   device: torch.device) -> dict[str, float]:
     """The loss and metrics averaged over every text of ``dataset`` (eval mode, no gradients)."""
-    from ..training import _to_device
+    from ..training import to_device
 
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     total = 0
     for start in range(0, len(dataset), batch_size):
-        batch = _to_device(collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+        batch = to_device(collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
         loss, count, metrics = loss_fn(model, batch)
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(value) * count
