@@ -23,10 +23,12 @@ from embdistill.tasks import resolve_task
 
 
 def parse_args():
-    parser = stage_parser(__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
     parser.add_argument("--input", default=None,
                         help="gathered states (default work/<task>/<teacher>/combined.pkl)")
+    parser.add_argument("--output", default=None,
+                        help="sense dictionary (default sense_dict/<task>/<teacher>.kmeanspkl)")
     parser.add_argument("--hidden-size", type=int, default=None,
                         help="refuse states that are not this wide (e.g. 4096 for Llama-3-8B)")
     parser.add_argument("--k-rule", choices=K_RULES, default="fixed",
@@ -82,7 +84,7 @@ def main() -> int:
     cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, senses=args.senses, backend=args.backend, seed=args.seed,
                         max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype)
     batching = Batching(tokens=args.batch_tokens, elements=args.batch_elements)
-    out = paths.sense_dict
+    out = paths.sense_dict if args.output is None else Path(args.output).resolve()
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
                     what="cluster"):
         return 0
