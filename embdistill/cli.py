@@ -47,10 +47,6 @@ def setup_logging(level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Hub retries are logged once per attempt; the failure itself reaches the user as one
     # UserError line naming what could not be downloaded.
-    # A progress bar redrawn every 0.1 s fills a log file (CI, a cluster job's stderr): when
-    # stderr is not a terminal, redraw every 30 s unless the user chose otherwise.
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     # huggingface_hub configures its own root logger on import, so set it through its API.
     from huggingface_hub.utils import logging as hub_logging
 

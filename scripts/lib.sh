@@ -11,6 +11,10 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# A progress bar redrawn every 0.1 s fills a log file (CI, a cluster job's stderr): when stderr
+# is not a terminal, redraw every 30 s unless the user chose otherwise. (tqdm reads TQDM_* when
+# it is imported, so this must be set before Python starts.)
+if [[ ! -t 2 ]]; then export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"; fi
 
 NPROC_PER_NODE=1
 NNODES=1
