@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 log = logging.getLogger("embdistill.distributed")
 
 
@@ -54,6 +56,20 @@ def default_device(env: DistEnv | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def resolve_device(arg: str | None, env: DistEnv | None = None) -> torch.device:
+    """A ``--device`` option: None gives :func:`default_device`; a bad or unavailable device
+    is a one-line UserError (not torch's traceback at first use)."""
+    if arg is None:
+        return default_device(env)
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise UserError(f"unknown device '{arg}' (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {arg}: CUDA is not available here")
+    return device
 
 
 def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> DistEnv:

@@ -9,7 +9,7 @@ killed run resumes from its finished part files when started again with the same
 
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import default_device, dist_env, print0
+from embdistill.distributed import dist_env, print0, resolve_device
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
 from embdistill.tasks import resolve_task
@@ -47,7 +47,7 @@ def main() -> int:
         return 0
     texts = read_train_texts(paths)
     counts = load_counts(paths.counts, args.max_length)
-    teacher = load_teacher(args.teacher, device=args.device or default_device(env), dtype=args.teacher_dtype)
+    teacher = load_teacher(args.teacher, device=resolve_device(args.device, env), dtype=args.teacher_dtype)
     summary = gather_shard(teacher, texts, counts, rank_file, cfg, env, inputs=inputs,
                            batch_size=args.batch_size, flush_every=args.flush_every,
                            buffer_rows=args.buffer_rows, overwrite=args.overwrite)

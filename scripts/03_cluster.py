@@ -12,7 +12,7 @@ import torch
 
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, default_device, init_distributed, print0
+from embdistill.distributed import cleanup, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
@@ -52,18 +52,6 @@ def parse_args():
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds a process waits for the others at the barrier")
     return parser.parse_args()
-
-
-def resolve_device(arg: str | None) -> torch.device:
-    if arg is None:
-        return default_device()
-    try:
-        device = torch.device(arg)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{arg}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {arg}: CUDA is not available here")
-    return device
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, default_device, print0
+from embdistill.distributed import cleanup, default_device, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss
 from embdistill.paths import Paths, base_dir
@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> int:
     env = join_process_group(args.dist_timeout)
     config = TrainConfig.from_args(args, lr_scale=env.world_size)
     device = default_device(env)
-    teacher_device = args.teacher_device or default_teacher_device(
+    teacher_device = resolve_device(args.teacher_device) if args.teacher_device else default_teacher_device(
         device, env, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     teacher = load_teacher(args.teacher, device=teacher_device)
     paths = Paths(base_dir(args.base_dir), task.slug, teacher.slug, run)

@@ -17,7 +17,7 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
 import argparse
 
 from embdistill.cli import run_main, setup_logging, stage_parser
-from embdistill.distributed import default_device
+from embdistill.distributed import resolve_device
 from embdistill.errors import UserError
 from embdistill.evaluation.specs import parse_model_specs
 from embdistill.paths import base_dir, results_dir
@@ -67,7 +67,7 @@ def main() -> int:
         text_column=args.text_column, label_column=args.label_column,
     )
     base = base_dir(args.base_dir)
-    table = evaluate(config, base, device=args.device or default_device(), overwrite=args.overwrite)
+    table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
     print_table(table, results_dir(base, args.run))
     return 0
 

@@ -26,3 +26,30 @@ def test_failed_worker_gives_one_line_and_its_status(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("rank 0 ended with status 2")
+
+
+def test_device_options_fail_in_one_line():
+    import pytest
+    import torch
+
+    from embdistill.distributed import resolve_device
+    from embdistill.errors import UserError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_evaluation_with_a_bad_device_exits_2_in_one_line(tmp_path):
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "05_evaluate.py"
+    result = subprocess.run([sys.executable, str(script), "--base-dir", str(tmp_path), "--task", "bbc-news",
+                             "--models", "teacher:minilm", "--device", "gpu0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown device 'gpu0' (e.g. cpu, cuda, cuda:1)"
