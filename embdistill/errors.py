@@ -7,3 +7,9 @@ single line (``error: ...``) and exits with status 2: no traceback from deep ins
 
 class UserError(Exception):
     """Bad input (task, file, model, artefact, option): reported as one line, exit status 2."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (its first, at most ``limit`` characters), to quote
+    in a UserError or a log line."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:limit]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .paths import slug
 
 log = logging.getLogger("embdistill.tasks")
@@ -235,20 +235,25 @@ def _load_tweet_sentiment() -> LabelledData:
     return LabelledData({"train": (texts, labels)})
 
 
+def load_mteb_task(name: str):
+    """mteb's task ``name`` with its data loaded (the evaluation uses the same object);
+    UserError naming the dataset when it cannot be downloaded."""
+    import mteb
+
+    task = mteb.get_task(name)
+    try:
+        task.load_data()
+    except Exception as exc:  # hub unreachable, dataset moved, auth: datasets raises many kinds
+        raise UserError(
+            f"could not download dataset {task.metadata.dataset.get('path')} for task {name} "
+            f"(is the Hugging Face hub reachable? a warm HF cache also works): {first_line(exc, 200)}"
+        ) from None
+    return task
+
+
 def _hub_loader(spec: HubTaskSpec) -> Callable[[], LabelledData]:
     def load() -> LabelledData:
-        try:
-            import mteb
-
-            task = mteb.get_task(spec.name)
-            task.load_data()
-        except Exception as exc:  # hub unreachable, dataset moved, auth...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
-                f"could not download dataset {spec.hub_id} for task {spec.index} {spec.name} "
-                f"(is the Hugging Face hub reachable?): {reason[:200]}"
-            ) from None
-        dataset = task.dataset
+        dataset = load_mteb_task(spec.name).dataset
         if "default" in dataset and spec.train_split not in dataset:
             dataset = dataset["default"]
         splits = {}

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_open, save_json
 from .distributed import DistEnv, barrier, default_device, init_distributed
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger("embdistill.training")
 
@@ -195,10 +195,6 @@ def _peer_failure(exc: BaseException) -> bool:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-
-
 def _rng_state() -> dict:
     """This process's RNG states, as tensors and plain values (``torch.load(weights_only=True)``
     reads them back without extra safe globals)."""
@@ -328,7 +324,7 @@ class Trainer:
             if self.env.distributed and _peer_failure(exc):
                 raise UserError(
                     f"rank {self.env.rank}: lost contact with the other processes at step "
-                    f"{self.global_step + 1} ({_first_line(exc)}); another rank crashed or hung "
+                    f"{self.global_step + 1} ({first_line(exc)}); another rank crashed or hung "
                     "(see its log), or --dist-timeout is too short"
                 ) from None
             raise
@@ -484,7 +480,7 @@ class Trainer:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # a damaged file of any kind: fall back to the one before
-                log.warning("skipping unreadable checkpoint %s (%s)", path, _first_line(exc))
+                log.warning("skipping unreadable checkpoint %s (%s)", path, first_line(exc))
                 continue
             self._check_resumable(path, state["config"])
             self.module.load_state_dict(state["model"])
@@ -545,7 +541,7 @@ def join_process_group(timeout_s: float) -> DistEnv:
         return init_distributed(timeout_s=timeout_s)
     except dist.DistError as exc:
         raise UserError(
-            f"could not join the process group ({_first_line(exc)}); check that every node "
+            f"could not join the process group ({first_line(exc)}); check that every node "
             "started, --master_addr/--master_port, and --dist-timeout"
         ) from None
 

@@ -285,7 +285,7 @@ def test_unusable_task_exits_2(rows, message, tmp_path, tiny_bert_dir, monkeypat
 def test_hub_task_offline_exits_2_naming_the_dataset(tmp_path, tiny_bert_dir, monkeypatch, capsys):
     code, err = _stage(monkeypatch, capsys, "--base-dir", str(tmp_path), "--task", "2",
                        "--models", f"teacher:{tiny_bert_dir}")
-    assert code == 2 and "could not load dataset mteb/banking77" in _single_line_error(err)
+    assert code == 2 and "could not download dataset mteb/banking77" in _single_line_error(err)
 
 
 def test_unknown_model_path_exits_2_from_the_command_line(workspace, tmp_path):

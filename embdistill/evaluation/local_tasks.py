@@ -27,7 +27,7 @@ from mteb.abstasks.task_metadata import TaskMetadata
 
 from ..errors import UserError
 from ..paths import Paths
-from ..tasks import Task
+from ..tasks import Task, load_mteb_task
 from ..texts import read_eval_split
 
 log = logging.getLogger("embdistill.evaluation")
@@ -113,20 +113,11 @@ def _labelled(task: Task, eval_split: dict, split: str) -> tuple[list[str], list
 
 def hub_task(task: Task, *, samples_per_label: int | None, n_experiments: int | None):
     """mteb's own task, its data loaded (UserError when the hub cannot be reached)."""
-    import mteb
-
-    mteb_task = mteb.get_task(task.mteb_name)
+    mteb_task = load_mteb_task(task.mteb_name)
     if samples_per_label is not None:
         mteb_task.samples_per_label = samples_per_label
     if n_experiments is not None:
         mteb_task.n_experiments = n_experiments
-    try:
-        mteb_task.load_data()
-    except Exception as exc:  # datasets raises many kinds (ConnectionError, OfflineModeIsEnabled, ...)
-        dataset = mteb_task.metadata.dataset.get("path")
-        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise UserError(f"task {task.name}: could not load dataset {dataset} from the Hugging Face "
-                        f"hub ({reason}); hub tasks need network access (or a warm HF cache)") from None
     return mteb_task
 
 

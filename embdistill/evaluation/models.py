@@ -22,7 +22,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..text import format_example
 from .replace import ReplaceModeModel
@@ -138,8 +138,7 @@ def _load_sentence_transformer(target: str, device):
         return SentenceTransformer(str(Path(target).expanduser()) if looks_like_path(target) else target,
                                    device=str(device))
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise UserError(f"could not load sentence-transformers model {target}: {first_line}") from None
+        raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
 
 
 def measure_throughput(encoder: Encoder, texts: Sequence[str], task_name: str) -> float:

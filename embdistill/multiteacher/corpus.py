@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import load_json, save_json, write_manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..paths import Paths, slug
 from ..tasks import resolve_task
 from ..texts import read_train_texts, texts_only
@@ -102,7 +102,7 @@ def hub_texts(dataset_id: str, split: str, columns: list[str] | None) -> list[st
 
         dataset = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # offline, unknown id, missing split, auth: all one line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = first_line(exc, 200)
         raise UserError(f"could not load corpus dataset '{dataset_id}' (split {split}) with the "
                         f"datasets library; is the Hugging Face hub reachable? {reason}") from None
     available = list(dataset.column_names)
