@@ -80,7 +80,9 @@ class TokenDistillation:
         return LossOutput(loss, count, {"sense_accuracy": accuracy})
 
 
-def _st_modules():
+def sentence_transformer_modules():
+    """sentence-transformers' module classes (Transformer, Pooling, Normalize, Dense, BoW...),
+    wherever this version keeps them."""
     try:  # sentence-transformers >= 6
         from sentence_transformers.sentence_transformer import modules
     except ImportError:
@@ -104,7 +106,7 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     hf_dir = building / "hf"
     student.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
-    modules = _st_modules()
+    modules = sentence_transformer_modules()
     transformer = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length)
     # "mean" (SKD, and the multi-teacher default) or "cls" (the arctic-embed students)
     pipeline = [transformer, modules.Pooling(student.config.hidden_size, pooling)]

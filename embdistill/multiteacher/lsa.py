@@ -133,8 +133,11 @@ class LsaModel:
         """The same model as a SentenceTransformer folder of stock modules (module docstring)."""
         import torch
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import BoW, Dense, Normalize
 
+        from ..students import sentence_transformer_modules
+
+        BoW, Dense, Normalize = (getattr(sentence_transformer_modules(), name)
+                                 for name in ("BoW", "Dense", "Normalize"))
         bow = BoW(self.vocabulary, dict(zip(self.vocabulary, self.idf.tolist())),
                   cumulative_term_frequency=True)
         dense = Dense(len(self.vocabulary), self.hidden_size, bias=False, activation_function=None,
