@@ -13,8 +13,10 @@
 * **data**: each epoch shuffles the dataset with ``DistributedSampler`` (seed + epoch), each
   rank takes its share, in batches of ``batch_size``; ``collate_fn`` turns a list of items into
   a batch (tensors are moved to the device here).
-* **optimisation**: AdamW, cosine schedule with linear warm-up, gradient accumulation,
-  gradient clipping, bf16 autocast on CUDA (float32 weights and optimiser state).
+* **optimisation**: AdamW (one parameter group, or the caller's ``param_groups`` with their
+  own learning rates), linear warm-up then a cosine decay or a constant rate (``schedule``),
+  gradient accumulation, gradient clipping, bf16 autocast on CUDA (float32 weights and
+  optimiser state).
 * **checkpoints** (``run_dir/checkpoints/step-NNNNNNNN.pt``, written atomically every
   ``save_every`` steps, at each epoch end and at the end): model, optimiser, scheduler, the RNG
   states of every rank, epoch and step within it, config; the last ``keep_last`` are kept.
@@ -23,7 +25,10 @@
   layout, optimiser settings, world size); ``resume=False`` deletes the old checkpoints and
   starts over. The run folder must be shared by all ranks.
 * **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
-  ``log_every`` steps, and draws ``run_dir/loss.png`` at the end.
+  ``log_every`` steps, and draws ``run_dir/loss.png`` at the end. ``on_step_end`` (rank 0,
+  after every step) adds the caller's measurements (a probe batch, a validation loss) to them.
+* **a fresh start**: ``on_fresh_start`` runs on every rank before the first step of a run that
+  did not resume from a checkpoint (e.g. to fit some parts of the model before the rest).
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
   the step, before the optimiser step (the last checkpoint stays the last good one); a peer
   that dies or hangs ends the others with a one-line ``UserError`` after at most
@@ -61,6 +66,7 @@ from .errors import UserError, first_line
 log = logging.getLogger("embdistill.training")
 
 CHECKPOINT_PATTERN = "step-*.pt"
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -72,6 +78,7 @@ class TrainConfig:
     lr: float = 5e-6  # as used: scale it by the world size before, if wanted
     weight_decay: float = 1e-4
     warmup_steps: int = 300
+    schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0 or "constant"
     grad_accum: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 0.0  # 0: no clipping
     max_steps: int = 0  # 0: as many as the epochs give; else stop (and end the schedule) there
@@ -91,13 +98,15 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.dist_timeout_s <= 0:
             raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
 
     @classmethod
     def from_args(cls, args, *, lr_scale: float = 1.0) -> "TrainConfig":
         """From the options of :func:`add_training_args` (``lr_scale``: e.g. the world size)."""
         return cls(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr * lr_scale,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
             max_steps=args.max_steps, save_every=args.save_every, keep_last=args.keep_last,
             log_every=args.log_every, seed=args.seed, bf16=args.bf16,
@@ -105,8 +114,10 @@ class TrainConfig:
         )
 
 
-def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning rate") -> None:
-    """The shared loop's options, with a method's reference run as their defaults."""
+def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning rate",
+                      schedule_help: str = "") -> None:
+    """The shared loop's options, with a method's reference run as their defaults
+    (``schedule_help``: a method's note on --schedule, e.g. what its authors used)."""
     group = parser.add_argument_group("training loop")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -115,7 +126,10 @@ def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                        help="AdamW weight decay")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                       help="linear warm-up before the cosine decay")
+                       help="steps of linear warm-up before the schedule")
+    group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                       help="learning rate after the warm-up: cosine decay to 0 at the last step, "
+                       "or constant" + (f"; {schedule_help}" if schedule_help else ""))
     group.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
                        help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
     group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
@@ -166,6 +180,22 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def constant_with_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear 0 -> 1 over ``warmup_steps``, then 1."""
+
+    def factor(step: int) -> float:
+        return (step + 1) / (warmup_steps + 1) if step < warmup_steps else 1.0
+
+    return factor
+
+
+def lr_schedule(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The LR factor of ``TrainConfig.schedule``."""
+    if schedule == "constant":
+        return constant_with_warmup(warmup_steps)
+    return cosine_with_warmup(warmup_steps, total_steps)
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -227,7 +257,13 @@ class Trainer:
     ``run_config``: what identifies the run besides the optimisation settings (model, data,
     loss; JSON-serialisable): saved in ``config.json`` and in every checkpoint, and a
     checkpoint with a different one is refused on resume. ``device``: default this rank's GPU,
-    else the CPU.
+    else the CPU. ``param_groups``: AdamW's groups (dicts with ``params`` and any setting of
+    their own, such as ``lr``; the schedule scales each group's rate), default one group of
+    every trainable parameter at ``config.lr``. ``on_fresh_start(model)``: see the module
+    docstring; it gets the unwrapped model. ``on_step_end(model, step, finished) -> metrics``:
+    rank 0, after every optimiser step, with the unwrapped model; a non-empty result goes into
+    that step's metrics row (a row of its own when the step logs nothing). It must leave the
+    model as it found it (training mode, no RNG draws), so that resumed runs stay identical.
     """
 
     def __init__(
@@ -242,6 +278,9 @@ class Trainer:
         run_config: Mapping[str, Any] | None = None,
         device: torch.device | str | None = None,
         resume: bool = True,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        on_fresh_start: Callable[[nn.Module], None] | None = None,
+        on_step_end: Callable[[nn.Module, int, bool], Mapping[str, float]] | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError("no training examples")
@@ -258,18 +297,24 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.run_config = _normalised(dict(run_config or {}))
         self.resume = resume
+        self.on_fresh_start = on_fresh_start
+        self.on_step_end = on_step_end
 
-        self.parameters = [p for p in self.module.parameters() if p.requires_grad]
+        groups = [dict(group) for group in param_groups] if param_groups else [
+            {"params": list(self.module.parameters())}]
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        self.parameters = [p for group in groups for p in group["params"]]
         if not self.parameters:
             raise UserError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         batches_per_epoch = math.ceil(len(self._sampler(0)) / config.batch_size)
         self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(config.warmup_steps, self.total_steps)
+            self.optimizer, lr_schedule(config.schedule, config.warmup_steps, self.total_steps)
         )
         self.epoch = 0
         self.step_in_epoch = 0
@@ -336,6 +381,8 @@ class Trainer:
             torch.manual_seed(self.config.seed + self.env.rank)
             random.seed(self.config.seed + self.env.rank)
             np.random.seed(self.config.seed + self.env.rank)
+            if self.on_fresh_start is not None:
+                self.on_fresh_start(self.module)
         if self.env.is_main:
             save_json(self.saved_config, self.run_dir / "config.json")
             self._trim_metrics()
@@ -360,9 +407,14 @@ class Trainer:
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats['loss']:.4f}")
                     finished = self.global_step >= self.total_steps
+                    extra = {}
+                    if self.on_step_end is not None and self.env.is_main:
+                        extra = dict(self.on_step_end(self.module, self.global_step, finished))
                     if self.global_step % self.config.log_every == 0 or finished:
-                        last_logged = self._log(window, time.perf_counter() - started)
+                        last_logged = self._log(window, time.perf_counter() - started, extra)
                         window = {}
+                    elif extra:
+                        self._write_row({"step": self.global_step, **extra})
                     if epoch_end or finished or self.global_step % self.config.save_every == 0:
                         self._save_checkpoint()
                     if finished:
@@ -424,17 +476,20 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # metrics
 
-    def _log(self, window: dict[str, float], elapsed: float) -> dict[str, float]:
+    def _log(self, window: dict[str, float], elapsed: float, extra: Mapping[str, float]) -> dict[str, float]:
         row = _window_means(window)
         row = {"step": self.global_step,
                "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
-               **row, "elapsed_s": round(elapsed, 3)}
+               **row, **extra, "elapsed_s": round(elapsed, 3)}
         if self.env.is_main:
             log.info("step %d/%d  %s", self.global_step, self.total_steps,
                      "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "epoch")))
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            self._write_row(row)
         return row
+
+    def _write_row(self, row: Mapping[str, float]) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
     def _trim_metrics(self) -> None:
         """Drop metric rows logged after the checkpoint we resume from (or all, when fresh)."""
@@ -581,12 +636,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    names = [k for k in rows[0] if k not in ("step", "epoch", "elapsed_s")] if rows else []
+    # every quantity of any row (some are measured less often than others), in order of appearance
+    names = list(dict.fromkeys(k for row in rows for k in row if k not in ("step", "epoch", "elapsed_s")))
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * max(len(names), 1)), sharex=True,
                              squeeze=False)
-    steps = [row["step"] for row in rows]
     for axis, name in zip(axes[:, 0], names):
-        axis.plot(steps, [row.get(name, float("nan")) for row in rows], marker=".")
+        points = [(row["step"], row[name]) for row in rows if name in row]
+        axis.plot(*zip(*points), marker=".")
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimiser step")

@@ -10,17 +10,10 @@ embeddings/<corpus>/lsa/model/ (and sentence-transformer/, for evaluation). Fini
 are kept: a rerun, with any number of processes, encodes only what is missing.
 """
 
-import torch
-
-from embdistill.artifacts import fingerprint, is_done
-from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import barrier, cleanup, default_device, init_distributed
-from embdistill.multiteacher.corpus import (add_corpus_args, build_corpus, corpus_file, corpus_name,
-                                            read_corpus, write_corpus)
-from embdistill.multiteacher.lsa import LSA_TEACHER, LsaModel, lsa_dirs, prepare_lsa
-from embdistill.multiteacher.shards import (finish_teacher, reset_teacher, shards_config,
-                                            write_teacher_shards)
-from embdistill.paths import Paths, base_dir, slug
+from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.multiteacher.corpus import add_corpus_args
+from embdistill.multiteacher.lsa import LSA_TEACHER
+from embdistill.multiteacher.teacher_embeddings import build_teacher_embeddings
 
 
 def main() -> int:
@@ -40,64 +33,8 @@ def main() -> int:
                         help="seconds the other ranks wait while rank 0 builds the corpus and fits LSA")
     args = parser.parse_args()
     setup_logging(args.log_level)
-
-    env = init_distributed(timeout_s=args.dist_timeout)
-    base = base_dir(args.base_dir)
-    paths = Paths(base, corpus_name(args))
-    teachers = list(dict.fromkeys(args.teachers))
-    if env.is_main:
-        prepare(args, base, paths, teachers)
-    barrier()
-    texts = read_corpus(paths)
-
-    for name in teachers:
-        folder = paths.embeddings_dir(slug(name))
-        config = teacher_config(name, folder, args)
-        if is_done(folder / "index.json", config=shards_config(config, texts, args.shard_size)):
-            log.info("teacher %s: %s is up to date, skipping", name, folder)
-            continue
-        written = write_teacher_shards(load_encoder(name, folder), texts, folder, teacher_config=config,
-                                       shard_size=args.shard_size, batch_size=args.batch_size,
-                                       max_length=args.max_length, env=env)
-        complete = finish_teacher(folder, texts, teacher_config=config, shard_size=args.shard_size)
-        # The last rank to finish writes index.json; the others need not wait for it.
-        print(f"teacher {name}: rank {env.rank} wrote {len(written)} shards to {folder}; "
-              + ("all shards in, index.json written" if complete else "other ranks still writing"),
-              flush=True)
-    cleanup()
+    build_teacher_embeddings(args)
     return 0
-
-
-def prepare(args, base, paths: Paths, teachers: list[str]) -> None:
-    """Rank 0, before the others start: the corpus, the LSA teacher, resets for --overwrite."""
-    texts, config, inputs = build_corpus(args, base)
-    if args.overwrite or not is_done(corpus_file(paths), config=config, inputs=inputs):
-        write_corpus(paths, texts, config, inputs)
-    log.info("corpus %s: %d texts", paths.task, len(texts))
-    for name in teachers:
-        folder = paths.embeddings_dir(slug(name))
-        if args.overwrite:
-            reset_teacher(folder)
-        if name == LSA_TEACHER:
-            prepare_lsa(folder, texts, corpus_file(paths), dim=args.lsa_dim, min_df=args.lsa_min_df,
-                        max_features=args.lsa_max_features, seed=args.seed, overwrite=args.overwrite)
-
-
-def teacher_config(name: str, folder, args) -> dict:
-    """What makes a teacher's vectors what they are: shards made otherwise are redone."""
-    if name == LSA_TEACHER:
-        return {"teacher": LSA_TEACHER, "model": fingerprint(lsa_dirs(folder)[0])}
-    return {"teacher": slug(name), "source": name, "max_length": args.max_length}
-
-
-def load_encoder(name: str, folder):
-    if name == LSA_TEACHER:
-        return LsaModel.load(lsa_dirs(folder)[0])
-    from embdistill.teachers import load_teacher
-
-    device = default_device()
-    # fp16 on GPU, as the paper encodes; the CPU keeps fp32 (fp16 matmuls are slow there)
-    return load_teacher(name, device=device, dtype=torch.float16 if device.type == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from embdistill.losses.gaussian_nll import GaussianKernelNLLLoss, gaussian_kernel_log_prob
+from embdistill.losses.gaussian_nll import (GaussianKernelNLLLoss, gaussian_kernel_log_prob,
+                                           gaussian_kernel_terms)
 
 
 def random_case(batch, dim, seed, dtype=torch.float64):
@@ -57,6 +58,19 @@ def test_loss_sums_each_teachers_mean_nll(normalize_by_dim):
     for name, dim in dims.items():  # logged per dimension whatever the weighting
         mu, rho = predictions[name]
         assert metrics[f"nll/{name}"] == pytest.approx(-reference_log_prob(mu, rho, targets[name]).mean().item() / dim)
+
+
+def test_the_logged_parts_are_log_lambda_and_the_weighted_squared_error():
+    mu, rho, target = random_case(6, 5, seed=4)
+    log_lambda, squared_error = gaussian_kernel_terms(mu, rho, target)
+    precision = torch.exp(torch.tanh(rho))
+    assert torch.allclose(log_lambda, torch.log(precision).sum(-1), rtol=1e-12)
+    assert torch.allclose(squared_error, 0.5 * (precision * (target - mu)).pow(2).sum(-1), rtol=1e-12)
+    _, metrics = GaussianKernelNLLLoss()({"t": (mu, rho)}, {"t": target})
+    assert metrics["log_lambda/t"] == pytest.approx(log_lambda.mean().item() / 5)
+    assert metrics["sq_err/t"] == pytest.approx(squared_error.mean().item() / 5)
+    assert metrics["nll/t"] == pytest.approx(0.5 * math.log(2 * math.pi) - metrics["log_lambda/t"]
+                                             + metrics["sq_err/t"])
 
 
 def test_minimising_learns_mean_and_precision():

@@ -28,11 +28,13 @@ from embdistill.losses.gaussian_nll import GaussianKernelNLLLoss
 from embdistill.losses.mse import masked_mse
 from embdistill.multiteacher.corpus import build_corpus, unique_texts, validation_split
 from embdistill.multiteacher.lsa import LsaModel, analyze, fit_lsa
-from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherStudent,
-                                           TeacherHead, make_loss_fn)
+from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherLoss,
+                                           MultiTeacherStudent, kernel_head, regression_head)
+from embdistill.multiteacher.monitor import TrainingMonitor, mean_pairwise_cosine, probe_metrics
 from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_teacher,
-                                            load_teacher_targets, shard_files, text_id,
-                                            write_teacher_shards)
+                                            load_teacher_targets, shard_files, target_statistics,
+                                            text_id, write_teacher_shards)
+from embdistill.multiteacher.warmup import fit_heads
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +206,22 @@ def test_an_interrupted_writer_resumes_where_it_stopped(tmp_path):
     assert len(load_teacher_targets(tmp_path / "resumed", texts[:10])) == 10
 
 
+def test_target_statistics_equal_numpys_on_the_shards(tmp_path):
+    texts = make_texts(30)  # 8 shards of 4
+    write_all(tmp_path / "t", texts, world_size=3, rank_order=[2, 1, 0])
+    targets = load_teacher_targets(tmp_path / "t", random.Random(2).sample(texts, len(texts)))
+    rows = np.stack([targets[i] for i in range(len(targets))]).astype(np.float64)
+    subset = np.array([3, 29, 0, 17, 8, 11, 25, 4, 19, 21, 6])  # a training split, across shards
+    for chunk in (4, 7, 1000):  # merged chunks give the one-pass result
+        mean, std = target_statistics(targets, subset, chunk=chunk)
+        assert mean.dtype == std.dtype == np.float64 and mean.shape == (5,)
+        np.testing.assert_allclose(mean, rows[subset].mean(0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(std, rows[subset].std(0), rtol=1e-12)
+    np.testing.assert_allclose(target_statistics(targets)[1], rows.std(0), rtol=1e-12)
+    constant = TeacherTargets("c", [np.ones((4, 2), np.float16)], np.zeros(4, np.int32), np.arange(4))
+    assert np.array_equal(target_statistics(constant)[1], [1.0, 1.0])  # no division by zero
+
+
 # ------------------------------------------------------------------------------------- LSA
 
 
@@ -307,12 +325,21 @@ def tiny_encoder(tiny_bert_dir):
     return AutoModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def test_heads_are_three_layer_mlps_of_width_1_4_d(tiny_bert_dir):
-    head = TeacherHead(32, 10)
-    layers = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in layers] == [(32, 14), (14, 14), (14, 20)]
-    mu, rho = head(torch.randn(3, 32))
+def linear_shapes(head) -> list[tuple[int, int]]:
+    return [(l.in_features, l.out_features) for l in head.mlp if isinstance(l, torch.nn.Linear)]
+
+
+def test_kernel_heads_have_hidden_layers_of_width_1_4_d_and_the_mse_head_the_authors_shape():
+    assert linear_shapes(kernel_head(32, 10, hidden_layers=2)) == [(32, 14), (14, 14), (14, 20)]
+    # the authors' kernel: ff_layers=3 hidden layers of int(1.4 d)
+    assert linear_shapes(kernel_head(32, 384, hidden_layers=3)) == [(32, 537), (537, 537), (537, 537), (537, 768)]
+    mu, rho = kernel_head(32, 10, hidden_layers=3)(torch.randn(3, 32))
     assert mu.shape == rho.shape == (3, 10)
+    # the authors' MSE head: d_s -> d_s -> d_s -> d_k, mu only
+    head = regression_head(32, 10)
+    assert linear_shapes(head) == [(32, 32), (32, 32), (32, 10)]
+    mu, rho = head(torch.randn(3, 32))
+    assert mu.shape == (3, 10) and rho is None
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -338,21 +365,135 @@ def test_loss_functions_nll_and_mse_through_the_same_heads(tiny_bert_dir):
                               np.zeros(4, np.int32), np.arange(4)) for k, (name, d) in enumerate([("a", 6), ("b", 3)])]
     batch = Collator(tokenizer, ["a", "b"], 32)([DistillationDataset(texts, targets)[i] for i in range(4)])
     assert batch["targets"]["b"].shape == (4, 3) and batch["targets"]["a"].dtype == torch.float32
-    model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean")
+    stats = {"a": (np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)), "b": (np.full(3, 0.3), np.full(3, 0.1))}
+    model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean", target_stats=stats)
     predictions = model(batch["input_ids"], batch["attention_mask"])
+    scaled = {k: (batch["targets"][k] - torch.tensor(m, dtype=torch.float32)) / torch.tensor(s, dtype=torch.float32)
+              for k, (m, s) in stats.items()}  # the heads learn the standardised targets
 
-    nll = make_loss_fn("nll", normalize_by_dim=True)(model, batch)
-    expected, _ = GaussianKernelNLLLoss(True)(predictions, batch["targets"])
+    nll = MultiTeacherLoss("nll", normalize_by_dim=True)(model, batch)
+    expected, _ = GaussianKernelNLLLoss(True)(predictions, scaled)
     assert nll.count == 4 and torch.allclose(nll.loss, expected)
+    assert {"nll/a", "log_lambda/a", "sq_err/b"} <= set(nll.metrics)
 
-    mse = make_loss_fn("mse")(model, batch)
-    expected = sum(masked_mse(predictions[k][0], batch["targets"][k])[0] for k in ("a", "b"))
+    mse = MultiTeacherLoss("mse")(model, batch)
+    expected = sum(masked_mse(predictions[k][0], scaled[k])[0] for k in ("a", "b"))
     assert torch.allclose(mse.loss, expected)
     mse.loss.backward()
     last = model.heads[0].mlp[-1].weight.grad
     assert last[:6].abs().sum() > 0 and last[6:].abs().sum() == 0  # rho's rows: no gradient
     with pytest.raises(UserError, match="--loss"):
-        make_loss_fn("cosine")
+        MultiTeacherLoss("cosine")
+    separate = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean", heads="regression")
+    assert MultiTeacherLoss("mse")(separate, batch).count == 4
+    with pytest.raises(UserError, match="kernel heads"):
+        MultiTeacherLoss("nll")(separate, batch)
+
+
+def toy_data(n: int, dims=(("a", 6), ("b", 3)), seed: int = 3):
+    """n texts and random teacher vectors, as a DistillationDataset."""
+    texts = make_texts(n, seed=seed)
+    targets = [TeacherTargets(name, [np.random.default_rng(k).normal(size=(n, d)).astype(np.float16)],
+                              np.zeros(n, np.int32), np.arange(n)) for k, (name, d) in enumerate(dims)]
+    return DistillationDataset(texts, targets)
+
+
+def test_head_warmup_fits_the_heads_on_cached_embeddings_and_leaves_the_student_alone(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    dataset = toy_data(24)
+    collator = Collator(AutoTokenizer.from_pretrained(tiny_bert_dir), ["a", "b"], 32)
+    torch.manual_seed(0)
+    model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = MultiTeacherLoss("nll")
+    summary = fit_heads(model, dataset, collator, loss, steps=30, batch_size=5, texts_per_step=8, lr=1e-2,
+                        weight_decay=0.01, max_grad_norm=0.0, seed=1, device=torch.device("cpu"),
+                        env=DistEnv())
+    after = model.state_dict()
+    assert summary["texts"] == 24 and summary["steps"] == 30  # 30 x 8 > 24: the whole set, cycled
+    for key in before:
+        if key.startswith("heads."):
+            continue
+        assert torch.equal(before[key], after[key]), key  # the student did not move
+    assert not torch.equal(before["heads.0.mlp.0.weight"], after["heads.0.mlp.0.weight"])
+    assert all(p.grad is None for p in model.parameters())
+    assert summary["last_loss"] < summary["first_loss"]
+    full = next(iter(DataLoaderLike(dataset, collator)))
+    with torch.no_grad():
+        model.eval()
+        fitted = loss(model, full).loss  # the whole set, after: lower than the first step's loss
+    assert float(fitted) < summary["first_loss"]
+    small = fit_heads(model, dataset, collator, loss, steps=2, batch_size=5, texts_per_step=4, lr=1e-2,
+                      weight_decay=0.0, max_grad_norm=0.5, seed=1, device=torch.device("cpu"), env=DistEnv())
+    assert small["texts"] == 8  # only what 2 steps of 4 texts need is encoded
+
+
+def DataLoaderLike(dataset, collator):
+    yield collator(dataset.items(range(len(dataset))))
+
+
+def test_probe_metrics_are_r2_and_mean_pairwise_cosine(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    dataset = toy_data(10)
+    batch = Collator(AutoTokenizer.from_pretrained(tiny_bert_dir), ["a", "b"], 32)(dataset.items(range(10)))
+    stats = {"a": (np.full(6, 0.2), np.full(6, 2.0)), "b": (np.zeros(3), np.ones(3))}
+    model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "cls", target_stats=stats).train()
+    metrics = probe_metrics(model, batch)
+    assert model.training  # left as found
+    with torch.no_grad():
+        model.eval()
+        embedding = model.embed(batch["input_ids"], batch["attention_mask"]).numpy().astype(np.float64)
+        mu = model.predict(torch.from_numpy(embedding).float())["a"][0].numpy().astype(np.float64)
+    target = (batch["targets"]["a"].numpy().astype(np.float64) - 0.2) / 2.0
+    r2 = 1 - ((target - mu) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    assert metrics["r2/a"] == pytest.approx(r2, rel=1e-4, abs=1e-5)
+    unit = embedding / np.linalg.norm(embedding, axis=1, keepdims=True)
+    cosines = [unit[i] @ unit[j] for i in range(10) for j in range(10) if i != j]
+    assert metrics["cosine"] == pytest.approx(np.mean(cosines), abs=1e-5)
+    assert mean_pairwise_cosine(torch.ones(4, 3)) == pytest.approx(1.0)
+
+
+class StubStudent(torch.nn.Module):
+    """Embeds every batch as ``self.vectors``; its heads predict zeros."""
+
+    def __init__(self, vectors):
+        super().__init__()
+        self.vectors = vectors
+
+    def embed(self, input_ids, attention_mask):
+        return self.vectors
+
+    def predict(self, embedding):
+        return {"a": (torch.zeros(len(embedding), 2), None)}
+
+    def scale_targets(self, targets):
+        return targets
+
+
+def test_the_monitor_warns_once_when_the_embeddings_collapse_and_validates_every_n(caplog):
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
+             "targets": {"a": torch.randn(4, 2)}}
+    model = StubStudent(torch.eye(4))  # orthogonal: cosine 0
+    validations = []
+    monitor = TrainingMonitor(batch, log_every=2, validate=lambda m: validations.append(1) or {"loss": 1.5},
+                              val_every=3)
+    with caplog.at_level("WARNING", logger="embdistill.multiteacher.monitor"):
+        rows = {step: monitor(model, step, finished=step == 7) for step in range(1, 8)}
+        assert [s for s, row in rows.items() if "cosine" in row] == [2, 4, 6, 7]
+        assert [s for s, row in rows.items() if "val/loss" in row] == [3, 6, 7] and len(validations) == 3
+        assert monitor.last_validation == (7, {"loss": 1.5}) and rows[2]["cosine"] == pytest.approx(0.0)
+        model.vectors = torch.ones(4, 4) + 0.01 * torch.eye(4)  # all one direction
+        for step in (8, 10):
+            assert monitor(model, step, finished=False)["cosine"] > 0.95
+        model.vectors = torch.eye(4)
+        monitor(model, 12, finished=False)
+        model.vectors = torch.ones(4, 4)
+        monitor(model, 14, finished=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "step 8" in warnings[0] and "step 14" in warnings[1]
+    assert "collapsing" in warnings[0] and "\n" not in warnings[0]
 
 
 # ------------------------------------------------------------------------- stages end to end
@@ -459,7 +600,8 @@ def test_teacher_stage_under_torchrun_with_two_ranks_writes_the_same_shards(tmp_
 def train_args(base, task_file, tiny_bert_dir, run):
     return ["--task", task_file, "--base-dir", base, "--teachers", tiny_bert_dir, "lsa", "--run", run,
             "--student", tiny_bert_dir, "--student-layers", 0, "--max-steps", 6, "--batch-size", 8,
-            "--save-every", 2, "--log-every", 1, "--warmup-steps", 1, "--lr", 1e-3, "--max-length", 32]
+            "--save-every", 2, "--log-every", 1, "--warmup-steps", 1, "--lr", 1e-3, "--max-length", 32,
+            "--head-warmup-steps", 3, "--val-every", 4]
 
 
 def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, task_file, tiny_bert_dir):
@@ -489,11 +631,28 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
     assert validation == json.loads((runs / "resumed" / "validation.json").read_text())
     metrics = [json.loads(line) for line in (runs / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5, 6]
+    teacher = Path(tiny_bert_dir).name
+    for row in metrics:  # the loss's parts, the heads' fit and the embeddings' spread, every row
+        assert {f"log_lambda/{teacher}", "sq_err/lsa", f"r2/{teacher}", "r2/lsa", "cosine"} <= set(row)
+    assert [row["step"] for row in metrics if "val/loss" in row] == [4, 6]
+    assert metrics[-1]["val/loss"] == pytest.approx(validation["loss"])
+    warmup = json.loads((runs / "reference" / "head_warmup.json").read_text())
+    assert warmup["steps"] == 3 and warmup["texts"] == 3 * 8  # what 3 steps of 8 texts need (of 61)
+
+    # standardisation: numpy's statistics of the training split, in config.json and the checkpoint
+    config = json.loads((runs / "reference" / "config.json").read_text())["run"]
+    assert config["standardize"] is True and set(config["target_stats"]) == {teacher, "lsa"}
+    texts = json.loads((teacher_base / "embeddings" / "toy" / "corpus.json").read_text())
+    train_index, _ = validation_split(len(texts), 0.05, 0)
+    for k, name in enumerate((teacher, "lsa")):
+        rows = load_teacher_targets(teacher_base / "embeddings" / "toy" / name, texts).rows(train_index)
+        for field, expected in (("mean", rows.astype(np.float64).mean(0)), ("std", rows.astype(np.float64).std(0))):
+            np.testing.assert_allclose(state_at(runs / "resumed", 6)[f"scalers.{k}.{field}"].numpy(),
+                                       expected, rtol=1e-6, atol=1e-7)
 
     # the exported SentenceTransformer is the trained student: same embeddings as the checkpoint's
-    state = torch.load(runs / "reference" / "checkpoints" / "step-00000006.pt", weights_only=True)
     model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {Path(tiny_bert_dir).name: 32, "lsa": 8}, "mean")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state_at(runs / "reference", 6))
     texts = make_texts(3, seed=9)
     batch = AutoTokenizer.from_pretrained(tiny_bert_dir)(texts, padding=True, truncation=True,
                                                           max_length=32, return_tensors="pt")
@@ -504,6 +663,10 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
 
     # done: a rerun skips; bad input is one line
     run_script("11_train_multiteacher.py", *train_args(teacher_base, task_file, tiny_bert_dir, "reference"))
+
+
+def state_at(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["model"]
 
 
 def test_stage_errors_are_one_line(teacher_base, task_file, capsys):
@@ -536,23 +699,31 @@ def test_two_ranks_keep_identical_parameters_and_match_one_rank(tmp_path, tiny_b
 
 
 def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
-    """Two NLL steps of a tiny student on 16 texts with random teachers; its final state."""
+    """Two NLL steps of a tiny student on 16 texts with random teachers, standardised targets,
+    heads warmed up for 3 steps and trained at their own lr; its final state."""
     from transformers import AutoTokenizer
 
+    from embdistill.distributed import dist_env
     from embdistill.training import Trainer, TrainConfig
 
-    texts = make_texts(16, seed=3)
-    targets = [TeacherTargets(name, [np.random.default_rng(k).normal(size=(16, d)).astype(np.float16)],
-                              np.zeros(16, np.int32), np.arange(16)) for k, (name, d) in enumerate([("a", 6), ("b", 3)])]
+    dataset = toy_data(16)
+    stats = {t.name: target_statistics(t) for t in dataset.targets}
     torch.manual_seed(0)
     encoder = tiny_encoder(tiny_bert_dir)
     encoder.pooler.requires_grad_(False)  # off the embedding's path (as build_student does)
-    model = MultiTeacherStudent(encoder, {"a": 6, "b": 3}, "cls")
+    model = MultiTeacherStudent(encoder, {"a": 6, "b": 3}, "cls", target_stats=stats)
     config = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, warmup_steps=0, max_steps=2,
-                         max_grad_norm=0.5, save_every=100, log_every=1)
+                         max_grad_norm=0.5, save_every=100, log_every=1, schedule="constant")
     collator = Collator(AutoTokenizer.from_pretrained(tiny_bert_dir), ["a", "b"], 32)
-    trainer = Trainer(model, make_loss_fn("nll"), DistillationDataset(texts, targets), collator, config,
-                      out_dir, run_config={"toy": 1}, device="cpu")
+    loss = MultiTeacherLoss("nll")
+    env = dist_env()
+
+    def warm_up(module):
+        fit_heads(module, dataset, collator, loss, steps=3, batch_size=batch_size, texts_per_step=8, lr=1e-2,
+                  weight_decay=0.01, max_grad_norm=0.5, seed=0, device=torch.device("cpu"), env=env)
+
+    trainer = Trainer(model, loss, dataset, collator, config, out_dir, run_config={"toy": 1}, device="cpu",
+                      param_groups=model.param_groups(1e-3, 1e-2), on_fresh_start=warm_up)
     trainer.train()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from embdistill.errors import UserError
 from embdistill.losses import masked_mse
-from embdistill.training import LossOutput, Trainer, TrainConfig, cosine_with_warmup, read_metrics
+from embdistill.training import (LossOutput, Trainer, TrainConfig, cosine_with_warmup, lr_schedule,
+                                 read_metrics)
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,47 @@ def test_cosine_schedule_with_warmup():
     assert [factor(s) for s in range(3)] == [0.25, 0.5, 0.75]
     assert factor(3) == 1.0 and factor(8) == pytest.approx(0.5) and factor(13) == pytest.approx(0.0)
     assert cosine_with_warmup(0, 10)(0) == 1.0
+
+
+def test_constant_schedule_with_warmup():
+    factor = lr_schedule("constant", warmup_steps=3, total_steps=13)
+    assert [factor(s) for s in range(3)] == [0.25, 0.5, 0.75] and factor(3) == factor(13) == 1.0
+    assert lr_schedule("cosine", 3, 13)(8) == pytest.approx(0.5)
+    with pytest.raises(UserError, match="--schedule"):
+        config(schedule="linear")
+
+
+def test_param_groups_keep_their_own_lr_and_the_hooks_run_when_asked(tmp_path):
+    model = TinyTokenModel()
+    fresh_starts, seen = [], []
+
+    def groups(model):
+        return [{"params": model.embed.parameters(), "lr": 0.0}, {"params": model.mix.parameters(), "lr": 0.01}]
+
+    def on_step_end(module, step, finished):
+        assert module is model and model.training
+        seen.append(step)
+        return {"probe": float(step)} if step % 3 == 0 or finished else {}
+
+    frozen = model.embed.weight.detach().clone()
+    trainer = Trainer(model, mse_objective, sequences(), collate, config(schedule="constant", warmup_steps=0),
+                      tmp_path, run_config={"model": "tiny"}, device="cpu",
+                      param_groups=groups(model), on_fresh_start=fresh_starts.append, on_step_end=on_step_end)
+    trainer.train()
+    assert fresh_starts == [model] and seen == list(range(1, 13))
+    assert torch.equal(model.embed.weight, frozen)  # lr 0: its group did not move
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0, 0.01]  # constant, per group
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(row["step"], "probe" in row, "loss" in row) for row in rows] == [
+        (2, False, True), (3, True, False), (4, False, True), (6, True, True), (8, False, True),
+        (9, True, False), (10, False, True), (12, True, True)]  # log_every 2: merged or a row of its own
+    assert (tmp_path / "loss.png").is_file()
+    # a resumed run does not start fresh
+    other = TinyTokenModel()
+    Trainer(other, mse_objective, sequences(), collate, config(schedule="constant", warmup_steps=0, epochs=3),
+            tmp_path, run_config={"model": "tiny"}, device="cpu", param_groups=groups(other),
+            on_fresh_start=fresh_starts.append).train()
+    assert fresh_starts == [model]
 
 
 class Interrupt(Exception):

@@ -26,8 +26,13 @@ import torch
 from torch import nn
 
 
-def gaussian_kernel_log_prob(mu: torch.Tensor, rho: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """log q(t | s) of each row: ``mu``, ``rho``, ``target`` (B, d) -> (B,), in float32 or wider."""
+def gaussian_kernel_terms(mu: torch.Tensor, rho: torch.Tensor, target: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two data-dependent terms of log q(t | s), per row: ``sum_j log lambda_j`` and
+    ``1/2 sum_j lambda_j^2 (t_j - mu_j)^2``; ``mu``, ``rho``, ``target`` (B, d) -> two (B,),
+    in float32 or wider. The first does not depend on the target: when it dominates the loss
+    (targets far below the kernel's scale of 1/e..e), the gradient into the student is nearly
+    the same for every text, the way to a collapse of the student's embeddings."""
     if not (mu.shape == rho.shape == target.shape) or mu.dim() != 2:
         raise ValueError(
             f"mu {tuple(mu.shape)}, rho {tuple(rho.shape)} and target {tuple(target.shape)} "
@@ -37,20 +42,23 @@ def gaussian_kernel_log_prob(mu: torch.Tensor, rho: torch.Tensor, target: torch.
     mu, rho, target = mu.to(dtype), rho.to(dtype), target.to(dtype)
     log_lambda = torch.tanh(rho)
     precision_sq = torch.exp(2 * log_lambda)
-    dim = mu.shape[-1]
-    return (
-        -0.5 * dim * math.log(2 * math.pi)
-        + log_lambda.sum(-1)
-        - 0.5 * (precision_sq * (target - mu).pow(2)).sum(-1)
-    )
+    return log_lambda.sum(-1), 0.5 * (precision_sq * (target - mu).pow(2)).sum(-1)
+
+
+def gaussian_kernel_log_prob(mu: torch.Tensor, rho: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log q(t | s) of each row: ``mu``, ``rho``, ``target`` (B, d) -> (B,), in float32 or wider."""
+    log_lambda, squared_error = gaussian_kernel_terms(mu, rho, target)
+    return -0.5 * mu.shape[-1] * math.log(2 * math.pi) + log_lambda - squared_error
 
 
 class GaussianKernelNLLLoss(nn.Module):
     """Sum over teachers of the mean negative log-likelihood (module docstring).
 
     ``forward(predictions, targets)``: ``predictions[k] = (mu_k, rho_k)``, ``targets[k] = t_k``,
-    each (B, d_k); returns ``(loss, metrics)`` with each teacher's mean NLL per dimension
-    (``nll/<k>``), comparable across teachers whatever ``normalize_by_dim`` is.
+    each (B, d_k); returns ``(loss, metrics)`` with, per teacher and per dimension (comparable
+    across teachers whatever ``normalize_by_dim`` is), the mean NLL (``nll/<k>``) and its two
+    parts (``log_lambda/<k>``, ``sq_err/<k>``):
+    ``nll/<k> = 1/2 log(2 pi) - log_lambda/<k> + sq_err/<k>``.
     """
 
     def __init__(self, normalize_by_dim: bool = False):
@@ -68,8 +76,11 @@ class GaussianKernelNLLLoss(nn.Module):
         metrics = {}
         for name, target in targets.items():
             mu, rho = predictions[name]
-            nll = -gaussian_kernel_log_prob(mu, rho, target).mean()
+            log_lambda, squared_error = (term.mean() for term in gaussian_kernel_terms(mu, rho, target))
             dim = target.shape[-1]
+            nll = 0.5 * dim * math.log(2 * math.pi) - log_lambda + squared_error
             total = total + (nll / dim if self.normalize_by_dim else nll)
             metrics[f"nll/{name}"] = float(nll.detach()) / dim
+            metrics[f"log_lambda/{name}"] = float(log_lambda.detach()) / dim
+            metrics[f"sq_err/{name}"] = float(squared_error.detach()) / dim
         return total, metrics

@@ -1,9 +1,23 @@
-"""The multi-teacher student: an encoder, its pooling, and one head per teacher.
+"""The multi-teacher student: an encoder, its pooling, one head per teacher, and the targets'
+scale.
 
-Head k is the paper's 3-layer MLP (width 1.4 x d_k, ReLU) from the student embedding s to
-(mu_k(s), rho_k(s)); its last layer emits both halves, so the MSE baseline, which reads mu
-only, trains the same parameters (rho's rows get zero gradients; DDP sees no unused
-parameter). Only the encoder and pooling are exported; the heads exist for training.
+Heads (one per teacher k, from the student embedding s of size d_s):
+
+* ``kernel`` (the Gaussian kernel's, used by both losses by default): ``head_layers`` hidden
+  ReLU layers of width int(1.4 d_k), then one layer giving (mu_k(s), rho_k(s)). The authors'
+  kernel (``DistributedFriendlyKernel.py``, ff_layers=3) has 3 hidden layers. The MSE
+  baseline reads mu only (rho's rows then get zero gradients; DDP sees no unused parameter).
+* ``regression`` (the authors' separate MSE head, ``train_snowflakes.py``): d_s -> d_s -> d_s
+  -> d_k, giving mu only.
+
+Targets: each teacher's vectors are standardised per dimension, t' = (t - mean) / std, with
+the mean and std of the training texts (:func:`~embdistill.multiteacher.shards.target_statistics`),
+held as buffers, so that checkpoints carry them. Raw unit-norm teacher vectors (per-dimension
+std about 0.05) sit far below the kernel's scale (lambda in [1/e, e]): the loss is then almost
+all log-lambda, which does not depend on the text, and the student collapses.
+Without statistics the buffers are 0 and 1 (the authors' raw targets).
+
+Only the encoder and pooling are exported; the heads exist for training.
 
 Data: :class:`DistillationDataset` pairs each text with its teachers' vectors (aligned by
 text id, see :mod:`embdistill.multiteacher.shards`) and :class:`Collator` tokenises a batch.
@@ -11,8 +25,9 @@ text id, see :mod:`embdistill.multiteacher.shards`) and :class:`Collator` tokeni
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,46 +35,90 @@ from ..errors import UserError
 from ..losses.gaussian_nll import GaussianKernelNLLLoss
 from ..losses.mse import masked_mse
 from ..teachers import mean_pool
-from ..training import LossOutput
+from ..training import LossOutput, to_device
 from .shards import TeacherTargets
 
 POOLING = ("cls", "mean")
 LOSSES = ("nll", "mse")
+HEADS = ("kernel", "regression")
 HEAD_WIDTH_FACTOR = 1.4
 
 
 class TeacherHead(nn.Module):
-    """s (B, d_s) -> (mu, rho), each (B, d_k)."""
+    """s (B, d_s) -> (mu, rho), each (B, d_k); rho is None for a head without it."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, width_factor: float = HEAD_WIDTH_FACTOR):
+    def __init__(self, student_dim: int, teacher_dim: int, *, hidden_layers: int, width: int,
+                 with_rho: bool):
         super().__init__()
-        width = round(width_factor * teacher_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(student_dim, width), nn.ReLU(),
-            nn.Linear(width, width), nn.ReLU(),
-            nn.Linear(width, 2 * teacher_dim),
-        )
+        layers, size = [], student_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        layers.append(nn.Linear(size, (2 if with_rho else 1) * teacher_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.with_rho = with_rho
 
-    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, rho = self.mlp(embedding).chunk(2, dim=-1)
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.mlp(embedding)
+        if not self.with_rho:
+            return out, None
+        mu, rho = out.chunk(2, dim=-1)
         return mu, rho
 
 
-class MultiTeacherStudent(nn.Module):
-    """``forward(input_ids, attention_mask) -> {teacher: (mu, rho)}``; ``embed`` gives s."""
+def kernel_head(student_dim: int, teacher_dim: int, hidden_layers: int) -> TeacherHead:
+    """The Gaussian kernel's head: ``hidden_layers`` ReLU layers of int(1.4 d_k), then (mu, rho)."""
+    return TeacherHead(student_dim, teacher_dim, hidden_layers=hidden_layers,
+                       width=int(HEAD_WIDTH_FACTOR * teacher_dim), with_rho=True)
 
-    def __init__(self, encoder: nn.Module, teacher_dims: Mapping[str, int], pooling: str = "cls"):
+
+def regression_head(student_dim: int, teacher_dim: int) -> TeacherHead:
+    """The authors' MSE head: d_s -> d_s -> d_s -> d_k (two hidden ReLU layers of d_s)."""
+    return TeacherHead(student_dim, teacher_dim, hidden_layers=2, width=student_dim, with_rho=False)
+
+
+class TargetScaler(nn.Module):
+    """t -> (t - mean) / std for one teacher (buffers: saved and restored with the model)."""
+
+    def __init__(self, dim: int, stats: tuple[np.ndarray, np.ndarray] | None = None):
+        super().__init__()
+        mean, std = stats if stats is not None else (np.zeros(dim), np.ones(dim))
+        if np.shape(mean) != (dim,) or np.shape(std) != (dim,):
+            raise UserError(f"target statistics of shape {np.shape(mean)}, {np.shape(std)} for a {dim}-d teacher")
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std), dtype=torch.float32))
+
+    def forward(self, target: torch.Tensor) -> torch.Tensor:
+        return (target - self.mean) / self.std
+
+
+class MultiTeacherStudent(nn.Module):
+    """``forward(input_ids, attention_mask) -> {teacher: (mu, rho)}``; ``embed`` gives s,
+    ``predict`` maps s to the heads' outputs, ``scale_targets`` puts teacher vectors on the
+    heads' scale."""
+
+    def __init__(self, encoder: nn.Module, teacher_dims: Mapping[str, int], pooling: str = "cls", *,
+                 heads: str = "kernel", head_layers: int = 2,
+                 target_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
         super().__init__()
         if pooling not in POOLING:
             raise UserError(f"--pooling must be one of {', '.join(POOLING)}, got '{pooling}'")
+        if heads not in HEADS:
+            raise UserError(f"heads must be one of {', '.join(HEADS)}, got '{heads}'")
+        if head_layers < 1:
+            raise UserError(f"--head-layers must be at least 1, got {head_layers}")
         if not teacher_dims:
             raise UserError("a multi-teacher student needs at least one teacher")
         self.encoder = encoder
         self.pooling = pooling
         self.teachers = list(teacher_dims)
         student_dim = encoder.config.hidden_size
-        # a list, not a ModuleDict: teacher names may hold dots (hub ids), which keys may not
-        self.heads = nn.ModuleList(TeacherHead(student_dim, teacher_dims[name]) for name in self.teachers)
+        # lists, not ModuleDicts: teacher names may hold dots (hub ids), which keys may not
+        self.heads = nn.ModuleList(
+            kernel_head(student_dim, teacher_dims[name], head_layers) if heads == "kernel"
+            else regression_head(student_dim, teacher_dims[name]) for name in self.teachers)
+        self.scalers = nn.ModuleList(TargetScaler(teacher_dims[name], (target_stats or {}).get(name))
+                                     for name in self.teachers)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -67,33 +126,55 @@ class MultiTeacherStudent(nn.Module):
             return states[:, 0]
         return mean_pool(states, attention_mask).to(states.dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        embedding = self.embed(input_ids, attention_mask)
+    def predict(self, embedding: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         return {name: head(embedding) for name, head in zip(self.teachers, self.heads)}
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        return self.predict(self.embed(input_ids, attention_mask))
 
-def make_loss_fn(kind: str, normalize_by_dim: bool = False) -> Callable[[nn.Module, dict], LossOutput]:
-    """The Trainer's ``loss_fn`` for ``nll`` (Gaussian kernel) or ``mse`` (mu only); the unit
-    of the mean is the text."""
-    if kind not in LOSSES:
-        raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{kind}'")
-    nll = GaussianKernelNLLLoss(normalize_by_dim)
+    def scale_targets(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: scaler(targets[name]) for name, scaler in zip(self.teachers, self.scalers)}
 
-    def loss_fn(model: nn.Module, batch: dict) -> LossOutput:
+    def param_groups(self, lr: float, head_lr: float) -> list[dict]:
+        """AdamW groups: the encoder at ``lr``, the heads at ``head_lr``."""
+        return [{"params": list(self.encoder.parameters()), "lr": lr},
+                {"params": list(self.heads.parameters()), "lr": head_lr}]
+
+
+def unwrap(model: nn.Module) -> MultiTeacherStudent:
+    """The student inside a DDP wrapper (or the student itself)."""
+    return getattr(model, "module", model)
+
+
+class MultiTeacherLoss:
+    """The Trainer's ``loss_fn`` for ``nll`` (Gaussian kernel) or ``mse`` (mu only) on the
+    scaled targets; the unit of the mean is the text. ``of_predictions`` is the same loss on
+    predictions already made (the heads' warm-up on cached embeddings)."""
+
+    def __init__(self, kind: str, normalize_by_dim: bool = False):
+        if kind not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{kind}'")
+        self.kind = kind
+        self.nll = GaussianKernelNLLLoss(normalize_by_dim)
+
+    def of_predictions(self, predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]],
+                       targets: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.kind == "nll":
+            if any(rho is None for _, rho in predictions.values()):
+                raise UserError("the NLL loss needs the kernel heads (mu and rho)")
+            return self.nll(predictions, targets)
+        loss, metrics = 0.0, {}
+        for name, target in targets.items():
+            mse, _ = masked_mse(predictions[name][0], target)
+            loss = loss + mse
+            metrics[f"mse/{name}"] = float(mse.detach())
+        return loss, metrics
+
+    def __call__(self, model: nn.Module, batch: dict) -> LossOutput:
         predictions = model(batch["input_ids"], batch["attention_mask"])
-        targets = batch["targets"]
-        if kind == "nll":
-            loss, metrics = nll(predictions, targets)
-        else:
-            loss, metrics = 0.0, {}
-            for name, target in targets.items():
-                mse, _ = masked_mse(predictions[name][0], target)
-                loss = loss + mse
-                metrics[f"mse/{name}"] = float(mse.detach())
+        loss, metrics = self.of_predictions(predictions, unwrap(model).scale_targets(batch["targets"]))
         return LossOutput(loss, int(batch["input_ids"].shape[0]), metrics)
-
-    return loss_fn
 
 
 class DistillationDataset:
@@ -111,6 +192,13 @@ class DistillationDataset:
 
     def __getitem__(self, i: int):
         return self.texts[i], [target[i] for target in self.targets]
+
+    def items(self, indices: Sequence[int]) -> list:
+        return [self[i] for i in indices]
+
+    def target_rows(self, indices) -> dict[str, np.ndarray]:
+        """{teacher: (len(indices), d) float32}: the teachers' vectors of ``indices``."""
+        return {target.name: target.rows(indices) for target in self.targets}
 
 
 class Collator:
@@ -131,18 +219,22 @@ class Collator:
                 "targets": targets}
 
 
+def batches(dataset, collate_fn, batch_size: int, device: torch.device, indices: Sequence[int] | None = None):
+    """Collated batches of ``dataset`` (or of its ``indices``), in order, on ``device``."""
+    indices = range(len(dataset)) if indices is None else indices
+    for start in range(0, len(indices), batch_size):
+        yield to_device(collate_fn(dataset.items(indices[start : start + batch_size])), device)
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn, dataset, collate_fn, batch_size: int,
                   device: torch.device) -> dict[str, float]:
     """The loss and metrics averaged over every text of ``dataset`` (eval mode, no gradients)."""
-    from ..training import to_device
-
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     total = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = to_device(collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+    for batch in batches(dataset, collate_fn, batch_size, device):
         loss, count, metrics = loss_fn(model, batch)
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(value) * count

@@ -180,10 +180,46 @@ class TeacherTargets:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self._shards[self._shard_of[i]][self._row_of[i]], dtype=np.float32)
 
+    def rows(self, indices) -> np.ndarray:
+        """(len(indices), dim) float32: the vectors of ``indices``, read shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        shard_of = self._shard_of[indices]
+        for k in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == k)
+            out[where] = self._shards[k][self._row_of[indices[where]]]
+        return out
+
     def subset(self, indices) -> "TeacherTargets":
         """The rows of ``indices``, in that order (the shards are shared, not copied)."""
         indices = np.asarray(indices, dtype=np.int64)
         return TeacherTargets(self.name, self._shards, self._shard_of[indices], self._row_of[indices])
+
+
+STATS_CHUNK = 65536  # rows read at a time: bounds memory, not results
+MIN_STD = 1e-6  # a dimension that barely varies is centred, not blown up
+
+
+def target_statistics(targets: TeacherTargets, indices=None, *, chunk: int = STATS_CHUNK
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (dim,) float64, of the rows ``indices`` (default all) of one
+    teacher, in one pass over the shards (chunks merged exactly, Chan et al.); ``std`` is the
+    population std (ddof 0), with values below ``MIN_STD`` replaced by 1."""
+    indices = np.arange(len(targets)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise UserError(f"teacher {targets.name}: no rows to compute statistics on")
+    count, mean, m2 = 0, np.zeros(targets.dim), np.zeros(targets.dim)
+    for start in range(0, len(indices), chunk):
+        rows = targets.rows(indices[start : start + chunk]).astype(np.float64)
+        n, chunk_mean = len(rows), rows.mean(0)
+        chunk_m2 = ((rows - chunk_mean) ** 2).sum(0)
+        delta = chunk_mean - mean
+        total = count + n
+        mean = mean + delta * n / total
+        m2 = m2 + chunk_m2 + delta**2 * count * n / total
+        count = total
+    std = np.sqrt(m2 / count)
+    return mean, np.where(std < MIN_STD, 1.0, std)
 
 
 def _shard_indices(folder: Path) -> list[int]:

@@ -1,0 +1,94 @@
+"""What a multi-teacher run looks like while it trains: a probe batch and the validation loss.
+
+:class:`TrainingMonitor` is the Trainer's ``on_step_end`` (rank 0). At every logging step it
+measures, on a fixed probe batch (the first ``PROBE_TEXTS`` validation texts, else training
+texts), with the model in eval mode:
+
+* ``r2/<teacher>``: 1 - sum (t - mu)^2 / sum (t - mean(t))^2, the heads' mu against the
+  targets on the heads' scale (the mean over the probe batch): whether the heads fit;
+* ``cosine``: the mean pairwise cosine similarity of the student's embeddings: near 1 they
+  all point one way (the collapse the issue measured: 0.62 -> 0.99), and a warning says so
+  when it passes ``COSINE_WARNING``;
+
+and every ``val_every`` steps and at the last step, the loss and its parts on the validation
+split (``val/loss``, ``val/nll/<teacher>``, ...), which is never trained on. All of it goes
+into metrics.jsonl beside the training loss (and its log-lambda and squared-error parts), and
+into loss.png.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import MultiTeacherStudent
+
+log = logging.getLogger("embdistill.multiteacher.monitor")
+
+PROBE_TEXTS = 64
+COSINE_WARNING = 0.95
+
+
+@torch.no_grad()
+def probe_metrics(model: MultiTeacherStudent, batch: dict) -> dict[str, float]:
+    """``r2/<teacher>`` and ``cosine`` (module docstring) of one collated batch (eval mode)."""
+    was_training = model.training
+    model.eval()
+    embedding = model.embed(batch["input_ids"], batch["attention_mask"]).float()
+    predictions = model.predict(embedding)
+    metrics = {}
+    for name, target in model.scale_targets(batch["targets"]).items():
+        residual = (target - predictions[name][0].float()).pow(2).sum()
+        spread = (target - target.mean(0)).pow(2).sum()
+        metrics[f"r2/{name}"] = float(1 - residual / spread.clamp_min(1e-12))
+    metrics["cosine"] = mean_pairwise_cosine(embedding)
+    model.train(was_training)
+    return metrics
+
+
+def mean_pairwise_cosine(embedding: torch.Tensor) -> float:
+    """The mean cosine similarity over the pairs of distinct rows of (n, d), n >= 2."""
+    unit = F.normalize(embedding.float(), dim=-1)
+    n = len(unit)
+    gram = unit @ unit.T
+    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+
+
+class TrainingMonitor:
+    """The Trainer's ``on_step_end``: probe metrics every ``log_every`` steps, ``validate(model)``
+    every ``val_every`` steps (0: at the last step only); both at the last step."""
+
+    def __init__(self, probe_batch: dict, log_every: int,
+                 validate: Callable[[nn.Module], dict[str, float]] | None = None, val_every: int = 0):
+        if len(probe_batch["input_ids"]) < 2:
+            raise ValueError("the probe batch needs at least 2 texts (a pairwise cosine)")
+        self.probe_batch = probe_batch
+        self.log_every = log_every
+        self.validate = validate
+        self.val_every = val_every
+        self.collapsing = False
+        self.last_validation: tuple[int, dict[str, float]] | None = None
+
+    def __call__(self, model: MultiTeacherStudent, step: int, finished: bool) -> dict[str, float]:
+        metrics = {}
+        if finished or step % self.log_every == 0:
+            metrics.update(probe_metrics(model, self.probe_batch))
+            self._warn_on_collapse(step, metrics["cosine"])
+        if self.validate is not None and (finished or (self.val_every and step % self.val_every == 0)):
+            validation = self.validate(model)
+            self.last_validation = (step, validation)
+            metrics.update({f"val/{name}": value for name, value in validation.items()})
+        return metrics
+
+    def _warn_on_collapse(self, step: int, cosine: float) -> None:
+        collapsing = cosine > COSINE_WARNING
+        if collapsing and not self.collapsing:
+            log.warning("step %d: the student's embeddings are collapsing towards one direction (mean "
+                        "pairwise cosine %.3f > %.2f on the probe batch); check the r2/* and log_lambda/* "
+                        "metrics: heads that do not fit, or targets far below the kernel's scale "
+                        "(--no-standardize), do this", step, cosine, COSINE_WARNING)
+        self.collapsing = collapsing

@@ -1,0 +1,187 @@
+"""Stage 11: a student trained on the teachers' embeddings, then exported
+(scripts/11_train_multiteacher.py).
+
+    targets (shards) -> per-teacher statistics (standardisation) -> student + heads
+    -> initial/ (the student before distillation) -> heads fitted on cached embeddings
+    -> Trainer (probe metrics, validation every --val-every steps) -> validation.json, export/
+
+What identifies a run (:func:`run_identity`) is recorded in config.json, every checkpoint and
+the export's manifest: a resumed run must match it, and a finished one is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import fingerprint, is_done, save_json, skip_if_done, write_manifest
+from ..distributed import DistEnv, cleanup, default_device, print0
+from ..errors import UserError
+from ..paths import Paths, base_dir, slug
+from ..students import build_student, export_student
+from ..teachers import load_teacher
+from ..training import Trainer, TrainConfig, join_process_group, to_device
+from . import initial_export_dir
+from .corpus import corpus_file, corpus_name, read_corpus, validation_split
+from .model import Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss
+from .monitor import PROBE_TEXTS, TrainingMonitor
+from .shards import INDEX_NAME, TeacherTargets, load_teacher_targets, target_statistics
+from .warmup import fit_heads
+
+log = logging.getLogger("embdistill.multiteacher.train")
+
+TargetStats = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def stats_record(stats: TargetStats | None) -> dict | None:
+    """What config.json records of the statistics: per teacher, a digest of the exact values
+    (a resumed run that computes others is refused) and two readable summaries."""
+    if stats is None:
+        return None
+    return {name: {"sha256": hashlib.sha256(mean.tobytes() + std.tobytes()).hexdigest()[:16],
+                   "mean_of_means": round(float(mean.mean()), 6), "mean_of_stds": round(float(std.mean()), 6)}
+            for name, (mean, std) in stats.items()}
+
+
+def run_identity(args: argparse.Namespace, paths: Paths, folders: dict[str, Path],
+                 stats: TargetStats | None) -> dict:
+    """Every input and option that changes what the run computes (besides TrainConfig's)."""
+    return {
+        "corpus": paths.task, "corpus_texts": fingerprint(corpus_file(paths)),
+        "teachers": {name: fingerprint(folder / INDEX_NAME) for name, folder in folders.items()},
+        "student": args.student, "student_layers": args.student_layers, "pooling": args.pooling,
+        "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": args.max_length,
+        "val_fraction": args.val_fraction, "standardize": args.standardize,
+        "target_stats": stats_record(stats), "heads": heads_kind(args), "head_layers": args.head_layers,
+        "head_lr": args.head_lr, "head_warmup_steps": args.head_warmup_steps,
+        "export_normalize": args.export_normalize,
+    }
+
+
+def heads_kind(args: argparse.Namespace) -> str:
+    """The kernel heads, except for the MSE loss with --mse-head separate (the authors' head)."""
+    return "regression" if args.loss == "mse" and args.mse_head == "separate" else "kernel"
+
+
+def check_options(args: argparse.Namespace) -> str:
+    """One-line errors for bad values; the run's name."""
+    if args.max_length < 1 or args.student_layers < 0:
+        raise UserError("--max-length must be at least 1 and --student-layers at least 0")
+    if args.head_warmup_steps < 0 or args.val_every < 0:
+        raise UserError("--head-warmup-steps and --val-every must not be negative")
+    if not args.head_lr >= 0:
+        raise UserError(f"--head-lr must not be negative, got {args.head_lr}")
+    run = args.run or f"mt-{args.loss}"
+    if "/" in run or run in (".", ".."):
+        raise UserError(f"bad run name '{run}': a folder name under runs/<corpus>/")
+    return run
+
+
+def train_student(args: argparse.Namespace) -> None:
+    """The whole stage, from the script's options; every rank calls it."""
+    run = check_options(args)
+    paths = Paths(base_dir(args.base_dir), corpus_name(args), run=run)
+    texts = read_corpus(paths)
+    teachers = list(dict.fromkeys(slug(t) for t in args.teachers))
+    folders = {name: paths.embeddings_dir(name) for name in teachers}
+    targets = [load_teacher_targets(folder, texts) for folder in folders.values()]
+    train_index, val_index = validation_split(len(texts), args.val_fraction, args.seed)
+    stats = ({t.name: target_statistics(t, train_index) for t in targets} if args.standardize else None)
+
+    env = join_process_group(args.dist_timeout)
+    config = TrainConfig.from_args(args)
+    run_config = run_identity(args, paths, folders, stats)
+    resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size}}
+    if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
+        return
+
+    device = default_device(env)
+    source = load_teacher(args.student, device=device)
+    encoder = build_student(source, args.student_layers or source.model.config.num_hidden_layers)
+    torch.manual_seed(args.seed)  # the heads' initialisation: reruns and resumed runs agree
+    model = MultiTeacherStudent(encoder, {t.name: t.dim for t in targets}, args.pooling,
+                                heads=heads_kind(args), head_layers=args.head_layers, target_stats=stats)
+    export_initial(model, source.tokenizer, paths, run_config, args, env)
+
+    loss_fn = MultiTeacherLoss(args.loss, args.normalize_by_dim)
+    collator = Collator(source.tokenizer, teachers, args.max_length)
+    train_set = split_dataset(texts, targets, train_index)
+    val_set = split_dataset(texts, targets, val_index) if len(val_index) else None
+    validate = (functools.partial(evaluate_loss, loss_fn=loss_fn, dataset=val_set, collate_fn=collator,
+                                  batch_size=args.batch_size, device=device) if val_set else None)
+    probe_source = val_set or train_set
+    probe = to_device(collator(probe_source.items(range(min(PROBE_TEXTS, len(probe_source))))), device)
+    monitor = TrainingMonitor(probe, config.log_every, validate, args.val_every)
+    log.info("student: %d layers of %s (%s pooling), %.1fM parameters with heads; %d training texts, "
+             "%d validation texts, teachers %s, loss %s, targets %s", encoder.config.num_hidden_layers,
+             args.student, args.pooling, sum(p.numel() for p in model.parameters()) / 1e6, len(train_index),
+             len(val_index), ", ".join(f"{t.name} ({t.dim}-d)" for t in targets), args.loss,
+             "standardised" if stats else "raw")
+    warm_up = None
+    if args.head_warmup_steps:
+        texts_per_step = args.batch_size * args.grad_accum * env.world_size
+
+        def warm_up(module: MultiTeacherStudent) -> None:
+            summary = fit_heads(module, train_set, collator, loss_fn, steps=args.head_warmup_steps,
+                                batch_size=args.batch_size, texts_per_step=texts_per_step, lr=args.head_lr,
+                                weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                                seed=args.seed, device=device, env=env)
+            if env.is_main:
+                save_json(summary, paths.run_dir / "head_warmup.json")
+
+    trainer = Trainer(model, loss_fn, train_set, collator, config, paths.run_dir, run_config=run_config,
+                      device=device, resume=args.resume and not args.overwrite,
+                      param_groups=model.param_groups(config.lr, args.head_lr), on_fresh_start=warm_up,
+                      on_step_end=monitor)
+    result = trainer.train()
+    if env.is_main:
+        validation = final_validation(monitor, validate, trainer, result.global_step, len(val_index))
+        save_json(validation, paths.run_dir / "validation.json")
+        export(trainer.module, source.tokenizer, paths.export_dir, args)
+        write_manifest(paths.export_dir, stage="train_multiteacher", config=resolved,
+                       extra={"global_step": result.global_step, "train_metrics": result.metrics,
+                              "validation": validation})
+    print0(f"train: {paths.task} {run}: {result.global_step} steps, train loss "
+           f"{result.metrics.get('loss', float('nan')):.4f} -> {paths.export_dir}")
+    cleanup()
+
+
+def split_dataset(texts: list[str], targets: list[TeacherTargets], indices: np.ndarray) -> DistillationDataset:
+    return DistillationDataset([texts[i] for i in indices], [t.subset(indices) for t in targets])
+
+
+def final_validation(monitor: TrainingMonitor, validate, trainer: Trainer, step: int, n_texts: int) -> dict:
+    """validation.json: the loss on the validation split after the last step (the monitor's,
+    when it measured it at that step)."""
+    validation = {"global_step": step, "texts": n_texts}
+    if validate is None:
+        return validation
+    if monitor.last_validation is not None and monitor.last_validation[0] == step:
+        measured = monitor.last_validation[1]
+    else:  # resumed at the end: no step ran in this process
+        measured = validate(trainer.module)
+    log.info("validation loss %.4f on %d held-out texts", measured["loss"], n_texts)
+    return validation | measured
+
+
+def export_initial(model: MultiTeacherStudent, tokenizer, paths: Paths, run_config: dict,
+                   args: argparse.Namespace, env: DistEnv) -> None:
+    """initial/: the student before distillation, exported as the trained one will be (rank 0,
+    once per student and export settings)."""
+    initial_dir = initial_export_dir(paths)
+    config = {k: run_config[k] for k in ("student", "student_layers", "pooling", "max_length", "export_normalize")}
+    if env.is_main and (args.overwrite or not is_done(initial_dir, config=config)):
+        export(model, tokenizer, initial_dir, args)
+        write_manifest(initial_dir, stage="train_multiteacher", config=config)
+
+
+def export(model: MultiTeacherStudent, tokenizer, out_dir: Path, args: argparse.Namespace) -> None:
+    """The encoder alone (the heads only serve training), as hf/ and st/."""
+    export_student(model.encoder, tokenizer, out_dir, normalize=args.export_normalize,
+                   max_seq_length=args.max_length, pooling=model.pooling)
