@@ -5,10 +5,14 @@
            -> results/<run>/                                  scripts/05_evaluate.py (st: specs)
 
 * :mod:`.corpus`: which texts (tasks' training texts or a hub dataset), the validation split;
-* :mod:`.shards`: teacher embeddings in fp16 shards, aligned to texts by a stable text id;
+* :mod:`.shards`: teacher embeddings in fp16 shards, aligned to texts by a stable text id,
+  and their per-dimension statistics (the targets' standardisation);
 * :mod:`.lsa`: the offline TF-IDF + SVD teacher, saved as plain data, exported for evaluation;
-* :mod:`.model`: the student with one MLP head per teacher, its data and loss functions
-  (the loss itself: :mod:`embdistill.losses.gaussian_nll`).
+* :mod:`.model`: the student with one MLP head per teacher and the targets' scale, its data
+  and loss (the loss itself: :mod:`embdistill.losses.gaussian_nll`);
+* :mod:`.warmup`: the heads fitted on cached student embeddings before training;
+* :mod:`.monitor`: probe metrics (heads' R2, pairwise cosine) and the periodic validation loss;
+* :mod:`.teacher_embeddings`, :mod:`.train`: the logic of stages 10 and 11.
 
 ``python -m embdistill.multiteacher`` prints the evaluation stage's model specs of a pipeline
 (``run_multiteacher.sh`` uses it).

@@ -42,6 +42,7 @@ POOLING = ("cls", "mean")
 LOSSES = ("nll", "mse")
 HEADS = ("kernel", "regression")
 HEAD_WIDTH_FACTOR = 1.4
+KERNEL_HEAD_LAYERS = 3  # the authors' ff_layers
 
 
 class TeacherHead(nn.Module):
@@ -91,6 +92,10 @@ class TargetScaler(nn.Module):
     def forward(self, target: torch.Tensor) -> torch.Tensor:
         return (target - self.mean) / self.std
 
+    def inverse(self, scaled: torch.Tensor) -> torch.Tensor:
+        """A prediction on the heads' scale, back in the teacher's space."""
+        return scaled * self.std + self.mean
+
 
 class MultiTeacherStudent(nn.Module):
     """``forward(input_ids, attention_mask) -> {teacher: (mu, rho)}``; ``embed`` gives s,
@@ -98,7 +103,7 @@ class MultiTeacherStudent(nn.Module):
     heads' scale."""
 
     def __init__(self, encoder: nn.Module, teacher_dims: Mapping[str, int], pooling: str = "cls", *,
-                 heads: str = "kernel", head_layers: int = 2,
+                 heads: str = "kernel", head_layers: int = KERNEL_HEAD_LAYERS,
                  target_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
         super().__init__()
         if pooling not in POOLING:
@@ -135,6 +140,10 @@ class MultiTeacherStudent(nn.Module):
 
     def scale_targets(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: scaler(targets[name]) for name, scaler in zip(self.teachers, self.scalers)}
+
+    def unscale_predictions(self, predictions: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The heads' mu (per teacher) in the teachers' own space."""
+        return {name: scaler.inverse(predictions[name]) for name, scaler in zip(self.teachers, self.scalers)}
 
     def param_groups(self, lr: float, head_lr: float) -> list[dict]:
         """AdamW groups: the encoder at ``lr``, the heads at ``head_lr``."""

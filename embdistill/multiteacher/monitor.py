@@ -4,8 +4,9 @@
 measures, on a fixed probe batch (the first ``PROBE_TEXTS`` validation texts, else training
 texts), with the model in eval mode:
 
-* ``r2/<teacher>``: 1 - sum (t - mu)^2 / sum (t - mean(t))^2, the heads' mu against the
-  targets on the heads' scale (the mean over the probe batch): whether the heads fit;
+* ``r2/<teacher>``: 1 - sum (t - mu)^2 / sum (t - mean(t))^2 over the probe batch's vectors
+  and dimensions, the heads' mu against the teacher's vectors, both in the teacher's own space
+  (so that runs with and without standardisation compare): whether the heads fit;
 * ``cosine``: the mean pairwise cosine similarity of the student's embeddings: near 1 they
   all point one way (the collapse the issue measured: 0.62 -> 0.99), and a warning says so
   when it passes ``COSINE_WARNING``;
@@ -39,10 +40,10 @@ def probe_metrics(model: MultiTeacherStudent, batch: dict) -> dict[str, float]:
     was_training = model.training
     model.eval()
     embedding = model.embed(batch["input_ids"], batch["attention_mask"]).float()
-    predictions = model.predict(embedding)
+    predictions = model.unscale_predictions({name: mu.float() for name, (mu, _) in model.predict(embedding).items()})
     metrics = {}
-    for name, target in model.scale_targets(batch["targets"]).items():
-        residual = (target - predictions[name][0].float()).pow(2).sum()
+    for name, target in batch["targets"].items():
+        residual = (target - predictions[name]).pow(2).sum()
         spread = (target - target.mean(0)).pow(2).sum()
         metrics[f"r2/{name}"] = float(1 - residual / spread.clamp_min(1e-12))
     metrics["cosine"] = mean_pairwise_cosine(embedding)
