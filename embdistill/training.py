@@ -629,7 +629,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
-    """One panel per logged quantity against the step (matplotlib, no display needed)."""
+    """One panel per logged quantity against the step (matplotlib, no display needed); a
+    validation quantity ``val/<name>`` shares the panel of ``<name>``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -638,11 +639,16 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     rows = read_metrics(metrics_path)
     # every quantity of any row (some are measured less often than others), in order of appearance
     names = list(dict.fromkeys(k for row in rows for k in row if k not in ("step", "epoch", "elapsed_s")))
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * max(len(names), 1)), sharex=True,
+    panels = [name for name in names if not (name.startswith("val/") and name[4:] in names)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * max(len(panels), 1)), sharex=True,
                              squeeze=False)
-    for axis, name in zip(axes[:, 0], names):
-        points = [(row["step"], row[name]) for row in rows if name in row]
-        axis.plot(*zip(*points), marker=".")
+    for axis, name in zip(axes[:, 0], panels):
+        for shown, label in ((name, "train"), (f"val/{name}", "validation")):
+            points = [(row["step"], row[shown]) for row in rows if shown in row]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=label)
+        if f"val/{name}" in names:
+            axis.legend(fontsize=8)
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimiser step")
