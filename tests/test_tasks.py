@@ -29,8 +29,19 @@ def test_registry_matches_the_original_order():
     assert names[15] == "YelpReviewFullClassification" and len(set(names)) == 16
     assert TASKS[15].eval_split == "test_2021"
     assert TASKS[5].eval_split == TASKS[5].train_split == "train"  # train split only
-    assert all(spec.hub_id and spec.instruction and spec.revision for spec in TASKS.values())
     assert resolve_task("9").name == resolve_task("NewsClassification").name
+
+
+def test_instructions_are_mtebs_prompts():
+    """One source for the wording: mteb's task metadata (what its LLM2Vec wrapper passes), the
+    classification default where a task has none; local tasks take their analogue's."""
+    import mteb
+
+    banking = mteb.get_task("Banking77Classification").metadata.prompt
+    assert resolve_task("2").instruction == banking == "Given a online banking query, find the corresponding intents"
+    assert resolve_task("9").instruction == "Classify user passages."  # no prompt in its metadata
+    assert resolve_task("tweet-sentiment").instruction == resolve_task("14").instruction
+    assert resolve_task("bbc-news").instruction == resolve_task("NewsClassification").instruction
 
 
 @pytest.mark.parametrize("task", ["bbc-news", "tweet-sentiment"])
