@@ -8,9 +8,10 @@ usage() {
   cat <<USAGE
 usage: bash run_demo.sh [--overwrite]
 
-Per task: training texts -> gather + combine -> sense dictionary -> SKD student and MSE
-student; then one evaluation of every model on both tasks through mteb, printed as a table
-(results/demo/table.md). Outputs: text_train/, work/, sense_dict/, runs/, results/ here.
+Per task: training texts -> gather + combine -> sense dictionary -> sense targets + SKD
+student, and MSE student; then one evaluation of every model on both tasks through mteb,
+printed as a table (results/demo/table.md). Outputs: text_train/, work/, sense_dict/, runs/,
+results/ here.
 USAGE
 }
 
@@ -38,7 +39,7 @@ for task in "${TASKS[@]}"; do
   bash run_gather_sense.sh "$task" --max-length "$MAX_LENGTH" --batch-size 32 "${COMMON[@]}"
   step "$task: sense dictionary"
   bash run_sep_cluster.sh "$task" "${COMMON[@]}"
-  step "$task: SKD student (sense loss)"
+  step "$task: sense targets, then the SKD student (sense loss)"
   bash run_train.sh "$task" --loss sense "${TRAIN[@]}" "${COMMON[@]}"
   step "$task: MSE student (ablation)"
   bash run_train.sh "$task" --loss mse "${TRAIN[@]}" "${COMMON[@]}"
@@ -53,6 +54,9 @@ bash run_evaluate.sh "${TASKS[0]}" --tasks "${TASKS[@]:1}" --run demo \
            'skd=student:runs/{task}/skd/export/hf' \
            "skd-replace=replace:runs/{task}/skd/export/hf@$DICT" \
            'mse=student:runs/{task}/mse/export/hf' \
-           untrained=untrained:minilm@2
+           "mse-replace=replace:runs/{task}/mse/export/hf@$DICT" \
+           untrained=untrained:minilm@2 \
+           "untrained-replace=replace:minilm@2@$DICT" \
+           'skd-st=st:runs/{task}/skd/export/st'
 echo
 echo "files: text_train/ work/ sense_dict/ runs/ results/demo/ (table.md, table.json, accuracy.png)"

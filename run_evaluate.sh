@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<USAGE
-usage: $0 TASK --models SPEC [SPEC ...] [--run NAME] [options of scripts/05_evaluate.py]
+usage: $0 TASK --models SPEC [SPEC ...] [--run NAME] [options of scripts/06_evaluate.py]
 
 TASK comes first: an index 1-16, bbc-news, tweet-sentiment or a data file (more tasks: --tasks).
 Example:
@@ -15,10 +15,10 @@ Example:
       replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
 
 USAGE
-  run_stage scripts/05_evaluate.py --help | sed -n '/^options:/,$p'
+  run_stage scripts/06_evaluate.py --help | sed -n '/^options:/,$p'
   echo
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
 parse_launch_args "$@"
-run_stage scripts/05_evaluate.py ${TASK:+--task "$TASK"} "${EXTRA_ARGS[@]}"
+run_stage scripts/06_evaluate.py ${TASK:+--task "$TASK"} "${EXTRA_ARGS[@]}"

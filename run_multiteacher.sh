@@ -100,5 +100,5 @@ while IFS= read -r spec; do MODELS+=("$spec"); done < <(
   "$PYTHON" -m embdistill.multiteacher "${NAMING[@]}" "${BASE[@]+"${BASE[@]}"}" \
     --runs nll-student=mt-nll mse-student=mt-mse)
 [[ ${#MODELS[@]} -gt 0 ]] || { echo "error: no models to evaluate" >&2; exit 2; }
-run_stage scripts/05_evaluate.py --tasks "${TASKS[@]}" --run "$RESULTS" --models "${MODELS[@]}" \
+run_stage scripts/06_evaluate.py --tasks "${TASKS[@]}" --run "$RESULTS" --models "${MODELS[@]}" \
   "${EVAL[@]+"${EVAL[@]}"}" "${COMMON[@]+"${COMMON[@]}"}"

@@ -20,7 +20,24 @@ import time
 import numpy as np
 import torch
 
-from embdistill.evaluation.replace import pack_senses, replace_reference_loop, replace_with_senses
+from embdistill.senses.packed import PackedSenses
+
+
+@torch.no_grad()
+def replace_reference_loop(states, input_ids, text_mask, sense_dict) -> torch.Tensor:
+    """The original's replace mode: a Python loop over tokens on the CPU, each scored against
+    its entry read from the dictionary (the baseline here, and the tests' oracle)."""
+    output = states.detach().cpu().clone()
+    input_ids, text_mask = input_ids.cpu(), text_mask.cpu()
+    for b in range(output.shape[0]):
+        for t in range(output.shape[1]):
+            entry = sense_dict.get(int(input_ids[b, t])) if text_mask[b, t] else None
+            if entry is None:
+                continue
+            senses = torch.as_tensor(np.asarray(entry, dtype=np.float32))
+            nearest = int(torch.argmax(senses @ output[b, t].float()))
+            output[b, t] = senses[nearest].to(output.dtype)
+    return output
 
 
 def make_inputs(args):
@@ -73,18 +90,18 @@ def main() -> None:
     loop_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    senses = pack_senses(dictionary, args.vocab, device)
+    senses = PackedSenses(dictionary, args.vocab).to(device)
     synchronize(device)
     pack_s = time.perf_counter() - start
     on_device = [t.to(device) for t in (states, input_ids, text_mask)]
-    batched = replace_with_senses(*on_device[:2], on_device[2], senses)  # warm-up
+    batched = senses.replace(*on_device)  # warm-up
     if not torch.equal(batched.cpu(), looped):
         raise SystemExit("batched replace mode differs from the loop: not benchmarking")
     times = []
     for _ in range(args.repeats):
         synchronize(device)
         start = time.perf_counter()
-        replace_with_senses(*on_device[:2], on_device[2], senses)
+        senses.replace(*on_device)
         synchronize(device)
         times.append(time.perf_counter() - start)
     batched_s = min(times)

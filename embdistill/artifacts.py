@@ -295,3 +295,51 @@ def skip_if_done(
         log.info("%s: %s is up to date, skipping (--overwrite to redo)", what, path)
         return True
     return False
+
+
+class PartFiles:
+    """The numbered part files of one resumable job, ``<folder>/<stem>.part<NNNNN>.npz``.
+
+    One rule for every stage that writes in parts: a part is *done* when its file and its
+    manifest (holding the job's ``config`` and the part's index) both exist; the manifest is
+    written after the file, so a part killed while being written is redone. Parts hold named
+    NumPy arrays in ``.npz`` files, read with ``allow_pickle=False``: no code can run from them.
+    """
+
+    def __init__(self, folder: str | os.PathLike, stem: str, config: Mapping[str, Any]):
+        self.folder, self.stem, self.config = Path(folder), stem, dict(config)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{self.stem}.part{index:05d}.npz"
+
+    def _config(self, index: int) -> dict:
+        return {**self.config, "part": index}
+
+    def done(self, index: int) -> bool:
+        return is_done(self.path(index), config=self._config(index))
+
+    def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
+        with atomic_open(self.path(index), "wb") as fh:
+            np.savez(fh, **arrays)
+        write_manifest(self.path(index), stage=f"{self.stem}-part", config=self._config(index))
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        path = self.path(index)
+        if not self.done(index):
+            raise UserError(f"{path} is missing or from another job; rerun with --overwrite")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{path}: corrupt part file ({exc}); rerun with --overwrite") from None
+
+    def clear(self) -> None:
+        """Remove every part of this stem (done or not) and stale temp files of killed writes."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.glob(f"{self.stem}.part*.npz*"):
+            path.unlink(missing_ok=True)
+        for stale in self.folder.glob(f".{self.stem}.part*.tmp"):
+            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder goes too once empty
+            self.folder.rmdir()

@@ -70,3 +70,12 @@ def read_eval_split(paths: Paths) -> dict:
 def texts_only(examples: list[str]) -> list[str]:
     """The text part of formatted examples (instruction and separator removed)."""
     return [split_example(example)[1] for example in examples]
+
+
+def instruction_of(examples: list[str]) -> str:
+    """The one instruction of a task's examples (what an exported student's prompt is)."""
+    instructions = {split_example(example)[0] for example in examples}
+    if len(instructions) > 1:
+        raise UserError(f"the examples carry {len(instructions)} different instructions; an "
+                        "exported student has one prompt: train on one task's train.json")
+    return instructions.pop()

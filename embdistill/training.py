@@ -227,7 +227,8 @@ class Trainer:
     ``run_config``: what identifies the run besides the optimisation settings (model, data,
     loss; JSON-serialisable): saved in ``config.json`` and in every checkpoint, and a
     checkpoint with a different one is refused on resume. ``device``: default this rank's GPU,
-    else the CPU.
+    else the CPU. ``cpu_autocast``: bf16 autocast on the CPU too (``config.bf16`` applies it on
+    CUDA only otherwise), so that the CUDA precision path can be tested on a CPU.
     """
 
     def __init__(
@@ -242,6 +243,7 @@ class Trainer:
         run_config: Mapping[str, Any] | None = None,
         device: torch.device | str | None = None,
         resume: bool = True,
+        cpu_autocast: bool = False,
     ):
         if len(train_dataset) == 0:
             raise UserError("no training examples")
@@ -275,7 +277,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.last_checkpoint: Path | None = None
-        self.use_bf16 = self.device.type == "cuda" and config.bf16
+        self.use_bf16 = config.bf16 and (self.device.type == "cuda" or cpu_autocast)
 
     # ---------------------------------------------------------------------------------------
     # set-up

@@ -17,19 +17,20 @@ from embdistill.texts import read_train_texts
 def main() -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id (its tokenizer counts)")
-    parser.add_argument("--max-length", type=int, default=256,
+    parser.add_argument("--max-length", type=int, default=512,
                         help="tokens per text, longer texts are cut; the same as 02_gather.py's")
     args = parser.parse_args()
     setup_logging(args.log_level)
 
     task = resolve_task(args.task, args.text_column, args.label_column)
     paths = Paths(base_dir(args.base_dir), task.slug, slug(args.teacher))
-    config = count_config(args.teacher, args.max_length)
+    tokenizer = load_tokenizer(args.teacher)
+    config = count_config(args.teacher, args.max_length, tokenizer.input_format.name)
     inputs = {"texts": paths.train_json}
     if skip_if_done(paths.counts, config=config, inputs=inputs, overwrite=args.overwrite, what="count"):
         return 0
     texts = read_train_texts(paths)
-    counts = count_tokens(load_tokenizer(args.teacher).tokenize, texts, args.max_length)
+    counts = count_tokens(tokenizer.tokenize, texts, args.max_length)
     save_pickle(counts, paths.counts)
     write_manifest(paths.counts, stage="count", config=config, inputs=inputs)
     print0(f"count: {task.name}: {len(texts)} texts, {sum(counts.values())} text tokens, "

@@ -13,14 +13,14 @@ from embdistill.distributed import dist_env, print0, resolve_device
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
 from embdistill.tasks import resolve_task
-from embdistill.teachers import load_teacher
+from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import read_train_texts
 
 
 def main() -> int:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
-    parser.add_argument("--max-length", type=int, default=256,
+    parser.add_argument("--max-length", type=int, default=512,
                         help="tokens per text, longer texts are cut; the same as 01_count.py's")
     parser.add_argument("--per-token", type=int, default=1000,
                         help="keep an occurrence when randint(0, count) < this: ~this many per token")
@@ -39,7 +39,8 @@ def main() -> int:
     env = dist_env()
     task = resolve_task(args.task, args.text_column, args.label_column)
     paths = Paths(base_dir(args.base_dir), task.slug, slug(args.teacher))
-    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype)
+    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype,
+                       load_tokenizer(args.teacher).input_format.name)
     rank_file = paths.gather_rank(env.rank)
     inputs = {"texts": paths.train_json, "counts": paths.counts}
     if skip_if_done(rank_file, config=cfg.rank_config(env), inputs=inputs,

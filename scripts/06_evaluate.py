@@ -1,10 +1,10 @@
 """Stage 4: evaluate models on classification tasks through mteb; write results/<run>/.
 
-    python scripts/05_evaluate.py --task bbc-news --run demo --models teacher:minilm
+    python scripts/06_evaluate.py --task bbc-news --run demo --models teacher:minilm
         untrained:minilm@3 student:runs/bbc-news/skd/export/hf
         replace:runs/bbc-news/skd/export/hf@sense_dict/bbc-news/minilm.kmeanspkl
         replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
-    python scripts/05_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
+    python scripts/06_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
 
 Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/specs.py):
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="max tokens of our models' inputs (st: models keep their own)")
+    parser.add_argument("--allow-max-length-mismatch", action="store_true",
+                        help="replace mode with a dictionary gathered with another --max-length")
     parser.add_argument("--throughput-texts", type=positive_int, default=256,
                         help="texts of the first task timed for the texts/s column")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
@@ -63,6 +65,7 @@ def main() -> int:
         run=args.run, tasks=tuple(tasks), models=tuple(args.models),
         samples_per_label=args.samples_per_label, n_experiments=args.n_experiments,
         batch_size=args.batch_size, max_length=args.max_length,
+        allow_max_length_mismatch=args.allow_max_length_mismatch,
         throughput_texts=args.throughput_texts, seed=args.seed,
         text_column=args.text_column, label_column=args.label_column,
     )

@@ -7,7 +7,7 @@
 Reads embeddings/<corpus>/ (scripts/10_teacher_embeddings.py) and writes runs/<corpus>/<run>/:
 config.json, checkpoints/, metrics.jsonl, loss.png, validation.json (loss on held-out corpus
 texts, never trained on), initial/ (the student before distillation) and export/ (hf/ and
-st/: scripts/05_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
+st/: scripts/06_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
 checkpoint unless --no-resume/--overwrite.
 """
 

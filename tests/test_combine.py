@@ -25,7 +25,7 @@ def write_rank(folder: Path, rank: int, occurrences: dict[int, list[int]], *, wo
     index = {t: np.asarray(o, dtype=np.int64) for t, o in occurrences.items()}
     states = {t: np.repeat(o[:, None], hidden_size, axis=1).astype(dtype) for t, o in index.items()}
     config = {"teacher": teacher, "max_length": 8, "per_token": 1000, "seed": seed, "dtype": dtype,
-              "world_size": world_size, "rank": rank}
+              "input_format": "plain", "world_size": world_size, "rank": rank}
     extra = {"teacher": teacher, "hidden_size": hidden_size, "dtype": dtype}
     save_pickle(index, index_path(path))
     save_pickle(states, path)
@@ -50,7 +50,7 @@ def test_ranks_merge_in_occurrence_order(tmp_path):
         assert rows_of(combined, 5) == [1, 9, 17, 25, 33]
         assert sorted(combined) == [5, 7, 9] and rows_of(combined, 9) == [10, 11]
     assert meta == {"teacher": "minilm", "hidden_size": 4, "dtype": "float16", "rows": 8,
-                    "token_ids": 3, "capped": 0}
+                    "token_ids": 3, "capped": 0, "max_length": 8, "input_format": "plain"}
 
 
 def test_cap_is_a_seeded_ordered_subset(tmp_path):

@@ -47,7 +47,7 @@ def test_device_options_fail_in_one_line():
 def test_evaluation_with_a_bad_device_exits_2_in_one_line(tmp_path):
     import pathlib
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "05_evaluate.py"
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "06_evaluate.py"
     result = subprocess.run([sys.executable, str(script), "--base-dir", str(tmp_path), "--task", "bbc-news",
                              "--models", "teacher:minilm", "--device", "gpu0"],
                             capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Stage 3 end to end: scripts/04_train.py (and run_train.sh) on a tiny random BERT.
+"""Stage 3 end to end: scripts/05_train.py (and run_train.sh) on a tiny random BERT.
 
 The inputs are built here: train.json from a few sentences, and a sense dictionary whose
 senses are the tiny teacher's own states of each token (up to 3 per token), so that the
@@ -53,7 +53,8 @@ PINNED_ARGS = ["--student-layers", "1", "--epochs", "2", "--batch-size", "2", "-
 
 
 def make_inputs(base: Path, teacher_dir: Path, task: str = "bbc-news", senses_per_token: int = 3) -> Paths:
-    """train.json for ``task`` and a sense dictionary made of the teacher's own token states."""
+    """train.json for ``task``, a sense dictionary made of the teacher's own token states and
+    its sense targets (scripts/04_targets.py)."""
     teacher = load_teacher(str(teacher_dir), device="cpu")
     paths = Paths(base, task, teacher.slug)
     examples = [format_example("Classify the topic of the given news article", s) for s in SENTENCES]
@@ -68,7 +69,20 @@ def make_inputs(base: Path, teacher_dir: Path, task: str = "bbc-news", senses_pe
     senses = {token: np.stack(vectors[:: max(1, len(vectors) // senses_per_token)][:senses_per_token])
               .astype(np.float16) for token, vectors in gathered.items()}
     save_pickle(senses, paths.sense_dict)
+    run_script("04_targets.py", ["--task", task, "--base-dir", str(base), "--teacher", str(teacher_dir),
+                                 "--max-length", "32"])
     return paths
+
+
+def run_script(script: str, args: list[str]) -> None:
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code == 0
 
 
 def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
@@ -76,11 +90,11 @@ def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
-    """scripts/04_train.py in this process: its exit status and stderr."""
+    """scripts/05_train.py in this process: its exit status and stderr."""
     argv = sys.argv
-    sys.argv = ["04_train.py", *args]
+    sys.argv = ["05_train.py", *args]
     try:
-        runpy.run_path(str(REPO / "scripts" / "04_train.py"), run_name="__main__")
+        runpy.run_path(str(REPO / "scripts" / "05_train.py"), run_name="__main__")
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
@@ -95,7 +109,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def script_command(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "04_train.py"), *args]
+    return [sys.executable, str(REPO / "scripts" / "05_train.py"), *args]
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,10 +121,10 @@ def pinned_run(tmp_path_factory, tiny_bert_dir):
     base = tmp_path_factory.mktemp("pinned")
     paths = make_inputs(base, tiny_bert_dir)
     argv = sys.argv
-    sys.argv = ["04_train.py", *train_script(base, tiny_bert_dir, *PINNED_ARGS)]
+    sys.argv = ["05_train.py", *train_script(base, tiny_bert_dir, *PINNED_ARGS)]
     try:
         with pytest.raises(SystemExit) as exited:
-            runpy.run_path(str(REPO / "scripts" / "04_train.py"), run_name="__main__")
+            runpy.run_path(str(REPO / "scripts" / "05_train.py"), run_name="__main__")
     finally:
         sys.argv = argv
     assert exited.value.code == 0
@@ -164,10 +178,11 @@ def test_the_export_holds_the_trained_student(pinned_run, tiny_bert_dir):
 
     st = SentenceTransformer(str(pinned_run.export_dir / "st"), device="cpu")
     texts = ["the team won the game", "money is tight"]
-    plain = exported.tokenize(texts, 32)
+    examples = [format_example("Classify the topic of the given news article", t) for t in texts]
+    plain = exported.tokenize(examples, 32)  # the instruction is the folder's default prompt
     with torch.no_grad():
         states = student(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).last_hidden_state
-    np.testing.assert_allclose(st.encode(texts), mean_pool(states, plain["attention_mask"]).numpy(),
+    np.testing.assert_allclose(st.encode(texts), mean_pool(states, plain["embed_mask"]).numpy(),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -307,7 +322,7 @@ def test_a_killed_peer_ends_the_other_rank_with_a_clear_error(stage_inputs, tiny
 # students
 
 
-def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp_path, caplog):
+def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp_path):
     teacher = load_teacher(str(tiny_llama_dir), device="cpu")
     with pytest.raises(UserError, match="1 to 2 layers of the teacher, got 4"):  # Llama's default, as in the paper
         build_student(teacher)
@@ -315,8 +330,10 @@ def test_a_llama_student_stays_bidirectional_and_round_trips(tiny_llama_dir, tmp
     assert type(student) is type(teacher.model)
     assert student.config.num_hidden_layers == 1
     assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
-    export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False)
-    assert "loads the bidirectional student" in caplog.text  # st/ would be causal: said so
+    export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False,
+                   input_format=teacher.input_format)
+    modules = json.loads((tmp_path / "export" / "st" / "modules.json").read_text())
+    assert modules[0]["type"] == "embdistill.st_modules.Encoder"  # not a causal Llama (tests/test_export.py)
     loaded = load_teacher(str(tmp_path / "export" / "hf"), device="cpu")
     assert type(loaded.model).__name__ == "BidirectionalLlamaModel"
     batch = loaded.tokenize(["Represent this sentence: !@#$%^&*()the cat sat", "markets fell"], 32)

@@ -11,7 +11,8 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 ``untrained:MODEL@N``          the first N layers of MODEL, untrained: the student SKD starts from
 ``replace:MODEL@DICT``         MODEL (student or teacher) in replace mode with the sense dictionary
                                DICT (``sense_dict/<task>/<teacher>.kmeanspkl``); the teacher in
-                               replace mode is the dictionary's ceiling
+                               replace mode is the dictionary's ceiling; ``replace:MODEL@N@DICT``:
+                               the untrained first N layers of MODEL in replace mode
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
 =============================  ==================================================================
 
@@ -55,7 +56,8 @@ class ModelSpec:
     @property
     def text(self) -> str:
         """The spec as written on the command line (with its label)."""
-        suffix = {"replace": f"@{self.sense_dict}", "untrained": f"@{self.n_layers}"}.get(self.kind, "")
+        layers = f"@{self.n_layers}" if self.n_layers else ""
+        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers}.get(self.kind, "")
         return f"{self.label}={self.kind}:{self.target}{suffix}"
 
     @property
@@ -97,10 +99,14 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise UserError(f"bad model spec '{text}': {kind} needs {kind}:MODEL@{what}")
         if kind == "replace":
             sense_dict = extra
-        elif not extra.isdigit() or int(extra) < 1:
-            raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
+            head, at, layers = target.rpartition("@")  # replace:MODEL@N@DICT: the untrained first N layers
+            if at and layers.isdigit():
+                target, n_layers = head, int(layers)
         else:
-            n_layers = int(extra)
+            n_layers = extra
+        if n_layers is not None and (not str(n_layers).isdigit() or int(n_layers) < 1 or not target):
+            raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
+        n_layers = int(n_layers) if n_layers is not None else None
     label = label or default_label(kind, target, n_layers)
     if not _LABEL.fullmatch(label):
         raise UserError(f"bad model label '{label}': use letters, digits and . _ + -")
@@ -113,7 +119,8 @@ def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
     else:
         name = slug(target)
-    return {"untrained": f"{name}-first{n_layers}", "replace": f"{name}-replace",
+    first = f"-first{n_layers}" if n_layers else ""
+    return {"untrained": f"{name}{first}", "replace": f"{name}{first}-replace",
             "st": f"{name}-st"}.get(kind, name)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import fingerprint, load_pickle, save_pickle
+from ..artifacts import fingerprint, load_pickle, read_manifest, save_pickle
 from ..distributed import DistEnv, barrier, shard
 from ..errors import UserError
 from .combine import read_source
@@ -232,6 +232,7 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
     """Cluster ``states`` into the dictionary at ``out_path`` (every rank calls this); rank 0
     writes the dictionary, manifest, summary and plot and returns the summary, others None."""
     started = time.perf_counter()
+    combined_extra = (read_manifest(input_path) or {}).get("extra", {})  # what the states were gathered with
     folder = parts_dir(out_path, cfg, batching, fingerprint(input_path))
     batches = plan_batches({t: len(v) for t, v in states.items()}, cfg, hidden_size, batching)
     _prepare_parts(folder, env, overwrite)
@@ -261,6 +262,7 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
         "world_size": env.world_size, "threads": torch.get_num_threads(), "device": str(device),
         "batch_tokens": batching.tokens, "batch_elements": batching.elements,
         "k_rule": rule,
+        **{key: combined_extra.get(key) for key in ("max_length", "input_format")},
     }
     save_sense_dict(senses, out_path, dtype=cfg.dtype, config=asdict(cfg),
                     inputs={"states": input_path}, extra=summary)

@@ -177,8 +177,19 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict
     teachers = {s.teacher for group in sources for s in group} - {None}
     meta = {"teacher": next(iter(teachers), None), "hidden_size": first.hidden_size,
             "dtype": first.dtype, "rows": sum(len(r) for r in combined.values()),
-            "token_ids": len(combined), "capped": capped}
+            "token_ids": len(combined), "capped": capped,
+            **gathered_with([s.gather for group in sources for s in group])}
     return combined, meta
+
+
+def gathered_with(gather_configs: Sequence[Mapping | None]) -> dict:
+    """The max length and input format the states were gathered with (recorded down to the
+    sense dictionary, whose users check them); None where the inputs disagree or do not say."""
+    settings = {}
+    for key in ("max_length", "input_format"):
+        values = {config.get(key) if config else None for config in gather_configs}
+        settings[key] = values.pop() if len(values) == 1 else None
+    return settings
 
 
 def write_combined(combined: dict, meta: dict, output: Path, config: Mapping,

@@ -74,9 +74,10 @@ def count_tokens(
     return dict(sorted(counts.items()))
 
 
-def count_config(teacher: str, max_length: int) -> dict:
-    """What counts.pkl depends on (besides train.json): the tokenizer and the truncation."""
-    return {"teacher": teacher, "max_length": max_length}
+def count_config(teacher: str, max_length: int, input_format: str = "plain") -> dict:
+    """What counts.pkl depends on (besides train.json): the tokenizer, the input format and
+    the truncation."""
+    return {"teacher": teacher, "max_length": max_length, "input_format": input_format}
 
 
 def load_counts(path: Path, max_length: int) -> dict[int, int]:
@@ -131,10 +132,11 @@ class GatherConfig:
     """Everything the gathered sample depends on (batch size and buffer size do not)."""
 
     teacher: str
-    max_length: int = 256
+    max_length: int = 512
     per_token: int = 1000
     seed: int = 0
     dtype: str = "float16"
+    input_format: str = "plain"  # the teacher's (embdistill.text): what its states saw
 
     def __post_init__(self):
         if self.dtype not in OUT_DTYPES:
