@@ -98,17 +98,21 @@ def random_llama_inputs(args, device):
     return teacher, None, batches, senses, vocab
 
 
-def time_passes(step, batches, device, repeats: int) -> float:
-    """Best time of ``repeats`` passes over ``batches`` (after one warm-up step)."""
-    step(batches[0])
+def time_passes(variants: dict, device, repeats: int) -> dict[str, float]:
+    """Best time of ``repeats`` passes of each variant (name -> (step, items)), after one warm-up
+    step each. Passes are interleaved (A B C, A B C, ...), so that a load change on a shared
+    machine hits every variant alike instead of the one measured at that moment."""
+    for step, items in variants.values():
+        step(items[0])
     synchronize(device)
-    best = float("inf")
+    best = dict.fromkeys(variants, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            step(batch)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for name, (step, items) in variants.items():
+            start = time.perf_counter()
+            for item in items:
+                step(item)
+            synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -168,15 +172,7 @@ def main() -> None:
         states = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return states.float().pow(2).mean()
 
-    times = {
-        "plain": time_passes(training_step(plain_loss), batches, device, args.repeats),
-        "skd": time_passes(training_step(lambda s, b: SenseDistillation(senses)(s, b).loss), batches, device,
-                           args.repeats),
-        "mse": time_passes(training_step(lambda s, b: StateMatching(teacher)(s, b).loss), batches, device,
-                           args.repeats),
-    }
     with torch.autocast(**autocast):
-        times["teacher forward"] = time_passes(teacher.token_states, batches, device, args.repeats)
         fixed = [(teacher.token_states(b).float(), b) for b in batches]
 
     def loss_alone(item):
@@ -184,7 +180,17 @@ def main() -> None:
         student_states = (states + 0.1).requires_grad_(True)
         sense_loss(student_states, batch["input_ids"], batch["sense_targets"])[0].backward()
 
-    times["sense loss"] = time_passes(loss_alone, fixed, device, args.repeats)
+    def teacher_forward(batch):
+        with torch.autocast(**autocast):
+            teacher.token_states(batch)
+
+    times = time_passes({
+        "plain": (training_step(plain_loss), batches),
+        "skd": (training_step(lambda s, b: SenseDistillation(senses)(s, b).loss), batches),
+        "mse": (training_step(lambda s, b: StateMatching(teacher)(s, b).loss), batches),
+        "teacher forward": (teacher_forward, batches),
+        "sense loss": (loss_alone, fixed),
+    }, device, args.repeats)
     apart = {}
     if examples is not None:  # the Trainer and the targets stage tokenise examples themselves
         times["trainer"], apart = time_trainer(args, teacher, senses, examples, batches, fresh_student()[0], device)
@@ -275,7 +281,8 @@ def time_targets_stage(args, teacher, senses, examples, device) -> tuple[float, 
     def stage(_):
         text_targets(teacher, senses, examples, args.length, args.batch)
 
-    return (time_passes(stage, [None], device, args.repeats), time_passes(bare, [None], device, args.repeats))
+    times = time_passes({"stage": (stage, [None]), "bare": (bare, [None])}, device, args.repeats)
+    return times["stage"], times["bare"]
 
 
 if __name__ == "__main__":

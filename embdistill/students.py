@@ -104,6 +104,16 @@ def sentence_transformer_modules():
     return modules
 
 
+def save_hf(student: nn.Module, tokenizer, folder: str | Path, *, input_format: InputFormat,
+            normalize: bool) -> Path:
+    """A transformers model folder that :func:`embdistill.teachers.load_teacher` reads as the
+    student was trained: weights, tokenizer, input format and normalisation."""
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_reading(folder, input_format, normalize)
+    return Path(folder)
+
+
 def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normalize: bool,
                    max_seq_length: int | None = None, pooling: str = "mean",
                    input_format: InputFormat = PLAIN, instruction: str = "",
@@ -127,10 +137,7 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     out_dir = Path(out_dir)
     building = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(building, ignore_errors=True)
-    hf_dir = building / "hf"
-    student.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
-    save_reading(hf_dir, input_format, normalize)
+    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize)
     modules = sentence_transformer_modules()
     example_prompt = format_example(instruction, "") if instruction.strip() else ""
     if input_format.llm2vec:  # our encoder reads whole examples: the prompt keeps the separator

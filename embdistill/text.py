@@ -111,8 +111,8 @@ def llm2vec_instruction(instruction: str) -> str:
 
 def _token_count(tokenizer, text: str, limit: int) -> int:
     """min(limit, tokens of ``text`` without special tokens), tokenising only a prefix."""
-    return min(limit, len(tokenizer(cut_long_text(tokenizer, text, limit),
-                                     add_special_tokens=False)["input_ids"]))
+    return min(limit, len(tokenizer(cut_long_text(tokenizer, text, limit), add_special_tokens=False,
+                                     verbose=False)["input_ids"]))
 
 
 def cut_long_text(tokenizer, text: str, max_tokens: int) -> str:
@@ -126,8 +126,9 @@ def cut_long_text(tokenizer, text: str, max_tokens: int) -> str:
         cut = _space_run_before(text, limit)
         if cut > 0:
             last_word = _space_run_before(text, cut)
-            spans = tokenizer(text[:cut], add_special_tokens=False,
-                              return_offsets_mapping=True)["offset_mapping"]
+            # verbose=False: a prefix longer than the model's limit is the point here, not a mistake
+            spans = tokenizer(text[:cut], add_special_tokens=False, return_offsets_mapping=True,
+                              verbose=False)["offset_mapping"]
             if sum(1 for _, end in spans if end <= last_word) > max_tokens:
                 return text[:cut]
         limit *= 4
