@@ -89,7 +89,7 @@ def main() -> None:
     default_input = Paths(base_dir(None), "bbc-news", "minilm").combined
     input_path = Path(args.input) if args.input else default_input
     if input_path.is_file():
-        states, dim = load_states(input_path, "minilm", None)
+        states, dim, _ = load_states(input_path, "minilm", None)
         data = f"{input_path} (real MiniLM states)"
     else:
         states, dim = synthetic_states(args.synthetic_tokens, 384, args.seed), 384

@@ -76,11 +76,11 @@ def main() -> int:
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
                     what="cluster"):
         return 0
-    states, hidden_size = load_states(input_path, teacher, args.hidden_size)
+    states, hidden_size, input_print = load_states(input_path, teacher, args.hidden_size)
     env = init_distributed(timeout_s=args.timeout)
     try:
         summary = run(states, hidden_size, out, cfg, batching, env, device, input_path=input_path,
-                      overwrite=args.overwrite)
+                      input_print=input_print, overwrite=args.overwrite)
     finally:
         cleanup()
     if summary is not None:

@@ -90,7 +90,7 @@ def pad_points(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tenso
     x = torch.zeros(len(points), n_max, points[0].shape[1], device=device, dtype=dtype)
     mask = torch.zeros(len(points), n_max, device=device, dtype=torch.bool)
     for i, p in enumerate(points):
-        x[i, : len(p)] = torch.as_tensor(np.asarray(p)).to(device=device, dtype=dtype)
+        x[i, : len(p)] = torch.from_numpy(np.array(p)).to(device=device, dtype=dtype)  # a copy: p may be read-only
         mask[i, : len(p)] = True
     return x, mask
 
