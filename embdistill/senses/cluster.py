@@ -105,7 +105,8 @@ def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[Mapp
     else:
         if dist_env().world_size > 1:
             log.warning("%s has no row file of its own (written by another tool or an older "
-                        "a0_generate_combinepkl.py): every process loads all of it", path)
+                        "a0_generate_combinepkl.py; --overwrite it to get one): every process loads "
+                        "all of it", path)
         source = read_source(path)
         states, source_teacher, width = source.states, source.teacher, source.hidden_size
     if source_teacher is not None and source_teacher != teacher:
