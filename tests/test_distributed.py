@@ -30,7 +30,7 @@ def gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: bound.append(torch.device(device)))
-    monkeypatch.setattr(distributed, "_bound_device", None)
+    monkeypatch.setattr(distributed, "_bound_device", None, raising=False)
     return bound
 
 
