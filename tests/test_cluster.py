@@ -367,9 +367,9 @@ def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
     """Rank 0 of P clusters every P-th batch: of the row file it maps (and so holds in its
     resident memory) about 1/P, not all of it."""
     rng = np.random.default_rng(6)
-    states = {t: rng.normal(size=(64, 256)).astype(np.float32) for t in range(128)}  # 64 KiB each
+    states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 256 KiB each
     path = tmp_path / "combined.pkl"
-    write_combined(states, {"teacher": "minilm", "hidden_size": 256, "dtype": "float32"}, path,
+    write_combined(states, {"teacher": "minilm", "hidden_size": 1024, "dtype": "float32"}, path,
                    config={}, inputs={})
     loaded, width, _ = load_states(path, "minilm", None)
     cfg = ClusterConfig("minilm", max_iter=3)
@@ -382,8 +382,8 @@ def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
     assert len(list((tmp_path / "parts").iterdir())) == len(batches[::world_size])
     if world_size == 1:
         assert share > 0.9
-    else:  # 1/4 of the rows, and the kernel's read-around at the edges of its 8 runs of rows
-        assert share < 0.4, share
+    else:  # 1/4 of the rows, and the kernel's fault-around (64 KiB) at the edges of its 8 runs of 1 MiB
+        assert share < 0.35, share
 
 
 # ------------------------------------------------------------------ processes and resume

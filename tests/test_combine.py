@@ -191,3 +191,15 @@ def test_the_row_file_holds_the_pickles_rows_token_by_token(tmp_path):
     np.save(tokens_path(output), np.array([[5, 0, 9]], dtype=np.int64))
     with pytest.raises(UserError, match="row file or token table is missing or was replaced"):
         open_combined(output, fingerprint(output))
+
+
+def test_a_token_table_must_tile_the_row_file():
+    from embdistill.senses.combine import _covers
+
+    table = np.array([[5, 0, 3], [7, 3, 5]], dtype=np.int64)
+    assert _covers(table, 5) and _covers(np.empty((0, 3), dtype=np.int64), 0)
+    assert not _covers(table, 6)  # rows no token owns
+    assert not _covers(np.array([[5, 0, 3], [7, 4, 5]], dtype=np.int64), 5)  # a gap
+    assert not _covers(np.array([[7, 0, 3], [5, 3, 5]], dtype=np.int64), 5)  # ids out of order
+    assert not _covers(np.array([[5, 0, 0], [7, 0, 5]], dtype=np.int64), 5)  # an empty token
+    assert not _covers(table.astype(np.float64), 5) and not _covers(table[:, :2], 5)

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -296,11 +295,17 @@ def open_combined(path: Path, pickle_sha256: str) -> TokenRows | None:
         table = np.load(table_file, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise UserError(f"{rows_file}: unreadable ({exc}); rerun a0_generate_combinepkl.py with --overwrite") from None
-    starts, ends = (table[:, 1], table[:, 2]) if table.ndim == 2 and table.shape[1:] == (3,) else (None, None)
-    if (list(rows.shape) != files["rows_shape"] or str(rows.dtype) not in STATE_DTYPES or starts is None
-            or table.dtype != np.int64 or (table[:, 0] < 0).any() or (np.diff(table[:, 0]) <= 0).any()
-            or (ends <= starts).any() or (starts[1:] != ends[:-1]).any() or (len(table) and (
-                starts[0] != 0 or ends[-1] != len(rows)))):
+    if list(rows.shape) != files["rows_shape"] or str(rows.dtype) not in STATE_DTYPES or not _covers(table, len(rows)):
         raise UserError(f"{rows_file} and {table_file} do not describe {path}; rerun "
                         "a0_generate_combinepkl.py with --overwrite")
     return TokenRows(rows, table)
+
+
+def _covers(table: np.ndarray, n_rows: int) -> bool:
+    """A token table of ascending non-negative ids whose non-empty row ranges tile [0, n_rows)."""
+    if table.ndim != 2 or table.shape[1] != 3 or table.dtype != np.int64:
+        return False
+    ids, starts, ends = table.T
+    return bool((ids >= 0).all() and (np.diff(ids) > 0).all() and (ends > starts).all()
+                and (starts[1:] == ends[:-1]).all()
+                and (starts[0] == 0 and ends[-1] == n_rows if len(table) else n_rows == 0))
