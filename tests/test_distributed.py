@@ -174,3 +174,24 @@ def test_training_binds_the_student_and_gives_the_teacher_a_gpu_per_process(
     extra = ["--teacher-device", teacher_device] if teacher_device else []
     run_stage("scripts/04_train.py", ["--base-dir", str(tmp_path), "--device", "cuda", *extra], monkeypatch)
     assert second_of_two == [cuda(1)] and devices == [cuda(expected)]
+
+
+def test_a_process_aborted_like_by_the_nccl_watchdog_ends_the_launch_in_one_line(tmp_path):
+    """What a user sees when NCCL's watchdog aborts a rank whose peer hung (the CPU cannot run
+    NCCL: the worker prints the watchdog's words and aborts as it does): the worker's lines,
+    then the launcher's one line naming the rank and SIGABRT, a failing status."""
+    import subprocess
+
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import os, sys\n"
+        "print('[rank0]:[E] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+        "OpType=ALLREDUCE, Timeout(ms)=1800000) ran for 1800083 milliseconds before timing out.', "
+        "file=sys.stderr, flush=True)\n"
+        "os.abort()\n")
+    result = subprocess.run([sys.executable, "-m", "embdistill.torchrun", "--nproc_per_node", "1",
+                             "--master_port", "0", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Watchdog caught collective operation timeout" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "SIGABRT" in last, result.stderr
