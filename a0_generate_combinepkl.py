@@ -4,7 +4,10 @@
     python a0_generate_combinepkl.py --inputs bbc-news tweet-sentiment --output work/two-tasks/combined.pkl
     python a0_generate_combinepkl.py --inputs old/rank0.pkl old/rank1.pkl --output combined.pkl
 
-Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir).
+Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir),
+each checked: non-negative token ids to finite float rows. Beside combined.pkl go the same rows as
+one array, combined.rows.npy, and combined.tokens.npy (where each token's rows are), which the
+cluster stage maps so that each of its processes reads only its own tokens' rows.
 """
 
 from pathlib import Path

@@ -38,20 +38,25 @@ from embdistill.distributed import default_device
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens, gather_texts
 from embdistill.tasks import resolve_task
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher, minilm_path
-from embdistill.text import format_example
+from embdistill.text import LLM2VEC, PLAIN, InputFormat, format_example
+
+
+def random_llama_teacher(name: str, device: torch.device, tokenizer, max_length: int,
+                         input_format: InputFormat = LLM2VEC, **shape) -> Teacher:
+    """A bidirectional Llama of ``shape`` (LlamaConfig fields) with random bf16 weights, built
+    on ``device``, with Llama-3's RoPE settings and SDPA attention, reading ``input_format``."""
+    config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         attn_implementation="sdpa", use_cache=False)
+    with torch.device(device):
+        model = BidirectionalLlamaModel._from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    return Teacher(name, name, model, tokenizer, normalize=False, max_seq_length=max_length,
+                   input_format=input_format)
 
 
 def random_llama8b_shape(device: torch.device, layers: int, max_length: int) -> Teacher:
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=14336, vocab_size=30522,
-                         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         attn_implementation="sdpa", use_cache=False)
-    dtype = torch.bfloat16
-    with torch.device(device):
-        model = BidirectionalLlamaModel._from_config(config, dtype=dtype).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    return Teacher("random-llama8b-shape", "random-llama8b-shape", model, tokenizer,
-                   normalize=False, max_seq_length=max_length)
+    return random_llama_teacher("random-llama8b-shape", device, AutoTokenizer.from_pretrained(minilm_path()),
+                                max_length, PLAIN, hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
+                                num_key_value_heads=8, intermediate_size=14336, vocab_size=30522)
 
 
 def batches(texts: list[str], batch_size: int):

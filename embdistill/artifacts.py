@@ -156,9 +156,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
 
 
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:
-    """Pickle ``obj`` to ``path`` atomically (protocol 4, readable by Python >= 3.4)."""
+    """Pickle ``obj`` to ``path`` atomically (protocol 5, readable by Python >= 3.8). Protocol 5
+    writes NumPy arrays from their own memory; protocol 4 copied each into a bytes object that
+    the pickler's memo kept to the end: a second copy of every array in the file."""
     with atomic_open(path, "wb") as fh:
-        pickle.dump(obj, fh, protocol=4)
+        pickle.dump(obj, fh, protocol=5)
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

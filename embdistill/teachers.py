@@ -60,6 +60,11 @@ TEACHER_ALIASES: dict[str, tuple[Callable[[], str | Path], tuple[str, ...]]] = {
 }
 
 
+# Attention implementations the bidirectional masks below are valid for. flash_attention_2/3
+# take a 2-D padding mask and flex attention a BlockMask, which LlamaModel would build causal.
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
 class BidirectionalLlamaModel(LlamaModel):
     """LlamaModel whose tokens attend to every non-padding token: LLM2Vec's encoder.
 
@@ -68,6 +73,11 @@ class BidirectionalLlamaModel(LlamaModel):
     is used as it is), and every attention module carries ``is_causal``, which the SDPA and
     flash kernels read when they get no mask. Since this class sets both itself, any copy of
     it (``from_pretrained``, ``truncated_copy``) stays bidirectional.
+
+    The mask: a padded batch gets a 4-D additive padding mask (valid for eager and SDPA
+    attention); a batch without padding gets none under SDPA (with ``is_causal=False``), so
+    that SDPA may pick its flash kernel, which takes no mask. Other attention implementations
+    (flash_attention_2, flex) are refused in one line rather than silently mis-masked.
     """
 
     def __init__(self, config):
@@ -77,11 +87,20 @@ class BidirectionalLlamaModel(LlamaModel):
                 module.is_causal = False
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        implementation = self.config._attn_implementation
+        if implementation not in MASKED_ATTENTION:
+            raise UserError(f"attention implementation '{implementation}' is not supported by the "
+                            f"bidirectional Llama; use {' or '.join(MASKED_ATTENTION)}")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if attention_mask is None or attention_mask.ndim == 2:
-            attention_mask = _padding_mask_4d(attention_mask, inputs_embeds)
-        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            padded = attention_mask is not None and not bool(attention_mask.bool().all())
+            if padded or implementation != "sdpa":
+                attention_mask = _padding_mask_4d(attention_mask, inputs_embeds)
+            else:  # SDPA and no padding: no mask, and no causal mask either (is_causal below)
+                attention_mask = None
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               is_causal=False, **kwargs)
 
 
 def _padding_mask_4d(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:

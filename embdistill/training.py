@@ -218,7 +218,16 @@ def _set_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible when the checkpoint was written; the number may differ now
+        # (another machine, CUDA_VISIBLE_DEVICES): restore those that exist. Only the resumed
+        # run's random draws on the other GPUs then differ from an uninterrupted run's.
+        saved, visible = state["cuda"], torch.cuda.device_count()
+        for index, device_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(device_state, index)
+        if len(saved) != visible:
+            log.warning("the checkpoint holds CUDA RNG states of %d GPU(s), %d are visible: restored "
+                        "%d; random draws on the others are not those of an uninterrupted run",
+                        len(saved), visible, min(len(saved), visible))
 
 
 class Trainer:

@@ -9,7 +9,7 @@ killed run resumes from its finished part files when started again with the same
 
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import dist_env, print0, resolve_device
+from embdistill.distributed import DEVICE_HELP, bind_device, dist_env, print0, resolve_device
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
 from embdistill.tasks import resolve_task
@@ -30,7 +30,7 @@ def main() -> int:
                         help="texts per part file (bounds memory; a killed run resumes from parts)")
     parser.add_argument("--buffer-rows", type=int, default=16384,
                         help="selected rows kept on the device before one copy to the CPU")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
     args = parser.parse_args()
@@ -48,7 +48,8 @@ def main() -> int:
         return 0
     texts = read_train_texts(paths)
     counts = load_counts(paths.counts, args.max_length)
-    teacher = load_teacher(args.teacher, device=resolve_device(args.device, env), dtype=args.teacher_dtype)
+    device = bind_device(resolve_device(args.device, env))  # this process's own GPU
+    teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
     summary = gather_shard(teacher, texts, counts, rank_file, cfg, env, inputs=inputs,
                            batch_size=args.batch_size, flush_every=args.flush_every,
                            buffer_rows=args.buffer_rows, overwrite=args.overwrite)

@@ -12,7 +12,7 @@ import torch
 
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, init_distributed, print0, resolve_device
+from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
@@ -47,7 +47,7 @@ def parse_args():
     parser.add_argument("--batch-tokens", type=int, default=256, help="tokens clustered together, at most")
     parser.add_argument("--batch-elements", type=int, default=1 << 26,
                         help="floats per working tensor of a batch, about (bounds memory)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds a process waits for the others at the barrier")
@@ -61,7 +61,7 @@ def main() -> int:
         if args.threads < 1:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = bind_device(resolve_device(args.device))  # this process's own GPU
     task = resolve_task(args.task, args.text_column, args.label_column)
     teacher = slug(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, teacher)
@@ -76,11 +76,11 @@ def main() -> int:
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
                     what="cluster"):
         return 0
-    states, hidden_size = load_states(input_path, teacher, args.hidden_size)
+    states, hidden_size, input_print = load_states(input_path, teacher, args.hidden_size)
     env = init_distributed(timeout_s=args.timeout)
     try:
         summary = run(states, hidden_size, out, cfg, batching, env, device, input_path=input_path,
-                      overwrite=args.overwrite)
+                      input_print=input_print, overwrite=args.overwrite)
     finally:
         cleanup()
     if summary is not None:

@@ -13,14 +13,13 @@ Resumes from the latest checkpoint unless --no-resume/--overwrite.
 
 import argparse
 import functools
-import os
 from pathlib import Path
 
 import torch
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, default_device, print0, resolve_device
+from embdistill.distributed import DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
@@ -51,8 +50,11 @@ def parse_args() -> argparse.Namespace:
                         help="use a dictionary gathered with another --max-length")
     parser.add_argument("--export-replace", action=argparse.BooleanOptionalAction, default=True,
                         help="sense loss: also export/st-replace, the student in replace mode")
+    parser.add_argument("--device", default=None, help="the student's: " + DEVICE_HELP)
     parser.add_argument("--teacher-device", default=None,
-                        help="mse: default a spare GPU per process when there is one, else the student's")
+                        help="mse: default and cuda: a spare GPU per process (cuda:LOCAL_RANK + LOCAL_WORLD_SIZE) "
+                        "when the node has one, else the student's (default) or this process's GPU (cuda); "
+                        "otherwise as --device")
     # The original's reference run (per process; lr is multiplied by the world size).
     add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
     return parser.parse_args()
@@ -67,6 +69,17 @@ def main() -> int:
         cleanup()
 
 
+def resolve_teacher_device(arg: str | None, student_device, env: DistEnv):
+    """--teacher-device: None and ``cuda`` give the teacher a spare GPU of its own when the node
+    has one per process; None falls back to the student's device, ``cuda`` to this process's
+    GPU; anything else reads as --device does."""
+    if arg is None:
+        return default_teacher_device(student_device, env, env.local_world_size)
+    if arg == "cuda":
+        return default_teacher_device(resolve_device("cuda", env), env, env.local_world_size)
+    return resolve_device(arg, env)
+
+
 def train(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise UserError(f"--max-length must be at least 1, got {args.max_length}")
@@ -74,9 +87,9 @@ def train(args: argparse.Namespace) -> int:
     if "/" in run or run in (".", ".."):
         raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
     task = resolve_task(args.task, args.text_column, args.label_column)
+    device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = join_process_group(args.dist_timeout)
     config = TrainConfig.from_args(args, lr_scale=env.world_size)
-    device = default_device(env)
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run)
     examples = read_train_texts(paths)
@@ -121,9 +134,7 @@ def train(args: argparse.Namespace) -> int:
         loss_fn, dataset = SenseDistillation(senses), list(range(len(examples)))
         collate = TargetCollator(tokenizer.tokenize, examples, stored, max_length)
     else:
-        teacher_device = (resolve_device(args.teacher_device) if args.teacher_device else
-                          default_teacher_device(device, env, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        teacher = load_teacher(args.teacher, device=teacher_device)
+        teacher = load_teacher(args.teacher, device=resolve_teacher_device(args.teacher_device, device, env))
         loss_fn, dataset = StateMatching(teacher), examples
         collate = functools.partial(tokenizer.tokenize, max_length=max_length)
     student = build_student(teacher, layers).to(device)

@@ -16,7 +16,10 @@ import torch
 
 from embdistill.artifacts import read_manifest, save_pickle, write_manifest
 from embdistill.errors import UserError
-from embdistill.senses.cluster import KILL_AFTER_PARTS_ENV, Batching, ClusterConfig, plan_batches
+from embdistill.distributed import DistEnv
+from embdistill.senses.cluster import (KILL_AFTER_PARTS_ENV, Batching, ClusterConfig, cluster_rank, load_states,
+                                       plan_batches)
+from embdistill.senses.combine import rows_path, write_combined
 from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
 from embdistill.senses.krule import (
     k_from_mcl_count,
@@ -166,9 +169,8 @@ def make_states(path: Path, *, teacher: str = "minilm", dim: int = DIM, empty: b
     # 100 tight pairs far apart: MCL finds about 100 clusters, so the rule gives k > 5
     states[19] = grouped(rng, 200, 100, 0.01, 5).astype(np.float16)[:, :dim]
     states = {} if empty else states
-    save_pickle(states, path)
-    write_manifest(path, stage="combine", config={},
-                   extra={"teacher": teacher, "hidden_size": dim, "dtype": "float16"})
+    write_combined(states, {"teacher": teacher, "hidden_size": dim, "dtype": "float16"}, path,
+                   config={}, inputs={})
     return states
 
 
@@ -281,6 +283,107 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not output(tmp_path).parent.exists() or not any(output(tmp_path).parent.iterdir())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan float32", "the states of token 16 hold NaN (not an overflow"),
+    ("nan float16", "the states of token 16 hold NaN (not an overflow"),
+    ("inf", "the states of token 16 hold infinities"),
+    ("object", "the states of token 16 are object"),
+    ("int64", "the states of token 16 are int64"),
+    ("negative id", "token id -16 is not a non-negative integer"),
+    ("no rows", "entry 16 is not (it is (0, 16))"),
+    ("nan in the row file, clustered token", "the states of token 16 hold NaN"),
+    ("nan in the row file, raw token", "the states of token 12 hold NaN"),
+])
+def test_states_that_are_not_finite_float_rows_are_refused(tmp_path, states_file, case, message, capsys):
+    """Never a dictionary of NaN marked done, never NaN called an overflow, never a traceback."""
+    states = {t: v.copy() for t, v in states_file[1].items()}
+    path, extra = tmp_path / "combined.pkl", []
+    rows = states.pop(16)
+    if case.startswith("nan in the row file"):
+        states[16] = rows
+        write_combined(states, {"teacher": "minilm", "hidden_size": DIM, "dtype": "float16"}, path,
+                       config={}, inputs={})
+        mapped = np.load(rows_path(path), mmap_mode="r+")
+        token_start = sum(len(states[t]) for t in sorted(states) if t < (16 if "clustered" in case else 12))
+        mapped[token_start + 1, 3] = np.nan  # the pickle still matches: the row file is read
+        mapped.flush()
+    else:
+        if case == "nan float32":
+            rows, states = rows.astype(np.float32), {t: v.astype(np.float32) for t, v in states.items()}
+            extra = ["--dtype", "float32"]  # the dictionary's dtype: no float16 check to trip over
+        fault = {"nan float32": np.nan, "nan float16": np.nan, "inf": np.inf}.get(case)
+        if fault is not None:
+            rows[2, 5] = fault
+        token = -16 if case == "negative id" else 16
+        kinds = {"object": lambda: rows.astype(object), "int64": lambda: rows.astype(np.int64),
+                 "no rows": lambda: rows[:0]}
+        states[token] = kinds.get(case, lambda: rows)()
+        save_pickle(states, path)  # a hand-made file: no manifest, no row file
+    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line.partition("error: ")[2] for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0] and "overflow float16" not in errors[0], proc.stderr
+    assert not output(tmp_path).exists()
+
+
+def test_loading_the_states_reads_none_of_them(tmp_path):
+    """What every clustering process does before its share: no copy of the states (the
+    original, and this stage before, loaded all of combined.pkl in each process)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 32 MiB
+    path = tmp_path / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": 1024, "dtype": "float32"}, path,
+                   config={}, inputs={})
+    tracemalloc.start()
+    try:
+        loaded = load_states(path, "minilm", None)[0]
+        sizes = {t: len(v) for t, v in loaded.items()}  # what the plan needs
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sizes == {t: 64 for t in states}
+    # the file's fingerprint reads it in 1 MiB blocks: a constant, not a share of the states
+    assert peak < 0.15 * 32 * 2**20, f"{peak / 2**20:.1f} MiB held for 32 MiB of states"
+
+
+def mapped_rss(path: Path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line and not line[0].isupper():  # a mapping's header line: address range ... path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
+    """Rank 0 of P clusters every P-th batch: of the row file it maps (and so holds in its
+    resident memory) about 1/P, not all of it."""
+    rng = np.random.default_rng(6)
+    states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 256 KiB each
+    path = tmp_path / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": 1024, "dtype": "float32"}, path,
+                   config={}, inputs={})
+    loaded, width, _ = load_states(path, "minilm", None)
+    cfg = ClusterConfig("minilm", max_iter=3)
+    batches = plan_batches({t: len(v) for t, v in loaded.items()}, cfg, width, Batching(tokens=4))
+    assert mapped_rss(rows_path(path)) < 64 * 1024  # planning read nothing
+    (tmp_path / "parts").mkdir()
+    cluster_rank(loaded, batches, tmp_path / "parts", cfg, DistEnv(rank=0, world_size=world_size),
+                 torch.device("cpu"), path)
+    share = mapped_rss(rows_path(path)) / rows_path(path).stat().st_size
+    assert len(list((tmp_path / "parts").iterdir())) == len(batches[::world_size])
+    if world_size == 1:
+        assert share > 0.9
+    else:  # 1/4 of the rows, and the kernel's fault-around (64 KiB) at the edges of its 8 runs of 1 MiB
+        assert share < 0.35, share
 
 
 # ------------------------------------------------------------------ processes and resume

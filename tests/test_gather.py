@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,57 @@ def test_two_ranks_in_process_equal_one(tmp_path, teacher, texts, counts):
 def test_more_ranks_than_texts(tmp_path, teacher, texts, counts):
     out = gather(teacher, texts[:1], counts, tmp_path / "rank1.pkl", rank=1, world_size=2)
     assert load_pickle(out) == {} and load_pickle(index_path(out)) == {}
+
+
+@pytest.mark.parametrize("fault, dtype, message", [
+    (float("nan"), "float32", "the teacher's states hold NaN (not an overflow of --dtype)"),
+    (float("nan"), "float16", "the teacher's states hold NaN (not an overflow of --dtype)"),
+    (1e6, "float16", "teacher states overflow float16 (--dtype); rerun with --dtype float32"),
+])
+def test_nan_states_are_not_called_an_overflow(tmp_path, teacher, texts, counts, monkeypatch, fault, dtype, message):
+    real = teacher.token_states
+    monkeypatch.setattr(teacher, "token_states", lambda batch: real(batch) * fault)
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        gather(teacher, texts, counts, tmp_path / "rank0.pkl", dtype=dtype)
+    if fault != 1e6:  # rerunning with --dtype float32 cannot help
+        assert "--dtype float32" not in str(caught.value)
+    assert not (tmp_path / "rank0.pkl").exists()
+
+
+class WideTeacher:
+    """A stand-in teacher with wide random states (no model: the merge is what is measured)."""
+
+    slug = name = "wide"
+    hidden_size, dtype, device = 2048, torch.float32, torch.device("cpu")
+
+    def tokenize(self, texts, max_length):
+        ids = torch.tensor([[1 + (i * 7 + j) % 50 for j in range(max_length)] for i in range(len(texts))])
+        ones = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": ones, "embed_mask": ones}
+
+    def token_states(self, batch):
+        return torch.randn(*batch["input_ids"].shape, self.hidden_size)
+
+
+def test_merging_parts_holds_the_result_and_one_part_not_two_copies(tmp_path):
+    """The gather's last step groups its parts' rows by token: peak memory (tracemalloc: NumPy
+    arrays and pickles) must stay near one copy of the states, plus a part."""
+    import tracemalloc
+
+    wide, texts = WideTeacher(), [f"text {i}" for i in range(48)]
+    counts = count_tokens(wide.tokenize, texts, 16, progress=False)
+    cfg = GatherConfig("wide", 16, 10_000, 0, "float32")
+    env, inputs = DistEnv(), {"texts": tmp_path / "train.json"}
+    inputs["texts"].write_text(json.dumps(texts))
+    result_bytes = 48 * 16 * wide.hidden_size * 4  # every token kept: 6 MiB in 6 parts
+    tracemalloc.start()
+    try:
+        gather_shard(wide, texts, counts, tmp_path / "rank0.pkl", cfg, env, inputs=inputs, flush_every=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(len(v) for v in load_pickle(tmp_path / "rank0.pkl").values()) == 48 * 16
+    assert peak < 1.5 * result_bytes, f"peak {peak / result_bytes:.2f} copies of the states"
 
 
 # ----------------------------------------------------------------------------- the scripts

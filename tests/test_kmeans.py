@@ -137,3 +137,34 @@ def test_faiss_backend_close_to_sklearn():
     result = kmeans([x], [k], backend="faiss", n_init=4)[0]
     assert isinstance(result, KMeansResult) and result.centroids.shape == (k, x.shape[1])
     assert abs(result.objective[-1] - sklearn_objective(x, k, 4)) <= 0.01 * sklearn_objective(x, k, 4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is optional and not installed")
+def test_faiss_runs_on_the_stages_gpu_when_it_has_one(monkeypatch):
+    """faiss-gpu mocked on faiss-cpu: the GPU index on the CUDA device the stage runs on (its
+    number), the same k-means as on the CPU; --device cpu and a faiss without GPUs stay on it."""
+    import faiss
+
+    made = []
+
+    class Config:
+        device = -1
+
+    def gpu_flat_l2(resources, dim, config):
+        made.append((dim, config.device))
+        return faiss.IndexFlatL2(dim)  # stands in for faiss.GpuIndexFlatL2
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "GpuIndexFlatConfig", Config, raising=False)
+    monkeypatch.setattr(faiss, "GpuIndexFlatL2", gpu_flat_l2, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    x, k = blobs(1)
+    on_cpu = kmeans([x, x[:50]], [k, 2], backend="faiss", device="cpu")
+    assert made == []
+    on_gpu = kmeans([x, x[:50]], [k, 2], backend="faiss", device=torch.device("cuda", 2))
+    assert made == [(x.shape[1], 2)]  # one index for every token, on cuda:2
+    for a, b in zip(on_cpu, on_gpu):
+        np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    kmeans([x], [k], backend="faiss", device="cuda:0")
+    assert len(made) == 1

@@ -9,6 +9,7 @@ that ``test_two_ranks_train_like_one_rank_with_the_global_batch`` launches under
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -176,6 +177,37 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     trainer, _ = train(tmp_path, epochs=2)
     assert trainer.global_step == 12
     assert read_metrics(tmp_path / "metrics.jsonl")[2]["step"] == 6
+
+
+def test_resume_with_fewer_gpus_than_the_checkpoint_has_rng_states_for(tmp_path, monkeypatch, caplog):
+    """A checkpoint written on 3 GPUs, resumed where 1 is visible: the states of GPUs that
+    exist are restored, the others are skipped with a warning (torch's set_rng_state_all
+    fails with an invalid device index)."""
+    train(tmp_path, epochs=1)  # written on the CPU: checkpoints at steps 4 and 6
+    latest = sorted((tmp_path / "checkpoints").glob("*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    state["rng"][0]["cuda"] = saved
+    torch.save(state, latest)
+
+    restored = {}
+
+    def set_rng_state(new_state, device="cuda"):
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[index]
+        restored[index] = new_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "set_rng_state", set_rng_state)
+    with caplog.at_level(logging.WARNING, logger="embdistill.training"):
+        trainer, _ = train(tmp_path, epochs=2)
+    assert trainer.global_step == 12
+    assert list(restored) == [0] and torch.equal(restored[0], saved[0])
+    assert "CUDA RNG states of 3 GPU(s), 1 are visible" in caplog.text
 
 
 def nan_at(step: int):

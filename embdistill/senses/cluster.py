@@ -5,6 +5,12 @@ For each token with n samples: the k rule gives k (``mcl``: the original's MCL c
 a token with n < 5 or n <= k keeps its raw vectors; the others are clustered by k-means into k
 centroids (:mod:`.kmeans`).
 
+Input: combined.pkl's rows are read through its memory-mapped row file
+(:func:`.combine.open_combined`), so each rank reads only the rows of its own tokens and host
+memory per process is about 1/P of the states plus a constant; files without a row file (the
+original's, rank files) are loaded whole, in every process. Every row a rank clusters is checked
+to be finite first, and the dictionary is checked before it is written.
+
 Work is planned once, the same way on every rank: the tokens that need work (n > 5) are sorted
 by n and cut into batches of similar n (at most ``batch_tokens`` tokens and about
 ``batch_elements`` floats per working tensor); batch i belongs to rank i mod world size. Each
@@ -26,15 +32,16 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import fingerprint, load_pickle, read_manifest, save_pickle
-from ..distributed import DistEnv, barrier, shard
+from ..distributed import DistEnv, barrier, dist_env, shard
 from ..errors import UserError
-from .combine import read_source
+from .combine import check_finite, open_combined, read_source
 from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
 from .kmeans import check_backend, kmeans
 from .krule import K_RULES, MIN_SENSES, k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
@@ -86,18 +93,31 @@ class Batching:
             raise UserError("--batch-tokens and --batch-elements must be >= 1")
 
 
-def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict[int, np.ndarray], int]:
-    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size)."""
-    source = read_source(path)
-    if source.teacher is not None and source.teacher != teacher:
-        raise UserError(f"{path} holds states of teacher '{source.teacher}', not '{teacher}' "
-                        "(--teacher); cluster it with --teacher " + source.teacher)
-    if hidden_size is not None and source.hidden_size != hidden_size:
-        raise UserError(f"{path} holds {source.hidden_size}-d states, not {hidden_size}-d "
+def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[Mapping[int, np.ndarray], int, str]:
+    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size, the
+    file's fingerprint). The states come from the row file beside combined.pkl when it matches
+    (memory-mapped: nothing is read until a token is used), else from the whole pickle."""
+    input_print = fingerprint(path)
+    states = open_combined(path, input_print)
+    if states is not None:
+        extra = read_manifest(path)["extra"]
+        source_teacher, width = extra.get("teacher"), states.rows.shape[1]
+    else:
+        if dist_env().world_size > 1:
+            log.warning("%s has no row file of its own (written by another tool or an older "
+                        "a0_generate_combinepkl.py; --overwrite it to get one): every process loads "
+                        "all of it", path)
+        source = read_source(path)
+        states, source_teacher, width = source.states, source.teacher, source.hidden_size
+    if source_teacher is not None and source_teacher != teacher:
+        raise UserError(f"{path} holds states of teacher '{source_teacher}', not '{teacher}' "
+                        "(--teacher); cluster it with --teacher " + source_teacher)
+    if hidden_size is not None and width != hidden_size:
+        raise UserError(f"{path} holds {width}-d states, not {hidden_size}-d "
                         "(--hidden-size): states of another teacher?")
-    if not source.states:
+    if not states:
         raise UserError(f"{path}: no tokens to cluster")
-    return source.states, source.hidden_size
+    return states, width, input_print
 
 
 def _smallest_k(cfg: ClusterConfig) -> int:
@@ -187,9 +207,10 @@ def _prepare_parts(folder: Path, env: DistEnv, overwrite: bool) -> None:
     barrier()
 
 
-def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path,
-                 cfg: ClusterConfig, env: DistEnv, device: torch.device) -> None:
-    """This rank's batches, written as part files; finished parts are kept."""
+def cluster_rank(states: Mapping[int, np.ndarray], batches: list[list[int]], folder: Path,
+                 cfg: ClusterConfig, env: DistEnv, device: torch.device, input_path: Path) -> None:
+    """This rank's batches, written as part files; finished parts are kept. Only these
+    batches' rows are read, each checked to be finite."""
     mine = shard(list(enumerate(batches)), env)  # batch i -> rank i mod world size
     todo = [(i, b) for i, b in mine if not part_path(folder, i).is_file()]
     if len(todo) < len(mine):
@@ -199,7 +220,10 @@ def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder
     progress = tqdm(total=sum(len(b) for _, b in todo), desc=f"cluster rank {env.rank}", unit="token",
                     disable=not env.is_main)
     for written, (index, tokens) in enumerate(todo, start=1):
-        part = cluster_batch([states[t] for t in tokens], tokens, cfg, device)
+        points = [states[t] for t in tokens]
+        for token, rows in zip(tokens, points):
+            check_finite(input_path, token, rows)
+        part = cluster_batch(points, tokens, cfg, device)
         save_pickle(part, part_path(folder, index))
         progress.update(len(tokens))
         if kill_after and written >= kill_after:
@@ -207,8 +231,10 @@ def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder
     progress.close()
 
 
-def merge_parts(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path) -> tuple[dict, dict, dict]:
-    """All parts plus the raw-vector tokens: (senses, stats, seconds summed over parts)."""
+def merge_parts(states: Mapping[int, np.ndarray], batches: list[list[int]], folder: Path,
+                input_path: Path) -> tuple[dict, dict, dict]:
+    """All parts plus the raw-vector tokens (checked to be finite): (senses, stats, seconds
+    summed over parts)."""
     senses, stats, seconds = {}, {}, {"k_rule": 0.0, "kmeans": 0.0}
     for index, tokens in enumerate(batches):
         part = load_pickle(part_path(folder, index))
@@ -220,23 +246,25 @@ def merge_parts(states: dict[int, np.ndarray], batches: list[list[int]], folder:
             seconds[key] += part["seconds"][key]
     for token, rows in states.items():
         if token not in senses:  # not planned: raw vectors whatever the rule
+            check_finite(input_path, token, rows)
             senses[token] = rows
             stats[token] = {"n": len(rows), "k": len(rows), "mcl": None, "raw": True,
                             "iterations": 0, "objective": 0.0}
     return senses, stats, seconds
 
 
-def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: ClusterConfig,
+def run(states: Mapping[int, np.ndarray], hidden_size: int, out_path: Path, cfg: ClusterConfig,
         batching: Batching, env: DistEnv, device: torch.device, *, input_path: Path,
-        overwrite: bool = False) -> dict | None:
+        input_print: str | None = None, overwrite: bool = False) -> dict | None:
     """Cluster ``states`` into the dictionary at ``out_path`` (every rank calls this); rank 0
-    writes the dictionary, manifest, summary and plot and returns the summary, others None."""
+    writes the dictionary, manifest, summary and plot and returns the summary, others None.
+    ``input_print``: the input file's fingerprint, when the caller has it already."""
     started = time.perf_counter()
     combined_extra = (read_manifest(input_path) or {}).get("extra", {})  # what the states were gathered with
-    folder = parts_dir(out_path, cfg, batching, fingerprint(input_path))
+    folder = parts_dir(out_path, cfg, batching, input_print or fingerprint(input_path))
     batches = plan_batches({t: len(v) for t, v in states.items()}, cfg, hidden_size, batching)
     _prepare_parts(folder, env, overwrite)
-    cluster_rank(states, batches, folder, cfg, env, device)
+    cluster_rank(states, batches, folder, cfg, env, device, input_path)
     barrier()
     if not env.is_main:
         return None
@@ -248,7 +276,11 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
             log.warning("the MCL rule gives another k than %d for %d of %d sampled tokens: this "
                         "teacher's states are spread unlike MiniLM's; --k-rule mcl reproduces the "
                         "original", cfg.senses, checked - agreeing, checked)
-    senses, stats, seconds = merge_parts(states, batches, folder)
+    senses, stats, seconds = merge_parts(states, batches, folder, input_path)
+    diverged = next((t for t, v in senses.items() if not np.isfinite(v).all()), None)
+    if diverged is not None:  # finite input, yet: float32 overflow inside k-means
+        raise UserError(f"k-means gave non-finite senses for token {diverged}: its states are too "
+                        "large for float32 arithmetic")
     tokens = sorted(stats)
     per_token, samples = [stats[t]["k"] for t in tokens], [stats[t]["n"] for t in tokens]
     clustered = [stats[t] for t in tokens if not stats[t]["raw"]]

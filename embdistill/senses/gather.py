@@ -179,7 +179,10 @@ class RowBuffer:
             return
         block = torch.cat(self.pending)  # a fresh tensor: on the CPU .cpu() below is no copy
         if not torch.isfinite(block).all():
-            raise UserError("teacher states overflow the output dtype; rerun with --dtype float32")
+            if torch.isnan(block).any():  # the cast makes infinities, never NaN: the teacher did
+                raise UserError("the teacher's states hold NaN (not an overflow of --dtype): check its "
+                                "weights, or load it in float32 (--teacher-dtype float32)")
+            raise UserError(f"teacher states overflow {self.np_dtype} (--dtype); rerun with --dtype float32")
         self.blocks.append(block.cpu().numpy())
         self.pending, self.pending_rows = [], 0
 
@@ -241,17 +244,34 @@ def gather_texts(
     }
 
 
-def merge_parts(parts: list[dict[str, np.ndarray]]) -> tuple[dict, dict]:
-    """Group rows by token id, each token's rows in occurrence order:
-    ({token_id: (n, d) states}, {token_id: (n,) int64 occurrence ids})."""
-    if not parts:  # a rank with no texts (more ranks than texts)
+def merge_parts(paths: Sequence[Path]) -> tuple[dict, dict]:
+    """The part files' rows grouped by token id, each token's rows in occurrence order:
+    ({token_id: (n, d) states, views of one array}, {token_id: (n,) int64 occurrence ids}).
+
+    Memory: the result and one part. The parts are read twice: for their ids first (each
+    part's states dropped at once), which place every row; then for their states, each
+    copied straight into its rows of the result and dropped."""
+    if not paths:  # a rank with no texts (more ranks than texts)
         return {}, {}
-    token_ids = np.concatenate([p["token_ids"] for p in parts])
-    occurrences = np.concatenate([p["occurrence_ids"] for p in parts])
+    token_ids, occurrences = [], []
+    for path in paths:
+        part = load_pickle(path)
+        token_ids.append(part["token_ids"])
+        occurrences.append(part["occurrence_ids"])
+        row_shape, dtype = part["states"].shape[1:], part["states"].dtype
+        del part
+    token_ids, occurrences = np.concatenate(token_ids), np.concatenate(occurrences)
     order = np.lexsort((occurrences, token_ids))
+    destination = np.empty_like(order)
+    destination[order] = np.arange(len(order))
+    states = np.empty((len(order), *row_shape), dtype=dtype)
+    start = 0
+    for path in paths:
+        part_states = load_pickle(path)["states"]
+        states[destination[start : start + len(part_states)]] = part_states
+        start += len(part_states)
+        del part_states
     token_ids, occurrences = token_ids[order], occurrences[order]
-    # pop: each part's states are freed once copied, so the peak is two copies, not three
-    states = np.concatenate([p.pop("states") for p in parts])[order]
     tokens, starts = np.unique(token_ids, return_index=True)
     ends = np.append(starts[1:], len(token_ids))
     states_by_token = {int(t): states[a:b] for t, a, b in zip(tokens, starts, ends)}
@@ -307,11 +327,12 @@ def gather_shard(
                                 batch_size=batch_size, buffer_rows=buffer_rows, progress=progress)
             save_pickle(part, path)
             write_manifest(path, stage="gather-part", config=part_config)
+            del part  # not kept beside the merge's result
             written += 1
             if kill_after and written >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    states_by_token, index_by_token = merge_parts([load_pickle(path) for path in parts])
+    states_by_token, index_by_token = merge_parts(parts)
     n_rows = sum(len(v) for v in states_by_token.values())
     summary = {
         "rank": env.rank, "world_size": env.world_size, "texts": len(indices),
