@@ -94,13 +94,13 @@ def train(task: str, base: Path, loss: str, seed: int, args) -> list[int]:
     return steps
 
 
-def specs(steps: dict[tuple[str, int], list[int]]) -> list[str]:
-    dictionary = "sense_dict/{task}/minilm.kmeanspkl"
+def specs(steps: dict[tuple[str, int], list[int]], base: Path) -> list[str]:
+    dictionary = f"{base}/sense_dict/{{task}}/minilm.kmeanspkl"
     models = ["teacher=teacher:minilm", f"teacher-replace=replace:minilm@{dictionary}",
               "untrained=untrained:minilm@2", f"untrained-replace=replace:minilm@2@{dictionary}"]
     for (loss, seed), points in steps.items():
         for step in points:
-            folder = f"runs/{{task}}/{LOSSES[loss]}-s{seed}/curve/step-{step:06d}"
+            folder = f"{base}/runs/{{task}}/{LOSSES[loss]}-s{seed}/curve/step-{step:06d}"
             label = f"{LOSSES[loss]}-s{seed}-{step}"
             models += [f"{label}=student:{folder}", f"{label}-replace=replace:{folder}@{dictionary}"]
     return models
@@ -196,8 +196,9 @@ def main() -> None:
                 if steps.setdefault((loss, seed), points) != points:
                     raise SystemExit(f"the tasks' runs have other checkpoints ({points} vs {steps[(loss, seed)]}): "
                                      "give both tasks as many training texts")
-    print(f"evaluating {len(specs(steps))} models on {len(TASKS)} tasks", flush=True)
-    config = EvaluationConfig(run="study_skd", tasks=TASKS, models=tuple(specs(steps)), max_length=args.max_length,
+    models = specs(steps, base)
+    print(f"evaluating {len(models)} models on {len(TASKS)} tasks", flush=True)
+    config = EvaluationConfig(run="study_skd", tasks=TASKS, models=tuple(models), max_length=args.max_length,
                               batch_size=64, throughput_texts=16)
     table = evaluate(config, base, device=torch.device("cpu"))
     summary = summarise(table, steps, base)

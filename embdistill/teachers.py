@@ -204,6 +204,17 @@ def _load_errors(name: str):
         raise UserError(f"could not load model {name}: {lines[0] if lines else type(exc).__name__}") from None
 
 
+@contextlib.contextmanager
+def _logger_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def _model_file(source: str, filename: str) -> str | None:
     """The local path of ``filename`` in a model folder or hub repo, None when it has none."""
     from transformers.utils import cached_file
@@ -308,7 +319,9 @@ def load_teacher(
         model_class, extra = AutoModel, {}
     if layers is not None:
         extra["config"] = first_layers_config(config, layers)
-    with _load_errors(name):
+    # the deeper layers' weights are left out on purpose: no report of them as unexpected
+    quiet = _logger_level("transformers.modeling_utils", logging.ERROR) if layers else contextlib.nullcontext()
+    with _load_errors(name), quiet:
         model, info = model_class.from_pretrained(base, dtype=torch_dtype, device_map=device,
                                                   output_loading_info=True, **extra)
     tokenizer = _load_fast_tokenizer(name, source, base)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, init_distributed, print0, resolve_device
+from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
     parser.add_argument("--flush-every", type=int, default=256,
                         help="texts per part file (a killed run resumes from parts)")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
     parser.add_argument("--dist-timeout", type=float, default=3600.0,
@@ -68,8 +68,9 @@ def targets(args) -> int:
     examples = read_train_texts(paths)
     if skip_if_done(out, config=asdict(cfg), inputs=inputs, overwrite=args.overwrite, what="targets"):
         return 0
+    device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = init_distributed(timeout_s=args.dist_timeout)
-    teacher = load_teacher(args.teacher, device=resolve_device(args.device, env), dtype=args.teacher_dtype)
+    teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
     senses = PackedSenses(load_sense_dict(sense_dict, hidden_size=teacher.hidden_size),
                           teacher.vocab_size).to(teacher.device)
     log.info("targets: %d texts, dictionary %s (%d tokens, %d senses), teacher %r",
