@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import output_lock
 from .distributed import DistEnv
+from .errors import UserError
 from .losses import SenseLoss, masked_mse
 from .teachers import BidirectionalLlamaModel, Teacher, truncated_copy
-from .training import LossOutput
+from .training import LossOutput, non_finite_parameters
 
 log = logging.getLogger("embdistill.students")
 
@@ -98,9 +100,22 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     is either the previous export or the complete new one. The SentenceTransformer is built
     from the saved hf folder (not by assigning ``auto_model``, which sentence-transformers 6
     ignores when saving), so both folders hold the same weights."""
+    out_dir = Path(out_dir)
+    diverged = non_finite_parameters(student)
+    if diverged:
+        raise UserError(f"not exporting to {out_dir}: the student's parameters are not finite "
+                        f"({', '.join(diverged[:3])}); try a lower --lr or --max-grad-norm")
+    with output_lock(out_dir):
+        _build_export(student, tokenizer, out_dir, normalize=normalize, max_seq_length=max_seq_length,
+                      pooling=pooling)
+    log.info("exported the student to %s (hf/, st/)", out_dir)
+    return out_dir
+
+
+def _build_export(student: nn.Module, tokenizer, out_dir: Path, *, normalize: bool,
+                  max_seq_length: int | None, pooling: str) -> None:
     from sentence_transformers import SentenceTransformer
 
-    out_dir = Path(out_dir)
     building = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(building, ignore_errors=True)
     hf_dir = building / "hf"
@@ -124,6 +139,4 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
         out_dir.rename(previous)
     building.rename(out_dir)
     shutil.rmtree(previous, ignore_errors=True)
-    log.info("exported the student to %s (hf/, st/)", out_dir)
-    return out_dir
 
