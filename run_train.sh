@@ -22,6 +22,4 @@ USAGE
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-[[ -n "$TASK" ]] || { usage; echo "error: give a task" >&2; exit 2; }
-launch scripts/04_train.py --task "$TASK" "${EXTRA_ARGS[@]}"
+drive train "$@"

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
-from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import cleanup, default_device, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss
@@ -29,7 +29,7 @@ from embdistill.texts import read_train_texts
 from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=("sense", "mse"), default="sense",
@@ -37,18 +37,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: skd, or mse)")
     parser.add_argument("--sense-dict", default=None,
                         help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="accept a sense dictionary whose manifest names another teacher "
+                        "(e.g. the same model under another name)")
     parser.add_argument("--student-layers", type=int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
-    parser.add_argument("--max-length", type=int, default=512, help="max tokens per example")
+    parser.add_argument("--max-length", type=positive_int, default=512, help="max tokens per example")
     parser.add_argument("--teacher-device", default=None,
                         help="default: a spare GPU per process when there is one, else the student's")
     # The original's reference run (per process; lr is multiplied by the world size).
     add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
-    return parser.parse_args()
+    return parser
 
 
 def main() -> int:
-    args = parse_args()
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
     try:
         return train(args)
@@ -57,8 +60,6 @@ def main() -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    if args.max_length < 1:
-        raise UserError(f"--max-length must be at least 1, got {args.max_length}")
     run = args.run or ("skd" if args.loss == "sense" else "mse")
     if "/" in run or run in (".", ".."):
         raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
@@ -94,7 +95,8 @@ def train(args: argparse.Namespace) -> int:
     student = build_student(teacher, layers)
     sense_loss = None
     if sense_dict_path is not None:
-        senses = load_sense_dict(sense_dict_path, hidden_size=teacher.hidden_size)
+        senses = load_sense_dict(sense_dict_path, hidden_size=teacher.hidden_size,
+                                 teacher=None if args.allow_teacher_mismatch else teacher.slug)
         vocab_size = max(student.config.vocab_size, len(teacher.tokenizer))
         sense_loss = SenseLoss(senses, vocab_size).to(device)
         log.info("sense dictionary %s: %d tokens, %d senses", sense_dict_path, len(senses),
@@ -113,7 +115,8 @@ def train(args: argparse.Namespace) -> int:
         export_student(trainer.module, teacher.tokenizer, paths.export_dir,
                        normalize=teacher.normalize, max_seq_length=max_length)
         write_manifest(paths.export_dir, stage="train", config=resolved,
-                       extra={"global_step": result.global_step, "metrics": result.metrics})
+                       extra={"global_step": result.global_step, "metrics": result.metrics,
+                              "teacher": teacher.slug})
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                         if k in ("loss", "sense_accuracy"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")
