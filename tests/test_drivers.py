@@ -65,15 +65,17 @@ def test_the_multiteacher_driver_routes_renames_and_reserves():
         Invocation(DRIVERS["multiteacher"], ["bbc-news", "--loss", "mse"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["bbc-news", "--bogus", "--base-dir", "W"], "unknown option --bogus: no stage of run_gather_sense.sh"),
-    (["bbc-news", "--teacher"], "--teacher needs a value"),
-    (["bbc-news", "--overwrite=yes"], "--overwrite takes no value"),
-    (["bbc-news", "--task", "14"], "--task is set by run_gather_sense.sh"),
+@pytest.mark.parametrize("driver, args, message", [
+    ("gather_sense", ["bbc-news", "--bogus", "--base-dir", "W"], "unknown option --bogus: no stage of run_gather_sense.sh"),
+    ("gather_sense", ["bbc-news", "--teacher"], "--teacher needs a value"),
+    ("gather_sense", ["bbc-news", "--overwrite=yes"], "--overwrite takes no value"),
+    ("gather_sense", ["bbc-news", "--task", "14"], "--task is set by run_gather_sense.sh"),
+    # on main: torchrun started, every rank failed, "rank 0 ended with signal SIGTERM", exit 1
+    ("multithread_cluster", ["bbc-news", "--bogus"], "unknown option --bogus: no stage of run_multithread_cluster.sh"),
 ])
-def test_unknown_and_malformed_options_are_named(args, message):
+def test_unknown_and_malformed_options_are_named(driver, args, message):
     with pytest.raises(UserError, match=message):
-        Invocation(DRIVERS["gather_sense"], args)
+        Invocation(DRIVERS[driver], args)
 
 
 def test_each_stage_checks_its_own_options_before_anything_runs():
@@ -102,14 +104,9 @@ def test_an_unknown_option_is_named_before_the_first_stage(tmp_path):
     line = one_error_line(drive("run_gather_sense.sh", "bbc-news", "--bogus", "--base-dir", str(tmp_path / "w")))
     assert line.startswith("error: unknown option --bogus")
     line = one_error_line(drive("run_multiteacher.sh", "bbc-news", "--base-dir", str(tmp_path / "w"),
-                                "--no-such-option", "3"))
-    assert line.startswith("error: unknown option --no-such-option")
-    line = one_error_line(drive("run_multiteacher.sh", "bbc-news", "--base-dir", str(tmp_path / "w"),
                                 "--epochs", "x"))
     assert line.startswith("error: scripts/11_train_multiteacher.py: argument --epochs: invalid int value")
     assert not (tmp_path / "w").exists()  # no stage ran
-    line = one_error_line(drive("run_multithread_cluster.sh", "bbc-news", "--bogus"))
-    assert line.startswith("error: unknown option --bogus")
 
 
 def test_the_driver_passes_signals_on_and_its_stage_dies_with_it(tmp_path):
@@ -181,15 +178,14 @@ def test_every_driver_runs_on_a_user_data_file(tmp_path, tiny_bert_dir):
     ok("run_gather_sense.sh", *teacher, "--max-length", "32", "--batch-size", "16")
     assert paths.combined.is_file()
     ok("run_sep_cluster.sh", *teacher)
-    ok("run_multithread_cluster.sh", *teacher, "--procs", "2", "--output", str(tmp_path / "mt.kmeanspkl"))
+    ok("run_multithread_cluster.sh", *teacher, "--procs", "1", "--output", str(tmp_path / "mt.kmeanspkl"))
     assert paths.sense_dict.is_file() and (tmp_path / "mt.kmeanspkl").is_file()
     ok("run_train.sh", *teacher, "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
        "--max-length", "32")
     student = paths.export_dir / "hf"
     evaluation = ["--batch-size", "16", "--max-length", "32", "--throughput-texts", "8", "--n-experiments", "1",
                   "--samples-per-label", "4"]
-    ok("run_evaluate.sh", "--run", "e2e", *evaluation,
-       "--models", f"student:{student}", f"replace:{student}@{paths.sense_dict}")
+    ok("run_evaluate.sh", "--run", "e2e", *evaluation, "--models", f"replace:{student}@{paths.sense_dict}")
     assert (tmp_path / "out" / "results" / "e2e" / "table.json").is_file()
     ok("run_multiteacher.sh", "--teachers", str(tiny_bert_dir), "lsa", "--student", str(tiny_bert_dir),
        "--student-layers", "1", "--lsa-dim", "4", "--max-steps", "2", "--batch-size", "4", "--max-length", "32",
