@@ -16,9 +16,15 @@ USAGE
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
+COMMON=(--base-dir "$REPO_ROOT")
+for arg in "$@"; do
+  case "$arg" in
+    --overwrite) COMMON+=(--overwrite) ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown argument $arg: run_demo.sh takes only --overwrite" >&2; exit 2 ;;
+  esac
+done
 cd "$REPO_ROOT"
-COMMON=(--base-dir "$REPO_ROOT" "${EXTRA_ARGS[@]}")
 TASKS=(bbc-news tweet-sentiment)
 # Sizes for a 2-core CPU; the same for both tasks, so run_multiteacher.sh's README command
 # (same sizes) reuses these training texts.

@@ -20,5 +20,4 @@ USAGE
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-run_stage scripts/06_evaluate.py ${TASK:+--task "$TASK"} "${EXTRA_ARGS[@]}"
+drive evaluate "$@"

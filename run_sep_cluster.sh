@@ -19,7 +19,4 @@ USAGE
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-[[ -n "$TASK" ]] || { usage >&2; exit 2; }
-NPROC_PER_NODE=1
-launch scripts/03_cluster.py --task "$TASK" "${EXTRA_ARGS[@]}"
+drive sep_cluster "$@"

@@ -12,10 +12,9 @@ usage: $0 TASK [--nproc_per_node N --nnodes N --node_rank R --master_addr A --ma
 
 TASK: an index 1-16, bbc-news, tweet-sentiment or a data file. Needs text_train/<task>/train.json
 (scripts/00_texts.py) and, for --loss sense, sense_dict/<task>/<teacher>.kmeanspkl (run_sep_cluster.sh).
-With --loss sense (the default) scripts/04_targets.py runs first; it takes --teacher, --sense-dict,
---max-length, --allow-max-length-mismatch, --targets (as its --output), --targets-batch-size (as its
---batch-size) and the common options (--base-dir --overwrite --seed --log-level --text-column
---label-column); everything else goes to scripts/05_train.py only.
+With --loss sense (the default) scripts/04_targets.py runs first, under the same launch flags; it
+gets the options it takes (--teacher, --sense-dict, --targets, --max-length, --device, --overwrite
+...), and --targets-batch-size as its --batch-size.
 Examples:
   $0 bbc-news --nproc_per_node 2 --epochs 1 --max-steps 300 --max-length 128 --lr 1e-5
   # the paper's layout, 3 machines x 3 processes, on each machine R = 0, 1, 2:
@@ -25,31 +24,10 @@ Examples:
 USAGE
   run_stage scripts/05_train.py --help | sed -n '/^options:/,$p'
   echo
+  echo "options of scripts/04_targets.py (those that 05_train.py does not take as well):"
+  run_stage scripts/04_targets.py --help | sed -n '/^options:/,$p' | grep -E -- "--(flush-every|teacher-dtype)" -A1
+  echo
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-[[ -n "$TASK" ]] || { usage; echo "error: give a task" >&2; exit 2; }
-
-TARGETS_OPTIONS=" --teacher --sense-dict --max-length --allow-max-length-mismatch --base-dir --overwrite --seed --log-level --text-column --label-column "
-FLAGS=" --overwrite --allow-max-length-mismatch "
-TARGETS_ARGS=() TRAIN_ARGS=() LOSS=sense
-set -- "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"
-while [[ $# -gt 0 ]]; do
-  name="${1%%=*}"
-  if [[ "$1" == *=* || "$FLAGS" == *" $name "* || $# -eq 1 ]]; then option=("$1"); else option=("$1" "$2"); fi
-  shift "${#option[@]}"
-  value="${option[1]:-${option[0]#*=}}"
-  case "$name" in
-    --targets) TARGETS_ARGS+=(--output "$value"); TRAIN_ARGS+=("${option[@]}"); continue ;;
-    --targets-batch-size) TARGETS_ARGS+=(--batch-size "$value"); continue ;;
-    --loss) LOSS="$value" ;;
-  esac
-  [[ "$TARGETS_OPTIONS" == *" $name "* ]] && TARGETS_ARGS+=("${option[@]}")
-  TRAIN_ARGS+=("${option[@]}")
-done
-
-if [[ "$LOSS" == sense ]]; then
-  launch scripts/04_targets.py --task "$TASK" "${TARGETS_ARGS[@]+"${TARGETS_ARGS[@]}"}"
-fi
-launch scripts/05_train.py --task "$TASK" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
+drive train "$@"

@@ -8,12 +8,17 @@
 * Each artefact gets a JSON manifest beside it (``<file>.manifest.json``): stage, resolved
   config, input fingerprints, package versions, creation time. A stage is *done* when its
   manifest exists with the same config and inputs; :func:`is_done` checks exactly that.
+* One writer per output: :func:`output_lock` holds ``<output>.lock`` (with the holder's pid)
+  while a process writes an output that a second process would corrupt (appended metrics,
+  an export folder built in place); a second one is refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +26,7 @@ import logging
 import os
 import pickle
 import platform
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -90,12 +96,24 @@ _TORCH_STORAGES = {
 }
 
 
+def weights_only_refusal(exc: BaseException) -> str:
+    """The reason in ``torch.load(weights_only=True)``'s refusal (e.g. "Trying to load
+    unsupported GLOBAL posix.system ..."), without its advice to load the file unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines
+               if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return (reasons or lines or [type(exc).__name__])[0]
+
+
 def _load_storage_from_bytes(data: bytes):
     """Safe stand-in for ``torch.storage._load_from_bytes``, which calls torch.load with
     ``weights_only=False`` (arbitrary code); the tensor payload needs only weights."""
     import torch
 
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:  # a payload that is not weights
+        raise pickle.UnpicklingError(f"refused a torch storage: {weights_only_refusal(exc)}") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -149,10 +167,60 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a failed write (a full disk) names no file: name the one being written
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    return Path(str(path).rstrip(os.sep) + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<path>.lock`` while writing ``path`` (a file or folder); UserError, naming the
+    holder's pid and host, when another live process holds it.
+
+    The lock is an ``flock`` on that file, so the kernel releases it when its holder dies,
+    however it dies: a lock left by a killed process is simply taken over. (On a shared file
+    system, flock works across nodes where the file system supports it, as NFS does.)"""
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise UserError(f"{path} is being written by another process ({_lock_holder(lock)}); "
+                            f"wait for it to finish or stop it (lock file {lock})") from None
+        # The previous holder may have removed the file between our open and our lock: then we
+        # hold a lock on a file nobody else will see; start again.
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _lock_holder(lock: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid, host = lock.read_text().split()
+        return f"pid {int(pid)} on {host}"
+    return "holder unknown"
 
 
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:

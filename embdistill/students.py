@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import output_lock
 from .distributed import DistEnv
+from .errors import UserError
 from .losses import SenseLoss, masked_mse
 from .senses.packed import PackedSenses
 from .teachers import Teacher, save_reading, truncated_copy
 from .text import PLAIN, SEPARATOR, InputFormat, format_example
-from .training import LossOutput
+from .training import LossOutput, non_finite_parameters
 
 log = logging.getLogger("embdistill.students")
 
@@ -126,17 +128,38 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     format; our :class:`~embdistill.st_modules.Encoder` for llm2vec's, which also keeps an LLM2Vec
     student bidirectional), normalised when the teacher normalises; ``st-replace`` adds
     :class:`~embdistill.st_modules.SenseReplace` (replace mode) before the pooling.
-    Built in a temporary folder beside ``out_dir`` and moved into place, so that ``out_dir``
-    is either the previous export or the complete new one. The SentenceTransformer is built
-    from the saved hf folder (not by assigning ``auto_model``, which sentence-transformers 6
-    ignores when saving), so every folder holds the same weights."""
+    A student whose parameters are not finite is refused. Built in a temporary folder beside
+    ``out_dir`` (one writer at a time) and moved into place, so that ``out_dir`` is either the
+    previous export or the complete new one. The SentenceTransformer is built from the saved hf
+    folder (not by assigning ``auto_model``, which sentence-transformers 6 ignores when saving),
+    so every folder holds the same weights."""
+    out_dir = Path(out_dir)
+    diverged = non_finite_parameters(student)
+    if diverged:
+        raise UserError(f"not exporting to {out_dir}: the student's parameters are not finite "
+                        f"({', '.join(diverged[:3])}); try a lower --lr or --max-grad-norm")
+    with output_lock(out_dir):
+        building = out_dir.with_name(f".{out_dir.name}.building")
+        shutil.rmtree(building, ignore_errors=True)
+        _build_export(student, tokenizer, building, normalize=normalize, max_seq_length=max_seq_length,
+                      pooling=pooling, input_format=input_format, instruction=instruction, senses=senses)
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(previous)
+        building.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    log.info("exported the student to %s (%s)", out_dir, ", ".join(sorted(p.name + "/" for p in out_dir.iterdir())))
+    return out_dir
+
+
+def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: bool,
+                  max_seq_length: int | None, pooling: str, input_format: InputFormat, instruction: str,
+                  senses: PackedSenses | None) -> None:
     from sentence_transformers import SentenceTransformer
 
     from .st_modules import Encoder, SenseReplace
 
-    out_dir = Path(out_dir)
-    building = out_dir.with_name(f".{out_dir.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
     hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize)
     modules = sentence_transformer_modules()
     example_prompt = format_example(instruction, "") if instruction.strip() else ""
@@ -153,13 +176,3 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     if senses is not None:
         replace = SenseReplace(senses.cpu())
         SentenceTransformer(modules=[first, replace, *tail], device="cpu", **prompts).save(str(building / "st-replace"))
-
-    previous = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(previous)
-    building.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-    log.info("exported the student to %s (%s)", out_dir, ", ".join(sorted(p.name + "/" for p in out_dir.iterdir())))
-    return out_dir
-

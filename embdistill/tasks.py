@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,6 +132,8 @@ class Task:
         max_test: int | None = None,
     ) -> Splits:
         """Deterministic, disjoint train/test splits (texts stripped and de-duplicated)."""
+        if not 0 < test_fraction < 1:
+            raise UserError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
         data = self._load().splits
         if self.eval_split and self.eval_split != self.train_split:
             train = _dedupe(*data[self.train_split])
@@ -251,10 +254,10 @@ def _file_loader(path: Path, text_column: str, label_column: str) -> Callable[[]
                 f"{path}: no text column '{text_column}' (columns: {', '.join(columns)}; "
                 "use --text-column)"
             )
-        texts = [str(row.get(text_column) or "") for row in rows]
+        texts = [_cell(path, i, row, text_column, (str,)) or "" for i, row in enumerate(rows)]
         labels = None
         if label_column in columns:
-            labels = [row.get(label_column) for row in rows]
+            labels = [_cell(path, i, row, label_column, (str, int, float)) for i, row in enumerate(rows)]
             missing = sum(1 for y in labels if y is None or y == "")
             if missing:
                 raise UserError(f"{path}: {missing} rows have no '{label_column}' label")
@@ -268,11 +271,30 @@ def _file_loader(path: Path, text_column: str, label_column: str) -> Callable[[]
     return load
 
 
+def _cell(path: Path, index: int, row: dict, column: str, kinds: tuple[type, ...]):
+    """A row's value in ``column`` (None when absent), refused unless one of ``kinds``: a JSON
+    number or object where a text belongs would otherwise be trained on as its str()."""
+    value = row.get(column)
+    if value is not None and not isinstance(value, kinds):
+        raise UserError(f"{path}: row {index + 1}: '{column}' is a {type(value).__name__} "
+                        f"({json.dumps(value)[:60]}), expected {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+# A user's CSV may hold long texts (whole articles); csv's default cap is 128 KiB per field.
+CSV_FIELD_LIMIT = 1 << 30
+
+
 def _read_rows(path: Path) -> list[dict]:
     try:
         if path.suffix == ".csv":
+            csv.field_size_limit(CSV_FIELD_LIMIT)
             with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
+                reader = csv.DictReader(fh)
+                try:
+                    return list(reader)
+                except csv.Error as exc:
+                    raise UserError(f"{path}: not valid CSV after line {reader.line_num} ({exc})") from None
         rows = []
         with open(path, encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, 1):
@@ -300,7 +322,9 @@ def _choices() -> str:
 def resolve_task(arg: str, text_column: str = "text", label_column: str = "label") -> Task:
     """Turn ``--task`` (index, name or file) into a :class:`Task`; UserError if it is none."""
     arg = str(arg).strip()
-    if arg.lstrip("-").isdigit():
+    if not arg:
+        raise UserError(f"the task is empty: choose {_choices()}")
+    if re.fullmatch(r"[0-9]+", arg):  # ASCII digits only: int() also reads '٣' as 3
         index = int(arg)
         if index not in TASKS:
             raise UserError(f"unknown task index {index}: choose {_choices()}")

@@ -4,8 +4,10 @@
     python scripts/01_count.py --task 14 --teacher llm2vec-llama3-8b --max-length 512
 """
 
+import argparse
+
 from embdistill.artifacts import save_pickle, skip_if_done, write_manifest
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import print0
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import count_config, count_tokens
@@ -14,12 +16,16 @@ from embdistill.teachers import load_tokenizer
 from embdistill.texts import read_train_texts
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id (its tokenizer counts)")
-    parser.add_argument("--max-length", type=int, default=512,
+    parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, longer texts are cut; the same as 02_gather.py's")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
 
     task = resolve_task(args.task, args.text_column, args.label_column)

@@ -7,8 +7,10 @@ Ranks share nothing (each gathers its shard of texts), so no process group is se
 killed run resumes from its finished part files when started again with the same options.
 """
 
+import argparse
+
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, dist_env, print0, resolve_device
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
@@ -17,10 +19,10 @@ from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import read_train_texts
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
-    parser.add_argument("--max-length", type=int, default=512,
+    parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, longer texts are cut; the same as 01_count.py's")
     parser.add_argument("--per-token", type=int, default=1000,
                         help="keep an occurrence when randint(0, count) < this: ~this many per token")
@@ -33,7 +35,11 @@ def main() -> int:
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
 
     env = dist_env()

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir
@@ -24,25 +24,32 @@ from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import read_train_texts
 
 
-def main() -> int:
+def build_parser():
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
     parser.add_argument("--sense-dict", default=None,
                         help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
-    parser.add_argument("--output", default=None, help="default: work/<task>/<teacher>/targets.npz")
-    parser.add_argument("--max-length", type=int, default=512,
+    parser.add_argument("--targets", "--output", dest="output", default=None,
+                        help="where the targets go (default: work/<task>/<teacher>/targets.npz)")
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="accept a sense dictionary whose manifest names another teacher")
+    parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, longer texts are cut; the dictionary's and training's")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="use a dictionary gathered with another --max-length")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
-    parser.add_argument("--flush-every", type=int, default=256,
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument("--flush-every", type=positive_int, default=256,
                         help="texts per part file (a killed run resumes from parts)")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
-    parser.add_argument("--dist-timeout", type=float, default=3600.0,
+    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
                         help="seconds a process waits for the others at the end")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
     try:
         return targets(args)
@@ -51,8 +58,8 @@ def main() -> int:
 
 
 def targets(args) -> int:
-    if args.max_length < 1:
-        raise UserError(f"--max-length must be at least 1, got {args.max_length}")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
     task = resolve_task(args.task, args.text_column, args.label_column)
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug)
@@ -71,7 +78,8 @@ def targets(args) -> int:
     device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = init_distributed(timeout_s=args.dist_timeout)
     teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
-    senses = PackedSenses(load_sense_dict(sense_dict, hidden_size=teacher.hidden_size),
+    senses = PackedSenses(load_sense_dict(sense_dict, hidden_size=teacher.hidden_size,
+                                          teacher=None if args.allow_teacher_mismatch else teacher.slug),
                           teacher.vocab_size).to(teacher.device)
     log.info("targets: %d texts, dictionary %s (%d tokens, %d senses), teacher %r",
              len(examples), sense_dict, len(senses.sizes), len(senses.centroids), teacher)

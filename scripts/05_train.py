@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
-from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir
@@ -33,7 +33,7 @@ from embdistill.texts import instruction_of, read_train_texts
 from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=("sense", "mse"), default="sense",
@@ -41,11 +41,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: skd, or mse)")
     parser.add_argument("--sense-dict", default=None,
                         help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="accept a sense dictionary whose manifest names another teacher "
+                        "(e.g. the same model under another name)")
     parser.add_argument("--targets", default=None,
                         help="sense targets of scripts/04_targets.py (default: work/<task>/<teacher>/targets.npz)")
     parser.add_argument("--student-layers", type=int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
-    parser.add_argument("--max-length", type=int, default=512, help="max tokens per example")
+    parser.add_argument("--max-length", type=positive_int, default=512, help="max tokens per example")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="use a dictionary gathered with another --max-length")
     parser.add_argument("--export-replace", action=argparse.BooleanOptionalAction, default=True,
@@ -57,11 +60,11 @@ def parse_args() -> argparse.Namespace:
                         "otherwise as --device")
     # The original's reference run (per process; lr is multiplied by the world size).
     add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
-    return parser.parse_args()
+    return parser
 
 
 def main() -> int:
-    args = parse_args()
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
     try:
         return train(args)
@@ -81,8 +84,6 @@ def resolve_teacher_device(arg: str | None, student_device, env: DistEnv):
 
 
 def train(args: argparse.Namespace) -> int:
-    if args.max_length < 1:
-        raise UserError(f"--max-length must be at least 1, got {args.max_length}")
     run = args.run or ("skd" if args.loss == "sense" else "mse")
     if "/" in run or run in (".", ".."):
         raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
@@ -125,7 +126,8 @@ def train(args: argparse.Namespace) -> int:
     if args.loss == "sense":
         # the teacher only gives the student its first layers: those alone, on the CPU
         teacher = load_teacher(args.teacher, device="cpu", dtype=torch.float32, layers=layers)
-        senses = PackedSenses(load_sense_dict(inputs["sense_dict"], hidden_size=teacher.hidden_size),
+        senses = PackedSenses(load_sense_dict(inputs["sense_dict"], hidden_size=teacher.hidden_size,
+                                              teacher=None if args.allow_teacher_mismatch else teacher.slug),
                               teacher.vocab_size).to(device)
         stored = load_targets(inputs["targets"], targets_config,
                               {"sense_dict": inputs["sense_dict"], "texts": paths.train_json}, senses, len(examples))
@@ -154,7 +156,8 @@ def train(args: argparse.Namespace) -> int:
                        instruction=instruction_of(examples),
                        senses=senses if args.loss == "sense" and args.export_replace else None)
         write_manifest(paths.export_dir, stage="train", config=resolved,
-                       extra={"global_step": result.global_step, "metrics": result.metrics})
+                       extra={"global_step": result.global_step, "metrics": result.metrics,
+                              "teacher": tokenizer.slug})
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                         if k in ("loss", "sense_accuracy"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")

@@ -16,21 +16,16 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
 
 import argparse
 
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.artifacts import output_lock
+from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
 from embdistill.errors import UserError
-from embdistill.evaluation.specs import parse_model_specs
+from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
 from embdistill.paths import base_dir, results_dir
 from embdistill.tasks import resolve_task
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.set_defaults(task=None)
     parser.add_argument("--tasks", nargs="+", default=[],
@@ -50,13 +45,22 @@ def main() -> int:
     parser.add_argument("--throughput-texts", type=positive_int, default=256,
                         help="texts of the first task timed for the texts/s column")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
-    args = parser.parse_args()
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="replace mode: accept a dictionary whose manifest names another teacher "
+                        "than the model's (e.g. the same model under another name)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
 
     tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
     # Spec mistakes (syntax, missing folders) fail here, before mteb and the models load.
     task_slugs = [resolve_task(t, args.text_column, args.label_column).slug for t in tasks]
-    parse_model_specs(args.models, task_slugs)
+    specs = parse_model_specs(args.models, task_slugs)
+    if not args.allow_teacher_mismatch:
+        check_dictionary_teachers(specs, task_slugs)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
     if not args.run or "/" in args.run or args.run in (".", ".."):
@@ -70,7 +74,8 @@ def main() -> int:
         text_column=args.text_column, label_column=args.label_column,
     )
     base = base_dir(args.base_dir)
-    table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
+    with output_lock(results_dir(base, args.run)):  # mteb writes its result files in place
+        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
     print_table(table, results_dir(base, args.run))
     return 0
 

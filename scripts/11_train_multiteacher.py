@@ -11,11 +11,12 @@ st/: scripts/06_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes fro
 checkpoint unless --no-resume/--overwrite.
 """
 
+import argparse
 
 import torch
 
 from embdistill.artifacts import fingerprint, is_done, save_json, skip_if_done, write_manifest
-from embdistill.cli import log, run_main, setup_logging, stage_parser
+from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import cleanup, default_device, print0
 from embdistill.errors import UserError
 from embdistill.multiteacher import initial_export_dir
@@ -30,7 +31,7 @@ from embdistill.teachers import load_teacher
 from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__, task=False)
     add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
@@ -45,17 +46,21 @@ def main() -> int:
     parser.add_argument("--student-layers", type=int, default=2,
                         help="keep the student's first N layers (0: all of them)")
     parser.add_argument("--pooling", choices=POOLING, default="mean", help="student embedding")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
+    parser.add_argument("--val-fraction", type=finite_float, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
-    parser.add_argument("--max-length", type=int, default=256, help="max tokens per text")
+    parser.add_argument("--max-length", type=positive_int, default=256, help="max tokens per text")
     # The paper's settings: AdamW 5e-5, clipping 0.5 (batch: --grad-accum for its 2048).
     add_training_args(parser, TrainConfig(epochs=1, batch_size=64, lr=5e-5, weight_decay=0.01,
                                           warmup_steps=100, max_grad_norm=0.5, save_every=2000))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     setup_logging(args.log_level)
 
-    if args.max_length < 1 or args.student_layers < 0:
-        raise UserError("--max-length must be at least 1 and --student-layers at least 0")
+    if args.student_layers < 0:
+        raise UserError("--student-layers must be at least 0")
     run = args.run or f"mt-{args.loss}"
     if "/" in run or run in (".", ".."):
         raise UserError(f"bad run name '{run}': a folder name under runs/<corpus>/")

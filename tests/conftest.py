@@ -16,7 +16,12 @@ switched off before any Hugging Face library is imported.
 
 import json
 import os
+from pathlib import Path
 
+# Stage scripts run as subprocesses import this checkout's package, not another one installed
+# in the environment (python puts the script's folder first on sys.path, not the repository).
+REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

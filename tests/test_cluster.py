@@ -423,6 +423,21 @@ def test_two_processes_equal_one(tmp_path, states_file, one_process):
 
 
 @pytest.mark.slow
+def test_two_drivers_at_once_on_one_machine(tmp_path, states_file, one_process):
+    """Without --master_port each launch gets a free port; on main both took 29500 and the
+    second ended in a 39-line EADDRINUSE traceback."""
+    runs = [subprocess.Popen(["bash", str(REPO / "run_sep_cluster.sh"), "bbc-news", "--base-dir", str(tmp_path / name),
+                              "--input", str(states_file[0]), "--batch-tokens", "4", "--threads", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for name in ("a", "b")]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+    for name in ("a", "b"):
+        assert_same_dictionary(output(tmp_path / name), one_process)
+
+
+@pytest.mark.slow
 def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
     args = ("--base-dir", str(tmp_path), "--input", str(states_file[0]), "--batch-tokens", "4")
     killed = run_stage_process(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})

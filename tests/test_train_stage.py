@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import save_json, save_pickle
+from embdistill.artifacts import save_json, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
@@ -249,6 +250,51 @@ def test_a_dictionary_of_another_teacher_is_refused(stage_inputs, tiny_bert_dir,
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--max-steps", "1"), capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: ") and "another teacher" in err
+    assert not Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "skd").run_dir.exists()
+
+
+def test_a_dictionary_built_with_another_teacher_of_the_same_size_is_refused(stage_inputs, tiny_bert_dir, capsys):
+    """Same hidden size, so only the manifest tells (on main it trained on the wrong targets)."""
+    write_manifest(stage_inputs.sense_dict, stage="cluster", config={"teacher": "another-teacher"})
+    args = train_script(stage_inputs.base, tiny_bert_dir, "--max-steps", "1", "--max-length", "32")
+    code, err = run_in_process(args, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: {stage_inputs.sense_dict} was built with teacher 'another-teacher', not '{stage_inputs.teacher}': "
+        f"use a dictionary of '{stage_inputs.teacher}', or pass --allow-teacher-mismatch if both name the same model")
+    code, err = run_in_process([*args, "--allow-teacher-mismatch"], capsys)
+    assert code == 0, err[-2000:]
+
+
+def test_replace_mode_refuses_a_dictionary_of_another_teacher(pinned_run, tiny_bert_dir, tmp_path):
+    """The student's teacher comes from its export manifest; the teacher's is the teacher."""
+    other = tmp_path / "other.kmeanspkl"
+    shutil.copy(pinned_run.sense_dict, other)
+    write_manifest(other, stage="cluster", config={"teacher": "another-teacher"})
+    student = pinned_run.export_dir / "hf"
+    for spec in (f"replace:{student}@{other}", f"replace:{tiny_bert_dir}@{other}"):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "06_evaluate.py"), "--base-dir",
+                                 str(tmp_path), "--task", "bbc-news", "--models", spec],
+                                capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert f"was built with teacher 'another-teacher', not '{pinned_run.teacher}'" in result.stderr
+    assert json.loads((pinned_run.run_dir / "export.manifest.json").read_text())["extra"]["teacher"] == \
+        pinned_run.teacher
+
+
+def test_a_student_whose_weights_are_not_finite_is_not_exported(tiny_bert_dir, tmp_path):
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    student = build_student(teacher, 1)
+    with torch.no_grad():
+        student.embeddings.word_embeddings.weight[3, 0] = float("nan")
+    with pytest.raises(UserError, match=f"not exporting to {tmp_path / 'export'}: the student's parameters are "
+                                        r"not finite \(embeddings.word_embeddings.weight\)"):
+        export_student(student, teacher.tokenizer, tmp_path / "export", normalize=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lr_inf_is_refused_before_anything_runs(stage_inputs, tiny_bert_dir, capsys):
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--lr", "inf"), capsys)
+    assert code == 2 and err.strip() == "error: argument --lr: expected a finite number, got 'inf' (see 05_train.py --help)"
     assert not Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "skd").run_dir.exists()
 
 

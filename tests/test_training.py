@@ -230,6 +230,84 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert state["global_step"] == 4
 
 
+def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
+    """Weights that became inf or nan in a step whose loss and gradients were finite (on main,
+    --lr inf trained, checkpointed and exported such a student, exit 0)."""
+
+    def corrupting(model, batch):
+        output = mse_objective(model, batch)
+        with torch.no_grad():
+            model.mix.bias[0] = float("inf")  # after the forward pass: loss and gradients stay finite
+        return output
+
+    with pytest.raises(UserError, match=r"the parameters are not finite after step 1 \(mix.bias\), so none "
+                                        r"was checkpointed \(no checkpoint was written yet\)"):
+        train(tmp_path, loss_fn=corrupting, max_steps=1)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_training_options_must_be_finite_numbers():
+    from embdistill.cli import stage_parser
+    from embdistill.training import add_training_args
+
+    parser = stage_parser("a stage")
+    add_training_args(parser, TrainConfig())
+    for option in ("--lr", "--weight-decay", "--max-grad-norm", "--dist-timeout"):
+        for value in ("inf", "nan", "-inf"):
+            with pytest.raises(UserError, match=f"argument {option}: expected a finite number, got '{value}'"):
+                parser.parse_args([f"{option}={value}"])
+
+
+def test_a_second_training_of_the_same_run_is_refused(tmp_path):
+    """On main both wrote every metrics row (one writer per output, issue 13 item 6)."""
+    from embdistill.artifacts import output_lock
+
+    with output_lock(tmp_path / "run"):  # as another training of this run holds it
+        with pytest.raises(UserError, match=f"{tmp_path / 'run'} is being written by another process"):
+            train(tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    train(tmp_path / "run", epochs=1)  # the lock is free again
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
+    train(tmp_path, max_steps=4)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "loss": 0.1')  # a writer killed mid-row
+    trainer, _ = train(tmp_path, max_steps=8)
+    assert trainer.global_step == 8
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4, 6, 8]
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_that_cannot_be_resumed_are_named_not_silently_dropped(tmp_path, caplog):
+    """On main a checkpoint without "config" ended in KeyError, and a refused payload was
+    skipped, training silently starting over from step 0."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"model": {}, "global_step": 3}, checkpoints / "step-00000003.pt")
+    with pytest.raises(UserError, match=r"no readable checkpoint in .*checkpoints \(step-00000003.pt\); "
+                                        r"pass --no-resume \(or --overwrite\) to start over"):
+        train(tmp_path)
+    assert "step-00000003.pt (not a checkpoint of this trainer: no 'optimizer'" in caplog.text
+    (checkpoints / "step-00000003.pt").unlink()
+    torch.save({"config": _RunsCommand(tmp_path / "pwned")}, checkpoints / "step-00000005.pt")
+    caplog.clear()
+    with pytest.raises(UserError, match=r"no readable checkpoint .*\(step-00000005.pt\)"):
+        train(tmp_path)
+    assert "unsupported GLOBAL posix.system" in caplog.text and "weights_only" not in caplog.text
+    assert not (tmp_path / "pwned").exists()
+    trainer = Trainer(TinyTokenModel(), mse_objective, sequences(), collate, config(epochs=1), tmp_path,
+                      run_config={"model": "tiny"}, device="cpu", resume=False)
+    assert trainer.train().global_step == 6  # --no-resume starts over
+
+
 def test_bad_settings_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         config(batch_size=0)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..artifacts import read_manifest
 from ..errors import UserError
 from ..paths import slug
 
@@ -142,6 +143,33 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
             if resolved.sense_dict is not None and not Path(resolved.sense_dict).is_file():
                 raise UserError(f"model {spec.label}: no sense dictionary at {resolved.sense_dict}")
     return specs
+
+
+def check_dictionary_teachers(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = ()) -> None:
+    """UserError when a replace-mode model's dictionary was built with another teacher than
+    the model's own: the teacher an exported student was distilled from (its training
+    manifest), else the model itself (``replace:minilm@...``: the teacher in replace mode)."""
+    from ..senses.dictionary import check_dictionary_teacher
+
+    for spec in specs:
+        if spec.kind != "replace":
+            continue
+        for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
+            teacher = teacher_of(resolved.target)
+            if teacher is not None:
+                check_dictionary_teacher(resolved.sense_dict, teacher)
+
+
+def teacher_of(target: str) -> str | None:
+    """The teacher slug behind a model target: for a student export
+    (``runs/<task>/<run>/export/hf``), the teacher its export manifest names (None for an
+    export that predates that record); else the target itself, named as ``load_teacher``
+    names it."""
+    folder = Path(target).expanduser()
+    manifest = read_manifest(folder.parent) if folder.name in ("hf", "st") else None
+    if manifest is not None:
+        return (manifest.get("extra") or {}).get("teacher")
+    return slug(target)
 
 
 def looks_like_path(target: str) -> bool:

@@ -64,10 +64,25 @@ def _as_array(value) -> np.ndarray | None:
     return value if isinstance(value, np.ndarray) else None
 
 
-def load_sense_dict(path: str | Path, hidden_size: int | None = None) -> dict[int, np.ndarray]:
-    """Read a sense dictionary (ours or the original's); UserError if it is not one, or if its
-    vectors are not ``hidden_size``-d (a dictionary built with another teacher)."""
+def check_dictionary_teacher(path: str | Path, teacher: str) -> None:
+    """UserError when the manifest of the dictionary at ``path`` names another teacher than
+    ``teacher`` (a teacher slug, as ``Teacher.slug``): a teacher of the same hidden size would
+    pass every other check and give silently wrong targets. The original's files (no
+    manifest) name no teacher and pass."""
+    recorded = ((read_manifest(path) or {}).get("config") or {}).get("teacher")
+    if recorded is not None and recorded != teacher:
+        raise UserError(f"{path} was built with teacher '{recorded}', not '{teacher}': use a dictionary "
+                        f"of '{teacher}', or pass --allow-teacher-mismatch if both name the same model")
+
+
+def load_sense_dict(path: str | Path, hidden_size: int | None = None,
+                    teacher: str | None = None) -> dict[int, np.ndarray]:
+    """Read a sense dictionary (ours or the original's); UserError if it is not one, if its
+    vectors are not ``hidden_size``-d, or if its manifest names another ``teacher`` (a
+    dictionary built with another teacher)."""
     path = Path(path)
+    if teacher is not None:
+        check_dictionary_teacher(path, teacher)
     raw = load_pickle(path)
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: expected a non-empty dict token_id -> (k, d) sense vectors")
