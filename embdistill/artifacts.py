@@ -29,7 +29,7 @@ import platform
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -393,14 +393,15 @@ class PartFiles:
             np.savez(fh, **arrays)
         write_manifest(self.path(index), stage=f"{self.stem}-part", config=self._config(index))
 
-    def load(self, index: int) -> dict[str, np.ndarray]:
+    def load(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The part's arrays (only ``names``, when given: the others are not read)."""
         path = self.path(index)
         if not self.done(index):
             raise UserError(f"{path} is missing or from another job; rerun with --overwrite")
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError) as exc:
+                return {name: data[name] for name in (data.files if names is None else names)}
+        except (OSError, ValueError, EOFError, KeyError) as exc:
             raise UserError(f"{path}: corrupt part file ({exc}); rerun with --overwrite") from None
 
     def clear(self) -> None:

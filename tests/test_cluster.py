@@ -17,8 +17,8 @@ import torch
 from embdistill.artifacts import read_manifest, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.distributed import DistEnv
-from embdistill.senses.cluster import (KILL_AFTER_PARTS_ENV, Batching, ClusterConfig, cluster_rank, load_states,
-                                       plan_batches)
+from embdistill.artifacts import PartFiles
+from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
 from embdistill.senses.combine import rows_path, write_combined
 from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
 from embdistill.senses.krule import (
@@ -28,7 +28,7 @@ from embdistill.senses.krule import (
     mcl_counts,
     spot_check,
 )
-from helpers import free_port
+from helpers import free_port, killed_command
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -375,11 +375,10 @@ def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
     cfg = ClusterConfig("minilm", max_iter=3)
     batches = plan_batches({t: len(v) for t, v in loaded.items()}, cfg, width, Batching(tokens=4))
     assert mapped_rss(rows_path(path)) < 64 * 1024  # planning read nothing
-    (tmp_path / "parts").mkdir()
-    cluster_rank(loaded, batches, tmp_path / "parts", cfg, DistEnv(rank=0, world_size=world_size),
-                 torch.device("cpu"), path)
+    cluster_rank(loaded, batches, PartFiles(tmp_path / "parts", "batch", {}), cfg,
+                 DistEnv(rank=0, world_size=world_size), torch.device("cpu"), path)
     share = mapped_rss(rows_path(path)) / rows_path(path).stat().st_size
-    assert len(list((tmp_path / "parts").iterdir())) == len(batches[::world_size])
+    assert len(list((tmp_path / "parts").glob("*.npz"))) == len(batches[::world_size])
     if world_size == 1:
         assert share > 0.9
     else:  # 1/4 of the rows, and the kernel's fault-around (64 KiB) at the edges of its 8 runs of 1 MiB
@@ -440,10 +439,12 @@ def test_two_drivers_at_once_on_one_machine(tmp_path, states_file, one_process):
 @pytest.mark.slow
 def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
     args = ("--base-dir", str(tmp_path), "--input", str(states_file[0]), "--batch-tokens", "4")
-    killed = run_stage_process(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})
-    assert killed.returncode == -9
+    killed = subprocess.run(killed_command("embdistill.artifacts", "PartFiles", "write", 4, SCRIPT, *STAGE_ARGS, *args),
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # as it began writing its 4th part
     assert not output(tmp_path).exists()
-    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").rglob("part-*.pkl"))
+    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").glob("batch.part*.npz"))
     assert len(parts) == 3
     resumed = run_stage_process(*args)
     assert resumed.returncode == 0, resumed.stderr

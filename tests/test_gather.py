@@ -27,17 +27,20 @@ from embdistill.errors import UserError
 from embdistill.paths import Paths, slug
 from embdistill.senses.combine import combine
 from embdistill.senses.gather import (
-    KILL_AFTER_PARTS_ENV,
     GatherConfig,
     count_config,
     count_tokens,
     gather_shard,
     index_path,
     keep_occurrences,
-    part_path,
 )
 from embdistill.teachers import load_teacher
-from helpers import free_port
+from helpers import free_port, killed_command
+
+
+def part_path(rank_file: Path, part: int) -> Path:
+    """A gather part as PartFiles names it."""
+    return rank_file.with_name(f"{rank_file.stem}.part{part:05d}.npz")
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # the tiny BERT has 64 positions
@@ -72,10 +75,17 @@ def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, 
 
 
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 120):
+    """``args``: a python command line (a script and its options, or ``-c`` ...)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+def gather_killed_at_part(n: int, args: list[str]):
+    """02_gather.py, SIGKILLed as it starts writing its n-th part (kill -9, no cleanup)."""
+    return run_subprocess(killed_command("embdistill.artifacts", "PartFiles", "write", n,
+                                         REPO / "scripts/02_gather.py", *args)[1:])
 
 
 @pytest.fixture(scope="module")
@@ -386,13 +396,13 @@ def test_killed_gather_resumes_from_parts(tmp_path, tiny_bert_dir, teacher, text
     args = [*options, "--per-token", "4", "--flush-every", "8", "--batch-size", "4", "--dtype", "float32"]
     rank_file = paths.gather_rank(0)
 
-    first = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
+    first = gather_killed_at_part(2, args)
     assert first.returncode == -9, first.stderr[-2000:]
     assert part_path(rank_file, 0).exists() and not part_path(rank_file, 1).exists()
     assert not rank_file.exists()
     part0_stamp = part_path(rank_file, 0).stat().st_mtime_ns
 
-    second = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
+    second = gather_killed_at_part(2, args)
     assert second.returncode == -9
     assert "resuming, 1 of 4 parts (8 texts) already gathered" in second.stderr
     assert part_path(rank_file, 0).stat().st_mtime_ns == part0_stamp  # not redone
