@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import UserError, first_line
@@ -97,10 +98,13 @@ def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
     """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed.
 
     ``doc`` is the stage script's docstring: its first line describes the stage, the rest
-    (usage examples) is shown after the options."""
+    (usage examples) is shown after the options. The parser is named after the calling script's
+    file, however the script was started (``python script``, or its ``main([...])`` in-process)."""
     description, _, epilog = doc.strip().partition("\n")
+    script = sys._getframe(1).f_globals.get("__file__")
     parser = StageArgumentParser(
-        description=description, epilog=epilog.strip("\n") or None, formatter_class=HelpFormatter
+        prog=Path(script).name if script else None, description=description,
+        epilog=epilog.strip("\n") or None, formatter_class=HelpFormatter,
     )
     if task:
         parser.add_argument(

@@ -4,17 +4,15 @@ and scripts/03_cluster.py end to end (rules, rerun, bad input, 2 processes, kill
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import read_manifest, save_pickle, write_manifest
+from embdistill.artifacts import read_manifest, save_pickle
 from embdistill.errors import UserError
 from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
@@ -28,7 +26,7 @@ from embdistill.senses.krule import (
     mcl_counts,
     spot_check,
 )
-from helpers import free_port, killed_command
+from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -178,14 +176,9 @@ SCRIPT = REPO / "scripts" / "03_cluster.py"
 STAGE_ARGS = ("--task", "bbc-news", "--threads", "1")
 
 
-def run_stage(capsys, *args: str) -> subprocess.CompletedProcess:
+def run_cluster(capsys, *args: str) -> subprocess.CompletedProcess:
     """scripts/03_cluster.py in this process (no torch import per run): exit code and output."""
-    with mock.patch.object(sys, "argv", [str(SCRIPT), *STAGE_ARGS, *args]):
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
+    code = run_stage("scripts/03_cluster.py", *STAGE_ARGS, *args)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
@@ -218,7 +211,7 @@ def test_stage_follows_the_rule(tmp_path, states_file, capsys):
     path, states = states_file
     for senses in (5, 8, 3):
         base = tmp_path / f"k{senses}"
-        proc = run_stage(capsys, "--base-dir", str(base), "--input", str(path), "--senses", str(senses))
+        proc = run_cluster(capsys, "--base-dir", str(base), "--input", str(path), "--senses", str(senses))
         assert proc.returncode == 0, proc.stderr
         assert f"-> {output(base)}" in proc.stdout
         result = load_sense_dict(output(base), hidden_size=DIM)
@@ -240,7 +233,7 @@ def test_stage_follows_the_rule(tmp_path, states_file, capsys):
 
 def test_stage_with_the_mcl_rule(tmp_path, states_file, capsys):
     path, states = states_file
-    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
     assert proc.returncode == 0, proc.stderr
     result = load_sense_dict(output(tmp_path))
     expected = k_from_mcl_count(mcl_count_reference(states[19]).clusters)
@@ -251,14 +244,14 @@ def test_stage_with_the_mcl_rule(tmp_path, states_file, capsys):
 def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     path, _ = states_file
     args = ("--base-dir", str(tmp_path), "--input", str(path))
-    assert run_stage(capsys, *args).returncode == 0
+    assert run_cluster(capsys, *args).returncode == 0
     written = output(tmp_path).stat().st_mtime_ns
-    again = run_stage(capsys, *args)
+    again = run_cluster(capsys, *args)
     assert again.returncode == 0 and "up to date, skipping" in again.stderr
     assert output(tmp_path).stat().st_mtime_ns == written
-    redo = run_stage(capsys, *args, "--overwrite")
+    redo = run_cluster(capsys, *args, "--overwrite")
     assert redo.returncode == 0 and output(tmp_path).stat().st_mtime_ns != written
-    other = run_stage(capsys, *args, "--seed", "1")  # another config is not "done"
+    other = run_cluster(capsys, *args, "--seed", "1")  # another config is not "done"
     assert other.returncode == 0 and "skipping" not in other.stderr
 
 
@@ -278,7 +271,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     elif case == "bad-option":
         make_states(path)
         extra = ["--senses", "0"]
-    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -321,7 +314,7 @@ def test_states_that_are_not_finite_float_rows_are_refused(tmp_path, states_file
                  "no rows": lambda: rows[:0]}
         states[token] = kinds.get(case, lambda: rows)()
         save_pickle(states, path)  # a hand-made file: no manifest, no row file
-    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line.partition("error: ")[2] for line in proc.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and message in errors[0] and "overflow float16" not in errors[0], proc.stderr

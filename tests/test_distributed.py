@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from embdistill.distributed import DistEnv, bind_device, default_device, init_di
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.senses.gather import count_config
+from helpers import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,10 +104,9 @@ class Stop(Exception):
     """Raised by a mocked loader once the stage has chosen its devices."""
 
 
-def run_stage(script: str, args: list[str], monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", [script, *args])
+def run_until_stopped(script: str, args: list[str], monkeypatch) -> None:
     with pytest.raises(Stop):
-        runpy.run_path(str(REPO / script), run_name="not_main")["main"]()
+        run_stage(script, *args)
 
 
 @pytest.fixture
@@ -139,7 +138,7 @@ def test_gather_puts_each_processs_teacher_on_its_own_gpu(tmp_path, second_of_tw
     save_pickle({5: 1}, paths.counts)
     write_manifest(paths.counts, stage="count", config=count_config("minilm", 512))
     devices = record_teacher_device(monkeypatch, embdistill.teachers)
-    run_stage("scripts/02_gather.py", ["--base-dir", str(tmp_path), "--device", "cuda"], monkeypatch)
+    run_until_stopped("scripts/02_gather.py", ["--base-dir", str(tmp_path), "--device", "cuda"], monkeypatch)
     assert devices == [cuda(1)] and second_of_two == [cuda(1)]
 
 
@@ -155,7 +154,7 @@ def test_cluster_runs_on_each_processs_own_gpu(tmp_path, second_of_two, monkeypa
         raise Stop
 
     monkeypatch.setattr(embdistill.senses.cluster, "run", fake_run)
-    run_stage("scripts/03_cluster.py", ["--base-dir", str(tmp_path), "--input", str(combined),
+    run_until_stopped("scripts/03_cluster.py", ["--base-dir", str(tmp_path), "--input", str(combined),
                                         "--device", "cuda"], monkeypatch)
     assert devices == [cuda(1)] and second_of_two == [cuda(1)]
 
@@ -175,7 +174,7 @@ def test_training_binds_the_student_and_gives_the_teacher_a_gpu_per_process(
     paths.text_dir.mkdir(parents=True)
     paths.train_json.write_text(json.dumps(["a text !@#$%^&*()the cat sat"]))
     extra = ["--teacher-device", teacher_device] if teacher_device else []
-    run_stage("scripts/05_train.py", ["--base-dir", str(tmp_path), "--device", "cuda", "--loss", "mse", *extra],
+    run_until_stopped("scripts/05_train.py", ["--base-dir", str(tmp_path), "--device", "cuda", "--loss", "mse", *extra],
               monkeypatch)
     assert second_of_two == [cuda(1)] and devices == [cuda(expected)]
 

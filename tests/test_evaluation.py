@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from embdistill.evaluation.specs import parse_model_spec, parse_model_specs
 from embdistill.paths import Paths
 from embdistill.tasks import resolve_task
 from embdistill.texts import write_texts
+from helpers import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "scripts" / "06_evaluate.py"
@@ -248,15 +248,13 @@ def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
 
 def _stage(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run scripts/06_evaluate.py in this process; (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", [str(STAGE), *args])
     root = logging.getLogger()
     handlers = root.handlers[:]
     try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(STAGE), run_name="__main__")
+        code = run_stage("scripts/06_evaluate.py", *args)
     finally:  # the stage logs to this test's captured stderr, which closes with the test
         root.handlers[:] = handlers
-    return exit_info.value.code, capsys.readouterr().err
+    return code, capsys.readouterr().err
 
 
 def _single_line_error(err: str) -> str:

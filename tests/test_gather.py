@@ -7,7 +7,6 @@ against an uninterrupted one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -21,7 +20,6 @@ import pytest
 import torch
 
 from embdistill.artifacts import load_pickle, save_pickle, write_manifest
-from embdistill.cli import run_main
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.paths import Paths, slug
@@ -35,7 +33,7 @@ from embdistill.senses.gather import (
     keep_occurrences,
 )
 from embdistill.teachers import load_teacher
-from helpers import free_port, killed_command
+from helpers import free_port, killed_command, run_stage
 
 
 def part_path(rank_file: Path, part: int) -> Path:
@@ -63,15 +61,10 @@ def write_task(base: Path, texts: list[str], task: str = "bbc-news", teacher: st
 
 
 def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """A stage script's main, in this process, as ``python script args`` runs it."""
-    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    with pytest.raises(SystemExit) as exit_:
-        run_main(module.main)
+    """A stage script's main, in this process: (exit status, stdout, stderr)."""
+    code = run_stage(script, *args)
     out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return code, out, err
 
 
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 120):

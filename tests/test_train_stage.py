@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from embdistill.students import build_student, default_teacher_device, export_st
 from embdistill.teachers import load_teacher
 from embdistill.text import format_example
 from embdistill.training import read_metrics
-from helpers import free_port
+from helpers import free_port, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).parent / "data" / "pinned_train_run.json"
@@ -70,20 +69,9 @@ def make_inputs(base: Path, teacher_dir: Path, task: str = "bbc-news", senses_pe
     senses = {token: np.stack(vectors[:: max(1, len(vectors) // senses_per_token)][:senses_per_token])
               .astype(np.float16) for token, vectors in gathered.items()}
     save_pickle(senses, paths.sense_dict)
-    run_script("04_targets.py", ["--task", task, "--base-dir", str(base), "--teacher", str(teacher_dir),
-                                 "--max-length", "32"])
+    assert run_stage("scripts/04_targets.py", "--task", task, "--base-dir", base, "--teacher", teacher_dir,
+                     "--max-length", "32") == 0
     return paths
-
-
-def run_script(script: str, args: list[str]) -> None:
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        with pytest.raises(SystemExit) as exited:
-            runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert exited.value.code == 0
 
 
 def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
@@ -92,15 +80,7 @@ def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
     """scripts/05_train.py in this process: its exit status and stderr."""
-    argv = sys.argv
-    sys.argv = ["05_train.py", *args]
-    try:
-        runpy.run_path(str(REPO / "scripts" / "05_train.py"), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
+    code = run_stage("scripts/05_train.py", *args)
     return code, capsys.readouterr().err
 
 
@@ -121,14 +101,7 @@ def script_command(*args: str) -> list[str]:
 def pinned_run(tmp_path_factory, tiny_bert_dir):
     base = tmp_path_factory.mktemp("pinned")
     paths = make_inputs(base, tiny_bert_dir)
-    argv = sys.argv
-    sys.argv = ["05_train.py", *train_script(base, tiny_bert_dir, *PINNED_ARGS)]
-    try:
-        with pytest.raises(SystemExit) as exited:
-            runpy.run_path(str(REPO / "scripts" / "05_train.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert exited.value.code == 0
+    assert run_stage("scripts/05_train.py", *train_script(base, tiny_bert_dir, *PINNED_ARGS)) == 0
     return Paths(base, paths.task, paths.teacher, "skd")
 
 
