@@ -263,17 +263,34 @@ def _json_default(value: Any) -> Any:
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file's content (or of a folder's files, in name order)."""
+    """sha256 of a file's content; for a folder, of its files' names and digests, in name order.
+
+    A file is hashed once per process while its inode, size and modification time stay the same (a
+    stage checks its inputs before it runs and records them after: a large combined.pkl is
+    read once, not twice)."""
     path = Path(path)
+    if not path.is_dir():
+        return _file_digest(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as fh:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_file_digest(file).encode())
+    return digest.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an atomic replace: a new inode
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def package_versions() -> dict[str, str]:

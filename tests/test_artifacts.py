@@ -208,3 +208,28 @@ def test_a_base_dir_that_cannot_be_written_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {blocker / 'out'}") and lines[-1].endswith("Not a directory"), result.stderr
+
+
+def test_fingerprints_are_content_hashes_computed_once_per_version(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from embdistill import artifacts
+
+    path = tmp_path / "states.bin"
+    path.write_bytes(b"x" * 3000)
+    opened = []
+    monkeypatch.setattr(artifacts, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    first = artifacts.fingerprint(path)
+    assert first == hashlib.sha256(b"x" * 3000).hexdigest()
+    assert artifacts.fingerprint(path) == first and len(opened) == 1  # the second call reads nothing
+    path.write_bytes(b"y" * 3000)  # same size, new content
+    os.utime(path, ns=(1, 2))  # and a modification time of its own
+    assert artifacts.fingerprint(path) == hashlib.sha256(b"y" * 3000).hexdigest() and len(opened) == 2
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_text("{}")
+    (folder / "sub" / "b.bin").write_bytes(b"b")
+    before = artifacts.fingerprint(folder)
+    (folder / "sub" / "b.bin").rename(folder / "sub" / "c.bin")  # a renamed file changes the folder's
+    assert artifacts.fingerprint(folder) != before
