@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 4: evaluate models on a task through mteb; writes results/<run>/ (table.md, table.json,
+# Stage 6: evaluate models on a task through mteb; writes results/<run>/ (table.md, table.json,
 # accuracy.png, mteb/). Single process: the launch flags are accepted and ignored.
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1 of SKD for one task: count its text tokens, gather sampled teacher token states
+# Stages 1-2 of SKD for one task: count its text tokens, gather sampled teacher token states
 # under torchrun (one rank file per process), then combine the ranks into combined.pkl, the
 # input of the cluster stage. Needs text_train/<task>/train.json (scripts/00_texts.py).
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2 over P processes of T threads each (the original ran 6 x 8): each process clusters
+# Stage 3 over P processes of T threads each (the original ran 6 x 8): each process clusters
 # its share of the tokens into part files, rank 0 merges them into
 # sense_dict/<task>/<teacher>.kmeanspkl. Rerun after a crash to resume from finished parts.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2 for one task in one process: work/<task>/<teacher>/combined.pkl ->
+# Stage 3 for one task in one process: work/<task>/<teacher>/combined.pkl ->
 # sense_dict/<task>/<teacher>.kmeanspkl (+ .summary.txt, .senses.png).
 set -euo pipefail
 

@@ -1,4 +1,4 @@
-"""Benchmark: stage 2 (sense dictionary) on one set of gathered states, all in one process.
+"""Benchmark: stage 3 (sense dictionary) on one set of gathered states, all in one process.
 
     python bench/bench_cluster.py --input work/bbc-news/minilm/combined.pkl
     python bench/bench_cluster.py                  # synthetic MiniLM-like data if no input

@@ -33,7 +33,7 @@ log = logging.getLogger("embdistill.tasks")
 
 @dataclass(frozen=True)
 class HubTaskSpec:
-    """One of the original's MTEB classification tasks (ORIGINAL_NOTES.md, section A); mteb's
+    """One of the original's MTEB classification tasks (arXiv 2504.06036, its published scripts' task list); mteb's
     own metadata (dataset, revision, prompt) is the one source for everything else."""
 
     index: int

@@ -1,4 +1,4 @@
-"""Stage 1a: count the text tokens of train.json (work/<task>/<teacher>/counts.pkl).
+"""Stage 1: count the text tokens of train.json (work/<task>/<teacher>/counts.pkl).
 
     python scripts/01_count.py --task bbc-news
     python scripts/01_count.py --task 14 --teacher llm2vec-llama3-8b --max-length 512

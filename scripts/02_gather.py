@@ -1,4 +1,4 @@
-"""Stage 1b: teacher states of sampled text tokens, one file per rank (work/<task>/<teacher>/gather/).
+"""Stage 2: teacher states of sampled text tokens, one file per rank (work/<task>/<teacher>/gather/).
 
     python scripts/02_gather.py --task bbc-news
     torchrun --nproc_per_node 6 scripts/02_gather.py --task 14 --teacher llm2vec-llama3-8b --max-length 512

@@ -1,4 +1,4 @@
-"""Stage 2: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
+"""Stage 3: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
 
     python scripts/03_cluster.py --task bbc-news
     python scripts/03_cluster.py --task bbc-news --k-rule mcl --backend sklearn

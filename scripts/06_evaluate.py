@@ -1,4 +1,4 @@
-"""Stage 4: evaluate models on classification tasks through mteb; write results/<run>/.
+"""Stage 6: evaluate models on classification tasks through mteb; write results/<run>/.
 
     python scripts/06_evaluate.py --task bbc-news --run demo --models teacher:minilm
         untrained:minilm@3 student:runs/bbc-news/skd/export/hf

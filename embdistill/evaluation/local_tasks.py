@@ -7,7 +7,7 @@
   built from stage 0's ``eval.json`` (the ``train`` split fits mteb's logistic regression, the
   held-out ``test`` split scores it).
 
-Samples per label for local tasks: mteb's default of 8 is noisy (DESIGN.md: a spread of
+Samples per label for local tasks: mteb's default of 8 is noisy (a spread of
 several points on 3-class sentiment), so :data:`DEFAULT_SAMPLES_PER_LABEL` is 32, with which
 the spread across experiments is well under the gaps we compare (see the ``std`` columns of a
 results table). Experiments: mteb's default, 10.

@@ -1,4 +1,4 @@
-"""Stage 1 of SKD: count text tokens, then gather sampled teacher states for every token.
+"""Stages 1 and 2 of SKD: count text tokens, then gather sampled teacher states for every token.
 
 Count (``counts.pkl``): occurrences of each token id over the task's training texts, text
 tokens only (embed_mask == 1), with the same tokenisation and truncation as the gather.
