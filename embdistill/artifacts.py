@@ -396,6 +396,12 @@ class PartFiles:
     def __init__(self, folder: str | os.PathLike, stem: str, config: Mapping[str, Any]):
         self.folder, self.stem, self.config = Path(folder), stem, dict(config)
 
+    @classmethod
+    def beside(cls, artifact: str | os.PathLike, config: Mapping[str, Any]) -> "PartFiles":
+        """The parts of ``artifact``, in ``<artifact>.parts/<stem>.part<NNNNN>.npz`` beside it."""
+        artifact = Path(artifact)
+        return cls(artifact.with_name(artifact.name + ".parts"), artifact.stem, config)
+
     def path(self, index: int) -> Path:
         return self.folder / f"{self.stem}.part{index:05d}.npz"
 

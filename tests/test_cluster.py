@@ -437,7 +437,7 @@ def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]  # as it began writing its 4th part
     assert not output(tmp_path).exists()
-    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").glob("batch.part*.npz"))
+    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").glob("minilm.part*.npz"))
     assert len(parts) == 3
     resumed = run_stage_process(*args)
     assert resumed.returncode == 0, resumed.stderr

@@ -38,7 +38,7 @@ from helpers import free_port, killed_command, run_stage
 
 def part_path(rank_file: Path, part: int) -> Path:
     """A gather part as PartFiles names it."""
-    return rank_file.with_name(f"{rank_file.stem}.part{part:05d}.npz")
+    return rank_file.with_name(rank_file.name + ".parts") / f"{rank_file.stem}.part{part:05d}.npz"
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # the tiny BERT has 64 positions
@@ -153,7 +153,7 @@ def test_gathered_rows_are_the_models_hidden_states(tmp_path, tiny_bert_dir, tea
     states, index = load_pickle(out), load_pickle(index_path(out))
     assert {t: len(v) for t, v in states.items()} == counts
     assert all(v.dtype == np.float32 and v.shape[1] == 32 for v in states.values())
-    assert not list(out.parent.glob("rank0.part*"))  # parts merged and removed
+    assert not list(out.parent.glob("rank0.pkl.parts"))  # parts merged and removed, with their folder
 
     model = AutoModel.from_pretrained(tiny_bert_dir).eval()
     for token, rows in states.items():
@@ -315,7 +315,7 @@ def test_bad_inputs_fail_in_one_line(task, case, monkeypatch, capsys):
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(error_lines) == 1 and expected in error_lines[0], err
     assert "Traceback" not in err
-    assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.part*"))
+    assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.parts"))
     if script.endswith("01_count.py"):
         assert not paths.counts.exists()
 

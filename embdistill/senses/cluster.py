@@ -175,8 +175,7 @@ def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfi
 def part_files(out_path: Path, cfg: ClusterConfig, batching: Batching, input_print: str) -> PartFiles:
     """The batches' part files of this exact job (config, batching and input), beside the
     dictionary; a part of another job is not done and is redone."""
-    return PartFiles(out_path.with_name(out_path.name + ".parts"), "batch",
-                     {"cluster": asdict(cfg), "batching": asdict(batching), "input": input_print})
+    return PartFiles.beside(out_path, {"cluster": asdict(cfg), "batching": asdict(batching), "input": input_print})
 
 
 def _part_arrays(part: dict) -> dict[str, np.ndarray]:

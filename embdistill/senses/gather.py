@@ -12,7 +12,7 @@ from an RNG keyed by (seed, text index), so 1 or N processes keep exactly the sa
 Each rank gathers its shard of texts in parts of ``flush_every`` texts. Selected rows stay on
 the device (one boolean-mask index per batch; the original copied every vector to the CPU in a
 Python loop) and move to the CPU in blocks of ``buffer_rows``. A finished part is written
-atomically (``rank<R>.part<NNNNN>.npz`` + manifest, :class:`~embdistill.artifacts.PartFiles`), so
+atomically (``rank<R>.pkl.parts/rank<R>.part<NNNNN>.npz`` + manifest, :class:`~embdistill.artifacts.PartFiles`), so
 memory stays bounded and a killed run resumes from its finished parts. At the end the parts are merged into ``rank<R>.pkl`` =
 {token_id: (n, d) array} and ``rank<R>.index.pkl`` = {token_id: int64 occurrence ids
 ``text_idx * max_length + position``}, rows in occurrence order, and the parts are deleted.
@@ -277,8 +277,7 @@ def gather_shard(
     table = count_table(counts)
     indices = shard(list(range(len(texts))), env)
     chunks = [indices[i : i + flush_every] for i in range(0, len(indices), flush_every)]
-    parts = PartFiles(rank_file.parent, rank_file.stem,
-                      {**config, "flush_every": flush_every, "inputs": input_fingerprints})
+    parts = PartFiles.beside(rank_file, {**config, "flush_every": flush_every, "inputs": input_fingerprints})
     if overwrite:
         parts.clear()
     done = [parts.done(p) for p in range(len(chunks))]

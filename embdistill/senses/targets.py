@@ -86,7 +86,7 @@ def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_
     started = time.perf_counter()
     identity = {**asdict(cfg), "flush_every": flush_every,
                 "inputs": {key: fingerprint(path) for key, path in inputs.items()}}
-    parts = PartFiles(out_path.parent / f"{out_path.stem}.parts", out_path.stem, identity)
+    parts = PartFiles.beside(out_path, identity)
     if overwrite and env.is_main:
         parts.clear()
     barrier()
