@@ -317,11 +317,14 @@ def test_bad_settings_are_user_errors(tmp_path):
         Trainer(TinyTokenModel(), mse_objective, [], collate, config(), tmp_path, device="cpu")
 
 
-def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path):
+# 2 ranks x batch 2, and 2 ranks x batch 1 x 2 micro-batches (DDP's no_sync branch): the step of
+# one rank with the global batch of 4
+@pytest.mark.parametrize("batch_size, grad_accum", [(2, 1), (1, 2)])
+def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path, batch_size, grad_accum):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(Path(__file__)), "worker", str(tmp_path / "ddp"), "2"]
+               str(Path(__file__)), "worker", str(tmp_path / "ddp"), str(batch_size), str(grad_accum)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
@@ -333,12 +336,13 @@ def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path):
     assert not torch.allclose(single.state_dict()["mix.weight"], TinyTokenModel().state_dict()["mix.weight"])
 
 
-def _worker(out_dir: str, batch_size: str) -> None:
+def _worker(out_dir: str, batch_size: str, grad_accum: str) -> None:
     """One rank of the DDP test: train, then save this rank's parameters."""
     from embdistill.distributed import cleanup, dist_env
 
     model = TinyTokenModel()
-    trainer = Trainer(model, mse_objective, sequences(), collate, config(batch_size=int(batch_size)),
+    trainer = Trainer(model, mse_objective, sequences(), collate,
+                      config(batch_size=int(batch_size), grad_accum=int(grad_accum)),
                       out_dir, run_config={"model": "tiny"}, device="cpu")
     trainer.train()
     torch.save(model.state_dict(), Path(out_dir) / f"rank{dist_env().rank}.pt")
