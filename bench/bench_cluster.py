@@ -53,11 +53,41 @@ from embdistill.senses.kmeans import kmeans
 from embdistill.senses.krule import (
     MIN_SENSES,
     SPOT_CHECK_N,
+    MCLCount,
+    MCLParams,
     k_from_mcl_count,
     keeps_raw_vectors,
-    mcl_count_reference,
     mcl_counts,
 )
+
+
+def mcl_count_reference(points: np.ndarray, params: MCLParams = MCLParams()) -> MCLCount:
+    """The original's approach: MCL's cluster count for one token's samples (n, d), in NumPy,
+    one token at a time, exactly as ``markov_clustering.run_mcl`` computes it (the baseline of
+    this benchmark and the tests' oracle for the batched :func:`mcl_counts`)."""
+    x = np.asarray(points, dtype=np.float64)
+    sq = (x * x).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    matrix = 1.0 / (dist + params.distance_offset)
+    np.fill_diagonal(matrix, params.loop_value)
+    matrix = matrix / matrix.sum(0, keepdims=True)
+    converged, iterations = False, 0
+    for iterations in range(1, params.max_iter + 1):
+        last = matrix
+        matrix = np.linalg.matrix_power(matrix, params.expansion) ** params.inflation
+        matrix = matrix / matrix.sum(0, keepdims=True)
+        if params.prune_threshold > 0:
+            pruned = np.where(matrix < params.prune_threshold, 0.0, matrix)
+            cols = np.arange(matrix.shape[1])
+            top = matrix.argmax(0)
+            pruned[top, cols] = matrix[top, cols]
+            matrix = pruned
+        if np.allclose(matrix, last):
+            converged = True
+            break
+    attractors = np.flatnonzero(np.diag(matrix))
+    clusters = {tuple(np.flatnonzero(matrix[a])) for a in attractors}
+    return MCLCount(len(clusters), iterations, converged)
 
 
 def synthetic_states(tokens: int, dim: int, seed: int) -> dict[int, np.ndarray]:

@@ -64,7 +64,7 @@ import bench_train  # noqa: E402
 from embdistill.senses.cluster import Batching, ClusterConfig, plan_batches  # noqa: E402
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens  # noqa: E402
 from embdistill.senses.kmeans import kmeans  # noqa: E402
-from embdistill.senses.krule import mcl_count_reference, mcl_counts  # noqa: E402
+from embdistill.senses.krule import mcl_counts  # noqa: E402
 from embdistill.text import format_example  # noqa: E402
 
 SECTIONS = ("attention", "gather", "cluster", "faiss", "skd_step", "replace", "ddp")
@@ -247,7 +247,7 @@ def cluster(ctx: Context) -> tuple[dict, list]:
     sklearn_s, sklearn_objective = run_kmeans(states, sample, "sklearn", "cpu")
     small = sorted((t for t in sample if len(states[t]) <= 300), key=lambda t: -len(states[t]))[: ctx.sizes.mcl_tokens]
     started = time.perf_counter()
-    reference = [mcl_count_reference(states[t]).clusters for t in small]
+    reference = [bench_cluster.mcl_count_reference(states[t]).clusters for t in small]
     reference_s = time.perf_counter() - started
     batched = {}
     batched_s = best_of(1, lambda: batched.update(c=[c.clusters for c in mcl_counts([states[t] for t in small],

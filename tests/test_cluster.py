@@ -19,13 +19,8 @@ from embdistill.artifacts import PartFiles
 from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
 from embdistill.senses.combine import rows_path, write_combined
 from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
-from embdistill.senses.krule import (
-    k_from_mcl_count,
-    keeps_raw_vectors,
-    mcl_count_reference,
-    mcl_counts,
-    spot_check,
-)
+from bench.bench_cluster import mcl_count_reference
+from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,11 +45,17 @@ def test_objective_within_one_percent_of_sklearn(i):
     assert abs(ours.objective[-1] - reference) <= 0.01 * reference
 
 
-def test_sklearn_backend_is_sklearn():
-    x, k = blobs(1)
-    result = kmeans([x], [k], backend="sklearn", n_init=4)[0]
-    assert result.objective == [pytest.approx(sklearn_objective(x, k, 4), rel=0.01)]
-    assert result.iterations >= 1 and result.centroids.dtype == np.float32
+@pytest.mark.parametrize("i", range(3))
+def test_the_backends_find_the_same_clusters_of_separated_blobs(i):
+    """torch, scikit-learn (the original's) and faiss: one partition of well-separated blobs."""
+    x, k = blobs(i)
+    labels = []
+    for backend in ("torch", "sklearn", "faiss"):
+        result = kmeans([x], [k], backend=backend, n_init=4, seed=i)[0]
+        assert result.centroids.dtype == np.float32 and result.iterations >= 1
+        labels.append(((x[:, None, :] - result.centroids[None]) ** 2).sum(-1).argmin(1))
+    for other in labels[1:]:  # the same partition, whatever each backend calls its clusters
+        assert len(set(zip(labels[0], other))) == k
 
 
 def test_objective_never_increases():
