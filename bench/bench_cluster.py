@@ -43,9 +43,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine  # noqa: E402
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, plan_batches
 from embdistill.senses.combine import write_combined
@@ -234,14 +235,11 @@ def main() -> None:
     parser.add_argument("--synthetic-tokens", type=int, default=3000, help="tokens of the synthetic data")
     parser.add_argument("--reference-every", type=int, default=25, help="NumPy MCL on every N-th token")
     parser.add_argument("--scale-tokens", type=int, default=24)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch, BLAS and OpenMP threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_args(parser, threads=1)
     args = parser.parse_args()
     if args.memory:
         return memory_benchmark(args)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = machine(args)
 
     default_input = Paths(base_dir(None), "bbc-news", "minilm").combined
     input_path = Path(args.input) if args.input else default_input

@@ -23,18 +23,21 @@ a lookup, is smaller). ``--llama-layers`` shrinks it for a smoke run on the CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import datetime as dt
 import platform
 import random
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, LlamaConfig
 
-from embdistill.distributed import default_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens, gather_texts
 from embdistill.tasks import resolve_task
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher, minilm_path
@@ -64,9 +67,6 @@ def batches(texts: list[str], batch_size: int):
         yield texts[start : start + batch_size]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -106,20 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--teacher", default="minilm", help="a teacher for load_teacher, or random-llama8b-shape")
-    parser.add_argument("--device", default=None, help="default: the GPU if any, else the CPU")
     parser.add_argument("--texts", type=int, default=64, help="bbc-news training texts")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-token", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-layers", type=int, default=32, help="layers of random-llama8b-shape")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default torch's); on a shared machine 1 avoids OpenMP contention")
+    add_machine_args(parser, device=None, seed=False)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device(args.device) if args.device else default_device()
+    device = machine(args)
     if args.teacher == "random-llama8b-shape":
         teacher = random_llama8b_shape(device, args.llama_layers, args.max_length)
     else:
@@ -156,9 +151,9 @@ def main() -> None:
     cpu_median = {name: statistics.median(s) for name, s in cpu_seconds.items()}
     baseline = median["bare forward (baseline)"]
     cpu_baseline = cpu_median["bare forward (baseline)"]
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
-    print(f"\n{dt.date.today()}  {teacher!r}\n{machine}; {len(texts)} texts, {text_tokens} text tokens, "
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
+    print(f"\n{dt.date.today()}  {teacher!r}\n{hardware}; {len(texts)} texts, {text_tokens} text tokens, "
           f"max_length {args.max_length}, batch {args.batch_size}, per_token {args.per_token}, "
           f"median of {args.repeats}\n")
     print("| method | text tokens/s (wall) | vs bare forward (wall) | vs bare forward (CPU time) "

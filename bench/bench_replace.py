@@ -14,12 +14,16 @@ baseline, measured in the same process).
 from __future__ import annotations
 
 import argparse
+import sys
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.senses.packed import PackedSenses
 
 
@@ -57,9 +61,6 @@ def make_inputs(args):
     return dictionary, states, torch.from_numpy(input_ids), torch.from_numpy(text_mask.astype(np.int64))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -74,13 +75,9 @@ def main() -> None:
     parser.add_argument("--k-max", type=int, default=60)
     parser.add_argument("--coverage", type=float, default=0.7, help="share of text tokens with an entry")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = machine(args)
 
     dictionary, states, input_ids, text_mask = make_inputs(args)
     n_replaced = int((text_mask.bool() & torch.isin(input_ids, torch.tensor(list(dictionary)))).sum())

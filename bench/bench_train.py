@@ -30,6 +30,7 @@ Throughput counts every input token (attention mask), best of --repeats passes a
 from __future__ import annotations
 
 import argparse
+import sys
 import platform
 import tempfile
 import time
@@ -38,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.losses import SenseLoss
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import load_sense_dict
@@ -57,9 +60,6 @@ LLAMA_SHAPES = {
 }
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def task_inputs(args, device):
@@ -98,6 +98,21 @@ def random_llama_inputs(args, device):
     return teacher, None, batches, senses, vocab
 
 
+def adamw_step(student, objective, autocast: dict):
+    """One training step of ``objective(student, batch) -> loss`` with AdamW, as a function of
+    the batch (forward under ``autocast``, backward, optimiser step)."""
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+
+    def step(batch):
+        with torch.autocast(**autocast):
+            loss = objective(student, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_passes(variants: dict, device, repeats: int) -> dict[str, float]:
     """Best time of ``repeats`` passes of each variant (name -> (step, items)), after one warm-up
     step each. Passes are interleaved (A B C, A B C, ...), so that a load change on a shared
@@ -131,13 +146,9 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20000, help="(--random-llama) dictionary tokens")
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--k-max", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = machine(args)
     make_inputs = random_llama_inputs if args.random_llama else task_inputs
     teacher, examples, batches, senses, vocab_size = make_inputs(args, device)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
@@ -151,22 +162,8 @@ def main() -> None:
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     scored = sum(int((batch["sense_targets"] >= 0).sum()) for batch in batches)
 
-    def fresh_student():
-        student = build_student(teacher, args.student_layers).to(device)
-        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
-        return student, optimizer
-
     def training_step(objective):
-        student, optimizer = fresh_student()
-
-        def step(batch):
-            with torch.autocast(**autocast):
-                loss = objective(student, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return adamw_step(build_student(teacher, args.student_layers).to(device), objective, autocast)
 
     def plain_loss(student, batch):
         states = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -193,7 +190,8 @@ def main() -> None:
     }, device, args.repeats)
     apart = {}
     if examples is not None:  # the Trainer and the targets stage tokenise examples themselves
-        times["trainer"], apart = time_trainer(args, teacher, senses, examples, batches, fresh_student()[0], device)
+        student = build_student(teacher, args.student_layers).to(device)
+        times["trainer"], apart = time_trainer(args, teacher, senses, examples, batches, student, device)
         times["targets stage"], times["bare teacher forward"] = time_targets_stage(args, teacher, senses, examples,
                                                                                     device)
 

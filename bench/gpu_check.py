@@ -60,6 +60,7 @@ import bench_cluster  # noqa: E402
 import bench_gather  # noqa: E402
 import bench_replace  # noqa: E402
 import bench_train  # noqa: E402
+from common import synchronize  # noqa: E402
 
 from embdistill.senses.cluster import Batching, ClusterConfig, plan_batches  # noqa: E402
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens  # noqa: E402
@@ -103,9 +104,6 @@ class Skip(Exception):
     """A section that cannot run here; its message is the recorded reason."""
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_of(repeats: int, fn, device: torch.device) -> float:
@@ -318,17 +316,7 @@ def skd_step(ctx: Context) -> tuple[dict, list]:
         return states.float().pow(2).mean()
 
     def step_of(loss_of):
-        student = build_student(teacher, sizes.student_layers).to(device)
-        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
-
-        def step(batch):
-            with torch.autocast(**autocast):
-                loss = loss_of(student, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return bench_train.adamw_step(build_student(teacher, sizes.student_layers).to(device), loss_of, autocast)
 
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     objective = SenseDistillation(senses)
