@@ -4,9 +4,13 @@
     python a0_generate_combinepkl.py --inputs bbc-news tweet-sentiment --output work/two-tasks/combined.pkl
     python a0_generate_combinepkl.py --inputs old/rank0.pkl old/rank1.pkl --output combined.pkl
 
-Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir).
+Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir),
+each checked: non-negative token ids to finite float rows. Beside combined.pkl go the same rows as
+one array, combined.rows.npy, and combined.tokens.npy (where each token's rows are), which the
+cluster stage maps so that each of its processes reads only its own tokens' rows.
 """
 
+import argparse
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
@@ -18,7 +22,7 @@ from embdistill.senses.combine import combine, resolve_inputs, write_combined
 from embdistill.tasks import resolve_task
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--inputs", nargs="+", default=None,
                         help="rank pkls, gather folders or task names (default: --task's gather folder)")
@@ -26,7 +30,11 @@ def main() -> int:
                         "required with --inputs)")
     parser.add_argument("--cap", type=int, default=4000, help="most samples kept per token")
     parser.add_argument("--teacher", default="minilm", help="teacher whose gathers task names refer to")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
 
     base, teacher = base_dir(args.base_dir), slug(args.teacher)
@@ -37,7 +45,12 @@ def main() -> int:
     if args.inputs and not args.output:
         raise UserError("--output is required with --inputs")
     output = Path(args.output) if args.output else task_paths(args.task).combined
-    groups = resolve_inputs(args.inputs or [args.task], lambda name: task_paths(name).gather_dir)
+    # Without --inputs, --task's own gather folder: the task argument itself may be a data file,
+    # which is no rank file.
+    default = task_paths(args.task).gather_dir
+    if not args.inputs and not default.is_dir():
+        raise UserError(f"task {args.task}: nothing gathered in {default}; run run_gather_sense.sh {args.task}")
+    groups = resolve_inputs(args.inputs or [str(default)], lambda name: task_paths(name).gather_dir)
     files = [path for group in groups for path in group]
     config = {"inputs": [str(p) for p in files], "cap": args.cap, "seed": args.seed}
     inputs = {f"input{i}": path for i, path in enumerate(files)}

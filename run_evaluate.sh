@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Stage 4: evaluate models on a task through mteb; writes results/<run>/ (table.md, table.json,
+# Stage 6: evaluate models on a task through mteb; writes results/<run>/ (table.md, table.json,
 # accuracy.png, mteb/). Single process: the launch flags are accepted and ignored.
 set -euo pipefail
 
 usage() {
   cat <<USAGE
-usage: $0 TASK --models SPEC [SPEC ...] [--run NAME] [options of scripts/05_evaluate.py]
+usage: $0 TASK --models SPEC [SPEC ...] [--run NAME] [options of scripts/06_evaluate.py]
 
 TASK comes first: an index 1-16, bbc-news, tweet-sentiment or a data file (more tasks: --tasks).
 Example:
@@ -15,10 +15,9 @@ Example:
       replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
 
 USAGE
-  run_stage scripts/05_evaluate.py --help | sed -n '/^options:/,$p'
+  run_stage scripts/06_evaluate.py --help | sed -n '/^options:/,$p'
   echo
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-run_stage scripts/05_evaluate.py ${TASK:+--task "$TASK"} "${EXTRA_ARGS[@]}"
+drive evaluate "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2 for one task in one process: work/<task>/<teacher>/combined.pkl ->
+# Stage 3 for one task in one process: work/<task>/<teacher>/combined.pkl ->
 # sense_dict/<task>/<teacher>.kmeanspkl (+ .summary.txt, .senses.png).
 set -euo pipefail
 
@@ -19,7 +19,4 @@ USAGE
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-[[ -n "$TASK" ]] || { usage >&2; exit 2; }
-NPROC_PER_NODE=1
-launch scripts/03_cluster.py --task "$TASK" "${EXTRA_ARGS[@]}"
+drive sep_cluster "$@"

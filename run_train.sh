@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Stage 3: train the SKD student under torchrun (DDP); writes runs/<task>/<run>/ (checkpoints/,
-# config.json, metrics.jsonl, loss.png, export/hf, export/st). Resumes when run again.
+# Stages 4-5: SKD's sense targets of the training texts (computed once, under torchrun), then the
+# student under torchrun (DDP); writes work/<task>/<teacher>/targets.npz and runs/<task>/<run>/
+# (checkpoints/, config.json, metrics.jsonl, loss.png, export/hf, export/st, export/st-replace).
+# Each stage skips or resumes finished work when run again.
 set -euo pipefail
 
 usage() {
   cat <<USAGE
 usage: $0 TASK [--nproc_per_node N --nnodes N --node_rank R --master_addr A --master_port P]
-          [options of scripts/04_train.py]
+          [options of scripts/05_train.py]
 
 TASK: an index 1-16, bbc-news, tweet-sentiment or a data file. Needs text_train/<task>/train.json
 (scripts/00_texts.py) and, for --loss sense, sense_dict/<task>/<teacher>.kmeanspkl (run_sep_cluster.sh).
+With --loss sense (the default) scripts/04_targets.py runs first, under the same launch flags; it
+gets the options it takes (--teacher, --sense-dict, --targets, --max-length, --device, --overwrite
+...), and --targets-batch-size as its --batch-size.
 Examples:
   $0 bbc-news --nproc_per_node 2 --epochs 1 --max-steps 300 --max-length 128 --lr 1e-5
   # the paper's layout, 3 machines x 3 processes, on each machine R = 0, 1, 2:
@@ -17,11 +22,12 @@ Examples:
       --teacher llm2vec-llama3-8b
 
 USAGE
-  run_stage scripts/04_train.py --help | sed -n '/^options:/,$p'
+  run_stage scripts/05_train.py --help | sed -n '/^options:/,$p'
+  echo
+  echo "options of scripts/04_targets.py (those that 05_train.py does not take as well):"
+  run_stage scripts/04_targets.py --help | sed -n '/^options:/,$p' | grep -E -- "--(flush-every|teacher-dtype)" -A1
   echo
 }
 
 source "$(dirname "$0")/scripts/lib.sh"
-parse_launch_args "$@"
-[[ -n "$TASK" ]] || { usage; echo "error: give a task" >&2; exit 2; }
-launch scripts/04_train.py --task "$TASK" "${EXTRA_ARGS[@]}"
+drive train "$@"

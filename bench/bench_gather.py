@@ -23,35 +23,43 @@ a lookup, is smaller). ``--llama-layers`` shrinks it for a smoke run on the CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import datetime as dt
 import platform
 import random
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoTokenizer, LlamaConfig
 
-from embdistill.distributed import default_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens, gather_texts
 from embdistill.tasks import resolve_task
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher, minilm_path
-from embdistill.text import format_example
+from embdistill.text import LLM2VEC, PLAIN, InputFormat, format_example
+
+
+def random_llama_teacher(name: str, device: torch.device, tokenizer, max_length: int,
+                         input_format: InputFormat = LLM2VEC, **shape) -> Teacher:
+    """A bidirectional Llama of ``shape`` (LlamaConfig fields) with random bf16 weights, built
+    on ``device``, with Llama-3's RoPE settings and SDPA attention, reading ``input_format``."""
+    config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         attn_implementation="sdpa", use_cache=False)
+    with torch.device(device):
+        model = BidirectionalLlamaModel._from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    return Teacher(name, name, model, tokenizer, normalize=False, max_seq_length=max_length,
+                   input_format=input_format)
 
 
 def random_llama8b_shape(device: torch.device, layers: int, max_length: int) -> Teacher:
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=14336, vocab_size=30522,
-                         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         attn_implementation="sdpa", use_cache=False)
-    dtype = torch.bfloat16
-    with torch.device(device):
-        model = BidirectionalLlamaModel._from_config(config, dtype=dtype).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    return Teacher("random-llama8b-shape", "random-llama8b-shape", model, tokenizer,
-                   normalize=False, max_seq_length=max_length)
+    return random_llama_teacher("random-llama8b-shape", device, AutoTokenizer.from_pretrained(minilm_path()),
+                                max_length, PLAIN, hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
+                                num_key_value_heads=8, intermediate_size=14336, vocab_size=30522)
 
 
 def batches(texts: list[str], batch_size: int):
@@ -59,9 +67,6 @@ def batches(texts: list[str], batch_size: int):
         yield texts[start : start + batch_size]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -101,20 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--teacher", default="minilm", help="a teacher for load_teacher, or random-llama8b-shape")
-    parser.add_argument("--device", default=None, help="default: the GPU if any, else the CPU")
     parser.add_argument("--texts", type=int, default=64, help="bbc-news training texts")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-token", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-layers", type=int, default=32, help="layers of random-llama8b-shape")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default torch's); on a shared machine 1 avoids OpenMP contention")
+    add_machine_args(parser, device=None, seed=False)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device(args.device) if args.device else default_device()
+    device = machine(args)
     if args.teacher == "random-llama8b-shape":
         teacher = random_llama8b_shape(device, args.llama_layers, args.max_length)
     else:
@@ -151,9 +151,9 @@ def main() -> None:
     cpu_median = {name: statistics.median(s) for name, s in cpu_seconds.items()}
     baseline = median["bare forward (baseline)"]
     cpu_baseline = cpu_median["bare forward (baseline)"]
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
-    print(f"\n{dt.date.today()}  {teacher!r}\n{machine}; {len(texts)} texts, {text_tokens} text tokens, "
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
+    print(f"\n{dt.date.today()}  {teacher!r}\n{hardware}; {len(texts)} texts, {text_tokens} text tokens, "
           f"max_length {args.max_length}, batch {args.batch_size}, per_token {args.per_token}, "
           f"median of {args.repeats}\n")
     print("| method | text tokens/s (wall) | vs bare forward (wall) | vs bare forward (CPU time) "

@@ -14,13 +14,34 @@ baseline, measured in the same process).
 from __future__ import annotations
 
 import argparse
+import sys
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from embdistill.evaluation.replace import pack_senses, replace_reference_loop, replace_with_senses
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
+from embdistill.senses.packed import PackedSenses
+
+
+@torch.no_grad()
+def replace_reference_loop(states, input_ids, text_mask, sense_dict) -> torch.Tensor:
+    """The original's replace mode: a Python loop over tokens on the CPU, each scored against
+    its entry read from the dictionary (the baseline here, and the tests' oracle)."""
+    output = states.detach().cpu().clone()
+    input_ids, text_mask = input_ids.cpu(), text_mask.cpu()
+    for b in range(output.shape[0]):
+        for t in range(output.shape[1]):
+            entry = sense_dict.get(int(input_ids[b, t])) if text_mask[b, t] else None
+            if entry is None:
+                continue
+            senses = torch.as_tensor(np.asarray(entry, dtype=np.float32))
+            nearest = int(torch.argmax(senses @ output[b, t].float()))
+            output[b, t] = senses[nearest].to(output.dtype)
+    return output
 
 
 def make_inputs(args):
@@ -40,9 +61,6 @@ def make_inputs(args):
     return dictionary, states, torch.from_numpy(input_ids), torch.from_numpy(text_mask.astype(np.int64))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -57,13 +75,9 @@ def main() -> None:
     parser.add_argument("--k-max", type=int, default=60)
     parser.add_argument("--coverage", type=float, default=0.7, help="share of text tokens with an entry")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = machine(args)
 
     dictionary, states, input_ids, text_mask = make_inputs(args)
     n_replaced = int((text_mask.bool() & torch.isin(input_ids, torch.tensor(list(dictionary)))).sum())
@@ -73,18 +87,18 @@ def main() -> None:
     loop_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    senses = pack_senses(dictionary, args.vocab, device)
+    senses = PackedSenses(dictionary, args.vocab).to(device)
     synchronize(device)
     pack_s = time.perf_counter() - start
     on_device = [t.to(device) for t in (states, input_ids, text_mask)]
-    batched = replace_with_senses(*on_device[:2], on_device[2], senses)  # warm-up
+    batched = senses.replace(*on_device)  # warm-up
     if not torch.equal(batched.cpu(), looped):
         raise SystemExit("batched replace mode differs from the loop: not benchmarking")
     times = []
     for _ in range(args.repeats):
         synchronize(device)
         start = time.perf_counter()
-        replace_with_senses(*on_device[:2], on_device[2], senses)
+        senses.replace(*on_device)
         synchronize(device)
         times.append(time.perf_counter() - start)
     batched_s = min(times)

@@ -1,4 +1,4 @@
-"""Benchmark: SKD training throughput against a plain forward+backward of the student.
+"""Benchmark: SKD training and its targets stage against a plain forward+backward of the student.
 
     PYTHONPATH=. python bench/bench_train.py --base-dir /tmp/skd_bbc --threads 1
     PYTHONPATH=. python bench/bench_train.py --random-llama 8b --device cuda --length 512   # GPU
@@ -13,11 +13,16 @@ Every variant trains a fresh student on the same batches with AdamW, in the same
 
 * plain: student forward, backward of a trivial loss (mean square of the states), AdamW step:
   the cost any distillation pays (the baseline);
-* skd: the real objective (TokenDistillation: teacher forward without grad, student forward,
-  sense loss), backward, AdamW step;
+* skd: the real objective on stored targets (SenseDistillation: student forward, sense loss
+  against the targets the targets stage computed once), backward, AdamW step;
+* mse: the ablation, whose teacher runs at every step (StateMatching);
 * parts: the teacher's forward alone and the sense loss alone (forward + backward on fixed states);
-* trainer: embdistill.training.Trainer end to end over the same steps (tokenisation, one
-  checkpoint and the plot included).
+* trainer: embdistill.training.Trainer end to end over the same steps (data, tokenisation,
+  targets collation, logging every step); its checkpoint writes and the final plot are timed
+  apart and reported separately;
+* targets: the targets stage's work (``text_targets``: tokenise, teacher forward, nearest
+  senses) over the examples against a bare teacher forward over the same batches (tokenise +
+  ``token_states``, nothing kept: the baseline).
 
 Throughput counts every input token (attention mask), best of --repeats passes after a warm-up.
 """
@@ -25,6 +30,7 @@ Throughput counts every input token (attention mask), best of --repeats passes a
 from __future__ import annotations
 
 import argparse
+import sys
 import platform
 import tempfile
 import time
@@ -33,11 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
+from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.losses import SenseLoss
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import load_sense_dict
-from embdistill.students import TokenDistillation, build_student
+from embdistill.senses.packed import PackedSenses
+from embdistill.senses.targets import SenseTargets, TargetCollator, text_targets
+from embdistill.students import SenseDistillation, StateMatching, build_student
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher
+from embdistill.text import LLM2VEC
 from embdistill.texts import read_train_texts
 from embdistill.training import Trainer, TrainConfig
 
@@ -49,9 +60,6 @@ LLAMA_SHAPES = {
 }
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def task_inputs(args, device):
@@ -62,7 +70,7 @@ def task_inputs(args, device):
     batches = [teacher.tokenize(examples[i : i + args.batch], args.length)
                for i in range(0, len(examples), args.batch)]
     senses = load_sense_dict(paths.sense_dict, hidden_size=teacher.hidden_size)
-    return teacher, examples, batches, senses, max(len(teacher.tokenizer), teacher.model.config.vocab_size)
+    return teacher, examples, batches, senses, teacher.vocab_size
 
 
 def random_llama_inputs(args, device):
@@ -77,7 +85,7 @@ def random_llama_inputs(args, device):
         model = BidirectionalLlamaModel(config).to(dtype)
     model.eval().requires_grad_(False)
     teacher = Teacher(f"random-llama-{args.random_llama}", "random-llama", model, None, normalize=False,
-                      max_seq_length=args.length)
+                      max_seq_length=args.length, input_format=LLM2VEC)
     rng = np.random.default_rng(args.seed)
     vocab = shape["vocab_size"]
     batches = [{"input_ids": torch.from_numpy(rng.integers(0, vocab, (args.batch, args.length))),
@@ -90,17 +98,36 @@ def random_llama_inputs(args, device):
     return teacher, None, batches, senses, vocab
 
 
-def time_passes(step, batches, device, repeats: int) -> float:
-    """Best time of ``repeats`` passes over ``batches`` (after one warm-up step)."""
-    step(batches[0])
+def adamw_step(student, objective, autocast: dict):
+    """One training step of ``objective(student, batch) -> loss`` with AdamW, as a function of
+    the batch (forward under ``autocast``, backward, optimiser step)."""
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+
+    def step(batch):
+        with torch.autocast(**autocast):
+            loss = objective(student, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_passes(variants: dict, device, repeats: int) -> dict[str, float]:
+    """Best time of ``repeats`` passes of each variant (name -> (step, items)), after one warm-up
+    step each. Passes are interleaved (A B C, A B C, ...), so that a load change on a shared
+    machine hits every variant alike instead of the one measured at that moment."""
+    for step, items in variants.values():
+        step(items[0])
     synchronize(device)
-    best = float("inf")
+    best = dict.fromkeys(variants, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            step(batch)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for name, (step, items) in variants.items():
+            start = time.perf_counter()
+            for item in items:
+                step(item)
+            synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -119,83 +146,141 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20000, help="(--random-llama) dictionary tokens")
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--k-max", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = machine(args)
     make_inputs = random_llama_inputs if args.random_llama else task_inputs
     teacher, examples, batches, senses, vocab_size = make_inputs(args, device)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    sense_loss = SenseLoss(senses, vocab_size).to(device)
-    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-    scored = sum(int(((sense_loss.entry_of_token[b["input_ids"]] >= 0) & b["embed_mask"].bool()).sum())
-                 for b in batches)
+    senses = PackedSenses(senses, vocab_size).to(device)
+    sense_loss = SenseLoss(senses)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def fresh_student():
-        student = build_student(teacher, args.student_layers).to(device)
-        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
-        return student, optimizer
+    with torch.autocast(**autocast):  # the targets stage's output, computed once
+        for batch in batches:
+            batch["sense_targets"] = senses.targets(teacher.token_states(batch), batch["input_ids"],
+                                                    batch["embed_mask"])
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    scored = sum(int((batch["sense_targets"] >= 0).sum()) for batch in batches)
 
     def training_step(objective):
-        student, optimizer = fresh_student()
-
-        def step(batch):
-            with torch.autocast(**autocast):
-                loss = objective(student, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return adamw_step(build_student(teacher, args.student_layers).to(device), objective, autocast)
 
     def plain_loss(student, batch):
         states = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return states.float().pow(2).mean()
 
-    distillation = TokenDistillation(teacher, sense_loss)
-    times = {
-        "plain": time_passes(training_step(plain_loss), batches, device, args.repeats),
-        "skd": time_passes(training_step(lambda s, b: distillation(s, b).loss), batches, device, args.repeats),
-    }
     with torch.autocast(**autocast):
-        times["teacher forward"] = time_passes(teacher.token_states, batches, device, args.repeats)
         fixed = [(teacher.token_states(b).float(), b) for b in batches]
 
     def loss_alone(item):
         states, batch = item
         student_states = (states + 0.1).requires_grad_(True)
-        sense_loss(student_states, states, batch["input_ids"], batch["embed_mask"])[0].backward()
+        sense_loss(student_states, batch["input_ids"], batch["sense_targets"])[0].backward()
 
-    times["sense loss"] = time_passes(loss_alone, fixed, device, args.repeats)
+    def teacher_forward(batch):
+        with torch.autocast(**autocast):
+            teacher.token_states(batch)
 
-    if examples is not None:  # the Trainer tokenises examples itself
-        student, _ = fresh_student()
-        with tempfile.TemporaryDirectory() as run_dir:
-            config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-6, warmup_steps=0,
-                                 max_steps=len(batches), save_every=10**9, log_every=10**9)
-            trainer = Trainer(student, distillation, examples,
-                              lambda items: teacher.tokenize(items, args.length), config, Path(run_dir),
-                              device=device, resume=False)
-            start = time.perf_counter()
-            trainer.train()
-            times["trainer"] = time.perf_counter() - start
+    times = time_passes({
+        "plain": (training_step(plain_loss), batches),
+        "skd": (training_step(lambda s, b: SenseDistillation(senses)(s, b).loss), batches),
+        "mse": (training_step(lambda s, b: StateMatching(teacher)(s, b).loss), batches),
+        "teacher forward": (teacher_forward, batches),
+        "sense loss": (loss_alone, fixed),
+    }, device, args.repeats)
+    apart = {}
+    if examples is not None:  # the Trainer and the targets stage tokenise examples themselves
+        student = build_student(teacher, args.student_layers).to(device)
+        times["trainer"], apart = time_trainer(args, teacher, senses, examples, batches, student, device)
+        times["targets stage"], times["bare teacher forward"] = time_targets_stage(args, teacher, senses, examples,
+                                                                                    device)
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}")
     print(f"teacher {teacher.name} ({teacher.model.config.num_hidden_layers} layers, d={teacher.hidden_size}), "
           f"student {args.student_layers or 'default'} layers; {len(batches)} steps x {args.batch} examples, "
-          f"{tokens} tokens ({scored} scored by the sense loss); dictionary {len(senses)} tokens, "
-          f"{sense_loss.centroids.shape[0]} senses")
+          f"{tokens} tokens ({scored} scored by the sense loss); dictionary {len(senses.sizes)} tokens, "
+          f"{len(senses.centroids)} senses")
     for name, seconds in times.items():
         ratio = "" if name == "plain" else f"  ({seconds / times['plain']:.2f}x plain)"
-        print(f"{name:>16}: {seconds:7.3f} s  {tokens / seconds:9.0f} tokens/s{ratio}")
-    print(f"SKD step / plain step: {times['skd'] / times['plain']:.2f}; sense loss share of the SKD step: "
-          f"{times['sense loss'] / times['skd']:.1%}; teacher forward share: "
-          f"{times['teacher forward'] / times['skd']:.1%}")
+        print(f"{name:>20}: {seconds:7.3f} s  {tokens / seconds:9.0f} tokens/s{ratio}")
+    print(f"SKD step / plain step: {times['skd'] / times['plain']:.2f}; MSE step (teacher on the fly) / plain: "
+          f"{times['mse'] / times['plain']:.2f}; sense loss share of the SKD step: "
+          f"{times['sense loss'] / times['skd']:.1%}")
+    if examples is not None:
+        print(f"Trainer end to end / plain: {times['trainer'] / times['plain']:.2f} (checkpoint writes "
+              f"{apart['checkpoints']:.3f} s and the final plot {apart['plot']:.3f} s counted apart: with them "
+              f"{(times['trainer'] + sum(apart.values())) / times['plain']:.2f})")
+        print(f"targets stage / bare teacher forward over the same texts: "
+              f"{times['targets stage'] / times['bare teacher forward']:.2f}")
+
+
+def time_trainer(args, teacher, senses, examples, batches, student, device) -> tuple[float, dict]:
+    """The Trainer over the same examples and steps (one pass, after a warm-up pass in the same
+    process), with its checkpoint writes and final plot timed apart."""
+    stored = SenseTargets(*_flat_targets(batches))
+    apart = {"checkpoints": 0.0, "plot": 0.0}
+
+    def timed(name, function):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            result = function(*a, **k)
+            apart[name] += time.perf_counter() - start
+            return result
+        return wrapper
+
+    import embdistill.training as training
+
+    elapsed = []
+    for _ in range(2):  # the first pass warms up (imports, allocator); the second is measured
+        apart.update(checkpoints=0.0, plot=0.0)
+        with tempfile.TemporaryDirectory() as run_dir:
+            config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-6, warmup_steps=0,
+                                 max_steps=len(batches), save_every=10**9, log_every=1)
+            trainer = Trainer(student, SenseDistillation(senses), list(range(len(examples))),
+                              TargetCollator(teacher.tokenize, examples, stored, args.length), config,
+                              Path(run_dir), device=device, resume=False)
+            trainer._sampler = lambda epoch: range(len(examples))  # the benchmark's batches, in order
+            trainer._save_checkpoint = timed("checkpoints", trainer._save_checkpoint)
+            original_plot = training.plot_metrics
+            training.plot_metrics = timed("plot", original_plot)
+            try:
+                start = time.perf_counter()
+                trainer.train()
+                elapsed.append(time.perf_counter() - start)
+            finally:
+                training.plot_metrics = original_plot
+    return elapsed[-1] - sum(apart.values()), dict(apart)
+
+
+def _flat_targets(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The benchmark batches' targets as the targets stage stores them (offsets, ids, targets)."""
+    lengths, ids, targets = [], [], []
+    for batch in batches:
+        text = batch["embed_mask"].bool() & batch["attention_mask"].bool()
+        lengths += text.sum(1).tolist()
+        ids.append(batch["input_ids"][text].cpu().numpy())
+        targets.append(batch["sense_targets"][text].cpu().numpy())
+    return (np.concatenate([[0], np.cumsum(lengths)]), np.concatenate(ids).astype(np.int32),
+            np.concatenate(targets).astype(np.int32))
+
+
+def time_targets_stage(args, teacher, senses, examples, device) -> tuple[float, float]:
+    """text_targets over the examples against a bare forward over the same length-sorted batches."""
+    def bare(_):
+        batch = teacher.tokenize(examples, args.length)
+        order = torch.argsort(batch["attention_mask"].sum(1), stable=True)
+        with torch.inference_mode():
+            for start in range(0, len(order), args.batch):
+                rows = order[start : start + args.batch]
+                cols = batch["attention_mask"][rows].bool().any(0)
+                teacher.token_states({key: value[rows][:, cols] for key, value in batch.items()})
+
+    def stage(_):
+        text_targets(teacher, senses, examples, args.length, args.batch)
+
+    times = time_passes({"stage": (stage, [None]), "bare": (bare, [None])}, device, args.repeats)
+    return times["stage"], times["bare"]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,17 @@
 * Each artefact gets a JSON manifest beside it (``<file>.manifest.json``): stage, resolved
   config, input fingerprints, package versions, creation time. A stage is *done* when its
   manifest exists with the same config and inputs; :func:`is_done` checks exactly that.
+* One writer per output: :func:`output_lock` holds ``<output>.lock`` (with the holder's pid)
+  while a process writes an output that a second process would corrupt (appended metrics,
+  an export folder built in place); a second one is refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -21,9 +26,10 @@ import logging
 import os
 import pickle
 import platform
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -90,12 +96,24 @@ _TORCH_STORAGES = {
 }
 
 
+def weights_only_refusal(exc: BaseException) -> str:
+    """The reason in ``torch.load(weights_only=True)``'s refusal (e.g. "Trying to load
+    unsupported GLOBAL posix.system ..."), without its advice to load the file unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines
+               if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return (reasons or lines or [type(exc).__name__])[0]
+
+
 def _load_storage_from_bytes(data: bytes):
     """Safe stand-in for ``torch.storage._load_from_bytes``, which calls torch.load with
     ``weights_only=False`` (arbitrary code); the tensor payload needs only weights."""
     import torch
 
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:  # a payload that is not weights
+        raise pickle.UnpicklingError(f"refused a torch storage: {weights_only_refusal(exc)}") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -149,16 +167,68 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a failed write (a full disk) names no file: name the one being written
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    return Path(str(path).rstrip(os.sep) + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<path>.lock`` while writing ``path`` (a file or folder); UserError, naming the
+    holder's pid and host, when another live process holds it.
+
+    The lock is an ``flock`` on that file, so the kernel releases it when its holder dies,
+    however it dies: a lock left by a killed process is simply taken over. (On a shared file
+    system, flock works across nodes where the file system supports it, as NFS does.)"""
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise UserError(f"{path} is being written by another process ({_lock_holder(lock)}); "
+                            f"wait for it to finish or stop it (lock file {lock})") from None
+        # The previous holder may have removed the file between our open and our lock: then we
+        # hold a lock on a file nobody else will see; start again.
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _lock_holder(lock: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid, host = lock.read_text().split()
+        return f"pid {int(pid)} on {host}"
+    return "holder unknown"
+
+
 def save_pickle(obj: Any, path: str | os.PathLike) -> None:
-    """Pickle ``obj`` to ``path`` atomically (protocol 4, readable by Python >= 3.4)."""
+    """Pickle ``obj`` to ``path`` atomically (protocol 5, readable by Python >= 3.8). Protocol 5
+    writes NumPy arrays from their own memory; protocol 4 copied each into a bytes object that
+    the pickler's memo kept to the end: a second copy of every array in the file."""
     with atomic_open(path, "wb") as fh:
-        pickle.dump(obj, fh, protocol=4)
+        pickle.dump(obj, fh, protocol=5)
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
@@ -193,17 +263,34 @@ def _json_default(value: Any) -> Any:
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file's content (or of a folder's files, in name order)."""
+    """sha256 of a file's content; for a folder, of its files' names and digests, in name order.
+
+    A file is hashed once per process while its inode, size and modification time stay the same (a
+    stage checks its inputs before it runs and records them after: a large combined.pkl is
+    read once, not twice)."""
     path = Path(path)
+    if not path.is_dir():
+        return _file_digest(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as fh:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_file_digest(file).encode())
+    return digest.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an atomic replace: a new inode
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def package_versions() -> dict[str, str]:
@@ -295,3 +382,58 @@ def skip_if_done(
         log.info("%s: %s is up to date, skipping (--overwrite to redo)", what, path)
         return True
     return False
+
+
+class PartFiles:
+    """The numbered part files of one resumable job, ``<folder>/<stem>.part<NNNNN>.npz``.
+
+    One rule for every stage that writes in parts: a part is *done* when its file and its
+    manifest (holding the job's ``config`` and the part's index) both exist; the manifest is
+    written after the file, so a part killed while being written is redone. Parts hold named
+    NumPy arrays in ``.npz`` files, read with ``allow_pickle=False``: no code can run from them.
+    """
+
+    def __init__(self, folder: str | os.PathLike, stem: str, config: Mapping[str, Any]):
+        self.folder, self.stem, self.config = Path(folder), stem, dict(config)
+
+    @classmethod
+    def beside(cls, artifact: str | os.PathLike, config: Mapping[str, Any]) -> "PartFiles":
+        """The parts of ``artifact``, in ``<artifact>.parts/<stem>.part<NNNNN>.npz`` beside it."""
+        artifact = Path(artifact)
+        return cls(artifact.with_name(artifact.name + ".parts"), artifact.stem, config)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{self.stem}.part{index:05d}.npz"
+
+    def _config(self, index: int) -> dict:
+        return {**self.config, "part": index}
+
+    def done(self, index: int) -> bool:
+        return is_done(self.path(index), config=self._config(index))
+
+    def write(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
+        with atomic_open(self.path(index), "wb") as fh:
+            np.savez(fh, **arrays)
+        write_manifest(self.path(index), stage=f"{self.stem}-part", config=self._config(index))
+
+    def load(self, index: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The part's arrays (only ``names``, when given: the others are not read)."""
+        path = self.path(index)
+        if not self.done(index):
+            raise UserError(f"{path} is missing or from another job; rerun with --overwrite")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in (data.files if names is None else names)}
+        except (OSError, ValueError, EOFError, KeyError) as exc:
+            raise UserError(f"{path}: corrupt part file ({exc}); rerun with --overwrite") from None
+
+    def clear(self) -> None:
+        """Remove every part of this stem (done or not) and stale temp files of killed writes."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.glob(f"{self.stem}.part*.npz*"):
+            path.unlink(missing_ok=True)
+        for stale in self.folder.glob(f".{self.stem}.part*.tmp"):
+            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder goes too once empty
+            self.folder.rmdir()

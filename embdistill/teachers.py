@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -30,10 +31,10 @@ from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 
 from . import paths
-from .artifacts import load_json
+from .artifacts import load_json, save_json
 from .distributed import default_device
 from .errors import UserError
-from .text import tokenize_with_embed_mask
+from .text import InputFormat, input_format_for, tokenize_with_embed_mask
 
 log = logging.getLogger("embdistill.teachers")
 
@@ -59,6 +60,11 @@ TEACHER_ALIASES: dict[str, tuple[Callable[[], str | Path], tuple[str, ...]]] = {
 }
 
 
+# Attention implementations the bidirectional masks below are valid for. flash_attention_2/3
+# take a 2-D padding mask and flex attention a BlockMask, which LlamaModel would build causal.
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
 class BidirectionalLlamaModel(LlamaModel):
     """LlamaModel whose tokens attend to every non-padding token: LLM2Vec's encoder.
 
@@ -67,6 +73,11 @@ class BidirectionalLlamaModel(LlamaModel):
     is used as it is), and every attention module carries ``is_causal``, which the SDPA and
     flash kernels read when they get no mask. Since this class sets both itself, any copy of
     it (``from_pretrained``, ``truncated_copy``) stays bidirectional.
+
+    The mask: a padded batch gets a 4-D additive padding mask (valid for eager and SDPA
+    attention); a batch without padding gets none under SDPA (with ``is_causal=False``), so
+    that SDPA may pick its flash kernel, which takes no mask. Other attention implementations
+    (flash_attention_2, flex) are refused in one line rather than silently mis-masked.
     """
 
     def __init__(self, config):
@@ -76,11 +87,20 @@ class BidirectionalLlamaModel(LlamaModel):
                 module.is_causal = False
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        implementation = self.config._attn_implementation
+        if implementation not in MASKED_ATTENTION:
+            raise UserError(f"attention implementation '{implementation}' is not supported by the "
+                            f"bidirectional Llama; use {' or '.join(MASKED_ATTENTION)}")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if attention_mask is None or attention_mask.ndim == 2:
-            attention_mask = _padding_mask_4d(attention_mask, inputs_embeds)
-        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            padded = attention_mask is not None and not bool(attention_mask.bool().all())
+            if padded or implementation != "sdpa":
+                attention_mask = _padding_mask_4d(attention_mask, inputs_embeds)
+            else:  # SDPA and no padding: no mask, and no causal mask either (is_causal below)
+                attention_mask = None
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               is_causal=False, **kwargs)
 
 
 def _padding_mask_4d(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -107,12 +127,13 @@ class Teacher:
     """A loaded teacher: tokenizer, backbone, pooling. Build it with :func:`load_teacher`."""
 
     def __init__(self, name: str, slug: str, model: nn.Module, tokenizer, *, normalize: bool,
-                 max_seq_length: int):
+                 max_seq_length: int, input_format: InputFormat):
         self.name = name
         self.slug = slug
         self.model = model
         self.tokenizer = tokenizer
         self.normalize = normalize
+        self.input_format = input_format
         # the longest input the model is meant for (sentence-transformers' max_seq_length, else
         # its position limit); longer requests are cut to it, as sentence-transformers does
         self.max_seq_length = max_seq_length
@@ -126,16 +147,23 @@ class Teacher:
         return next(self.model.parameters()).device
 
     @property
+    def vocab_size(self) -> int:
+        """Every id the tokenizer can emit indexes a table of this length."""
+        return max(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
     def __repr__(self) -> str:
         return (f"Teacher({self.name!r}, {type(self.model).__name__}, d={self.hidden_size}, "
-                f"{self.dtype}, {self.device}, normalize={self.normalize})")
+                f"{self.dtype}, {self.device}, normalize={self.normalize}, input {self.input_format.name})")
 
     def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``embed_mask`` (CPU, B x T)."""
-        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length))
+        """``input_ids``, ``attention_mask``, ``embed_mask`` (CPU, B x T), in the teacher's
+        input format (:mod:`embdistill.text`)."""
+        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length),
+                                        self.input_format)
 
     @torch.no_grad()
     def token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -174,6 +202,17 @@ def _load_errors(name: str):
     except (OSError, ValueError) as exc:
         lines = str(exc).strip().splitlines()
         raise UserError(f"could not load model {name}: {lines[0] if lines else type(exc).__name__}") from None
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _model_file(source: str, filename: str) -> str | None:
@@ -248,6 +287,8 @@ def load_teacher(
     dtype: torch.dtype | str | None = None,
     adapters: Sequence[str] = (),
     bidirectional: bool = True,
+    input_format: InputFormat | None = None,
+    layers: int | None = None,
 ) -> Teacher:
     """Load a teacher by alias (``minilm``, ``llm2vec-llama3-8b``), local folder or hub id.
 
@@ -255,7 +296,11 @@ def load_teacher(
     (``base_model_name_or_path``) is loaded and the adapter merged; then each of ``adapters`` is
     merged in order. Llama models are made bidirectional (LLM2Vec) unless ``bidirectional`` is
     False; encoders are bidirectional anyway. ``dtype`` defaults to bf16 for decoders on GPU,
-    else fp32; ``device`` to this rank's GPU, else the CPU.
+    else fp32; ``device`` to this rank's GPU, else the CPU. ``input_format`` defaults to the
+    one saved in the model folder (an exported student's), else llm2vec's for the base model
+    (:func:`embdistill.text.input_format_for`). ``layers``: load only the first layers (with
+    the embeddings and the final norm): all a student built from them needs, without the
+    memory of the rest of an 8B teacher.
     """
     from transformers import AutoModel
 
@@ -272,7 +317,11 @@ def load_teacher(
         model_class, extra = (BidirectionalLlamaModel if bidirectional else LlamaModel), {"attn_implementation": "sdpa"}
     else:
         model_class, extra = AutoModel, {}
-    with _load_errors(name):
+    if layers is not None:
+        extra["config"] = first_layers_config(config, layers)
+    # the deeper layers' weights are left out on purpose: no report of them as unexpected
+    quiet = _logger_level("transformers.modeling_utils", logging.ERROR) if layers else contextlib.nullcontext()
+    with _load_errors(name), quiet:
         model, info = model_class.from_pretrained(base, dtype=torch_dtype, device_map=device,
                                                   output_loading_info=True, **extra)
     tokenizer = _load_fast_tokenizer(name, source, base)
@@ -287,10 +336,12 @@ def load_teacher(
     model.eval().requires_grad_(False)
 
     modules = _read_json(source, "modules.json") or []
-    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
     _warn_if_not_mean_pooling(name, source, modules)
+    saved = _saved_reading(source)
+    normalize = saved["normalize"] if saved else any(m.get("type", "").endswith(".Normalize") for m in modules)
     teacher = Teacher(name, slug, model, tokenizer, normalize=normalize,
-                      max_seq_length=_max_seq_length(source, config))
+                      max_seq_length=_max_seq_length(source, config),
+                      input_format=input_format or _input_format(source, base, config))
     log.info("loaded %r%s", teacher, f" with adapters {adapters}" if adapters else "")
     return teacher
 
@@ -331,6 +382,34 @@ def _load_fast_tokenizer(name: str, source: str, base: str):
     return tokenizer
 
 
+READING_FILE = "embdistill.json"  # in an exported model folder: how it reads and pools text
+
+
+def save_reading(folder: str | Path, input_format: InputFormat, normalize: bool) -> None:
+    """Record in a model folder how it reads text and whether its embeddings are normalised
+    (what a student inherits from its teacher), for :func:`load_teacher`."""
+    save_json({"input_format": dataclasses.asdict(input_format), "normalize": bool(normalize)},
+              Path(folder) / READING_FILE)
+
+
+def _saved_reading(source: str) -> dict | None:
+    file = _model_file(source, READING_FILE)
+    if not file:
+        return None
+    saved = load_json(file)
+    if not isinstance(saved, dict) or not isinstance(saved.get("input_format"), dict) or "normalize" not in saved:
+        raise UserError(f"{file}: expected input_format and normalize")
+    return saved
+
+
+def _input_format(source: str, base: str, config) -> InputFormat:
+    """The format saved with the model (an exported student's), else llm2vec's for its base."""
+    saved = _saved_reading(source)
+    if saved:
+        return InputFormat.from_dict(saved["input_format"], f"{source}/{READING_FILE}")
+    return input_format_for(base, config.model_type)
+
+
 def _max_seq_length(source: str, config) -> int:
     """sentence-transformers' max_seq_length when given, else the model's position limit."""
     st_config = _read_json(source, "sentence_bert_config.json") or {}
@@ -345,10 +424,13 @@ class TeacherTokenizer:
     slug: str
     tokenizer: object
     max_seq_length: int
+    input_format: InputFormat
+    model_type: str
 
     def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
         """The same tensors as :meth:`Teacher.tokenize`."""
-        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length))
+        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length),
+                                        self.input_format)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = "minilm") -> TeacherTokenizer:
@@ -356,7 +438,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = "minilm") -> TeacherTokeniz
     (an 8B teacher's counting pass needs only this)."""
     name, slug, source, base, _, config = _resolve(name_or_path, ())
     return TeacherTokenizer(name, slug, _load_fast_tokenizer(name, source, base),
-                            _max_seq_length(source, config))
+                            _max_seq_length(source, config), _input_format(source, base, config),
+                            config.model_type)
 
 
 def _warn_if_not_mean_pooling(name: str, source: str, modules: list[dict]) -> None:
@@ -369,19 +452,25 @@ def _warn_if_not_mean_pooling(name: str, source: str, modules: list[dict]) -> No
                             name, {k: v for k, v in pooling.items() if k.startswith("pooling_mode") and v})
 
 
+def first_layers_config(config, n_layers: int):
+    """A copy of a model config with only its first ``n_layers`` layers."""
+    total = config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise UserError(f"a student needs 1 to {total} layers of the teacher, got {n_layers}")
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None):  # per-layer attention types (sliding/full) of some models
+        config.layer_types = config.layer_types[:n_layers]
+    return config
+
+
 def truncated_copy(teacher_or_backbone: Teacher | nn.Module, n_layers: int) -> nn.Module:
     """A new backbone of the same class with the first ``n_layers`` layers, the embeddings and
     the final norm copied from the teacher (bidirectional attention kept: same class).
 
     The copy has its own trainable parameters on the teacher's device and dtype."""
     backbone = teacher_or_backbone.model if isinstance(teacher_or_backbone, Teacher) else teacher_or_backbone
-    total = backbone.config.num_hidden_layers
-    if not 1 <= n_layers <= total:
-        raise UserError(f"a student needs 1 to {total} layers of the teacher, got {n_layers}")
-    config = copy.deepcopy(backbone.config)
-    config.num_hidden_layers = n_layers
-    if getattr(config, "layer_types", None):  # per-layer attention types (sliding/full) of some models
-        config.layer_types = config.layer_types[:n_layers]
+    config = first_layers_config(backbone.config, n_layers)
     weight = next(backbone.parameters())
     with torch.device(weight.device):
         student = type(backbone)._from_config(config, dtype=weight.dtype)

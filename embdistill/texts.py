@@ -9,6 +9,8 @@ regression) and ``test`` (held out: no test text is in train.json).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Mapping
 
 from .artifacts import load_json, save_json, write_manifest
 from .errors import UserError
@@ -19,14 +21,21 @@ from .text import format_example, split_example
 log = logging.getLogger("embdistill.texts")
 
 
-def write_texts(task: Task, paths: Paths, splits: Splits, config: dict) -> dict:
-    """Write train.json then eval.json (each atomically, each with a manifest); return counts."""
+def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
+                sources: Mapping[str, str | Path] | None = None) -> dict:
+    """Write train.json then eval.json (each atomically, each with a manifest recording
+    ``config`` and the fingerprints of ``sources``, the files read); return counts."""
     examples = [format_example(task.instruction, text) for text in splits.train_texts]
     overlap = set(splits.train_texts) & set(splits.test_texts)
     if overlap:  # guarded by Task.load_splits; checked again where the files are written
         raise UserError(f"task {task.name}: {len(overlap)} texts in both train and test")
+    classes = {str(label) for label in splits.train_labels or []}
+    if len(classes) == 1:  # said now, not after gather, clustering and training
+        log.warning("task %s: every training text has the label %r: it can be distilled on, but "
+                    "not evaluated (the evaluation's classifier needs at least 2 classes)",
+                    task.name, classes.pop())
     save_json(examples, paths.train_json)
-    write_manifest(paths.train_json, stage="texts", config=config)
+    write_manifest(paths.train_json, stage="texts", config=config, inputs=sources)
     eval_split = {
         "task": task.name,
         "instruction": task.instruction,
@@ -35,7 +44,7 @@ def write_texts(task: Task, paths: Paths, splits: Splits, config: dict) -> dict:
     }
     save_json(eval_split, paths.eval_json)
     write_manifest(paths.eval_json, stage="texts", config=config,
-                   inputs={"train.json": paths.train_json})
+                   inputs={"train.json": paths.train_json, **(sources or {})})
     return {"train": len(examples), "test": len(splits.test_texts)}
 
 
@@ -70,3 +79,12 @@ def read_eval_split(paths: Paths) -> dict:
 def texts_only(examples: list[str]) -> list[str]:
     """The text part of formatted examples (instruction and separator removed)."""
     return [split_example(example)[1] for example in examples]
+
+
+def instruction_of(examples: list[str]) -> str:
+    """The one instruction of a task's examples (what an exported student's prompt is)."""
+    instructions = {split_example(example)[0] for example in examples}
+    if len(instructions) > 1:
+        raise UserError(f"the examples carry {len(instructions)} different instructions; an "
+                        "exported student has one prompt: train on one task's train.json")
+    return instructions.pop()

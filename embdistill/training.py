@@ -30,9 +30,14 @@
 * **a fresh start**: ``on_fresh_start`` runs on every rank before the first step of a run that
   did not resume from a checkpoint (e.g. to fit some parts of the model before the rest).
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
-  the step, before the optimiser step (the last checkpoint stays the last good one); a peer
-  that dies or hangs ends the others with a one-line ``UserError`` after at most
-  ``dist_timeout_s``.
+  the step, before the optimiser step (the last checkpoint stays the last good one), and so do
+  non-finite parameters before a checkpoint is written; a peer that dies or hangs ends the
+  others with a one-line ``UserError`` after at most ``dist_timeout_s``.
+* **one writer**: rank 0 holds ``run_dir.lock`` (:func:`embdistill.artifacts.output_lock`)
+  while it trains, so a second training of the same run is refused instead of writing every
+  metrics row twice; a torn last metrics row (a killed writer) is dropped on resume, and an
+  unreadable checkpoint is skipped with a warning naming it, or refused when no readable one is
+  left (rather than silently starting over).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import re
 import time
@@ -59,7 +65,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_open, save_json
+from .artifacts import atomic_open, output_lock, save_json, weights_only_refusal
+from .cli import finite_float
 from .distributed import DistEnv, barrier, default_device, init_distributed
 from .errors import UserError, first_line
 
@@ -67,6 +74,7 @@ log = logging.getLogger("embdistill.training")
 
 CHECKPOINT_PATTERN = "step-*.pt"
 SCHEDULES = ("cosine", "constant")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "config")
 
 
 @dataclass
@@ -122,8 +130,8 @@ def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="examples per process and micro-batch")
-    group.add_argument("--lr", type=float, default=defaults.lr, help=lr_help)
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    group.add_argument("--lr", type=finite_float, default=defaults.lr, help=lr_help)
+    group.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
                        help="AdamW weight decay")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                        help="steps of linear warm-up before the schedule")
@@ -132,7 +140,7 @@ def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning
                        "or constant" + (f"; {schedule_help}" if schedule_help else ""))
     group.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
                        help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
-    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
+    group.add_argument("--max-grad-norm", type=finite_float, default=defaults.max_grad_norm,
                        help="gradient clipping (0: off)")
     group.add_argument("--max-steps", type=int, default=defaults.max_steps,
                        help="stop after this many steps (0: epochs decide)")
@@ -143,7 +151,7 @@ def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning
                        help="steps between metrics rows")
     group.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from the latest checkpoint of this run")
-    group.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout_s,
+    group.add_argument("--dist-timeout", type=finite_float, default=defaults.dist_timeout_s,
                        help="seconds a process waits for the others before giving up")
     group.add_argument("--no-bf16", dest="bf16", action="store_false",
                        help="no bf16 autocast on CUDA")
@@ -208,6 +216,11 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def non_finite_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters holding inf or nan (a run that diverged, e.g. at a huge lr)."""
+    return [name for name, parameter in module.named_parameters() if not torch.isfinite(parameter).all()]
+
+
 def _normalised(value: Any) -> Any:
     """As the value reads back from JSON, so that saved and current configs compare equal."""
     return json.loads(json.dumps(value, default=str))
@@ -248,7 +261,16 @@ def _set_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible when the checkpoint was written; the number may differ now
+        # (another machine, CUDA_VISIBLE_DEVICES): restore those that exist. Only the resumed
+        # run's random draws on the other GPUs then differ from an uninterrupted run's.
+        saved, visible = state["cuda"], torch.cuda.device_count()
+        for index, device_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(device_state, index)
+        if len(saved) != visible:
+            log.warning("the checkpoint holds CUDA RNG states of %d GPU(s), %d are visible: restored "
+                        "%d; random draws on the others are not those of an uninterrupted run",
+                        len(saved), visible, min(len(saved), visible))
 
 
 class Trainer:
@@ -264,6 +286,8 @@ class Trainer:
     rank 0, after every optimiser step, with the unwrapped model; a non-empty result goes into
     that step's metrics row (a row of its own when the step logs nothing). It must leave the
     model as it found it (training mode, no RNG draws), so that resumed runs stay identical.
+    ``cpu_autocast``: bf16 autocast on the CPU too (``config.bf16`` applies it on CUDA only
+    otherwise), so that the CUDA precision path can be tested on a CPU.
     """
 
     def __init__(
@@ -281,6 +305,7 @@ class Trainer:
         param_groups: Sequence[Mapping[str, Any]] | None = None,
         on_fresh_start: Callable[[nn.Module], None] | None = None,
         on_step_end: Callable[[nn.Module, int, bool], Mapping[str, float]] | None = None,
+        cpu_autocast: bool = False,
     ):
         if len(train_dataset) == 0:
             raise UserError("no training examples")
@@ -320,7 +345,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.last_checkpoint: Path | None = None
-        self.use_bf16 = self.device.type == "cuda" and config.bf16
+        self.use_bf16 = config.bf16 and (self.device.type == "cuda" or cpu_autocast)
 
     # ---------------------------------------------------------------------------------------
     # set-up
@@ -364,7 +389,8 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to the end (resuming first when asked); return where it ended."""
         try:
-            return self._train()
+            with output_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
+                return self._train()
         except Exception as exc:
             if self.env.distributed and _peer_failure(exc):
                 raise UserError(
@@ -466,12 +492,14 @@ class Trainer:
         return stats
 
     def _stop(self, what: str) -> None:
-        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                else "no checkpoint was written yet")
         raise UserError(
             f"{what} at step {self.global_step + 1} (epoch {self.epoch}); training stopped "
-            f"before the optimiser step, {kept}; try a lower --lr or --max-grad-norm"
+            f"before the optimiser step, {self._kept()}; try a lower --lr or --max-grad-norm"
         )
+
+    def _kept(self) -> str:
+        return (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
 
     # ---------------------------------------------------------------------------------------
     # metrics
@@ -492,11 +520,19 @@ class Trainer:
             fh.write(json.dumps(row) + "\n")
 
     def _trim_metrics(self) -> None:
-        """Drop metric rows logged after the checkpoint we resume from (or all, when fresh)."""
+        """Drop metric rows logged after the checkpoint we resume from (or all, when fresh),
+        and a row torn by a writer killed while appending it."""
         if not self.metrics_path.is_file():
             return
-        rows = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.global_step]
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                log.warning("%s: dropped a torn row (%r)", self.metrics_path, line[:80])
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.global_step:
+                rows.append(line)
         with atomic_open(self.metrics_path, "w") as fh:
             fh.write("".join(row + "\n" for row in rows))
 
@@ -504,6 +540,12 @@ class Trainer:
     # checkpoints
 
     def _save_checkpoint(self) -> None:
+        diverged = non_finite_parameters(self.module)
+        if diverged:  # every rank holds the same parameters, so every rank stops here
+            raise UserError(
+                f"the parameters are not finite after step {self.global_step} ({', '.join(diverged[:3])}"
+                f"{', ...' if len(diverged) > 3 else ''}), so none was checkpointed ({self._kept()}); "
+                "try a lower --lr or --max-grad-norm")
         rng_states = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rng_states, _rng_state())
@@ -530,12 +572,19 @@ class Trainer:
         barrier()
 
     def _resume(self) -> Path | None:
-        """Load the latest readable checkpoint, if any; return its path."""
+        """Load the latest readable checkpoint, if any; return its path. UserError when there
+        are checkpoints but none is readable: starting over would discard them silently."""
+        unreadable = []
         for path in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN), reverse=True):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
+                missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+                if missing:
+                    raise ValueError(f"not a checkpoint of this trainer: no {', '.join(map(repr, missing))}")
             except Exception as exc:  # a damaged file of any kind: fall back to the one before
-                log.warning("skipping unreadable checkpoint %s (%s)", path, first_line(exc))
+                reason = weights_only_refusal(exc) if isinstance(exc, pickle.UnpicklingError) else first_line(exc)
+                log.warning("skipping unreadable checkpoint %s (%s)", path, reason)
+                unreadable.append(path.name)
                 continue
             self._check_resumable(path, state["config"])
             self.module.load_state_dict(state["model"])
@@ -548,6 +597,9 @@ class Trainer:
             self.last_checkpoint = path
             log.info("resumed from %s (step %d, epoch %d)", path, self.global_step, self.epoch)
             return path
+        if unreadable:
+            raise UserError(f"no readable checkpoint in {self.checkpoint_dir} ({', '.join(unreadable)}); "
+                            "pass --no-resume (or --overwrite) to start over")
         return None
 
     def _discard_checkpoints(self) -> None:

@@ -1,4 +1,4 @@
-"""Stage 1b: teacher states of sampled text tokens, one file per rank (work/<task>/<teacher>/gather/).
+"""Stage 2: teacher states of sampled text tokens, one file per rank (work/<task>/<teacher>/gather/).
 
     python scripts/02_gather.py --task bbc-news
     torchrun --nproc_per_node 6 scripts/02_gather.py --task 14 --teacher llm2vec-llama3-8b --max-length 512
@@ -7,20 +7,22 @@ Ranks share nothing (each gathers its shard of texts), so no process group is se
 killed run resumes from its finished part files when started again with the same options.
 """
 
+import argparse
+
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import dist_env, print0, resolve_device
+from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.distributed import DEVICE_HELP, bind_device, dist_env, print0, resolve_device
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
 from embdistill.tasks import resolve_task
-from embdistill.teachers import load_teacher
+from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import read_train_texts
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
-    parser.add_argument("--max-length", type=int, default=256,
+    parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, longer texts are cut; the same as 01_count.py's")
     parser.add_argument("--per-token", type=int, default=1000,
                         help="keep an occurrence when randint(0, count) < this: ~this many per token")
@@ -30,16 +32,21 @@ def main() -> int:
                         help="texts per part file (bounds memory; a killed run resumes from parts)")
     parser.add_argument("--buffer-rows", type=int, default=16384,
                         help="selected rows kept on the device before one copy to the CPU")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
 
     env = dist_env()
     task = resolve_task(args.task, args.text_column, args.label_column)
     paths = Paths(base_dir(args.base_dir), task.slug, slug(args.teacher))
-    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype)
+    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype,
+                       load_tokenizer(args.teacher).input_format.name)
     rank_file = paths.gather_rank(env.rank)
     inputs = {"texts": paths.train_json, "counts": paths.counts}
     if skip_if_done(rank_file, config=cfg.rank_config(env), inputs=inputs,
@@ -47,7 +54,8 @@ def main() -> int:
         return 0
     texts = read_train_texts(paths)
     counts = load_counts(paths.counts, args.max_length)
-    teacher = load_teacher(args.teacher, device=resolve_device(args.device, env), dtype=args.teacher_dtype)
+    device = bind_device(resolve_device(args.device, env))  # this process's own GPU
+    teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
     summary = gather_shard(teacher, texts, counts, rank_file, cfg, env, inputs=inputs,
                            batch_size=args.batch_size, flush_every=args.flush_every,
                            buffer_rows=args.buffer_rows, overwrite=args.overwrite)

@@ -1,18 +1,19 @@
-"""Stage 2: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
+"""Stage 3: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
 
     python scripts/03_cluster.py --task bbc-news
     python scripts/03_cluster.py --task bbc-news --k-rule mcl --backend sklearn
     torchrun --nproc_per_node 4 scripts/03_cluster.py --task bbc-news --threads 2
 """
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import log, run_main, setup_logging, stage_parser
-from embdistill.distributed import cleanup, init_distributed, print0, resolve_device
+from embdistill.cli import finite_float, log, run_main, setup_logging, stage_parser
+from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
@@ -22,7 +23,7 @@ from embdistill.senses.krule import K_RULES
 from embdistill.tasks import resolve_task
 
 
-def parse_args():
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
     parser.add_argument("--input", default=None,
@@ -41,27 +42,27 @@ def parse_args():
     parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
                         help="stored sense vectors (bfloat16: torch tensors, as the original)")
     parser.add_argument("--max-iter", type=int, default=300, help="Lloyd iterations, at most")
-    parser.add_argument("--tol", type=float, default=1e-4,
+    parser.add_argument("--tol", type=finite_float, default=1e-4,
                         help="stop when the squared centre shift is below tol x mean variance")
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ seedings per token, best kept")
     parser.add_argument("--batch-tokens", type=int, default=256, help="tokens clustered together, at most")
     parser.add_argument("--batch-elements", type=int, default=1 << 26,
                         help="floats per working tensor of a batch, about (bounds memory)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--timeout", type=float, default=3600.0,
+    parser.add_argument("--timeout", type=finite_float, default=3600.0,
                         help="seconds a process waits for the others at the barrier")
-    return parser.parse_args()
+    return parser
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = bind_device(resolve_device(args.device))  # this process's own GPU
     task = resolve_task(args.task, args.text_column, args.label_column)
     teacher = slug(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, teacher)
@@ -76,11 +77,11 @@ def main() -> int:
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
                     what="cluster"):
         return 0
-    states, hidden_size = load_states(input_path, teacher, args.hidden_size)
+    states, hidden_size, input_print = load_states(input_path, teacher, args.hidden_size)
     env = init_distributed(timeout_s=args.timeout)
     try:
         summary = run(states, hidden_size, out, cfg, batching, env, device, input_path=input_path,
-                      overwrite=args.overwrite)
+                      input_print=input_print, overwrite=args.overwrite)
     finally:
         cleanup()
     if summary is not None:

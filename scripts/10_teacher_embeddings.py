@@ -10,13 +10,15 @@ embeddings/<corpus>/lsa/model/ (and sentence-transformer/, for evaluation). Fini
 are kept: a rerun, with any number of processes, encodes only what is missing.
 """
 
-from embdistill.cli import run_main, setup_logging, stage_parser
+import argparse
+
+from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.lsa import LSA_TEACHER
 from embdistill.multiteacher.teacher_embeddings import build_teacher_embeddings
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0], task=False)
     add_corpus_args(parser)
     parser.add_argument("--teachers", nargs="+", default=["minilm", LSA_TEACHER],
@@ -24,14 +26,18 @@ def main() -> int:
                         "hub id or folder")
     parser.add_argument("--shard-size", type=int, default=100_000, help="texts per shard")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward pass")
-    parser.add_argument("--max-length", type=int, default=512,
+    parser.add_argument("--max-length", type=positive_int, default=512,
                         help="token limit per text (cut to the teacher's own limit)")
     parser.add_argument("--lsa-dim", type=int, default=256, help="LSA teacher: SVD components")
     parser.add_argument("--lsa-min-df", type=int, default=2, help="LSA teacher: least documents per term")
     parser.add_argument("--lsa-max-features", type=int, default=30_000, help="LSA teacher: vocabulary cap")
-    parser.add_argument("--dist-timeout", type=float, default=3600.0,
+    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
                         help="seconds the other ranks wait while rank 0 builds the corpus and fits LSA")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     build_teacher_embeddings(args)
     return 0

@@ -18,20 +18,20 @@ config.json, checkpoints/, metrics.jsonl and loss.png (training loss and its par
 R2 and the embeddings' mean pairwise cosine on a probe batch, the validation loss every
 --val-every steps), head_warmup.json, validation.json (loss on held-out corpus texts, never
 trained on), initial/ (the student before distillation) and export/ (hf/ and st/:
-scripts/05_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
+scripts/06_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
 checkpoint unless --no-resume/--overwrite.
 """
 
 import argparse
 
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
 from embdistill.multiteacher.train import train_student
 from embdistill.training import TrainConfig, add_training_args
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__, task=False)
     add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--mse-head", choices=("shared", "separate"), default="separate",
                         help="--loss mse: the authors' separate head d_student -> d_student -> d_student -> "
                         "d_teacher, or the kernel head's mu (shared)")
-    parser.add_argument("--head-lr", type=float, default=1e-3,
+    parser.add_argument("--head-lr", type=finite_float, default=1e-3,
                         help="the heads' learning rate, its own parameter group (the authors: --lr for all)")
     parser.add_argument("--head-warmup-steps", type=int, default=100,
                         help="before training, fit the heads alone for N steps on cached embeddings of the "
@@ -67,15 +67,19 @@ def main() -> int:
     parser.add_argument("--export-normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="end the exported SentenceTransformer with Normalize (the authors export "
                         "arctic-embed students without it: --no-export-normalize)")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
+    parser.add_argument("--val-fraction", type=finite_float, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
-    parser.add_argument("--max-length", type=int, default=256, help="max tokens per text (the authors: 512)")
+    parser.add_argument("--max-length", type=positive_int, default=256, help="max tokens per text (the authors: 512)")
     # The paper's settings: AdamW 5e-5 at a constant rate, clipping 0.5 (batch: --grad-accum for its 2048).
     add_training_args(parser, TrainConfig(epochs=1, batch_size=64, lr=5e-5, weight_decay=0.01,
                                           warmup_steps=0, schedule="constant", max_grad_norm=0.5,
                                           save_every=2000),
                       schedule_help="the authors': constant, with --warmup-steps 0")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     train_student(args)
     return 0

@@ -1,10 +1,12 @@
 # Shared by the root shell drivers (source it; do not run it).
 #
-# parse_launch_args "$@" reads the torchrun flags and leaves the rest in EXTRA_ARGS:
+# drive NAME "$@" runs the driver NAME of embdistill/drivers.py, which reads the task(s) (first
+# arguments: an index 1-16, a task name or a data file), torchrun's launch flags
 #   --nproc_per_node N (default 1)  --nnodes N (1)  --node_rank R (0)
-#   --master_addr A (127.0.0.1)     --master_port P (29500)
-# and the first positional argument as TASK (index 1-16, a task name or a data file).
-# launch SCRIPT ARGS... runs a stage script under torchrun with those flags.
+#   --master_addr A (127.0.0.1)     --master_port P (a free port on one machine, else 29500)
+# and the stage options, which it routes to the stage scripts that take them; it names an
+# option no stage takes, and checks every stage's options, before the first stage runs.
+# -h/--help prints the driver's usage() and the launch flags instead.
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -16,14 +18,6 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # it is imported, so this must be set before Python starts.)
 if [[ ! -t 2 ]]; then export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"; fi
 
-NPROC_PER_NODE=1
-NNODES=1
-NODE_RANK=0
-MASTER_ADDR=127.0.0.1
-MASTER_PORT=29500
-TASK=""
-EXTRA_ARGS=()
-
 launch_usage() {
   cat <<USAGE
 launch flags (torchrun's names):
@@ -31,43 +25,27 @@ launch flags (torchrun's names):
   --nnodes N           machines (default 1)
   --node_rank R        this machine's rank (default 0)
   --master_addr A      rank-0 machine's address (default 127.0.0.1)
-  --master_port P      rank-0 machine's port (default 29500)
-Any other option is passed to the stage script (see its --help).
+  --master_port P      rank-0 machine's port (default: a free port on one machine; 29500, the
+                       same on every machine, with --nnodes > 1)
+Any other option goes to the stage scripts that take it (see their --help); one that none
+takes is an error.
 USAGE
 }
 
-parse_launch_args() {
-  while [[ $# -gt 0 ]]; do
-    case "$1" in
-      --nproc_per_node|--nproc-per-node|--nproc) NPROC_PER_NODE="$2"; shift 2 ;;
-      --nnodes) NNODES="$2"; shift 2 ;;
-      --node_rank|--node-rank) NODE_RANK="$2"; shift 2 ;;
-      --master_addr|--master-addr) MASTER_ADDR="$2"; shift 2 ;;
-      --master_port|--master-port) MASTER_PORT="$2"; shift 2 ;;
-      --nproc_per_node=*|--nnodes=*|--node_rank=*|--master_addr=*|--master_port=*)
-        local key="${1%%=*}" value="${1#*=}"; shift; parse_launch_args "$key" "$value" ;;
+# drive NAME [ARGS...]: see above.
+drive() {
+  local name="$1" arg
+  shift
+  for arg in "$@"; do
+    case "$arg" in
       -h|--help) usage; launch_usage; exit 0 ;;
-      --) shift; EXTRA_ARGS+=("$@"); break ;;
-      -*) EXTRA_ARGS+=("$1"); shift ;;
-      *) if [[ -z "$TASK" ]]; then TASK="$1"; else EXTRA_ARGS+=("$1"); fi; shift ;;
+      --) break ;;
     esac
   done
-  for value in "$NPROC_PER_NODE" "$NNODES" "$NODE_RANK" "$MASTER_PORT"; do
-    [[ "$value" =~ ^[0-9]+$ ]] || { echo "error: launch flags must be whole numbers, got '$value'" >&2; exit 2; }
-  done
+  exec "$PYTHON" -m embdistill.drivers "$name" "$@"
 }
 
-# launch SCRIPT [ARGS...]: the stage script under torchrun with the parsed flags
-# (embdistill.torchrun: torchrun without option abbreviations, one-line failures).
-launch() {
-  local script="$1"; shift
-  "$PYTHON" -m embdistill.torchrun \
-    --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    "$REPO_ROOT/$script" "$@"
-}
-
-# run_stage SCRIPT [ARGS...]: a single-process stage (no torchrun).
+# run_stage SCRIPT [ARGS...]: a stage script in one process.
 run_stage() {
   local script="$1"; shift
   "$PYTHON" "$REPO_ROOT/$script" "$@"

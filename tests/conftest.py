@@ -7,7 +7,8 @@ switched off before any Hugging Face library is imported.
 * ``tiny_bert_dir``: random 2-layer BERT (hidden 32) with MiniLM's fast WordPiece tokenizer and
   a sentence-transformers layout (mean pooling, no Normalize): loads with AutoModel and
   SentenceTransformer.
-* ``tiny_llama_tokenizer_dir``: a Llama-3-like fast byte-level BPE tokenizer (BOS, EOS, no pad).
+* ``tiny_llama_tokenizer_dir``: a tokenizer built like Llama-3's (regex split, byte-level BPE,
+  ``<|begin_of_text|>``, chat special tokens, EOS ``<|eot_id|>``, no pad).
 * ``tiny_llama_dir``: random 2-layer LlamaForCausalLM (hidden 32, 4 heads, 2 KV heads) + tokenizer.
 * ``tiny_lora_dir``: MNTP-like LoRA on the backbone (r 4, alpha 8, all linear layers).
 * ``tiny_lora2_dir``: a second LoRA saved from the CausalLM wrapper (rsLoRA, r 2, alpha 4, q/v).
@@ -15,7 +16,12 @@ switched off before any Hugging Face library is imported.
 
 import json
 import os
+from pathlib import Path
 
+# Stage scripts run as subprocesses import this checkout's package, not another one installed
+# in the environment (python puts the script's folder first on sys.path, not the repository).
+REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -70,24 +76,37 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
     return folder
 
 
+# Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B-Instruct) and its special tokens.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_tokenizer_dir(tmp_path_factory):
-    """A Llama-3-like fast tokenizer: byte-level BPE, BOS prepended, EOS but no pad token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A tokenizer built like Llama-3's: byte-level BPE behind Llama-3's regex split,
+    ``<|begin_of_text|>`` prepended, its chat special tokens, an end-of-sequence token and no
+    pad token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama-tokenizer")
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA3_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(LLAMA_CORPUS * 20, trainer)
     bpe.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      special_tokens=[("<|begin_of_text|>", bpe.token_to_id("<|begin_of_text|>"))]),
     ])
-    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
+                            eos_token="<|eot_id|>").save_pretrained(folder)
     return folder
 
 

@@ -1,6 +1,24 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import runpy
 import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(script: str, *args) -> int:
+    """A stage script's ``main([...])`` in this process, through ``run_main`` (one-line errors,
+    exit statuses) as its command line runs it; returns the exit status. ``script``: relative
+    to the repository (``scripts/05_train.py``)."""
+    from embdistill.cli import run_main
+
+    main = runpy.run_path(str(REPO / script), run_name="embdistill_stage")["main"]
+    try:
+        run_main(lambda: main([str(arg) for arg in args]))
+    except SystemExit as exc:
+        return exc.code or 0
+    raise AssertionError("run_main returned without exiting")
 
 
 def free_port() -> int:
@@ -8,3 +26,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Runs a Python script with one method wrapped to SIGKILL the process on its n-th call: a real
+# kill -9 at a known point (no cleanup, no exception handlers), without a hook in the library.
+KILLER = """
+import importlib, os, runpy, signal, sys
+module, owner, method, n, script = sys.argv[1:6]
+cls = getattr(importlib.import_module(module), owner)
+original, calls = getattr(cls, method), []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(cls, method, dying)
+sys.argv = [script] + sys.argv[6:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def killed_command(module: str, owner: str, method: str, n: int, script, *args) -> list[str]:
+    """The command that runs ``script`` and SIGKILLs it on the n-th call of owner.method
+    (``owner`` a class, or a module whose function ``method`` is replaced)."""
+    import sys
+
+    return [sys.executable, "-c", KILLER, module, owner, method, str(n), str(script), *map(str, args)]

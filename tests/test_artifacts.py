@@ -64,9 +64,14 @@ def test_refuses_payload_hidden_in_torch_storage(tmp_path):
 
     path = tmp_path / "evil_storage.pkl"
     path.write_bytes(pickle.dumps({1: _Storage()}))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as refused:
         artifacts.load_pickle(path)
     assert not marker.exists()
+    # one line, naming what was refused, and no advice to load it unsafely (torch's own message
+    # has four lines recommending weights_only=False)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and "unsafe pickle" in message and "posix.system" in message
+    assert "weights_only" not in message
 
 
 def test_truncated_and_missing_pickles(tmp_path):
@@ -88,6 +93,52 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert artifacts.load_pickle(path) == {"a": 1}  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.pkl"]  # no temp file left
+
+
+def test_a_failed_write_names_the_file(tmp_path):
+    """A full disk fails inside write(), whose OSError names no file: the error must."""
+    path = tmp_path / "out.pkl"
+
+    class FullDisk(io.RawIOBase):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as failed:
+        with artifacts.atomic_open(path) as fh:
+            FullDisk().write(b"rows")
+    assert failed.value.errno == 28 and failed.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from embdistill.artifacts import output_lock
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_one_writer_per_output_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    output = tmp_path / "runs" / "skd"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert (tmp_path / "runs" / "skd.lock").read_text().split()[0] == str(holder.pid)
+        with pytest.raises(UserError, match=f"{output} is being written by another process "
+                                            rf"\(pid {holder.pid} on .*\); wait for it"):
+            with artifacts.output_lock(output):
+                pass
+    finally:
+        holder.kill()  # kill -9: the lock file stays, with the dead pid in it
+        holder.wait()
+    assert (tmp_path / "runs" / "skd.lock").exists()
+    with artifacts.output_lock(output) as lock:
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
 
 
 def test_manifest_decides_done(tmp_path):
@@ -121,3 +172,64 @@ def test_logging_follows_the_current_stderr(monkeypatch):
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("embdistill.test").warning("second run")
     assert "second run" in second.getvalue()
+
+
+# ------------------------------------------------------------------ environment errors
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(28, "No space left on device", "/data/runs/skd/metrics.jsonl"),
+     "error: /data/runs/skd/metrics.jsonl: No space left on device"),
+    (PermissionError(13, "Permission denied", "/data/text_train"), "error: /data/text_train: Permission denied"),
+    (MemoryError(), "error: out of memory; try smaller batches (--batch-size) or fewer texts"),
+])
+def test_environment_errors_are_one_line_naming_the_path(error, line, capsys):
+    from embdistill.cli import run_main
+
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main)
+    assert exited.value.code == 1 and capsys.readouterr().err == line + "\n"
+
+
+def test_a_base_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """On main: an OSError traceback (a read-only folder or a full disk end the same way)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "00_texts.py"),
+                             "--task", "bbc-news", "--max-train", "20", "--max-test", "5",
+                             "--base-dir", str(blocker / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {blocker / 'out'}") and lines[-1].endswith("Not a directory"), result.stderr
+
+
+def test_fingerprints_are_content_hashes_computed_once_per_version(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from embdistill import artifacts
+
+    path = tmp_path / "states.bin"
+    path.write_bytes(b"x" * 3000)
+    opened = []
+    monkeypatch.setattr(artifacts, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    first = artifacts.fingerprint(path)
+    assert first == hashlib.sha256(b"x" * 3000).hexdigest()
+    assert artifacts.fingerprint(path) == first and len(opened) == 1  # the second call reads nothing
+    path.write_bytes(b"y" * 3000)  # same size, new content
+    os.utime(path, ns=(1, 2))  # and a modification time of its own
+    assert artifacts.fingerprint(path) == hashlib.sha256(b"y" * 3000).hexdigest() and len(opened) == 2
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_text("{}")
+    (folder / "sub" / "b.bin").write_bytes(b"b")
+    before = artifacts.fingerprint(folder)
+    (folder / "sub" / "b.bin").rename(folder / "sub" / "c.bin")  # a renamed file changes the folder's
+    assert artifacts.fingerprint(folder) != before

@@ -4,28 +4,24 @@ and scripts/03_cluster.py end to end (rules, rerun, bad input, 2 processes, kill
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import read_manifest, save_pickle, write_manifest
+from embdistill.artifacts import read_manifest, save_pickle
 from embdistill.errors import UserError
-from embdistill.senses.cluster import KILL_AFTER_PARTS_ENV, Batching, ClusterConfig, plan_batches
+from embdistill.distributed import DistEnv
+from embdistill.artifacts import PartFiles
+from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
+from embdistill.senses.combine import rows_path, write_combined
 from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
-from embdistill.senses.krule import (
-    k_from_mcl_count,
-    keeps_raw_vectors,
-    mcl_count_reference,
-    mcl_counts,
-    spot_check,
-)
-from helpers import free_port
+from bench.bench_cluster import mcl_count_reference
+from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
+from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -166,9 +162,8 @@ def make_states(path: Path, *, teacher: str = "minilm", dim: int = DIM, empty: b
     # 100 tight pairs far apart: MCL finds about 100 clusters, so the rule gives k > 5
     states[19] = grouped(rng, 200, 100, 0.01, 5).astype(np.float16)[:, :dim]
     states = {} if empty else states
-    save_pickle(states, path)
-    write_manifest(path, stage="combine", config={},
-                   extra={"teacher": teacher, "hidden_size": dim, "dtype": "float16"})
+    write_combined(states, {"teacher": teacher, "hidden_size": dim, "dtype": "float16"}, path,
+                   config={}, inputs={})
     return states
 
 
@@ -176,14 +171,9 @@ SCRIPT = REPO / "scripts" / "03_cluster.py"
 STAGE_ARGS = ("--task", "bbc-news", "--threads", "1")
 
 
-def run_stage(capsys, *args: str) -> subprocess.CompletedProcess:
+def run_cluster(capsys, *args: str) -> subprocess.CompletedProcess:
     """scripts/03_cluster.py in this process (no torch import per run): exit code and output."""
-    with mock.patch.object(sys, "argv", [str(SCRIPT), *STAGE_ARGS, *args]):
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
+    code = run_stage("scripts/03_cluster.py", *STAGE_ARGS, *args)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
@@ -216,7 +206,7 @@ def test_stage_follows_the_rule(tmp_path, states_file, capsys):
     path, states = states_file
     for senses in (5, 8, 3):
         base = tmp_path / f"k{senses}"
-        proc = run_stage(capsys, "--base-dir", str(base), "--input", str(path), "--senses", str(senses))
+        proc = run_cluster(capsys, "--base-dir", str(base), "--input", str(path), "--senses", str(senses))
         assert proc.returncode == 0, proc.stderr
         assert f"-> {output(base)}" in proc.stdout
         result = load_sense_dict(output(base), hidden_size=DIM)
@@ -238,7 +228,7 @@ def test_stage_follows_the_rule(tmp_path, states_file, capsys):
 
 def test_stage_with_the_mcl_rule(tmp_path, states_file, capsys):
     path, states = states_file
-    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), "--k-rule", "mcl")
     assert proc.returncode == 0, proc.stderr
     result = load_sense_dict(output(tmp_path))
     expected = k_from_mcl_count(mcl_count_reference(states[19]).clusters)
@@ -249,14 +239,14 @@ def test_stage_with_the_mcl_rule(tmp_path, states_file, capsys):
 def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     path, _ = states_file
     args = ("--base-dir", str(tmp_path), "--input", str(path))
-    assert run_stage(capsys, *args).returncode == 0
+    assert run_cluster(capsys, *args).returncode == 0
     written = output(tmp_path).stat().st_mtime_ns
-    again = run_stage(capsys, *args)
+    again = run_cluster(capsys, *args)
     assert again.returncode == 0 and "up to date, skipping" in again.stderr
     assert output(tmp_path).stat().st_mtime_ns == written
-    redo = run_stage(capsys, *args, "--overwrite")
+    redo = run_cluster(capsys, *args, "--overwrite")
     assert redo.returncode == 0 and output(tmp_path).stat().st_mtime_ns != written
-    other = run_stage(capsys, *args, "--seed", "1")  # another config is not "done"
+    other = run_cluster(capsys, *args, "--seed", "1")  # another config is not "done"
     assert other.returncode == 0 and "skipping" not in other.stderr
 
 
@@ -276,11 +266,111 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     elif case == "bad-option":
         make_states(path)
         extra = ["--senses", "0"]
-    proc = run_stage(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not output(tmp_path).parent.exists() or not any(output(tmp_path).parent.iterdir())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan float32", "the states of token 16 hold NaN (not an overflow"),
+    ("nan float16", "the states of token 16 hold NaN (not an overflow"),
+    ("inf", "the states of token 16 hold infinities"),
+    ("object", "the states of token 16 are object"),
+    ("int64", "the states of token 16 are int64"),
+    ("negative id", "token id -16 is not a non-negative integer"),
+    ("no rows", "entry 16 is not (it is (0, 16))"),
+    ("nan in the row file, clustered token", "the states of token 16 hold NaN"),
+    ("nan in the row file, raw token", "the states of token 12 hold NaN"),
+])
+def test_states_that_are_not_finite_float_rows_are_refused(tmp_path, states_file, case, message, capsys):
+    """Never a dictionary of NaN marked done, never NaN called an overflow, never a traceback."""
+    states = {t: v.copy() for t, v in states_file[1].items()}
+    path, extra = tmp_path / "combined.pkl", []
+    rows = states.pop(16)
+    if case.startswith("nan in the row file"):
+        states[16] = rows
+        write_combined(states, {"teacher": "minilm", "hidden_size": DIM, "dtype": "float16"}, path,
+                       config={}, inputs={})
+        mapped = np.load(rows_path(path), mmap_mode="r+")
+        token_start = sum(len(states[t]) for t in sorted(states) if t < (16 if "clustered" in case else 12))
+        mapped[token_start + 1, 3] = np.nan  # the pickle still matches: the row file is read
+        mapped.flush()
+    else:
+        if case == "nan float32":
+            rows, states = rows.astype(np.float32), {t: v.astype(np.float32) for t, v in states.items()}
+            extra = ["--dtype", "float32"]  # the dictionary's dtype: no float16 check to trip over
+        fault = {"nan float32": np.nan, "nan float16": np.nan, "inf": np.inf}.get(case)
+        if fault is not None:
+            rows[2, 5] = fault
+        token = -16 if case == "negative id" else 16
+        kinds = {"object": lambda: rows.astype(object), "int64": lambda: rows.astype(np.int64),
+                 "no rows": lambda: rows[:0]}
+        states[token] = kinds.get(case, lambda: rows)()
+        save_pickle(states, path)  # a hand-made file: no manifest, no row file
+    proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line.partition("error: ")[2] for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0] and "overflow float16" not in errors[0], proc.stderr
+    assert not output(tmp_path).exists()
+
+
+def test_loading_the_states_reads_none_of_them(tmp_path):
+    """What every clustering process does before its share: no copy of the states (the
+    original, and this stage before, loaded all of combined.pkl in each process)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 32 MiB
+    path = tmp_path / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": 1024, "dtype": "float32"}, path,
+                   config={}, inputs={})
+    tracemalloc.start()
+    try:
+        loaded = load_states(path, "minilm", None)[0]
+        sizes = {t: len(v) for t, v in loaded.items()}  # what the plan needs
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sizes == {t: 64 for t in states}
+    # the file's fingerprint reads it in 1 MiB blocks: a constant, not a share of the states
+    assert peak < 0.15 * 32 * 2**20, f"{peak / 2**20:.1f} MiB held for 32 MiB of states"
+
+
+def mapped_rss(path: Path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line and not line[0].isupper():  # a mapping's header line: address range ... path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
+    """Rank 0 of P clusters every P-th batch: of the row file it maps (and so holds in its
+    resident memory) about 1/P, not all of it."""
+    rng = np.random.default_rng(6)
+    states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 256 KiB each
+    path = tmp_path / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": 1024, "dtype": "float32"}, path,
+                   config={}, inputs={})
+    loaded, width, _ = load_states(path, "minilm", None)
+    cfg = ClusterConfig("minilm", max_iter=3)
+    batches = plan_batches({t: len(v) for t, v in loaded.items()}, cfg, width, Batching(tokens=4))
+    assert mapped_rss(rows_path(path)) < 64 * 1024  # planning read nothing
+    cluster_rank(loaded, batches, PartFiles(tmp_path / "parts", "batch", {}), cfg,
+                 DistEnv(rank=0, world_size=world_size), torch.device("cpu"), path)
+    share = mapped_rss(rows_path(path)) / rows_path(path).stat().st_size
+    assert len(list((tmp_path / "parts").glob("*.npz"))) == len(batches[::world_size])
+    if world_size == 1:
+        assert share > 0.9
+    else:  # 1/4 of the rows, and the kernel's fault-around (64 KiB) at the edges of its 8 runs of 1 MiB
+        assert share < 0.35, share
 
 
 # ------------------------------------------------------------------ processes and resume
@@ -320,12 +410,29 @@ def test_two_processes_equal_one(tmp_path, states_file, one_process):
 
 
 @pytest.mark.slow
+def test_two_drivers_at_once_on_one_machine(tmp_path, states_file, one_process):
+    """Without --master_port each launch gets a free port; on main both took 29500 and the
+    second ended in a 39-line EADDRINUSE traceback."""
+    runs = [subprocess.Popen(["bash", str(REPO / "run_sep_cluster.sh"), "bbc-news", "--base-dir", str(tmp_path / name),
+                              "--input", str(states_file[0]), "--batch-tokens", "4", "--threads", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for name in ("a", "b")]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+    for name in ("a", "b"):
+        assert_same_dictionary(output(tmp_path / name), one_process)
+
+
+@pytest.mark.slow
 def test_kill_9_midway_then_resume(tmp_path, states_file, one_process):
     args = ("--base-dir", str(tmp_path), "--input", str(states_file[0]), "--batch-tokens", "4")
-    killed = run_stage_process(*args, env_extra={KILL_AFTER_PARTS_ENV: "3"})
-    assert killed.returncode == -9
+    killed = subprocess.run(killed_command("embdistill.artifacts", "PartFiles", "write", 4, SCRIPT, *STAGE_ARGS, *args),
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # as it began writing its 4th part
     assert not output(tmp_path).exists()
-    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").rglob("part-*.pkl"))
+    parts = list((tmp_path / "sense_dict" / "bbc-news" / "minilm.kmeanspkl.parts").glob("minilm.part*.npz"))
     assert len(parts) == 3
     resumed = run_stage_process(*args)
     assert resumed.returncode == 0, resumed.stderr

@@ -7,14 +7,16 @@ manifests); each row's values equal its occurrence id, so order is visible in th
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from embdistill.artifacts import save_pickle, write_manifest
+from embdistill.artifacts import fingerprint, load_pickle, read_manifest, save_pickle, write_manifest
 from embdistill.errors import UserError
-from embdistill.senses.combine import combine, resolve_inputs
+from embdistill.senses.combine import (combine, open_combined, resolve_inputs, rows_path, tokens_path,
+                                       write_combined)
 from embdistill.senses.gather import index_path
 
 
@@ -25,7 +27,7 @@ def write_rank(folder: Path, rank: int, occurrences: dict[int, list[int]], *, wo
     index = {t: np.asarray(o, dtype=np.int64) for t, o in occurrences.items()}
     states = {t: np.repeat(o[:, None], hidden_size, axis=1).astype(dtype) for t, o in index.items()}
     config = {"teacher": teacher, "max_length": 8, "per_token": 1000, "seed": seed, "dtype": dtype,
-              "world_size": world_size, "rank": rank}
+              "input_format": "plain", "world_size": world_size, "rank": rank}
     extra = {"teacher": teacher, "hidden_size": hidden_size, "dtype": dtype}
     save_pickle(index, index_path(path))
     save_pickle(states, path)
@@ -50,7 +52,7 @@ def test_ranks_merge_in_occurrence_order(tmp_path):
         assert rows_of(combined, 5) == [1, 9, 17, 25, 33]
         assert sorted(combined) == [5, 7, 9] and rows_of(combined, 9) == [10, 11]
     assert meta == {"teacher": "minilm", "hidden_size": 4, "dtype": "float16", "rows": 8,
-                    "token_ids": 3, "capped": 0}
+                    "token_ids": 3, "capped": 0, "max_length": 8, "input_format": "plain"}
 
 
 def test_cap_is_a_seeded_ordered_subset(tmp_path):
@@ -149,3 +151,55 @@ def test_refuses_bad_files(tmp_path):
         combine([files], cap=100, seed=0)
     with pytest.raises(UserError, match="--cap must be >= 1"):
         combine([files[:1]], cap=0, seed=0)
+
+
+@pytest.mark.parametrize("states, message", [
+    ({5: np.array([[0.0, np.nan]], dtype=np.float32)}, "the states of token 5 hold NaN (not an overflow"),
+    ({5: np.array([[0.0, np.inf]], dtype=np.float16)}, "the states of token 5 hold infinities"),
+    ({5: np.array([[1.0, "a"]], dtype=object)}, "the states of token 5 are object, not one of float16"),
+    ({5: np.ones((2, 2), dtype=np.int64)}, "the states of token 5 are int64"),
+    ({-3: np.ones((2, 2), dtype=np.float16)}, "token id -3 is not a non-negative integer"),
+    ({True: np.ones((2, 2), dtype=np.float16)}, "token id True is not"),
+    ({5: np.ones((0, 2), dtype=np.float16)}, "entry 5 is not (it is (0, 2))"),
+])
+def test_refuses_states_that_are_not_finite_float_rows(tmp_path, states, message):
+    path = tmp_path / "rank0.pkl"
+    save_pickle(states, path)  # a hand-made or damaged input (no manifest, like the original's)
+    with pytest.raises(UserError, match=re.escape(message)):
+        combine([[path]], cap=100, seed=0)
+
+
+def test_the_row_file_holds_the_pickles_rows_token_by_token(tmp_path):
+    combined, meta = combine([two_ranks(tmp_path / "gather")], cap=100, seed=0)
+    output = tmp_path / "combined.pkl"
+    write_combined(combined, meta, output, config={"cap": 100}, inputs={})
+    assert load_pickle(output).keys() == combined.keys()  # the original's format, unchanged
+    rows = np.load(rows_path(output))
+    assert rows.shape == (8, 4) and rows.dtype == np.float16
+    np.testing.assert_array_equal(rows, np.concatenate([combined[t] for t in sorted(combined)]))
+    assert np.load(tokens_path(output)).tolist() == [[5, 0, 5], [7, 5, 6], [9, 6, 8]]
+    files = read_manifest(output)["extra"]["files"]
+    assert files["pickle_sha256"] == fingerprint(output) and files["rows_shape"] == [8, 4]
+
+    by_token = open_combined(output, fingerprint(output))
+    assert sorted(by_token) == [5, 7, 9] and len(by_token) == 3
+    for token, expected in combined.items():
+        assert type(by_token[token]) is np.ndarray and not by_token[token].flags.writeable  # mapped
+        np.testing.assert_array_equal(by_token[token], expected)
+    assert open_combined(output, "another pickle") is None  # combined.pkl replaced: read it instead
+
+    np.save(tokens_path(output), np.array([[5, 0, 9]], dtype=np.int64))
+    with pytest.raises(UserError, match="row file or token table is missing or was replaced"):
+        open_combined(output, fingerprint(output))
+
+
+def test_a_token_table_must_tile_the_row_file():
+    from embdistill.senses.combine import _covers
+
+    table = np.array([[5, 0, 3], [7, 3, 5]], dtype=np.int64)
+    assert _covers(table, 5) and _covers(np.empty((0, 3), dtype=np.int64), 0)
+    assert not _covers(table, 6)  # rows no token owns
+    assert not _covers(np.array([[5, 0, 3], [7, 4, 5]], dtype=np.int64), 5)  # a gap
+    assert not _covers(np.array([[7, 0, 3], [5, 3, 5]], dtype=np.int64), 5)  # ids out of order
+    assert not _covers(np.array([[5, 0, 0], [7, 0, 5]], dtype=np.int64), 5)  # an empty token
+    assert not _covers(table.astype(np.float64), 5) and not _covers(table[:, :2], 5)

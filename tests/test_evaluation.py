@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,10 @@ from embdistill.evaluation.specs import parse_model_spec, parse_model_specs
 from embdistill.paths import Paths
 from embdistill.tasks import resolve_task
 from embdistill.texts import write_texts
+from helpers import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = REPO / "scripts" / "05_evaluate.py"
+STAGE = REPO / "scripts" / "06_evaluate.py"
 
 SPORT = "team won lost game sport".split()
 MONEY = "market price bank money".split()
@@ -79,6 +79,7 @@ def workspace(tmp_path_factory, tiny_bert_dir):
     ("replace:runs/t/skd/export/hf@sense_dict/t/minilm.kmeanspkl", "skd-replace", "replace",
      "runs/t/skd/export/hf", "sense_dict/t/minilm.kmeanspkl"),
     ("ceiling=replace:minilm@d.kmeanspkl", "ceiling", "replace", "minilm", "d.kmeanspkl"),
+    ("replace:minilm@2@d.kmeanspkl", "minilm-first2-replace", "replace", "minilm", "d.kmeanspkl"),
     ("st:sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers__all-MiniLM-L6-v2-st", "st",
      "sentence-transformers/all-MiniLM-L6-v2", None),
 ])
@@ -86,6 +87,7 @@ def test_model_spec_syntax(text, label, kind, target, extra):
     spec = parse_model_spec(text)
     assert (spec.label, spec.kind, spec.target) == (label, kind, target)
     assert (spec.n_layers if kind == "untrained" else spec.sense_dict) == extra
+    assert spec.n_layers == (2 if label == "minilm-first2-replace" else 3 if kind == "untrained" else None)
     assert parse_model_spec(spec.text) == spec  # the canonical text parses back
 
 
@@ -94,6 +96,7 @@ def test_model_spec_syntax(text, label, kind, target, extra):
     ("teachr:minilm", "KIND one of"),
     ("replace:minilm", "replace needs replace:MODEL@DICT"),
     ("untrained:minilm@x", "positive integer"),
+    ("replace:minilm@0@d.kmeanspkl", "positive integer"),
     ("bad label=teacher:minilm", "bad model label"),
 ])
 def test_bad_model_specs(text, message):
@@ -244,16 +247,14 @@ def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
 
 
 def _stage(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run scripts/05_evaluate.py in this process; (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", [str(STAGE), *args])
+    """Run scripts/06_evaluate.py in this process; (exit status, stderr)."""
     root = logging.getLogger()
     handlers = root.handlers[:]
     try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(STAGE), run_name="__main__")
+        code = run_stage("scripts/06_evaluate.py", *args)
     finally:  # the stage logs to this test's captured stderr, which closes with the test
         root.handlers[:] = handlers
-    return exit_info.value.code, capsys.readouterr().err
+    return code, capsys.readouterr().err
 
 
 def _single_line_error(err: str) -> str:

@@ -7,10 +7,10 @@ against an uninterrupted one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,23 +20,25 @@ import pytest
 import torch
 
 from embdistill.artifacts import load_pickle, save_pickle, write_manifest
-from embdistill.cli import run_main
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.paths import Paths, slug
 from embdistill.senses.combine import combine
 from embdistill.senses.gather import (
-    KILL_AFTER_PARTS_ENV,
     GatherConfig,
     count_config,
     count_tokens,
     gather_shard,
     index_path,
     keep_occurrences,
-    part_path,
 )
 from embdistill.teachers import load_teacher
-from helpers import free_port
+from helpers import free_port, killed_command, run_stage
+
+
+def part_path(rank_file: Path, part: int) -> Path:
+    """A gather part as PartFiles names it."""
+    return rank_file.with_name(rank_file.name + ".parts") / f"{rank_file.stem}.part{part:05d}.npz"
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # the tiny BERT has 64 positions
@@ -59,22 +61,24 @@ def write_task(base: Path, texts: list[str], task: str = "bbc-news", teacher: st
 
 
 def run_script(script: str, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """A stage script's main, in this process, as ``python script args`` runs it."""
-    spec = importlib.util.spec_from_file_location(Path(script).stem.replace(".", "_"), REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    with pytest.raises(SystemExit) as exit_:
-        run_main(module.main)
+    """A stage script's main, in this process: (exit status, stdout, stderr)."""
+    code = run_stage(script, *args)
     out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return code, out, err
 
 
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 120):
+    """``args``: a python command line (a script and its options, or ``-c`` ...)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+def gather_killed_at_part(n: int, args: list[str]):
+    """02_gather.py, SIGKILLed as it starts writing its n-th part (kill -9, no cleanup)."""
+    return run_subprocess(killed_command("embdistill.artifacts", "PartFiles", "write", n,
+                                         REPO / "scripts/02_gather.py", *args)[1:])
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +153,7 @@ def test_gathered_rows_are_the_models_hidden_states(tmp_path, tiny_bert_dir, tea
     states, index = load_pickle(out), load_pickle(index_path(out))
     assert {t: len(v) for t, v in states.items()} == counts
     assert all(v.dtype == np.float32 and v.shape[1] == 32 for v in states.values())
-    assert not list(out.parent.glob("rank0.part*"))  # parts merged and removed
+    assert not list(out.parent.glob("rank0.pkl.parts"))  # parts merged and removed, with their folder
 
     model = AutoModel.from_pretrained(tiny_bert_dir).eval()
     for token, rows in states.items():
@@ -192,6 +196,57 @@ def test_two_ranks_in_process_equal_one(tmp_path, teacher, texts, counts):
 def test_more_ranks_than_texts(tmp_path, teacher, texts, counts):
     out = gather(teacher, texts[:1], counts, tmp_path / "rank1.pkl", rank=1, world_size=2)
     assert load_pickle(out) == {} and load_pickle(index_path(out)) == {}
+
+
+@pytest.mark.parametrize("fault, dtype, message", [
+    (float("nan"), "float32", "the teacher's states hold NaN (not an overflow of --dtype)"),
+    (float("nan"), "float16", "the teacher's states hold NaN (not an overflow of --dtype)"),
+    (1e6, "float16", "teacher states overflow float16 (--dtype); rerun with --dtype float32"),
+])
+def test_nan_states_are_not_called_an_overflow(tmp_path, teacher, texts, counts, monkeypatch, fault, dtype, message):
+    real = teacher.token_states
+    monkeypatch.setattr(teacher, "token_states", lambda batch: real(batch) * fault)
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        gather(teacher, texts, counts, tmp_path / "rank0.pkl", dtype=dtype)
+    if fault != 1e6:  # rerunning with --dtype float32 cannot help
+        assert "--dtype float32" not in str(caught.value)
+    assert not (tmp_path / "rank0.pkl").exists()
+
+
+class WideTeacher:
+    """A stand-in teacher with wide random states (no model: the merge is what is measured)."""
+
+    slug = name = "wide"
+    hidden_size, dtype, device = 2048, torch.float32, torch.device("cpu")
+
+    def tokenize(self, texts, max_length):
+        ids = torch.tensor([[1 + (i * 7 + j) % 50 for j in range(max_length)] for i in range(len(texts))])
+        ones = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": ones, "embed_mask": ones}
+
+    def token_states(self, batch):
+        return torch.randn(*batch["input_ids"].shape, self.hidden_size)
+
+
+def test_merging_parts_holds_the_result_and_one_part_not_two_copies(tmp_path):
+    """The gather's last step groups its parts' rows by token: peak memory (tracemalloc: NumPy
+    arrays and pickles) must stay near one copy of the states, plus a part."""
+    import tracemalloc
+
+    wide, texts = WideTeacher(), [f"text {i}" for i in range(48)]
+    counts = count_tokens(wide.tokenize, texts, 16, progress=False)
+    cfg = GatherConfig("wide", 16, 10_000, 0, "float32")
+    env, inputs = DistEnv(), {"texts": tmp_path / "train.json"}
+    inputs["texts"].write_text(json.dumps(texts))
+    result_bytes = 48 * 16 * wide.hidden_size * 4  # every token kept: 6 MiB in 6 parts
+    tracemalloc.start()
+    try:
+        gather_shard(wide, texts, counts, tmp_path / "rank0.pkl", cfg, env, inputs=inputs, flush_every=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(len(v) for v in load_pickle(tmp_path / "rank0.pkl").values()) == 48 * 16
+    assert peak < 1.5 * result_bytes, f"peak {peak / result_bytes:.2f} copies of the states"
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -260,7 +315,7 @@ def test_bad_inputs_fail_in_one_line(task, case, monkeypatch, capsys):
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(error_lines) == 1 and expected in error_lines[0], err
     assert "Traceback" not in err
-    assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.part*"))
+    assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.parts"))
     if script.endswith("01_count.py"):
         assert not paths.counts.exists()
 
@@ -334,13 +389,13 @@ def test_killed_gather_resumes_from_parts(tmp_path, tiny_bert_dir, teacher, text
     args = [*options, "--per-token", "4", "--flush-every", "8", "--batch-size", "4", "--dtype", "float32"]
     rank_file = paths.gather_rank(0)
 
-    first = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
+    first = gather_killed_at_part(2, args)
     assert first.returncode == -9, first.stderr[-2000:]
     assert part_path(rank_file, 0).exists() and not part_path(rank_file, 1).exists()
     assert not rank_file.exists()
     part0_stamp = part_path(rank_file, 0).stat().st_mtime_ns
 
-    second = run_subprocess([str(REPO / "scripts/02_gather.py"), *args], {KILL_AFTER_PARTS_ENV: "1"})
+    second = gather_killed_at_part(2, args)
     assert second.returncode == -9
     assert "resuming, 1 of 4 parts (8 texts) already gathered" in second.stderr
     assert part_path(rank_file, 0).stat().st_mtime_ns == part0_stamp  # not redone

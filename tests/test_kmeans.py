@@ -45,11 +45,17 @@ def test_objective_within_one_percent_of_sklearn(i):
     assert abs(ours.objective[-1] - reference) <= 0.01 * reference
 
 
-def test_sklearn_backend_is_sklearn():
-    x, k = blobs(1)
-    result = kmeans([x], [k], backend="sklearn", n_init=4)[0]
-    assert result.objective == [pytest.approx(sklearn_objective(x, k, 4), rel=0.01)]
-    assert result.iterations >= 1 and result.centroids.dtype == np.float32
+@pytest.mark.parametrize("i", range(3))
+def test_the_backends_find_the_same_clusters_of_separated_blobs(i):
+    """torch, scikit-learn (the original's) and faiss: one partition of well-separated blobs."""
+    x, k = blobs(i)
+    labels = []
+    for backend in ("torch", "sklearn", "faiss"):
+        result = kmeans([x], [k], backend=backend, n_init=4, seed=i)[0]
+        assert result.centroids.dtype == np.float32 and result.iterations >= 1
+        labels.append(((x[:, None, :] - result.centroids[None]) ** 2).sum(-1).argmin(1))
+    for other in labels[1:]:  # the same partition, whatever each backend calls its clusters
+        assert len(set(zip(labels[0], other))) == k
 
 
 def test_objective_never_increases():
@@ -137,3 +143,34 @@ def test_faiss_backend_close_to_sklearn():
     result = kmeans([x], [k], backend="faiss", n_init=4)[0]
     assert isinstance(result, KMeansResult) and result.centroids.shape == (k, x.shape[1])
     assert abs(result.objective[-1] - sklearn_objective(x, k, 4)) <= 0.01 * sklearn_objective(x, k, 4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is optional and not installed")
+def test_faiss_runs_on_the_stages_gpu_when_it_has_one(monkeypatch):
+    """faiss-gpu mocked on faiss-cpu: the GPU index on the CUDA device the stage runs on (its
+    number), the same k-means as on the CPU; --device cpu and a faiss without GPUs stay on it."""
+    import faiss
+
+    made = []
+
+    class Config:
+        device = -1
+
+    def gpu_flat_l2(resources, dim, config):
+        made.append((dim, config.device))
+        return faiss.IndexFlatL2(dim)  # stands in for faiss.GpuIndexFlatL2
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "GpuIndexFlatConfig", Config, raising=False)
+    monkeypatch.setattr(faiss, "GpuIndexFlatL2", gpu_flat_l2, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    x, k = blobs(1)
+    on_cpu = kmeans([x, x[:50]], [k, 2], backend="faiss", device="cpu")
+    assert made == []
+    on_gpu = kmeans([x, x[:50]], [k, 2], backend="faiss", device=torch.device("cuda", 2))
+    assert made == [(x.shape[1], 2)]  # one index for every token, on cuda:2
+    for a, b in zip(on_cpu, on_gpu):
+        np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    kmeans([x], [k], backend="faiss", device="cuda:0")
+    assert len(made) == 1

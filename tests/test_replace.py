@@ -8,12 +8,9 @@ import pytest
 import torch
 
 from embdistill.errors import UserError
-from embdistill.evaluation.replace import (
-    ReplaceModeModel,
-    pack_senses,
-    replace_reference_loop,
-    replace_with_senses,
-)
+from bench.bench_replace import replace_reference_loop
+from embdistill.evaluation.replace import ReplaceModeModel
+from embdistill.senses.packed import PackedSenses
 from embdistill.teachers import load_teacher, mean_pool
 from embdistill.text import format_example
 
@@ -46,8 +43,7 @@ def test_batched_replace_equals_the_per_token_loop(seed, chunk_elements, dtype):
     dictionary = _dictionary(seed)
     states, input_ids, text_mask, padding = _batch(seed, dtype)
 
-    batched = replace_with_senses(states, input_ids, text_mask, pack_senses(dictionary, VOCAB),
-                                  chunk_elements=chunk_elements)
+    batched = PackedSenses(dictionary, VOCAB, chunk_elements=chunk_elements).replace(states, input_ids, text_mask)
     looped = replace_reference_loop(states, input_ids, text_mask, dictionary)
 
     assert batched.dtype == dtype
@@ -71,13 +67,13 @@ def test_replace_leaves_a_batch_without_entries_unchanged():
     dictionary = {25: np.ones((2, DIM), dtype=np.float16)}
     states, input_ids, text_mask, _ = _batch(0, torch.float32)
     input_ids[input_ids == 25] = 26
-    out = replace_with_senses(states, input_ids, text_mask, pack_senses(dictionary, VOCAB))
+    out = PackedSenses(dictionary, VOCAB).replace(states, input_ids, text_mask)
     assert torch.equal(out, states) and out is not states
 
 
 def test_packing_refuses_token_ids_outside_the_vocabulary():
     with pytest.raises(UserError, match="outside the model's vocabulary"):
-        pack_senses({VOCAB + 3: np.ones((2, DIM), dtype=np.float16)}, VOCAB)
+        PackedSenses({VOCAB + 3: np.ones((2, DIM), dtype=np.float16)}, VOCAB)
 
 
 TEXTS = ["the team won the game", "the market price of money", "a good movie review",
@@ -105,7 +101,7 @@ def test_replace_mode_model_pools_the_replaced_text_token_states(tiny_bert_dir):
     model = load_teacher(str(tiny_bert_dir), device="cpu")
     examples = [format_example(INSTRUCTION, text) for text in TEXTS]
     dictionary = _model_dictionary(model, examples)
-    replace_model = ReplaceModeModel(model, dictionary)
+    replace_model = ReplaceModeModel(model, PackedSenses(dictionary, model.vocab_size))
 
     embedded = replace_model.encode(examples, batch_size=3, max_length=64)
 
@@ -117,14 +113,15 @@ def test_replace_mode_model_pools_the_replaced_text_token_states(tiny_bert_dir):
         expected = torch.nn.functional.normalize(expected, dim=-1)
     np.testing.assert_allclose(embedded, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(embedded, model.encode(examples, batch_size=3, max_length=64), atol=1e-3)
-    assert replace_model.dictionary_values == sum(v.size for v in dictionary.values())
+    assert replace_model.senses.n_values == sum(v.size for v in dictionary.values())
 
 
 def test_replace_mode_with_no_matching_entry_is_plain_mode(tiny_bert_dir):
     model = load_teacher(str(tiny_bert_dir), device="cpu")
     examples = [format_example(INSTRUCTION, text) for text in TEXTS]
     unused = model.tokenizer.convert_tokens_to_ids("bank")  # in the vocabulary, not in TEXTS
-    replace_model = ReplaceModeModel(model, {unused: np.ones((3, model.hidden_size), np.float16)})
+    replace_model = ReplaceModeModel(model, PackedSenses({unused: np.ones((3, model.hidden_size), np.float16)},
+                                                         model.vocab_size))
     np.testing.assert_array_equal(replace_model.encode(examples, max_length=64),
                                   model.encode(examples, max_length=64))
 
@@ -132,4 +129,4 @@ def test_replace_mode_with_no_matching_entry_is_plain_mode(tiny_bert_dir):
 def test_replace_mode_refuses_a_dictionary_of_another_width(tiny_bert_dir):
     model = load_teacher(str(tiny_bert_dir), device="cpu")
     with pytest.raises(UserError, match="hidden size 16"):
-        ReplaceModeModel(model, {5: np.ones((2, 16), dtype=np.float16)})
+        ReplaceModeModel(model, PackedSenses({5: np.ones((2, 16), dtype=np.float16)}, model.vocab_size))

@@ -1,5 +1,6 @@
-"""The losses against independent computations: the sense loss against a plain per-token loop
-with ``torch.nn.functional.cross_entropy``; the masked MSE against its formula."""
+"""The losses against independent computations: the sense loss (with targets chosen by the
+packed dictionary) against a plain per-token loop with ``torch.nn.functional.cross_entropy``;
+the packed dictionary's float32 scoring under bf16 autocast; the masked MSE against its formula."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss, masked_mse
+from embdistill.senses.packed import PackedSenses
 
 VOCAB, DIM = 40, 8
 
@@ -56,10 +58,11 @@ def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
     student_fast = student.clone().requires_grad_(True)
     student_loop = student.clone().requires_grad_(True)
 
-    sense_loss = SenseLoss(dictionary, VOCAB, chunk_elements=chunk_elements)
-    loss, accuracy, count = sense_loss(student_fast, teacher, input_ids, mask)
-    entries = sense_loss.entry_of_token[input_ids][mask.bool() & (sense_loss.entry_of_token[input_ids] >= 0)]
-    chunks = sense_loss.chunks_by_size(entries)
+    senses = PackedSenses(dictionary, VOCAB, chunk_elements=chunk_elements)
+    targets = senses.targets(teacher, input_ids, mask)
+    loss, accuracy, count = SenseLoss(senses)(student_fast, input_ids, targets)
+    entries = senses.entries(input_ids)[targets >= 0]
+    chunks = list(senses.chunks(entries))
     assert sorted(torch.cat(chunks).tolist()) == list(range(count))
     assert len(chunks) == (1 if chunk_elements == 1 << 25 else -(-count // 5))
     expected_loss, expected_accuracy, expected_count = _reference(dictionary, student_loop, teacher,
@@ -68,6 +71,7 @@ def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
     # tokens outside the mask or without an entry are skipped, and there are both kinds here
     has_entry = torch.tensor([[int(t) in dictionary for t in row] for row in input_ids])
     assert 0 < count < int(mask.sum()) and count < int(has_entry.sum())
+    assert torch.equal(targets < 0, ~(mask.bool() & has_entry))
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     assert float(accuracy) == pytest.approx(expected_accuracy)
     assert 0 < expected_accuracy < 1
@@ -80,39 +84,80 @@ def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
     assert student_fast.grad[skipped].abs().sum() == 0
 
 
+def test_sense_scores_stay_float32_under_bf16_autocast():
+    """4096-d states of norm ~100 against close senses: bf16 dot products would flip many
+    targets (checked below on the same data); the packed dictionary scores in float32
+    whatever the caller's autocast, so targets and logits are those without autocast."""
+    generator = torch.Generator().manual_seed(0)
+    dim, k, n = 4096, 8, 256
+    centre = torch.randn(dim, generator=generator)
+    dictionary = {7: (centre + 0.05 * torch.randn(k, dim, generator=generator)).numpy().astype(np.float16)}
+    senses = PackedSenses(dictionary, VOCAB)
+    states = (centre + 0.05 * torch.randn(1, n, dim, generator=generator)) * 1.6  # norm ~100
+    input_ids, mask = torch.full((1, n), 7), torch.ones(1, n, dtype=torch.long)
+
+    plain_targets = senses.targets(states, input_ids, mask)
+    entries = senses.entries(input_ids)[0]
+    plain_logits = senses.logits(states[0], entries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_targets = senses.targets(states, input_ids, mask)
+        autocast_logits = senses.logits(states[0], entries)
+        rounded = torch.einsum("nkd,nd->nk", senses.centroids[:k].float()[None].expand(n, k, dim), states[0])
+    assert autocast_logits.dtype == torch.float32 and torch.equal(autocast_logits, plain_logits)
+    assert torch.equal(autocast_targets, plain_targets)
+    assert rounded.dtype == torch.bfloat16  # what an autocast einsum gives: other targets
+    assert (rounded.argmax(-1) != plain_targets[0]).float().mean() > 0.05
+    loss, _, count = SenseLoss(senses)(states.clone().requires_grad_(True), input_ids, plain_targets)
+    assert count == n and loss.dtype == torch.float32
+
+
 def test_sense_loss_with_no_scored_token_is_zero_and_differentiable():
-    dictionary = {3: np.ones((2, DIM), np.float16)}
+    senses = PackedSenses({3: np.ones((2, DIM), np.float16)}, VOCAB)
     input_ids = torch.tensor([[1, 2, 3]])
     mask = torch.tensor([[1, 1, 0]])  # token 3 has an entry but is not text
+    targets = senses.targets(torch.randn(1, 3, DIM), input_ids, mask)
+    assert targets.tolist() == [[-1, -1, -1]]
     student = torch.randn(1, 3, DIM, requires_grad=True)
-    loss, accuracy, count = SenseLoss(dictionary, VOCAB)(student, torch.randn(1, 3, DIM), input_ids, mask)
+    loss, accuracy, count = SenseLoss(senses)(student, input_ids, targets)
     assert count == 0 and loss.item() == 0.0 and accuracy.item() == 0.0
     loss.backward()
     assert torch.equal(student.grad, torch.zeros_like(student))
 
 
-def test_sense_loss_refuses_a_dictionary_of_another_tokenizer():
+def test_sense_loss_refuses_targets_of_another_dictionary():
+    senses = PackedSenses({3: np.ones((2, DIM), np.float16)}, VOCAB)
+    with pytest.raises(ValueError, match="another dictionary"):
+        SenseLoss(senses)(torch.randn(1, 2, DIM), torch.tensor([[3, 4]]), torch.tensor([[0, 1]]))
+
+
+def test_packed_dictionary_refuses_a_dictionary_of_another_tokenizer():
     with pytest.raises(UserError, match="outside the model's vocabulary"):
-        SenseLoss({VOCAB + 5: np.ones((2, DIM), np.float16)}, VOCAB)
+        PackedSenses({VOCAB + 5: np.ones((2, DIM), np.float16)}, VOCAB)
     with pytest.raises(UserError, match="empty"):
-        SenseLoss({}, VOCAB)
+        PackedSenses({}, VOCAB)
     with pytest.raises(UserError, match="one d"):
-        SenseLoss({1: np.ones((2, DIM)), 2: np.ones((2, DIM + 1))}, VOCAB)
+        PackedSenses({1: np.ones((2, DIM)), 2: np.ones((2, DIM + 1))}, VOCAB)
 
 
-def test_packed_dictionary_holds_every_entry_once():
+def test_packed_dictionary_holds_every_entry_once_and_round_trips():
     dictionary = _random_dictionary()
-    loss = SenseLoss(dictionary, VOCAB)
-    assert loss.hidden_size == DIM and loss.entry_of_token.shape == (VOCAB,)
-    assert loss.centroids.shape == (sum(len(v) for v in dictionary.values()), DIM)  # no padding
+    packed = PackedSenses(dictionary, VOCAB)
+    assert packed.hidden_size == DIM and packed.entry_of_token.shape == (VOCAB,)
+    assert packed.centroids.dtype == torch.float16  # as stored on disk
+    assert packed.centroids.shape == (sum(len(v) for v in dictionary.values()), DIM)  # no padding
     for token in range(VOCAB):
-        entry = int(loss.entry_of_token[token])
+        entry = int(packed.entry_of_token[token])
         if token not in dictionary:
             assert entry == -1
             continue
-        start, size = int(loss.offsets[entry]), int(loss.sizes[entry])
-        expected = torch.tensor(dictionary[token], dtype=torch.float32)
-        assert torch.equal(loss.centroids[start : start + size], expected)
+        start, size = int(packed.offsets[entry]), int(packed.sizes[entry])
+        assert torch.equal(packed.centroids[start : start + size], torch.from_numpy(dictionary[token]))
+    again = PackedSenses.from_tensors(packed.to_tensors(), VOCAB)
+    for name in ("centroids", "offsets", "sizes", "entry_of_token"):
+        assert torch.equal(getattr(again, name), getattr(packed, name))
+    broken = {**packed.to_tensors(), "sizes": packed.sizes + 1}
+    with pytest.raises(UserError, match="do not fit"):
+        PackedSenses.from_tensors(broken, VOCAB)
 
 
 def test_masked_mse_matches_its_formula():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,19 @@ def test_registry_matches_the_original_order():
     assert names[15] == "YelpReviewFullClassification" and len(set(names)) == 16
     assert TASKS[15].eval_split == "test_2021"
     assert TASKS[5].eval_split == TASKS[5].train_split == "train"  # train split only
-    assert all(spec.hub_id and spec.instruction and spec.revision for spec in TASKS.values())
     assert resolve_task("9").name == resolve_task("NewsClassification").name
+
+
+def test_instructions_are_mtebs_prompts():
+    """One source for the wording: mteb's task metadata (what its LLM2Vec wrapper passes), the
+    classification default where a task has none; local tasks take their analogue's."""
+    import mteb
+
+    banking = mteb.get_task("Banking77Classification").metadata.prompt
+    assert resolve_task("2").instruction == banking == "Given a online banking query, find the corresponding intents"
+    assert resolve_task("9").instruction == "Classify user passages."  # no prompt in its metadata
+    assert resolve_task("tweet-sentiment").instruction == resolve_task("14").instruction
+    assert resolve_task("bbc-news").instruction == resolve_task("NewsClassification").instruction
 
 
 @pytest.mark.parametrize("task", ["bbc-news", "tweet-sentiment"])
@@ -109,3 +121,113 @@ def test_stage0_without_hub_names_the_dataset(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "could not download dataset mteb/tweet_sentiment_extraction" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# no silent wrong results, one line for every bad input (issue 13, items 1, 15, 16, 17)
+
+
+def test_stage0_redoes_its_work_when_the_data_file_or_the_columns_change(tmp_path):
+    """On main: "up to date, skipping" with the old texts kept, and every later stage skipping."""
+    data = tmp_path / "mine.jsonl"
+
+    def write(texts):
+        data.write_text("".join(json.dumps({"text": t, "title": f"title {t}", "label": i % 2}) + "\n"
+                                for i, t in enumerate(texts)))
+
+    def train_texts(*args):
+        result = run_stage0(tmp_path, "--task", str(data), *args)
+        assert result.returncode == 0, result.stderr
+        return sorted(split_example(e)[1] for e in json.loads(Paths(tmp_path, "mine").train_json.read_text()))
+
+    write([f"first version {i}" for i in range(10)])
+    assert all(t.startswith("first") for t in train_texts())
+    write([f"second version {i}" for i in range(10)])
+    assert all(t.startswith("second") for t in train_texts())
+    assert all(t.startswith("title second") for t in train_texts("--text-column", "title"))
+    rerun = run_stage0(tmp_path, "--task", str(data), "--text-column", "title")
+    assert "up to date, skipping" in rerun.stderr  # unchanged: still skipped
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("²", "unknown task '²'"),  # str.isdigit() is true, int() fails
+    ("--5", "unknown task '--5'"),
+    ("٣", "unknown task '٣'"),  # an Arabic-Indic 3: not task 3
+    ("", "the task is empty"),
+    ("  ", "the task is empty"),
+])
+def test_task_names_that_are_not_ascii_indices(arg, message):
+    with pytest.raises(UserError, match=message):
+        resolve_task(arg)
+
+
+def test_a_csv_with_a_long_field_loads(tmp_path, monkeypatch):
+    """csv's default field limit is 128 KiB (a traceback on main): a whole book in one cell is
+    a user's right, and a field over our own limit is one line naming the file and line."""
+    import csv
+
+    from embdistill import tasks
+
+    path = tmp_path / "long.csv"
+    path.write_text('text,label\nshort one,b\n"' + "word " * 400_000 + '",a\nanother one,a\n')
+    splits = resolve_task(str(path)).load_splits(seed=0, test_fraction=0.34)
+    assert max(len(t) for t in splits.train_texts + splits.test_texts) > 1_900_000
+    monkeypatch.setattr(tasks, "CSV_FIELD_LIMIT", 1000)
+    try:
+        with pytest.raises(UserError, match=r"long.csv: not valid CSV after line 2 \(field larger than field limit"):
+            resolve_task(str(path)).load_splits()
+    finally:
+        csv.field_size_limit(131072)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": 12, "label": "a"}, "row 2: 'text' is a int (12), expected str"),
+    ({"text": {"title": "x"}, "label": "a"}, "row 2: 'text' is a dict"),
+    ({"text": "fine", "label": ["a"]}, "row 2: 'label' is a list"),
+])
+def test_values_that_are_not_texts_are_refused_not_stringified(tmp_path, row, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "a text", "label": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        resolve_task(str(path)).load_splits()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--test-fraction", "nan"], "argument --test-fraction: expected a finite number, got 'nan'"),
+    (["--max-train", "-1"], "argument --max-train: expected a positive integer, got '-1'"),
+    (["--max-test", "0"], "argument --max-test: expected a positive integer, got '0'"),
+    (["--log-level", "LOUD"], "argument --log-level: invalid choice: 'LOUD'"),
+])
+def test_bad_stage0_options_are_one_line_errors(args, message):
+    from embdistill.drivers import stage_parser_of
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        stage_parser_of("scripts/00_texts.py").parse_args(args)
+
+
+def test_count_refuses_a_max_length_of_0():
+    """On main 01_count.py --max-length 0 counted untruncated texts."""
+    from embdistill.drivers import stage_parser_of
+
+    with pytest.raises(UserError, match="argument --max-length: expected a positive integer, got '0'"):
+        stage_parser_of("scripts/01_count.py").parse_args(["--max-length", "0"])
+
+
+def test_bad_options_exit_2_in_one_line(tmp_path):
+    result = run_stage0(tmp_path, "--task", "bbc-news", "--log-level", "LOUD")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: argument --log-level: invalid choice: 'LOUD'")
+    with pytest.raises(UserError, match="--test-fraction must be between 0 and 1, got 1.5"):
+        resolve_task("bbc-news").load_splits(test_fraction=1.5)
+
+
+def test_stage0_warns_about_a_one_class_file(tmp_path, caplog):
+    """Said at stage 0, not after gather, clustering and training (it can still be distilled on)."""
+    from embdistill.texts import write_texts
+
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": "only"}) + "\n" for i in range(10)))
+    task = resolve_task(str(path))
+    write_texts(task, Paths(tmp_path, task.slug), task.load_splits(), config={})
+    assert "every training text has the label 'only'" in caplog.text
+    assert Paths(tmp_path, task.slug).train_json.is_file()

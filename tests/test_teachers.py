@@ -48,10 +48,13 @@ def test_bidirectional_first_token_sees_later_tokens(llm2vec, causal):
 
 
 def test_padding_is_invisible_to_real_tokens(llm2vec):
+    """llm2vec pads on the left: the real tokens sit at shifted positions, which rotary
+    position embeddings do not see (attention depends on relative positions only)."""
     short, long = "a cat sat", "the quick brown fox jumps over the lazy dog"
     alone = llm2vec.token_states(llm2vec.tokenize([short]))[0]
     batch = llm2vec.tokenize([short, long])
-    padded = llm2vec.token_states(batch)[0, : alone.shape[0]]
+    assert batch["attention_mask"][0, 0] == 0  # left padding
+    padded = llm2vec.token_states(batch)[0][batch["attention_mask"][0].bool()]
     assert batch["attention_mask"][0].sum() == alone.shape[0] < batch["attention_mask"].shape[1]
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
 
@@ -74,6 +77,47 @@ def test_matches_transformers_own_bidirectional_path(llm2vec, tiny_lora_dir):
         expected = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(llm2vec.token_states(batch)[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def attention_masks(model, batch, implementation: str):
+    """The attention mask the first layer's attention gets, and the final states, under
+    ``implementation`` (on a copy of the model)."""
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = implementation
+    seen = []
+    model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    with torch.no_grad():
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return seen[0], states
+
+
+def test_sdpa_gets_no_mask_without_padding_and_the_same_states(llm2vec):
+    """No mask lets SDPA pick its flash kernel; the states are those of an explicit all-zero
+    bidirectional mask (and of eager attention, which always gets the 4-D mask)."""
+    batch = llm2vec.tokenize(["the team won the match", "the team won the dog"])
+    assert batch["attention_mask"].all()
+    mask, states = attention_masks(llm2vec.model, batch, "sdpa")
+    assert mask is None
+    with torch.no_grad():
+        length = batch["input_ids"].shape[1]
+        zero = torch.zeros(2, 1, length, length)
+        explicit = llm2vec.model(input_ids=batch["input_ids"], attention_mask=zero).last_hidden_state
+    torch.testing.assert_close(states, explicit, atol=1e-5, rtol=1e-5)
+    eager_mask, eager = attention_masks(llm2vec.model, batch, "eager")
+    assert eager_mask.shape == (2, 1, length, length)
+    torch.testing.assert_close(eager, states, atol=1e-5, rtol=1e-5)
+
+    padded = llm2vec.tokenize(["a cat sat", "the team won the match in the final minute"])
+    mask, _ = attention_masks(llm2vec.model, padded, "sdpa")
+    assert mask.ndim == 4 and (mask[0, 0, 0] < 0).sum() == (padded["attention_mask"][0] == 0).sum()
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_attention_without_4d_masks_is_refused_in_one_line(llm2vec, implementation):
+    batch = llm2vec.tokenize(["a cat sat", "the team won"])
+    with pytest.raises(UserError, match=f"attention implementation '{implementation}' is not supported"):
+        attention_masks(llm2vec.model, batch, implementation)
 
 
 # ---- LoRA merges ---------------------------------------------------------------------------
@@ -137,8 +181,12 @@ def test_pooling_is_the_mean_over_text_tokens(llm2vec):
     batch = llm2vec.tokenize(examples)
     states = llm2vec.token_states(batch)
     instruction_tokens = len(llm2vec.tokenizer(INSTRUCTION)["input_ids"])  # BOS + instruction
-    assert batch["embed_mask"][:3, :instruction_tokens].sum() == 0
-    assert torch.equal(batch["embed_mask"][3], batch["attention_mask"][3])
+    for row in range(3):  # llm2vec counts the text's tokens on the text alone, which in this tiny
+        real = batch["attention_mask"][row].bool()  # vocabulary may take one token more
+        assert batch["embed_mask"][row][real][: instruction_tokens - 1].sum() == 0
+    # llm2vec reads an example without instruction as all text after its BOS
+    assert llm2vec.input_format.llm2vec
+    assert batch["embed_mask"][3].sum() == batch["attention_mask"][3].sum() - 1
 
     expected = torch.stack([states[i][batch["embed_mask"][i].bool()].mean(0) for i in range(len(examples))])
     torch.testing.assert_close(mean_pool(states, batch["embed_mask"]), expected)

@@ -9,6 +9,7 @@ that ``test_two_ranks_train_like_one_rank_with_the_global_batch`` launches under
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -220,6 +221,37 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl")[2]["step"] == 6
 
 
+def test_resume_with_fewer_gpus_than_the_checkpoint_has_rng_states_for(tmp_path, monkeypatch, caplog):
+    """A checkpoint written on 3 GPUs, resumed where 1 is visible: the states of GPUs that
+    exist are restored, the others are skipped with a warning (torch's set_rng_state_all
+    fails with an invalid device index)."""
+    train(tmp_path, epochs=1)  # written on the CPU: checkpoints at steps 4 and 6
+    latest = sorted((tmp_path / "checkpoints").glob("*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    state["rng"][0]["cuda"] = saved
+    torch.save(state, latest)
+
+    restored = {}
+
+    def set_rng_state(new_state, device="cuda"):
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[index]
+        restored[index] = new_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "set_rng_state", set_rng_state)
+    with caplog.at_level(logging.WARNING, logger="embdistill.training"):
+        trainer, _ = train(tmp_path, epochs=2)
+    assert trainer.global_step == 12
+    assert list(restored) == [0] and torch.equal(restored[0], saved[0])
+    assert "CUDA RNG states of 3 GPU(s), 1 are visible" in caplog.text
+
+
 def nan_at(step: int):
     calls = {"n": 0}
 
@@ -240,6 +272,84 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert state["global_step"] == 4
 
 
+def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
+    """Weights that became inf or nan in a step whose loss and gradients were finite (on main,
+    --lr inf trained, checkpointed and exported such a student, exit 0)."""
+
+    def corrupting(model, batch):
+        output = mse_objective(model, batch)
+        with torch.no_grad():
+            model.mix.bias[0] = float("inf")  # after the forward pass: loss and gradients stay finite
+        return output
+
+    with pytest.raises(UserError, match=r"the parameters are not finite after step 1 \(mix.bias\), so none "
+                                        r"was checkpointed \(no checkpoint was written yet\)"):
+        train(tmp_path, loss_fn=corrupting, max_steps=1)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_training_options_must_be_finite_numbers():
+    from embdistill.cli import stage_parser
+    from embdistill.training import add_training_args
+
+    parser = stage_parser("a stage")
+    add_training_args(parser, TrainConfig())
+    for option in ("--lr", "--weight-decay", "--max-grad-norm", "--dist-timeout"):
+        for value in ("inf", "nan", "-inf"):
+            with pytest.raises(UserError, match=f"argument {option}: expected a finite number, got '{value}'"):
+                parser.parse_args([f"{option}={value}"])
+
+
+def test_a_second_training_of_the_same_run_is_refused(tmp_path):
+    """On main both wrote every metrics row (one writer per output, issue 13 item 6)."""
+    from embdistill.artifacts import output_lock
+
+    with output_lock(tmp_path / "run"):  # as another training of this run holds it
+        with pytest.raises(UserError, match=f"{tmp_path / 'run'} is being written by another process"):
+            train(tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    train(tmp_path / "run", epochs=1)  # the lock is free again
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
+    train(tmp_path, max_steps=4)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "loss": 0.1')  # a writer killed mid-row
+    trainer, _ = train(tmp_path, max_steps=8)
+    assert trainer.global_step == 8
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4, 6, 8]
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_that_cannot_be_resumed_are_named_not_silently_dropped(tmp_path, caplog):
+    """On main a checkpoint without "config" ended in KeyError, and a refused payload was
+    skipped, training silently starting over from step 0."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"model": {}, "global_step": 3}, checkpoints / "step-00000003.pt")
+    with pytest.raises(UserError, match=r"no readable checkpoint in .*checkpoints \(step-00000003.pt\); "
+                                        r"pass --no-resume \(or --overwrite\) to start over"):
+        train(tmp_path)
+    assert "step-00000003.pt (not a checkpoint of this trainer: no 'optimizer'" in caplog.text
+    (checkpoints / "step-00000003.pt").unlink()
+    torch.save({"config": _RunsCommand(tmp_path / "pwned")}, checkpoints / "step-00000005.pt")
+    caplog.clear()
+    with pytest.raises(UserError, match=r"no readable checkpoint .*\(step-00000005.pt\)"):
+        train(tmp_path)
+    assert "unsupported GLOBAL posix.system" in caplog.text and "weights_only" not in caplog.text
+    assert not (tmp_path / "pwned").exists()
+    trainer = Trainer(TinyTokenModel(), mse_objective, sequences(), collate, config(epochs=1), tmp_path,
+                      run_config={"model": "tiny"}, device="cpu", resume=False)
+    assert trainer.train().global_step == 6  # --no-resume starts over
+
+
 def test_bad_settings_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         config(batch_size=0)
@@ -249,11 +359,14 @@ def test_bad_settings_are_user_errors(tmp_path):
         Trainer(TinyTokenModel(), mse_objective, [], collate, config(), tmp_path, device="cpu")
 
 
-def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path):
+# 2 ranks x batch 2, and 2 ranks x batch 1 x 2 micro-batches (DDP's no_sync branch): the step of
+# one rank with the global batch of 4
+@pytest.mark.parametrize("batch_size, grad_accum", [(2, 1), (1, 2)])
+def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path, batch_size, grad_accum):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(Path(__file__)), "worker", str(tmp_path / "ddp"), "2"]
+               str(Path(__file__)), "worker", str(tmp_path / "ddp"), str(batch_size), str(grad_accum)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
@@ -265,12 +378,13 @@ def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path):
     assert not torch.allclose(single.state_dict()["mix.weight"], TinyTokenModel().state_dict()["mix.weight"])
 
 
-def _worker(out_dir: str, batch_size: str) -> None:
+def _worker(out_dir: str, batch_size: str, grad_accum: str) -> None:
     """One rank of the DDP test: train, then save this rank's parameters."""
     from embdistill.distributed import cleanup, dist_env
 
     model = TinyTokenModel()
-    trainer = Trainer(model, mse_objective, sequences(), collate, config(batch_size=int(batch_size)),
+    trainer = Trainer(model, mse_objective, sequences(), collate,
+                      config(batch_size=int(batch_size), grad_accum=int(grad_accum)),
                       out_dir, run_config={"model": "tiny"}, device="cpu")
     trainer.train()
     torch.save(model.state_dict(), Path(out_dir) / f"rank{dist_env().rank}.pt")

@@ -6,7 +6,7 @@ mteb, replace mode, and the results table.
 * :mod:`.local_tasks`: hub tasks as mteb runs them, local tasks built from eval.json;
 * :mod:`.replace`: replace mode, batched (and the original's per-token loop, for reference);
 * :mod:`.table`: table.json / table.md / accuracy.png, read back from mteb's result files;
-* :mod:`.run`: one evaluation run (``scripts/05_evaluate.py``).
+* :mod:`.run`: one evaluation run (``scripts/06_evaluate.py``).
 
 Submodules are imported where used: mteb takes seconds to import, replace mode needs none of it.
 """

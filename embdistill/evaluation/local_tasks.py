@@ -7,7 +7,7 @@
   built from stage 0's ``eval.json`` (the ``train`` split fits mteb's logistic regression, the
   held-out ``test`` split scores it).
 
-Samples per label for local tasks: mteb's default of 8 is noisy (DESIGN.md: a spread of
+Samples per label for local tasks: mteb's default of 8 is noisy (a spread of
 several points on 3-class sentiment), so :data:`DEFAULT_SAMPLES_PER_LABEL` is 32, with which
 the spread across experiments is well under the gaps we compare (see the ``std`` columns of a
 results table). Experiments: mteb's default, 10.
@@ -124,7 +124,7 @@ def hub_task(task: Task, *, samples_per_label: int | None, n_experiments: int | 
 @dataclass
 class EvaluationTask:
     """A task ready to evaluate: the mteb task (data loaded) and the instruction our models
-    format its texts with (eval.json's for local tasks, the registry's for hub tasks)."""
+    format its texts with (eval.json's for local tasks, mteb's prompt for hub tasks)."""
 
     task: Task
     mteb_task: AbsTaskClassification
@@ -150,7 +150,7 @@ def load_evaluation_task(task: Task, paths: Paths, *, samples_per_label: int | N
 
     ``samples_per_label`` / ``n_experiments`` None keep the defaults (hub: mteb's; local:
     :data:`DEFAULT_SAMPLES_PER_LABEL` and mteb's 10)."""
-    if task.mteb_name is not None:
+    if task.kind == "hub":
         mteb_task = hub_task(task, samples_per_label=samples_per_label, n_experiments=n_experiments)
         return EvaluationTask(task, mteb_task, task.instruction)
     eval_split = read_eval_split(paths)

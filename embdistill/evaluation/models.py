@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -100,9 +101,12 @@ Encoder = TeacherEncoder | PlainTextEncoder
 
 
 def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, batch_size: int,
-                 max_length: int, loaded: dict[str, Teacher] | None = None) -> Encoder:
+                 max_length: int, loaded: dict[str, Teacher] | None = None,
+                 allow_max_length_mismatch: bool = False) -> Encoder:
     """Load the model of ``spec`` and wrap it for mteb. ``loaded`` caches models by target,
-    so that a model in plain and in replace mode loads once."""
+    so that a model in plain and in replace mode loads once. A replace-mode dictionary must
+    have been gathered with ``max_length`` (unless ``allow_max_length_mismatch``) and the
+    model's input format."""
     if spec.kind == "st":
         return PlainTextEncoder(spec, _load_sentence_transformer(spec.target, device),
                                 batch_size=batch_size)
@@ -111,13 +115,17 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
         loaded[spec.target] = load_teacher(spec.target, device=device)
     model = loaded[spec.target]
     dictionary_values = 0
-    if spec.kind == "untrained":
+    if spec.n_layers:  # untrained:MODEL@N, replace:MODEL@N@DICT
         model = untrained_student(model, spec.n_layers)
-    elif spec.kind == "replace":
-        from ..senses.dictionary import load_sense_dict
+    if spec.kind == "replace":
+        from ..senses.dictionary import check_gathered_with, load_sense_dict
+        from ..senses.packed import PackedSenses
 
-        model = ReplaceModeModel(model, load_sense_dict(spec.sense_dict, hidden_size=model.hidden_size))
-        dictionary_values = model.dictionary_values
+        check_gathered_with(spec.sense_dict, max_length=max_length, input_format=model.input_format.name,
+                            allow_max_length_mismatch=allow_max_length_mismatch)
+        senses = load_sense_dict(spec.sense_dict, hidden_size=model.hidden_size)
+        model = ReplaceModeModel(model, PackedSenses(senses, model.vocab_size))
+        dictionary_values = model.senses.n_values
     return TeacherEncoder(spec, model, instructions, batch_size=batch_size, max_length=max_length,
                           dictionary_values=dictionary_values)
 
@@ -132,13 +140,28 @@ def untrained_student(teacher: Teacher, n_layers: int) -> Teacher:
 
 
 def _load_sentence_transformer(target: str, device):
+    """A sentence-transformers folder or hub id. A local folder whose modules are all
+    sentence-transformers' or ours (an exported student: embdistill.st_modules) is loaded with
+    ``trust_remote_code``, which sentence-transformers 6 asks for any module outside its package:
+    the code is this installed package's, nothing is fetched."""
     from sentence_transformers import SentenceTransformer
 
+    source = str(Path(target).expanduser()) if looks_like_path(target) else target
     try:
-        return SentenceTransformer(str(Path(target).expanduser()) if looks_like_path(target) else target,
-                                   device=str(device))
+        return SentenceTransformer(source, device=str(device), trust_remote_code=_only_known_modules(source))
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
+
+
+def _only_known_modules(folder: str) -> bool:
+    modules = Path(folder) / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        types = [m.get("type", "") for m in json.loads(modules.read_text())]
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return False
+    return all(t.startswith(("sentence_transformers.", "embdistill.")) for t in types)
 
 
 def measure_throughput(encoder: Encoder, texts: Sequence[str], task_name: str) -> float:

@@ -47,6 +47,7 @@ class EvaluationConfig:
     n_experiments: int | None = None  # None: mteb's default (10)
     batch_size: int = 32
     max_length: int = 512
+    allow_max_length_mismatch: bool = False  # replace mode with a dictionary of another max length
     throughput_texts: int = 256
     seed: int = 0
     text_column: str = "text"
@@ -60,7 +61,7 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     tasks = [resolve_task(arg, config.text_column, config.label_column) for arg in config.tasks]
     task_slugs = [task.slug for task in tasks]
     specs = parse_model_specs(config.models, task_slugs)
-    inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.mteb_name is None}
+    inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.kind != "hub"}
     for spec in specs:
         inputs.update(spec.local_inputs(task_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs]}
@@ -68,7 +69,7 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
         return load_json(table_path)
 
-    names = [task.mteb_name or task.name for task in tasks]
+    names = [task.mteb_name if task.kind == "hub" else task.name for task in tasks]
     for name in names:
         if names.count(name) > 1:
             raise UserError(f"task {name} is given twice")
@@ -116,8 +117,8 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                     del loaded[target]
                 _release_memory()
                 encoder = load_encoder(resolved, instructions, device=device,
-                                       batch_size=config.batch_size,
-                                       max_length=config.max_length, loaded=loaded)
+                                       batch_size=config.batch_size, max_length=config.max_length,
+                                       loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch)
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
                 n_parameters, dictionary_values = encoder.n_parameters, encoder.dictionary_values

@@ -11,7 +11,8 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 ``untrained:MODEL@N``          the first N layers of MODEL, untrained: the student SKD starts from
 ``replace:MODEL@DICT``         MODEL (student or teacher) in replace mode with the sense dictionary
                                DICT (``sense_dict/<task>/<teacher>.kmeanspkl``); the teacher in
-                               replace mode is the dictionary's ceiling
+                               replace mode is the dictionary's ceiling; ``replace:MODEL@N@DICT``:
+                               the untrained first N layers of MODEL in replace mode
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
 =============================  ==================================================================
 
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..artifacts import read_manifest
 from ..errors import UserError
 from ..paths import slug
 
@@ -55,7 +57,8 @@ class ModelSpec:
     @property
     def text(self) -> str:
         """The spec as written on the command line (with its label)."""
-        suffix = {"replace": f"@{self.sense_dict}", "untrained": f"@{self.n_layers}"}.get(self.kind, "")
+        layers = f"@{self.n_layers}" if self.n_layers else ""
+        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers}.get(self.kind, "")
         return f"{self.label}={self.kind}:{self.target}{suffix}"
 
     @property
@@ -97,10 +100,14 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise UserError(f"bad model spec '{text}': {kind} needs {kind}:MODEL@{what}")
         if kind == "replace":
             sense_dict = extra
-        elif not extra.isdigit() or int(extra) < 1:
-            raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
+            head, at, layers = target.rpartition("@")  # replace:MODEL@N@DICT: the untrained first N layers
+            if at and layers.isdigit():
+                target, n_layers = head, int(layers)
         else:
-            n_layers = int(extra)
+            n_layers = extra
+        if n_layers is not None and (not str(n_layers).isdigit() or int(n_layers) < 1 or not target):
+            raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
+        n_layers = int(n_layers) if n_layers is not None else None
     label = label or default_label(kind, target, n_layers)
     if not _LABEL.fullmatch(label):
         raise UserError(f"bad model label '{label}': use letters, digits and . _ + -")
@@ -113,7 +120,8 @@ def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
     else:
         name = slug(target)
-    return {"untrained": f"{name}-first{n_layers}", "replace": f"{name}-replace",
+    first = f"-first{n_layers}" if n_layers else ""
+    return {"untrained": f"{name}{first}", "replace": f"{name}{first}-replace",
             "st": f"{name}-st"}.get(kind, name)
 
 
@@ -135,6 +143,33 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
             if resolved.sense_dict is not None and not Path(resolved.sense_dict).is_file():
                 raise UserError(f"model {spec.label}: no sense dictionary at {resolved.sense_dict}")
     return specs
+
+
+def check_dictionary_teachers(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = ()) -> None:
+    """UserError when a replace-mode model's dictionary was built with another teacher than
+    the model's own: the teacher an exported student was distilled from (its training
+    manifest), else the model itself (``replace:minilm@...``: the teacher in replace mode)."""
+    from ..senses.dictionary import check_dictionary_teacher
+
+    for spec in specs:
+        if spec.kind != "replace":
+            continue
+        for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
+            teacher = teacher_of(resolved.target)
+            if teacher is not None:
+                check_dictionary_teacher(resolved.sense_dict, teacher)
+
+
+def teacher_of(target: str) -> str | None:
+    """The teacher slug behind a model target: for a student export
+    (``runs/<task>/<run>/export/hf``), the teacher its export manifest names (None for an
+    export that predates that record); else the target itself, named as ``load_teacher``
+    names it."""
+    folder = Path(target).expanduser()
+    manifest = read_manifest(folder.parent) if folder.name in ("hf", "st") else None
+    if manifest is not None:
+        return (manifest.get("extra") or {}).get("teacher")
+    return slug(target)
 
 
 def looks_like_path(target: str) -> bool:

@@ -2,7 +2,7 @@
 
     corpus -> embeddings/<corpus>/<teacher>/shard-*.npy     scripts/10_teacher_embeddings.py
            -> runs/<corpus>/<run>/{initial,export}/          scripts/11_train_multiteacher.py
-           -> results/<run>/                                  scripts/05_evaluate.py (st: specs)
+           -> results/<run>/                                  scripts/06_evaluate.py (st: specs)
 
 * :mod:`.corpus`: which texts (tasks' training texts or a hub dataset), the validation split;
 * :mod:`.shards`: teacher embeddings in fp16 shards, aligned to texts by a stable text id,
@@ -31,7 +31,7 @@ def initial_export_dir(paths: Paths) -> Path:
 
 
 def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
-    """``LABEL=st:FOLDER`` specs for scripts/05_evaluate.py: each trained run (label -> run name),
+    """``LABEL=st:FOLDER`` specs for scripts/06_evaluate.py: each trained run (label -> run name),
     the student before distillation (that of the first run) and each teacher, all embedding
     plain text through their SentenceTransformer pipelines, as the teachers did for the shards."""
     from .lsa import LSA_TEACHER, lsa_dirs

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import load_json, save_json, write_manifest
+from ..cli import positive_int
 from ..errors import UserError, first_line
 from ..paths import Paths, slug
 from ..tasks import resolve_task
@@ -51,7 +52,7 @@ def add_corpus_args(parser: argparse.ArgumentParser, *, building: bool = True) -
     parser.add_argument("--corpus-columns", nargs="*", default=None,
                         help="hub corpus: the columns holding texts (default: every text column)")
     parser.add_argument("--corpus-split", default="train", help="hub corpus: the split to read")
-    parser.add_argument("--max-texts", type=int, default=None,
+    parser.add_argument("--max-texts", type=positive_int, default=None,
                         help="keep only the first N distinct texts of the corpus")
 
 

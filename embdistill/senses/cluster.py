@@ -1,50 +1,48 @@
-"""Stage 2 of SKD: cluster every token's gathered states into its senses.
+"""Stage 3 of SKD: cluster every token's gathered states into its senses.
 
 For each token with n samples: the k rule gives k (``mcl``: the original's MCL count rule;
 ``fixed``: the same k for every token, checked against MCL on a few tokens; see :mod:`.krule`);
 a token with n < 5 or n <= k keeps its raw vectors; the others are clustered by k-means into k
 centroids (:mod:`.kmeans`).
 
+Input: combined.pkl's rows are read through its memory-mapped row file
+(:func:`.combine.open_combined`), so each rank reads only the rows of its own tokens and host
+memory per process is about 1/P of the states plus a constant; files without a row file (the
+original's, rank files) are loaded whole, in every process. Every row a rank clusters is checked
+to be finite first, and the dictionary is checked before it is written.
+
 Work is planned once, the same way on every rank: the tokens that need work (n > 5) are sorted
 by n and cut into batches of similar n (at most ``batch_tokens`` tokens and about
 ``batch_elements`` floats per working tensor); batch i belongs to rank i mod world size. Each
-finished batch is written atomically as a part file named by its index, in a folder named by
-a hash of everything the results depend on, so a killed run (even kill -9) resumes from its
-finished parts, with any number of processes. After a barrier rank 0 merges the parts with the
+finished batch is written atomically as a part file named by its index
+(:class:`~embdistill.artifacts.PartFiles`: arrays in ``.npz`` and a manifest holding everything
+the results depend on), so a killed run (even kill -9) resumes from its finished parts, with any
+number of processes, and a part of another configuration is redone. After a barrier rank 0 merges the parts with the
 raw-vector tokens, writes the dictionary, its manifest, summary and plot, and deletes the
 parts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import fingerprint, load_pickle, save_pickle
-from ..distributed import DistEnv, barrier, shard
+from ..artifacts import PartFiles, fingerprint, read_manifest
+from ..distributed import DistEnv, barrier, dist_env, shard
 from ..errors import UserError
-from .combine import read_source
+from .combine import check_finite, open_combined, read_source
 from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
 from .kmeans import check_backend, kmeans
 from .krule import K_RULES, MIN_SENSES, k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 
 log = logging.getLogger("embdistill.cluster")
-
-# Test hook: SIGKILL this process after it has written N part files, so that the resume test
-# interrupts the clustering at a known point instead of racing a timer.
-KILL_AFTER_PARTS_ENV = "EMBDISTILL_CLUSTER_KILL_AFTER_PARTS"
-
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -86,18 +84,31 @@ class Batching:
             raise UserError("--batch-tokens and --batch-elements must be >= 1")
 
 
-def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[dict[int, np.ndarray], int]:
-    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size)."""
-    source = read_source(path)
-    if source.teacher is not None and source.teacher != teacher:
-        raise UserError(f"{path} holds states of teacher '{source.teacher}', not '{teacher}' "
-                        "(--teacher); cluster it with --teacher " + source.teacher)
-    if hidden_size is not None and source.hidden_size != hidden_size:
-        raise UserError(f"{path} holds {source.hidden_size}-d states, not {hidden_size}-d "
+def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[Mapping[int, np.ndarray], int, str]:
+    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size, the
+    file's fingerprint). The states come from the row file beside combined.pkl when it matches
+    (memory-mapped: nothing is read until a token is used), else from the whole pickle."""
+    input_print = fingerprint(path)
+    states = open_combined(path, input_print)
+    if states is not None:
+        extra = read_manifest(path)["extra"]
+        source_teacher, width = extra.get("teacher"), states.rows.shape[1]
+    else:
+        if dist_env().world_size > 1:
+            log.warning("%s has no row file of its own (written by another tool or an older "
+                        "a0_generate_combinepkl.py; --overwrite it to get one): every process loads "
+                        "all of it", path)
+        source = read_source(path)
+        states, source_teacher, width = source.states, source.teacher, source.hidden_size
+    if source_teacher is not None and source_teacher != teacher:
+        raise UserError(f"{path} holds states of teacher '{source_teacher}', not '{teacher}' "
+                        "(--teacher); cluster it with --teacher " + source_teacher)
+    if hidden_size is not None and width != hidden_size:
+        raise UserError(f"{path} holds {width}-d states, not {hidden_size}-d "
                         "(--hidden-size): states of another teacher?")
-    if not source.states:
+    if not states:
         raise UserError(f"{path}: no tokens to cluster")
-    return source.states, source.hidden_size
+    return states, width, input_print
 
 
 def _smallest_k(cfg: ClusterConfig) -> int:
@@ -161,81 +172,100 @@ def cluster_batch(points: list[np.ndarray], tokens: list[int], cfg: ClusterConfi
             "seconds": {"k_rule": rule_done - started, "kmeans": time.perf_counter() - rule_done}}
 
 
-def parts_root(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".parts")
+def part_files(out_path: Path, cfg: ClusterConfig, batching: Batching, input_print: str) -> PartFiles:
+    """The batches' part files of this exact job (config, batching and input), beside the
+    dictionary; a part of another job is not done and is redone."""
+    return PartFiles.beside(out_path, {"cluster": asdict(cfg), "batching": asdict(batching), "input": input_print})
 
 
-def parts_dir(out_path: Path, cfg: ClusterConfig, batching: Batching, input_print: str) -> Path:
-    """The part folder of this exact job: a hash of config, batching and input."""
-    key = json.dumps([asdict(cfg), asdict(batching), input_print], sort_keys=True)
-    return parts_root(out_path) / hashlib.sha256(key.encode()).hexdigest()[:16]
+def _part_arrays(part: dict) -> dict[str, np.ndarray]:
+    """A batch's result as named arrays (a part file holds arrays only)."""
+    tokens = list(part["senses"])
+    stats = [part["stats"][t] for t in tokens]
+    return {"tokens": np.asarray(tokens, dtype=np.int64),
+            "sizes": np.asarray([len(part["senses"][t]) for t in tokens], dtype=np.int64),
+            "centroids": np.concatenate([np.asarray(part["senses"][t], dtype=np.float32) for t in tokens]),
+            "n": np.asarray([s["n"] for s in stats], dtype=np.int64),
+            "mcl": np.asarray([-1 if s["mcl"] is None else s["mcl"] for s in stats], dtype=np.int64),
+            "raw": np.asarray([s["raw"] for s in stats], dtype=bool),
+            "iterations": np.asarray([s["iterations"] for s in stats], dtype=np.int64),
+            "objective": np.asarray([s["objective"] for s in stats], dtype=np.float64),
+            "seconds": np.asarray([part["seconds"]["k_rule"], part["seconds"]["kmeans"]], dtype=np.float64)}
 
 
-def part_path(folder: Path, index: int) -> Path:
-    return folder / f"part-{index:06d}.pkl"
+def _part_of_arrays(arrays: dict[str, np.ndarray]) -> dict:
+    """Inverse of :func:`_part_arrays`."""
+    rows = np.split(arrays["centroids"], np.cumsum(arrays["sizes"])[:-1])
+    tokens = arrays["tokens"].tolist()
+    stats = {t: {"n": int(n), "k": len(c), "mcl": None if m < 0 else int(m), "raw": bool(r),
+                 "iterations": int(i), "objective": float(o)}
+             for t, c, n, m, r, i, o in zip(tokens, rows, arrays["n"], arrays["mcl"], arrays["raw"],
+                                            arrays["iterations"], arrays["objective"])}
+    return {"senses": dict(zip(tokens, rows)), "stats": stats,
+            "seconds": {"k_rule": float(arrays["seconds"][0]), "kmeans": float(arrays["seconds"][1])}}
 
 
-def _prepare_parts(folder: Path, env: DistEnv, overwrite: bool) -> None:
-    """Rank 0 clears what must not be reused (all parts on --overwrite, temp files of killed
-    writes), then every rank starts together."""
-    if env.is_main:
-        if overwrite:
-            shutil.rmtree(folder.parent, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".part-*.tmp"):
-            stale.unlink()
+def _prepare_parts(parts: PartFiles, env: DistEnv, overwrite: bool) -> None:
+    """Rank 0 clears the parts on --overwrite, then every rank starts together."""
+    if env.is_main and overwrite:
+        parts.clear()
     barrier()
 
 
-def cluster_rank(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path,
-                 cfg: ClusterConfig, env: DistEnv, device: torch.device) -> None:
-    """This rank's batches, written as part files; finished parts are kept."""
+def cluster_rank(states: Mapping[int, np.ndarray], batches: list[list[int]], parts: PartFiles,
+                 cfg: ClusterConfig, env: DistEnv, device: torch.device, input_path: Path) -> None:
+    """This rank's batches, written as part files; finished parts are kept. Only these
+    batches' rows are read, each checked to be finite."""
     mine = shard(list(enumerate(batches)), env)  # batch i -> rank i mod world size
-    todo = [(i, b) for i, b in mine if not part_path(folder, i).is_file()]
+    todo = [(i, b) for i, b in mine if not parts.done(i)]
     if len(todo) < len(mine):
         log.info("rank %d: resuming, %d of %d batches already clustered", env.rank,
                  len(mine) - len(todo), len(mine))
-    kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0"))
     progress = tqdm(total=sum(len(b) for _, b in todo), desc=f"cluster rank {env.rank}", unit="token",
                     disable=not env.is_main)
-    for written, (index, tokens) in enumerate(todo, start=1):
-        part = cluster_batch([states[t] for t in tokens], tokens, cfg, device)
-        save_pickle(part, part_path(folder, index))
+    for index, tokens in todo:
+        points = [states[t] for t in tokens]
+        for token, rows in zip(tokens, points):
+            check_finite(input_path, token, rows)
+        parts.write(index, _part_arrays(cluster_batch(points, tokens, cfg, device)))
         progress.update(len(tokens))
-        if kill_after and written >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
 
 
-def merge_parts(states: dict[int, np.ndarray], batches: list[list[int]], folder: Path) -> tuple[dict, dict, dict]:
-    """All parts plus the raw-vector tokens: (senses, stats, seconds summed over parts)."""
+def merge_parts(states: Mapping[int, np.ndarray], batches: list[list[int]], parts: PartFiles,
+                input_path: Path) -> tuple[dict, dict, dict]:
+    """All parts plus the raw-vector tokens (checked to be finite): (senses, stats, seconds
+    summed over parts)."""
     senses, stats, seconds = {}, {}, {"k_rule": 0.0, "kmeans": 0.0}
     for index, tokens in enumerate(batches):
-        part = load_pickle(part_path(folder, index))
-        if not isinstance(part, dict) or sorted(part.get("senses", {})) != sorted(tokens):
-            raise UserError(f"{part_path(folder, index)} does not hold its batch; rerun with --overwrite")
+        part = _part_of_arrays(parts.load(index))
+        if sorted(part["senses"]) != sorted(tokens):
+            raise UserError(f"{parts.path(index)} does not hold its batch; rerun with --overwrite")
         senses.update(part["senses"])
         stats.update(part["stats"])
         for key in seconds:
             seconds[key] += part["seconds"][key]
     for token, rows in states.items():
         if token not in senses:  # not planned: raw vectors whatever the rule
+            check_finite(input_path, token, rows)
             senses[token] = rows
             stats[token] = {"n": len(rows), "k": len(rows), "mcl": None, "raw": True,
                             "iterations": 0, "objective": 0.0}
     return senses, stats, seconds
 
 
-def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: ClusterConfig,
+def run(states: Mapping[int, np.ndarray], hidden_size: int, out_path: Path, cfg: ClusterConfig,
         batching: Batching, env: DistEnv, device: torch.device, *, input_path: Path,
-        overwrite: bool = False) -> dict | None:
+        input_print: str | None = None, overwrite: bool = False) -> dict | None:
     """Cluster ``states`` into the dictionary at ``out_path`` (every rank calls this); rank 0
-    writes the dictionary, manifest, summary and plot and returns the summary, others None."""
+    writes the dictionary, manifest, summary and plot and returns the summary, others None.
+    ``input_print``: the input file's fingerprint, when the caller has it already."""
     started = time.perf_counter()
-    folder = parts_dir(out_path, cfg, batching, fingerprint(input_path))
+    combined_extra = (read_manifest(input_path) or {}).get("extra", {})  # what the states were gathered with
+    parts = part_files(out_path, cfg, batching, input_print or fingerprint(input_path))
     batches = plan_batches({t: len(v) for t, v in states.items()}, cfg, hidden_size, batching)
-    _prepare_parts(folder, env, overwrite)
-    cluster_rank(states, batches, folder, cfg, env, device)
+    _prepare_parts(parts, env, overwrite)
+    cluster_rank(states, batches, parts, cfg, env, device, input_path)
     barrier()
     if not env.is_main:
         return None
@@ -247,7 +277,11 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
             log.warning("the MCL rule gives another k than %d for %d of %d sampled tokens: this "
                         "teacher's states are spread unlike MiniLM's; --k-rule mcl reproduces the "
                         "original", cfg.senses, checked - agreeing, checked)
-    senses, stats, seconds = merge_parts(states, batches, folder)
+    senses, stats, seconds = merge_parts(states, batches, parts, input_path)
+    diverged = next((t for t, v in senses.items() if not np.isfinite(v).all()), None)
+    if diverged is not None:  # finite input, yet: float32 overflow inside k-means
+        raise UserError(f"k-means gave non-finite senses for token {diverged}: its states are too "
+                        "large for float32 arithmetic")
     tokens = sorted(stats)
     per_token, samples = [stats[t]["k"] for t in tokens], [stats[t]["n"] for t in tokens]
     clustered = [stats[t] for t in tokens if not stats[t]["raw"]]
@@ -261,6 +295,7 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
         "world_size": env.world_size, "threads": torch.get_num_threads(), "device": str(device),
         "batch_tokens": batching.tokens, "batch_elements": batching.elements,
         "k_rule": rule,
+        **{key: combined_extra.get(key) for key in ("max_length", "input_format")},
     }
     save_sense_dict(senses, out_path, dtype=cfg.dtype, config=asdict(cfg),
                     inputs={"states": input_path}, extra=summary)
@@ -278,5 +313,5 @@ def run(states: dict[int, np.ndarray], hidden_size: int, out_path: Path, cfg: Cl
     write_summary(summary_path(out_path), header, per_token)
     plot_senses(plot_path(out_path), samples, per_token,
                 f"{out_path.parent.name} / {cfg.teacher}: k rule {cfg.k_rule}")
-    shutil.rmtree(parts_root(out_path), ignore_errors=True)
+    parts.clear()
     return summary

@@ -8,20 +8,29 @@ many ranks gathered. Gathers follow each other in the order given. A token with 
 
 The original's rank pickles (a bare dict, no manifest, no index) are read too: their rows keep
 file order, their hidden size and dtype come from the arrays. Inputs whose teacher, hidden size
-or dtype differ are refused.
+or dtype differ are refused, and so is every input that is not a dict of non-negative token ids
+to finite (n >= 1, d) float arrays (:func:`check_states`): one line naming the file and token.
+
+Output: ``combined.pkl`` (``{token_id: (n, d) array}``, the original's format) and beside it the
+same rows for reading per token without loading the whole file: ``combined.rows.npy`` (every
+row, token after token in id order, one contiguous array that ``np.load(mmap_mode="r")`` maps)
+and ``combined.tokens.npy`` ((T, 3) int64: token id, first row, end row). The manifest of
+combined.pkl records the pickle's sha256 and the two files' shapes; :func:`open_combined` uses
+them only while the pickle still matches, so each clustering process reads just its tokens' rows
+and host memory does not grow with the number of processes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..artifacts import load_pickle, read_manifest, save_pickle, write_manifest
+from ..artifacts import atomic_open, fingerprint, load_pickle, read_manifest, save_pickle, write_manifest
 from ..errors import UserError
 from .gather import index_path
 
@@ -77,19 +86,53 @@ class Source:
     gather: Mapping | None  # the gather config of a rank file (None for other inputs)
 
 
-def read_source(path: Path) -> Source:
-    """Load one gathered file and check its shape; UserError naming the file otherwise."""
-    states = load_pickle(path)
+STATE_DTYPES = ("float16", "float32", "float64")
+
+
+def check_rows(path: Path, token, rows) -> None:
+    """One entry of a states file: a non-negative token id -> finite (n >= 1, d) float array;
+    UserError naming the file and the token otherwise."""
+    if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or token < 0:
+        raise UserError(f"{path}: token id {token!r} is not a non-negative integer")
+    if not isinstance(rows, np.ndarray) or rows.ndim != 2 or not len(rows):
+        shape = getattr(rows, "shape", type(rows).__name__)
+        raise UserError(f"{path}: expected a dict token_id -> (n, d) array; entry {token!r} is not "
+                        f"(it is {shape})")
+    if str(rows.dtype) not in STATE_DTYPES:
+        raise UserError(f"{path}: the states of token {token} are {rows.dtype}, not one of "
+                        f"{', '.join(STATE_DTYPES)}")
+    check_finite(path, token, rows)
+
+
+def check_finite(path: Path, token, rows: np.ndarray) -> None:
+    """NaN and infinity are different faults: NaN comes from the teacher (or a file edited by
+    hand), infinity from states that overflow their dtype."""
+    if np.isfinite(rows).all():
+        return
+    if np.isnan(rows).any():
+        raise UserError(f"{path}: the states of token {token} hold NaN (not an overflow: the teacher "
+                        "produced NaN, or the file is damaged); gather them again")
+    raise UserError(f"{path}: the states of token {token} hold infinities (values beyond "
+                    f"{rows.dtype}'s range); gather them again with --dtype float32")
+
+
+def check_states(path: Path, states) -> tuple[set[int], set[str]]:
+    """A whole states dict (see :func:`check_rows`): its (widths, dtypes)."""
     if not isinstance(states, dict):
         raise UserError(f"{path}: expected a dict token_id -> (n, d) array, got {type(states).__name__}")
-    widths, dtypes = set(), set()
     for token, rows in states.items():
-        if not isinstance(token, (int, np.integer)) or not isinstance(rows, np.ndarray) or rows.ndim != 2:
-            raise UserError(f"{path}: expected a dict token_id -> (n, d) array; entry {token!r} is not")
-        widths.add(rows.shape[1])
-        dtypes.add(str(rows.dtype))
+        check_rows(path, token, rows)
+    widths, dtypes = {r.shape[1] for r in states.values()}, {str(r.dtype) for r in states.values()}
     if len(widths) > 1 or len(dtypes) > 1:
         raise UserError(f"{path}: arrays of several widths or dtypes ({sorted(widths)}, {sorted(dtypes)})")
+    return widths, dtypes
+
+
+def read_source(path: Path) -> Source:
+    """Load one gathered file and check it (:func:`check_states`); UserError naming the file
+    otherwise."""
+    states = load_pickle(path)
+    widths, dtypes = check_states(path, states)
     manifest = read_manifest(path) or {}
     extra = manifest.get("extra", {})
     hidden_size = extra.get("hidden_size", next(iter(widths), None))
@@ -177,12 +220,103 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict
     teachers = {s.teacher for group in sources for s in group} - {None}
     meta = {"teacher": next(iter(teachers), None), "hidden_size": first.hidden_size,
             "dtype": first.dtype, "rows": sum(len(r) for r in combined.values()),
-            "token_ids": len(combined), "capped": capped}
+            "token_ids": len(combined), "capped": capped,
+            **gathered_with([s.gather for group in sources for s in group])}
     return combined, meta
+
+
+def gathered_with(gather_configs: Sequence[Mapping | None]) -> dict:
+    """The max length and input format the states were gathered with (recorded down to the
+    sense dictionary, whose users check them); None where the inputs disagree or do not say."""
+    settings = {}
+    for key in ("max_length", "input_format"):
+        values = {config.get(key) if config else None for config in gather_configs}
+        settings[key] = values.pop() if len(values) == 1 else None
+    return settings
+
+
+def rows_path(combined: Path) -> Path:
+    """Every row of combined.pkl in one array: ``combined.rows.npy``."""
+    return combined.with_suffix(".rows.npy")
+
+
+def tokens_path(combined: Path) -> Path:
+    """Where each token's rows are in the row file: ``combined.tokens.npy``."""
+    return combined.with_suffix(".tokens.npy")
 
 
 def write_combined(combined: dict, meta: dict, output: Path, config: Mapping,
                    inputs: Mapping[str, Path]) -> None:
-    """combined.pkl then its manifest (teacher, hidden size, dtype in ``extra``)."""
+    """The row file and token table, combined.pkl, then its manifest (teacher, hidden size,
+    dtype, and what ties the three files together, in ``extra``). Rows are written token by
+    token: no second copy of the states is made."""
+    tokens = sorted(combined)
+    sizes = np.array([len(combined[t]) for t in tokens], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    table = np.column_stack([np.array(tokens, dtype=np.int64), ends - sizes, ends])
+    dtype = np.dtype(meta["dtype"])
+    shape = (int(sizes.sum()), int(meta["hidden_size"]))
+    with atomic_open(rows_path(output), "wb") as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+        for token in tokens:
+            fh.write(np.ascontiguousarray(combined[token], dtype=dtype).tobytes())
+    with atomic_open(tokens_path(output), "wb") as fh:
+        np.save(fh, table, allow_pickle=False)
     save_pickle(combined, output)
-    write_manifest(output, stage="combine", config=config, inputs=inputs, extra=meta)
+    files = {"pickle_sha256": fingerprint(output), "rows_file": rows_path(output).name,
+             "rows_shape": list(shape), "tokens_file": tokens_path(output).name,
+             "tokens_sha256": fingerprint(tokens_path(output))}
+    write_manifest(output, stage="combine", config=config, inputs=inputs, extra={**meta, "files": files})
+
+
+class TokenRows(Mapping):
+    """``{token_id: (n, d) rows}`` read from the memory-mapped row file: looking a token up
+    maps its rows (a read-only view, read from disk on first use), so a process that clusters
+    a share of the tokens reads only that share."""
+
+    def __init__(self, rows: np.ndarray, table: np.ndarray):
+        self.rows = rows
+        self.where = {int(t): (int(a), int(b)) for t, a, b in table}
+
+    def __getitem__(self, token: int) -> np.ndarray:
+        start, end = self.where[token]
+        return np.asarray(self.rows[start:end])  # a plain ndarray view (pickles as one)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def open_combined(path: Path, pickle_sha256: str) -> TokenRows | None:
+    """combined.pkl's rows per token from its row file, when its manifest names the row file
+    and token table, the pickle is the one they were written with (``pickle_sha256``, its
+    fingerprint) and the files agree; else None (read the pickle instead)."""
+    files = ((read_manifest(path) or {}).get("extra") or {}).get("files")
+    if not files or files.get("pickle_sha256") != pickle_sha256:
+        return None
+    rows_file, table_file = path.with_name(files["rows_file"]), path.with_name(files["tokens_file"])
+    if not rows_file.is_file() or not table_file.is_file() or fingerprint(table_file) != files["tokens_sha256"]:
+        raise UserError(f"{path}: its row file or token table is missing or was replaced; rerun "
+                        "a0_generate_combinepkl.py with --overwrite")
+    try:
+        rows = np.load(rows_file, mmap_mode="r", allow_pickle=False)
+        table = np.load(table_file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{rows_file}: unreadable ({exc}); rerun a0_generate_combinepkl.py with --overwrite") from None
+    if list(rows.shape) != files["rows_shape"] or str(rows.dtype) not in STATE_DTYPES or not _covers(table, len(rows)):
+        raise UserError(f"{rows_file} and {table_file} do not describe {path}; rerun "
+                        "a0_generate_combinepkl.py with --overwrite")
+    return TokenRows(rows, table)
+
+
+def _covers(table: np.ndarray, n_rows: int) -> bool:
+    """A token table of ascending non-negative ids whose non-empty row ranges tile [0, n_rows)."""
+    if table.ndim != 2 or table.shape[1] != 3 or table.dtype != np.int64:
+        return False
+    ids, starts, ends = table.T
+    return bool((ids >= 0).all() and (np.diff(ids) > 0).all() and (ends > starts).all()
+                and (starts[1:] == ends[:-1]).all()
+                and (starts[0] == 0 and ends[-1] == n_rows if len(table) else n_rows == 0))

@@ -64,10 +64,25 @@ def _as_array(value) -> np.ndarray | None:
     return value if isinstance(value, np.ndarray) else None
 
 
-def load_sense_dict(path: str | Path, hidden_size: int | None = None) -> dict[int, np.ndarray]:
-    """Read a sense dictionary (ours or the original's); UserError if it is not one, or if its
-    vectors are not ``hidden_size``-d (a dictionary built with another teacher)."""
+def check_dictionary_teacher(path: str | Path, teacher: str) -> None:
+    """UserError when the manifest of the dictionary at ``path`` names another teacher than
+    ``teacher`` (a teacher slug, as ``Teacher.slug``): a teacher of the same hidden size would
+    pass every other check and give silently wrong targets. The original's files (no
+    manifest) name no teacher and pass."""
+    recorded = ((read_manifest(path) or {}).get("config") or {}).get("teacher")
+    if recorded is not None and recorded != teacher:
+        raise UserError(f"{path} was built with teacher '{recorded}', not '{teacher}': use a dictionary "
+                        f"of '{teacher}', or pass --allow-teacher-mismatch if both name the same model")
+
+
+def load_sense_dict(path: str | Path, hidden_size: int | None = None,
+                    teacher: str | None = None) -> dict[int, np.ndarray]:
+    """Read a sense dictionary (ours or the original's); UserError if it is not one, if its
+    vectors are not ``hidden_size``-d, or if its manifest names another ``teacher`` (a
+    dictionary built with another teacher)."""
     path = Path(path)
+    if teacher is not None:
+        check_dictionary_teacher(path, teacher)
     raw = load_pickle(path)
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{path}: expected a non-empty dict token_id -> (k, d) sense vectors")
@@ -136,3 +151,25 @@ def plot_senses(path: str | Path, samples: list[int], senses: list[int], title: 
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ provenance
+
+
+def check_gathered_with(path: str | Path, *, max_length: int, input_format: str,
+                        allow_max_length_mismatch: bool = False) -> None:
+    """Refuse (one line) a dictionary whose states were gathered with another input format, or
+    another max length unless ``allow_max_length_mismatch``: with a bidirectional teacher every
+    token state depends on the whole input, so centroids of other contexts are not the senses
+    of these. A dictionary that does not record them (the original's) is used with a warning."""
+    extra = (read_manifest(path) or {}).get("extra") or {}
+    gathered_length, gathered_format = extra.get("max_length"), extra.get("input_format")
+    if gathered_length is None or gathered_format is None:
+        log.warning("%s does not record the max length and input format its states were gathered "
+                    "with; make sure they were %d and %s", path, max_length, input_format)
+    if gathered_format is not None and gathered_format != input_format:
+        raise UserError(f"{path} was gathered with input format {gathered_format}, the teacher now "
+                        f"reads {input_format}; rebuild the dictionary (run_gather_sense.sh, run_sep_cluster.sh)")
+    if gathered_length is not None and gathered_length != max_length and not allow_max_length_mismatch:
+        raise UserError(f"{path} was gathered with --max-length {gathered_length}, not {max_length}; "
+                        f"use --max-length {gathered_length}, or --allow-max-length-mismatch")

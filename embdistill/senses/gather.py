@@ -1,4 +1,4 @@
-"""Stage 1 of SKD: count text tokens, then gather sampled teacher states for every token.
+"""Stages 1 and 2 of SKD: count text tokens, then gather sampled teacher states for every token.
 
 Count (``counts.pkl``): occurrences of each token id over the task's training texts, text
 tokens only (embed_mask == 1), with the same tokenisation and truncation as the gather.
@@ -12,8 +12,8 @@ from an RNG keyed by (seed, text index), so 1 or N processes keep exactly the sa
 Each rank gathers its shard of texts in parts of ``flush_every`` texts. Selected rows stay on
 the device (one boolean-mask index per batch; the original copied every vector to the CPU in a
 Python loop) and move to the CPU in blocks of ``buffer_rows``. A finished part is written
-atomically (``rank<R>.part<NNNNN>.pkl`` + manifest), so memory stays bounded and a killed run
-resumes from its finished parts. At the end the parts are merged into ``rank<R>.pkl`` =
+atomically (``rank<R>.pkl.parts/rank<R>.part<NNNNN>.npz`` + manifest, :class:`~embdistill.artifacts.PartFiles`), so
+memory stays bounded and a killed run resumes from its finished parts. At the end the parts are merged into ``rank<R>.pkl`` =
 {token_id: (n, d) array} and ``rank<R>.index.pkl`` = {token_id: int64 occurrence ids
 ``text_idx * max_length + position``}, rows in occurrence order, and the parts are deleted.
 """
@@ -21,8 +21,6 @@ resumes from its finished parts. At the end the parts are merged into ``rank<R>.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -33,15 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import (
-    fingerprint,
-    is_done,
-    load_pickle,
-    manifest_path,
-    read_manifest,
-    save_pickle,
-    write_manifest,
-)
+from ..artifacts import PartFiles, fingerprint, load_pickle, manifest_path, read_manifest, save_pickle, write_manifest
 from ..distributed import DistEnv, shard
 from ..errors import UserError
 
@@ -50,11 +40,6 @@ log = logging.getLogger("embdistill.gather")
 Tokenize = Callable[[Sequence[str], int], Mapping[str, torch.Tensor]]
 
 OUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-# Test hook: SIGKILL this process after it has written N part files, so that the resume test
-# interrupts the gather at a known point instead of racing a timer.
-KILL_AFTER_PARTS_ENV = "EMBDISTILL_GATHER_KILL_AFTER_PARTS"
-
 
 # ----------------------------------------------------------------------------- counting
 
@@ -74,9 +59,10 @@ def count_tokens(
     return dict(sorted(counts.items()))
 
 
-def count_config(teacher: str, max_length: int) -> dict:
-    """What counts.pkl depends on (besides train.json): the tokenizer and the truncation."""
-    return {"teacher": teacher, "max_length": max_length}
+def count_config(teacher: str, max_length: int, input_format: str = "plain") -> dict:
+    """What counts.pkl depends on (besides train.json): the tokenizer, the input format and
+    the truncation."""
+    return {"teacher": teacher, "max_length": max_length, "input_format": input_format}
 
 
 def load_counts(path: Path, max_length: int) -> dict[int, int]:
@@ -131,10 +117,11 @@ class GatherConfig:
     """Everything the gathered sample depends on (batch size and buffer size do not)."""
 
     teacher: str
-    max_length: int = 256
+    max_length: int = 512
     per_token: int = 1000
     seed: int = 0
     dtype: str = "float16"
+    input_format: str = "plain"  # the teacher's (embdistill.text): what its states saw
 
     def __post_init__(self):
         if self.dtype not in OUT_DTYPES:
@@ -149,10 +136,6 @@ class GatherConfig:
 def index_path(rank_file: Path) -> Path:
     """Occurrence ids of a rank file's rows: ``rank<R>.index.pkl`` beside ``rank<R>.pkl``."""
     return rank_file.with_name(f"{rank_file.stem}.index.pkl")
-
-
-def part_path(rank_file: Path, part: int) -> Path:
-    return rank_file.with_name(f"{rank_file.stem}.part{part:05d}.pkl")
 
 
 class RowBuffer:
@@ -177,7 +160,10 @@ class RowBuffer:
             return
         block = torch.cat(self.pending)  # a fresh tensor: on the CPU .cpu() below is no copy
         if not torch.isfinite(block).all():
-            raise UserError("teacher states overflow the output dtype; rerun with --dtype float32")
+            if torch.isnan(block).any():  # the cast makes infinities, never NaN: the teacher did
+                raise UserError("the teacher's states hold NaN (not an overflow of --dtype): check its "
+                                "weights, or load it in float32 (--teacher-dtype float32)")
+            raise UserError(f"teacher states overflow {self.np_dtype} (--dtype); rerun with --dtype float32")
         self.blocks.append(block.cpu().numpy())
         self.pending, self.pending_rows = [], 0
 
@@ -239,17 +225,29 @@ def gather_texts(
     }
 
 
-def merge_parts(parts: list[dict[str, np.ndarray]]) -> tuple[dict, dict]:
-    """Group rows by token id, each token's rows in occurrence order:
-    ({token_id: (n, d) states}, {token_id: (n,) int64 occurrence ids})."""
-    if not parts:  # a rank with no texts (more ranks than texts)
+def merge_parts(parts: PartFiles, count: int) -> tuple[dict, dict]:
+    """The ``count`` parts' rows grouped by token id, each token's rows in occurrence order:
+    ({token_id: (n, d) states, views of one array}, {token_id: (n,) int64 occurrence ids}).
+
+    Memory: the result and one part. The parts' ids are read first (not their states), which
+    place every row; then each part's states, copied straight into their rows and dropped."""
+    if not count:  # a rank with no texts (more ranks than texts)
         return {}, {}
-    token_ids = np.concatenate([p["token_ids"] for p in parts])
-    occurrences = np.concatenate([p["occurrence_ids"] for p in parts])
+    ids = [parts.load(p, ["token_ids", "occurrence_ids"]) for p in range(count)]
+    token_ids = np.concatenate([part["token_ids"] for part in ids])
+    occurrences = np.concatenate([part["occurrence_ids"] for part in ids])
     order = np.lexsort((occurrences, token_ids))
+    destination = np.empty_like(order)
+    destination[order] = np.arange(len(order))
+    states, start = None, 0
+    for p in range(count):
+        part_states = parts.load(p, ["states"])["states"]
+        if states is None:
+            states = np.empty((len(order), *part_states.shape[1:]), dtype=part_states.dtype)
+        states[destination[start : start + len(part_states)]] = part_states
+        start += len(part_states)
+        del part_states
     token_ids, occurrences = token_ids[order], occurrences[order]
-    # pop: each part's states are freed once copied, so the peak is two copies, not three
-    states = np.concatenate([p.pop("states") for p in parts])[order]
     tokens, starts = np.unique(token_ids, return_index=True)
     ends = np.append(starts[1:], len(token_ids))
     states_by_token = {int(t): states[a:b] for t, a, b in zip(tokens, starts, ends)}
@@ -268,8 +266,6 @@ def gather_shard(
         raise UserError("--batch-size, --flush-every and --buffer-rows must be >= 1")
     started = time.perf_counter()
     rank_file.parent.mkdir(parents=True, exist_ok=True)
-    for stale in rank_file.parent.glob(f".{rank_file.stem}.*.tmp"):  # a killed atomic write
-        stale.unlink()
     # An earlier result is replaced, not kept beside new parts: killed from here on, the rank
     # has no file at all, which the combine reports, instead of an old one that looks fine.
     for old in (rank_file, index_path(rank_file)):
@@ -281,39 +277,31 @@ def gather_shard(
     table = count_table(counts)
     indices = shard(list(range(len(texts))), env)
     chunks = [indices[i : i + flush_every] for i in range(0, len(indices), flush_every)]
-    parts = [part_path(rank_file, p) for p in range(len(chunks))]
-    part_configs = [{**config, "flush_every": flush_every, "part": p, "inputs": input_fingerprints}
-                    for p in range(len(chunks))]
-    done = [not overwrite and is_done(path, config=pc) for path, pc in zip(parts, part_configs)]
+    parts = PartFiles.beside(rank_file, {**config, "flush_every": flush_every, "inputs": input_fingerprints})
+    if overwrite:
+        parts.clear()
+    done = [parts.done(p) for p in range(len(chunks))]
     resumed_texts = sum(len(c) for c, d in zip(chunks, done) if d)
     if any(done):
         log.info("rank %d: resuming, %d of %d parts (%d texts) already gathered",
-                 env.rank, sum(done), len(parts), resumed_texts)
+                 env.rank, sum(done), len(chunks), resumed_texts)
 
     log.info("gather rank %d/%d: %d of %d texts in %d parts, teacher %s (%d-d, %s on %s), "
              "per token %d, seed %d -> %s", env.rank, env.world_size, len(indices), len(texts),
              len(chunks), teacher.slug, teacher.hidden_size, teacher.dtype,
              teacher.device, cfg.per_token, cfg.seed, rank_file)
-    kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0"))
-    written = 0
     with tqdm(total=len(indices), initial=resumed_texts, desc=f"gather rank {env.rank}",
               unit="text", disable=not env.is_main) as progress:
-        for chunk, path, part_config, finished in zip(chunks, parts, part_configs, done):
-            if finished:
-                continue
-            part = gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
-                                batch_size=batch_size, buffer_rows=buffer_rows, progress=progress)
-            save_pickle(part, path)
-            write_manifest(path, stage="gather-part", config=part_config)
-            written += 1
-            if kill_after and written >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+        for p, (chunk, finished) in enumerate(zip(chunks, done)):
+            if not finished:
+                parts.write(p, gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
+                                            batch_size=batch_size, buffer_rows=buffer_rows, progress=progress))
 
-    states_by_token, index_by_token = merge_parts([load_pickle(path) for path in parts])
+    states_by_token, index_by_token = merge_parts(parts, len(chunks))
     n_rows = sum(len(v) for v in states_by_token.values())
     summary = {
         "rank": env.rank, "world_size": env.world_size, "texts": len(indices),
-        "texts_resumed": resumed_texts, "parts": len(parts), "token_ids": len(states_by_token),
+        "texts_resumed": resumed_texts, "parts": len(chunks), "token_ids": len(states_by_token),
         "rows": n_rows, "hidden_size": teacher.hidden_size, "dtype": cfg.dtype,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -325,7 +313,5 @@ def gather_shard(
     write_manifest(index_path(rank_file), stage="gather", config=config, inputs=inputs, extra=extra)
     save_pickle(states_by_token, rank_file)
     write_manifest(rank_file, stage="gather", config=config, inputs=inputs, extra=extra)
-    for path in rank_file.parent.glob(f"{rank_file.stem}.part*.pkl"):
-        manifest_path(path).unlink(missing_ok=True)
-        path.unlink()
+    parts.clear()
     return summary

@@ -18,7 +18,8 @@ max_iter times its slowest.
 
 The reference backends run one token at a time: ``sklearn`` (``sklearn.cluster.KMeans``, what
 the original ran) and ``faiss`` (``faiss.Kmeans``; only when faiss is installed, e.g.
-``pip install faiss-cpu``).
+``pip install faiss-cpu``; on the stage's CUDA device when faiss has GPU support and sees a GPU,
+e.g. ``faiss-gpu`` from ``pip install .[gpu]``).
 Every backend returns one :class:`KMeansResult` per token.
 """
 
@@ -53,7 +54,8 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UserError(f"unknown k-means backend '{name}': choose one of {', '.join(BACKENDS)}")
     if name == "faiss" and importlib.util.find_spec("faiss") is None:
-        raise UserError("--backend faiss needs faiss (pip install faiss-cpu); or use torch or sklearn")
+        raise UserError("--backend faiss needs faiss (pip install faiss-cpu, or faiss-gpu for GPUs: "
+                        "pip install .[gpu]); or use torch or sklearn")
     return name
 
 
@@ -90,7 +92,7 @@ def pad_points(points: Sequence[np.ndarray], device, dtype) -> tuple[torch.Tenso
     x = torch.zeros(len(points), n_max, points[0].shape[1], device=device, dtype=dtype)
     mask = torch.zeros(len(points), n_max, device=device, dtype=torch.bool)
     for i, p in enumerate(points):
-        x[i, : len(p)] = torch.as_tensor(np.asarray(p)).to(device=device, dtype=dtype)
+        x[i, : len(p)] = torch.from_numpy(np.array(p)).to(device=device, dtype=dtype)  # a copy: p may be read-only
         mask[i, : len(p)] = True
     return x, mask
 
@@ -277,15 +279,28 @@ def kmeans_sklearn(points, ks, *, keys=None, seed=0, max_iter=300, tol=1e-4, n_i
     return results
 
 
+def faiss_gpu_index(faiss, dim: int, device) -> tuple[object, object] | None:
+    """(GPU resources, flat L2 index) on the CUDA ``device`` when faiss was built with GPU
+    support and sees a GPU; None otherwise (faiss then runs on the CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    resources, config = faiss.StandardGpuResources(), faiss.GpuIndexFlatConfig()
+    config.device = device.index or 0
+    return resources, faiss.GpuIndexFlatL2(resources, dim, config)
+
+
 def kmeans_faiss(points, ks, *, keys=None, seed=0, max_iter=300, tol=1e-4, n_init=1,
                  device=None) -> list[KMeansResult]:
     """faiss.Kmeans per token, no subsampling; k-means++ seeding where faiss has it (>= 1.14,
-    else random). ``tol`` is unused: faiss stops when the objective stops changing."""
+    else random); its assignments on the GPU of a CUDA ``device`` when faiss can
+    (:func:`faiss_gpu_index`). ``tol`` is unused: faiss stops when the objective stops changing."""
     import faiss
 
     keys = _check(points, ks, keys, max_iter, tol, n_init)
     seeding = {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS} if hasattr(
         faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS") else {}
+    gpu = faiss_gpu_index(faiss, points[0].shape[1], device) if points else None  # resources live as long
     results = []
     for p, k, key in zip(points, ks, keys):
         data = np.ascontiguousarray(p, dtype=np.float32)
@@ -294,6 +309,8 @@ def kmeans_faiss(points, ks, *, keys=None, seed=0, max_iter=300, tol=1e-4, n_ini
             model = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=_seed_int(seed, key, restart),
                                  min_points_per_centroid=1, max_points_per_centroid=len(data) + 1,
                                  verbose=False, **seeding)
+            if gpu is not None:
+                model.index = gpu[1]  # train and assign search it (reset per use)
             model.train(data)
             final = float(model.assign(data)[0].sum())
             if best is None or final < best.objective[-1]:

@@ -16,8 +16,8 @@ diagonal), as ``get_clusters`` counts them.
 :func:`mcl_counts` runs that on many tokens at once: their similarity matrices are padded to
 the batch's largest n; padded nodes are isolated (a self-loop and no edge), so they stay their
 own attractors and never touch real nodes; tokens leave the batch as they converge, so each
-token's result is the one it gets alone. :func:`mcl_count_reference` is the plain NumPy
-version, one token at a time, for tests.
+token's result is the one it gets alone (bench/bench_cluster.py has the original's approach, one
+token at a time in NumPy, that it is timed and tested against).
 
 MCL costs O(n^3) per iteration and token, far more than k-means, and its count depends on the
 scale of the states (the similarity is compared with a self-loop of 1): on MiniLM token states
@@ -79,36 +79,6 @@ class MCLCount:
     clusters: int  # M
     iterations: int
     converged: bool
-
-
-# ------------------------------------------------------------------------- NumPy reference
-
-
-def mcl_count_reference(points: np.ndarray, params: MCLParams = MCLParams()) -> MCLCount:
-    """MCL's cluster count for one token's samples (n, d), exactly as run_mcl computes it."""
-    x = np.asarray(points, dtype=np.float64)
-    sq = (x * x).sum(1)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
-    matrix = 1.0 / (dist + params.distance_offset)
-    np.fill_diagonal(matrix, params.loop_value)
-    matrix = matrix / matrix.sum(0, keepdims=True)
-    converged, iterations = False, 0
-    for iterations in range(1, params.max_iter + 1):
-        last = matrix
-        matrix = np.linalg.matrix_power(matrix, params.expansion) ** params.inflation
-        matrix = matrix / matrix.sum(0, keepdims=True)
-        if params.prune_threshold > 0:
-            pruned = np.where(matrix < params.prune_threshold, 0.0, matrix)
-            cols = np.arange(matrix.shape[1])
-            top = matrix.argmax(0)
-            pruned[top, cols] = matrix[top, cols]
-            matrix = pruned
-        if np.allclose(matrix, last):
-            converged = True
-            break
-    attractors = np.flatnonzero(np.diag(matrix))
-    clusters = {tuple(np.flatnonzero(matrix[a])) for a in attractors}
-    return MCLCount(len(clusters), iterations, converged)
 
 
 # --------------------------------------------------------------------------- batched torch

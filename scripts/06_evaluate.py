@@ -1,10 +1,10 @@
-"""Stage 4: evaluate models on classification tasks through mteb; write results/<run>/.
+"""Stage 6: evaluate models on classification tasks through mteb; write results/<run>/.
 
-    python scripts/05_evaluate.py --task bbc-news --run demo --models teacher:minilm
+    python scripts/06_evaluate.py --task bbc-news --run demo --models teacher:minilm
         untrained:minilm@3 student:runs/bbc-news/skd/export/hf
         replace:runs/bbc-news/skd/export/hf@sense_dict/bbc-news/minilm.kmeanspkl
         replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
-    python scripts/05_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
+    python scripts/06_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
 
 Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/specs.py):
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
@@ -16,21 +16,16 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
 
 import argparse
 
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.artifacts import output_lock
+from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
 from embdistill.errors import UserError
-from embdistill.evaluation.specs import parse_model_specs
+from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
 from embdistill.paths import base_dir, results_dir
 from embdistill.tasks import resolve_task
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.set_defaults(task=None)
     parser.add_argument("--tasks", nargs="+", default=[],
@@ -45,16 +40,27 @@ def main() -> int:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="max tokens of our models' inputs (st: models keep their own)")
+    parser.add_argument("--allow-max-length-mismatch", action="store_true",
+                        help="replace mode with a dictionary gathered with another --max-length")
     parser.add_argument("--throughput-texts", type=positive_int, default=256,
                         help="texts of the first task timed for the texts/s column")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
-    args = parser.parse_args()
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="replace mode: accept a dictionary whose manifest names another teacher "
+                        "than the model's (e.g. the same model under another name)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
 
     tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
     # Spec mistakes (syntax, missing folders) fail here, before mteb and the models load.
     task_slugs = [resolve_task(t, args.text_column, args.label_column).slug for t in tasks]
-    parse_model_specs(args.models, task_slugs)
+    specs = parse_model_specs(args.models, task_slugs)
+    if not args.allow_teacher_mismatch:
+        check_dictionary_teachers(specs, task_slugs)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
     if not args.run or "/" in args.run or args.run in (".", ".."):
@@ -63,11 +69,13 @@ def main() -> int:
         run=args.run, tasks=tuple(tasks), models=tuple(args.models),
         samples_per_label=args.samples_per_label, n_experiments=args.n_experiments,
         batch_size=args.batch_size, max_length=args.max_length,
+        allow_max_length_mismatch=args.allow_max_length_mismatch,
         throughput_texts=args.throughput_texts, seed=args.seed,
         text_column=args.text_column, label_column=args.label_column,
     )
     base = base_dir(args.base_dir)
-    table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
+    with output_lock(results_dir(base, args.run)):  # mteb writes its result files in place
+        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
     print_table(table, results_dir(base, args.run))
     return 0
 

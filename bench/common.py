@@ -1,0 +1,28 @@
+"""What every benchmark script sets up the same way: its machine options and a synchronised clock."""
+
+from __future__ import annotations
+
+import torch
+
+
+def add_machine_args(parser, *, threads: int = 0, device: str | None = "cpu", seed: bool = True) -> None:
+    """--threads (0: torch's default), --device (None: the GPU if any, else the CPU), --seed."""
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default=device, help="cpu, cuda, cuda:1 (none given: the GPU if any)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+
+
+def machine(args) -> torch.device:
+    """Apply --threads; the --device to run on."""
+    from embdistill.distributed import default_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device) if args.device else default_device()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer around CUDA work measures nothing otherwise)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,192 @@
+"""SKD's sense targets, computed once: for every text token of the training texts, the
+teacher's nearest sense (``argmax_j S_v[j] . h_teacher``), or -1 where the token has no entry.
+
+A target depends only on the teacher, the text, the max length and the dictionary, so the
+frozen teacher runs once over the training texts here, after clustering, instead of at every
+training step of every epoch (for the paper's teacher, 32 Llama layers against a 4-layer
+student, that is most of each step). Ranks share the texts by parts of ``flush_every``
+texts (part p goes to rank p mod world size, so the parts do not depend on the number of
+processes); each finished part is written at once (:class:`~embdistill.artifacts.PartFiles`)
+and a killed run resumes from its finished parts. Rank 0 then merges the parts into one file:
+
+``targets.npz``: ``offsets`` (N + 1, int64), ``token_ids`` and ``targets`` (int32): text i's
+text tokens (its embed mask, in order) are rows ``offsets[i]:offsets[i+1]``; its manifest
+names the teacher, tokenizer, input format, max length and dictionary, and fingerprints the
+dictionary and train.json. :func:`load_targets` refuses a file made for anything else, and
+:class:`TargetCollator` refuses a batch whose tokens differ from the stored ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import PartFiles, atomic_open, fingerprint, read_manifest, write_manifest
+from ..distributed import DistEnv, barrier
+from ..errors import UserError
+from .packed import PackedSenses
+
+log = logging.getLogger("embdistill.targets")
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """What the targets depend on besides the dictionary's and the texts' content."""
+
+    teacher: str  # the teacher's name (alias, hub id or folder)
+    tokenizer: str  # the tokenizer's name_or_path and vocabulary size
+    input_format: str
+    max_length: int
+    dictionary: str  # its path (its content is fingerprinted as an input)
+
+    @classmethod
+    def of(cls, teacher, max_length: int, dictionary: Path) -> "TargetsConfig":
+        tokenizer = f"{teacher.tokenizer.name_or_path} ({len(teacher.tokenizer)} tokens)"
+        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary))
+
+
+@torch.inference_mode()
+def text_targets(teacher, senses: PackedSenses, examples: Sequence[str], max_length: int,
+                 batch_size: int, progress: tqdm | None = None) -> dict[str, np.ndarray]:
+    """Targets of ``examples``, in their order: ``lengths`` (text tokens per example),
+    ``token_ids`` and ``targets`` (flat, int32)."""
+    batch = teacher.tokenize(list(examples), max_length)
+    text_mask = batch["embed_mask"].bool() & batch["attention_mask"].bool()
+    targets = torch.full_like(batch["input_ids"], -1)
+    order = torch.argsort(batch["attention_mask"].sum(1), stable=True)  # shortest first: little padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        cols = batch["attention_mask"][rows].bool().any(0)  # drop columns that are padding in every row
+        sub = {key: value[rows][:, cols] for key, value in batch.items()}
+        states = teacher.token_states(sub)
+        # the packed dictionary lives on the teacher's device; only int targets come back
+        targets[rows[:, None], cols.nonzero().squeeze(1)[None]] = senses.targets(
+            states, sub["input_ids"], text_mask[rows][:, cols]).cpu()
+        if progress is not None:
+            progress.update(len(rows))
+    return {"lengths": text_mask.sum(1).numpy().astype(np.int64),
+            "token_ids": batch["input_ids"][text_mask].numpy().astype(np.int32),
+            "targets": targets[text_mask].numpy().astype(np.int32)}
+
+
+def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_path: Path,
+                    cfg: TargetsConfig, env: DistEnv, *, inputs: Mapping[str, Path], batch_size: int = 16,
+                    flush_every: int = 256, overwrite: bool = False) -> dict | None:
+    """This rank's parts of ``examples``, then (rank 0, after every rank finished) the merged
+    ``out_path`` and its manifest. Returns the summary on rank 0, None elsewhere."""
+    if batch_size < 1 or flush_every < 1:
+        raise UserError("--batch-size and --flush-every must be >= 1")
+    started = time.perf_counter()
+    identity = {**asdict(cfg), "flush_every": flush_every,
+                "inputs": {key: fingerprint(path) for key, path in inputs.items()}}
+    parts = PartFiles.beside(out_path, identity)
+    if overwrite and env.is_main:
+        parts.clear()
+    barrier()
+    chunks = [range(i, min(i + flush_every, len(examples))) for i in range(0, len(examples), flush_every)]
+    mine = [p for p in range(env.rank, len(chunks), env.world_size)]
+    todo = [p for p in mine if not parts.done(p)]
+    if len(todo) < len(mine):
+        log.info("rank %d: resuming, %d of %d parts already computed", env.rank, len(mine) - len(todo), len(mine))
+    with tqdm(total=sum(len(chunks[p]) for p in mine), initial=sum(len(chunks[p]) for p in mine if p not in todo),
+              desc=f"targets rank {env.rank}", unit="text", disable=not env.is_main) as progress:
+        for p in todo:
+            part = text_targets(teacher, senses, [examples[i] for i in chunks[p]], cfg.max_length,
+                                batch_size, progress)
+            parts.write(p, part)
+    barrier()
+    if not env.is_main:
+        return None
+    loaded = [parts.load(p) for p in range(len(chunks))]
+    lengths = np.concatenate([part["lengths"] for part in loaded])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    token_ids = np.concatenate([part["token_ids"] for part in loaded])
+    targets = np.concatenate([part["targets"] for part in loaded])
+    scored = int((targets >= 0).sum())
+    summary = {"texts": len(examples), "text_tokens": int(len(targets)), "scored_tokens": scored,
+               "world_size": env.world_size, "seconds": round(time.perf_counter() - started, 2)}
+    with atomic_open(out_path, "wb") as fh:
+        np.savez(fh, offsets=offsets, token_ids=token_ids, targets=targets)
+    write_manifest(out_path, stage="targets", config=asdict(cfg), inputs=inputs, extra=summary)
+    parts.clear()
+    return summary
+
+
+@dataclass
+class SenseTargets:
+    """Stored targets (see the module docstring); ``of(i)`` -> (token ids, targets) of text i."""
+
+    offsets: np.ndarray
+    token_ids: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def of(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = slice(self.offsets[index], self.offsets[index + 1])
+        return self.token_ids[rows], self.targets[rows]
+
+
+def load_targets(path: Path, cfg: TargetsConfig, inputs: Mapping[str, Path], senses: PackedSenses,
+                 n_texts: int) -> SenseTargets:
+    """The targets at ``path``, checked to be for this teacher, tokenizer, input format, max
+    length, dictionary and texts (one-line UserError naming what differs), and to fit the
+    dictionary (every target a sense of its token's entry)."""
+    manifest = read_manifest(path)
+    if not path.is_file() or manifest is None:
+        raise UserError(f"missing sense targets {path}: run scripts/04_targets.py with the same "
+                        "--task, --teacher, --sense-dict and --max-length first")
+    recorded, current = manifest.get("config", {}), asdict(cfg)
+    differences = [f"{key} {recorded.get(key)!r}, not {value!r}" for key, value in current.items()
+                   if key != "dictionary" and recorded.get(key) != value]
+    for key, source in inputs.items():
+        if manifest.get("inputs", {}).get(key) != fingerprint(source):
+            differences.append(f"another {key} than {source}")
+    if differences:
+        raise UserError(f"{path} was made for {'; '.join(differences)}; rerun scripts/04_targets.py "
+                        "(--overwrite) or pass the matching options")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = SenseTargets(data["offsets"], data["token_ids"], data["targets"])
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise UserError(f"{path}: corrupt targets file ({exc}); rerun scripts/04_targets.py --overwrite") from None
+    if len(stored) != n_texts or stored.offsets[-1] != len(stored.targets) or len(stored.token_ids) != len(stored.targets):
+        raise UserError(f"{path}: holds {len(stored)} texts' targets, train.json has {n_texts}; "
+                        "rerun scripts/04_targets.py --overwrite")
+    scored = stored.targets >= 0
+    entries = senses.entry_of_token.cpu().numpy()[stored.token_ids[scored]]
+    if (entries < 0).any() or (stored.targets[scored] >= senses.sizes.cpu().numpy()[np.maximum(entries, 0)]).any():
+        raise UserError(f"{path}: targets outside their tokens' senses: made with another dictionary")
+    return stored
+
+
+class TargetCollator:
+    """Training batches for the sense loss: the tokenised examples plus ``sense_targets``
+    (B, T), the stored target of each text token, -1 elsewhere. Dataset items are text
+    indices; a text whose tokens differ from the stored ones is refused (the tokenizer, input
+    format or max length changed since the targets were computed)."""
+
+    def __init__(self, tokenize, examples: Sequence[str], targets: SenseTargets, max_length: int):
+        self.tokenize, self.examples, self.targets, self.max_length = tokenize, examples, targets, max_length
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.tokenize([self.examples[i] for i in indices], self.max_length)
+        text_mask = batch["embed_mask"].bool() & batch["attention_mask"].bool()
+        sense_targets = torch.full_like(batch["input_ids"], -1)
+        for row, index in enumerate(indices):
+            token_ids, targets = self.targets.of(index)
+            positions = text_mask[row].nonzero().squeeze(1)
+            if len(positions) != len(token_ids) or not np.array_equal(batch["input_ids"][row, positions].numpy(), token_ids):
+                raise UserError(f"text {index}: its tokens differ from those the sense targets were "
+                                "computed on; rerun scripts/04_targets.py --overwrite")
+            sense_targets[row, positions] = torch.from_numpy(targets.astype(np.int64))
+        batch["sense_targets"] = sense_targets
+        return batch

@@ -1,0 +1,97 @@
+"""Stage 4: SKD's sense targets of the training texts, computed once (work/<task>/<teacher>/targets.npz).
+
+    python scripts/04_targets.py --task bbc-news
+    torchrun --nproc_per_node 6 scripts/04_targets.py --task 14 --teacher llm2vec-llama3-8b
+
+For every text token, the teacher's nearest sense in the dictionary (or -1: no entry), so that
+training (scripts/05_train.py --loss sense) runs no teacher. Ranks share the texts; a killed
+run resumes from its finished parts when started again with the same options.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+from embdistill.artifacts import skip_if_done
+from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
+from embdistill.errors import UserError
+from embdistill.paths import Paths, base_dir
+from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
+from embdistill.senses.packed import PackedSenses
+from embdistill.senses.targets import TargetsConfig, compute_targets
+from embdistill.tasks import resolve_task
+from embdistill.teachers import load_teacher, load_tokenizer
+from embdistill.texts import read_train_texts
+
+
+def build_parser():
+    parser = stage_parser(__doc__)
+    parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
+    parser.add_argument("--sense-dict", default=None,
+                        help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
+    parser.add_argument("--targets", "--output", dest="output", default=None,
+                        help="where the targets go (default: work/<task>/<teacher>/targets.npz)")
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="accept a sense dictionary whose manifest names another teacher")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="tokens per text, longer texts are cut; the dictionary's and training's")
+    parser.add_argument("--allow-max-length-mismatch", action="store_true",
+                        help="use a dictionary gathered with another --max-length")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
+    parser.add_argument("--flush-every", type=positive_int, default=256,
+                        help="texts per part file (a killed run resumes from parts)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+    parser.add_argument("--teacher-dtype", default=None,
+                        help="default: bfloat16 for decoders on GPU, else float32")
+    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
+                        help="seconds a process waits for the others at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return targets(args)
+    finally:
+        cleanup()
+
+
+def targets(args) -> int:
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    tokenizer = load_tokenizer(args.teacher)
+    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug)
+    sense_dict = paths.sense_dict if args.sense_dict is None else Path(args.sense_dict)
+    if not sense_dict.is_file():
+        raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh {args.task} "
+                        "first, or pass --sense-dict")
+    check_gathered_with(sense_dict, max_length=args.max_length, input_format=tokenizer.input_format.name,
+                        allow_max_length_mismatch=args.allow_max_length_mismatch)
+    out = paths.targets if args.output is None else Path(args.output)
+    cfg = TargetsConfig.of(tokenizer, args.max_length, sense_dict)
+    inputs = {"sense_dict": sense_dict, "texts": paths.train_json}
+    examples = read_train_texts(paths)
+    if skip_if_done(out, config=asdict(cfg), inputs=inputs, overwrite=args.overwrite, what="targets"):
+        return 0
+    device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
+    env = init_distributed(timeout_s=args.dist_timeout)
+    teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
+    senses = PackedSenses(load_sense_dict(sense_dict, hidden_size=teacher.hidden_size,
+                                          teacher=None if args.allow_teacher_mismatch else teacher.slug),
+                          teacher.vocab_size).to(teacher.device)
+    log.info("targets: %d texts, dictionary %s (%d tokens, %d senses), teacher %r",
+             len(examples), sense_dict, len(senses.sizes), len(senses.centroids), teacher)
+    summary = compute_targets(teacher, senses, examples, out, cfg, env, inputs=inputs,
+                              batch_size=args.batch_size, flush_every=args.flush_every,
+                              overwrite=args.overwrite)
+    if summary is not None:
+        print0(f"targets: {task.name}: {summary['texts']} texts, {summary['text_tokens']} text tokens, "
+               f"{summary['scored_tokens']} with a sense ({summary['world_size']} process(es), "
+               f"{summary['seconds']} s) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,168 @@
+"""Stage 5: train the SKD student (the teacher's first layers) and export it; runs/<task>/<run>/.
+
+    python scripts/05_train.py --task bbc-news                 # the paper's settings
+    python scripts/05_train.py --task bbc-news --epochs 1 --max-steps 300 --max-length 128 --lr 2e-5
+    ./run_train.sh bbc-news --nproc_per_node 2 --max-steps 300  # targets, then torchrun, DDP
+
+--loss sense (SKD) trains on the stored sense targets of scripts/04_targets.py: no teacher runs.
+--loss mse (the ablation) runs the frozen teacher at every step. Writes runs/<task>/<run>/:
+config.json, checkpoints/, metrics.jsonl, loss.png, export/hf (transformers folder:
+scripts/06_evaluate.py student:... and replace:...) and export/st (SentenceTransformer folder).
+Resumes from the latest checkpoint unless --no-resume/--overwrite.
+"""
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
+from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.distributed import DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, print0, resolve_device
+from embdistill.errors import UserError
+from embdistill.paths import Paths, base_dir
+from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
+from embdistill.senses.packed import PackedSenses
+from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets
+from embdistill.students import (SenseDistillation, StateMatching, build_student, default_student_layers,
+                                 default_teacher_device, export_student)
+from embdistill.tasks import resolve_task
+from embdistill.teachers import load_teacher, load_tokenizer
+from embdistill.texts import instruction_of, read_train_texts
+from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
+    parser.add_argument("--loss", choices=("sense", "mse"), default="sense",
+                        help="sense: SKD's loss over the sense dictionary; mse: token states (ablation)")
+    parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: skd, or mse)")
+    parser.add_argument("--sense-dict", default=None,
+                        help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
+    parser.add_argument("--allow-teacher-mismatch", action="store_true",
+                        help="accept a sense dictionary whose manifest names another teacher "
+                        "(e.g. the same model under another name)")
+    parser.add_argument("--targets", default=None,
+                        help="sense targets of scripts/04_targets.py (default: work/<task>/<teacher>/targets.npz)")
+    parser.add_argument("--student-layers", type=int, default=None,
+                        help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
+    parser.add_argument("--max-length", type=positive_int, default=512, help="max tokens per example")
+    parser.add_argument("--allow-max-length-mismatch", action="store_true",
+                        help="use a dictionary gathered with another --max-length")
+    parser.add_argument("--export-replace", action=argparse.BooleanOptionalAction, default=True,
+                        help="sense loss: also export/st-replace, the student in replace mode")
+    parser.add_argument("--device", default=None, help="the student's: " + DEVICE_HELP)
+    parser.add_argument("--teacher-device", default=None,
+                        help="mse: default and cuda: a spare GPU per process (cuda:LOCAL_RANK + LOCAL_WORLD_SIZE) "
+                        "when the node has one, else the student's (default) or this process's GPU (cuda); "
+                        "otherwise as --device")
+    # The original's reference run (per process; lr is multiplied by the world size).
+    add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return train(args)
+    finally:
+        cleanup()
+
+
+def resolve_teacher_device(arg: str | None, student_device, env: DistEnv):
+    """--teacher-device: None and ``cuda`` give the teacher a spare GPU of its own when the node
+    has one per process; None falls back to the student's device, ``cuda`` to this process's
+    GPU; anything else reads as --device does."""
+    if arg is None:
+        return default_teacher_device(student_device, env, env.local_world_size)
+    if arg == "cuda":
+        return default_teacher_device(resolve_device("cuda", env), env, env.local_world_size)
+    return resolve_device(arg, env)
+
+
+def train(args: argparse.Namespace) -> int:
+    run = args.run or ("skd" if args.loss == "sense" else "mse")
+    if "/" in run or run in (".", ".."):
+        raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
+    env = join_process_group(args.dist_timeout)
+    config = TrainConfig.from_args(args, lr_scale=env.world_size)
+    tokenizer = load_tokenizer(args.teacher)
+    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run)
+    examples = read_train_texts(paths)
+    max_length = min(args.max_length, tokenizer.max_seq_length)
+    if max_length < args.max_length:
+        log.info("--max-length %d is cut to the teacher's %d", args.max_length, max_length)
+
+    inputs = {"texts": paths.train_json}
+    if args.loss == "sense":
+        inputs["sense_dict"] = paths.sense_dict if args.sense_dict is None else Path(args.sense_dict)
+        inputs["targets"] = paths.targets if args.targets is None else Path(args.targets)
+        if not inputs["sense_dict"].is_file():
+            raise UserError(f"missing sense dictionary {inputs['sense_dict']}: run run_sep_cluster.sh "
+                            f"{args.task} --teacher {args.teacher} first, or pass --sense-dict")
+        check_gathered_with(inputs["sense_dict"], max_length=args.max_length,
+                            input_format=tokenizer.input_format.name,
+                            allow_max_length_mismatch=args.allow_max_length_mismatch)
+        targets_config = TargetsConfig.of(tokenizer, args.max_length, inputs["sense_dict"])
+        if not inputs["targets"].is_file():
+            raise UserError(f"missing sense targets {inputs['targets']}: run scripts/04_targets.py "
+                            f"--task {args.task} --teacher {args.teacher} first (run_train.sh does)")
+    layers = args.student_layers or default_student_layers(tokenizer.model_type)
+    run_config = {
+        "task": task.name, "teacher": tokenizer.name, "input_format": tokenizer.input_format.name,
+        "student_layers": layers, "loss": args.loss, "max_length": max_length,
+        **{key: fingerprint(path) for key, path in inputs.items()},
+    }
+    resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size},
+                "export_replace": args.loss == "sense" and args.export_replace}
+    if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
+        return 0
+
+    if args.loss == "sense":
+        # the teacher only gives the student its first layers: those alone, on the CPU
+        teacher = load_teacher(args.teacher, device="cpu", dtype=torch.float32, layers=layers)
+        senses = PackedSenses(load_sense_dict(inputs["sense_dict"], hidden_size=teacher.hidden_size,
+                                              teacher=None if args.allow_teacher_mismatch else teacher.slug),
+                              teacher.vocab_size).to(device)
+        stored = load_targets(inputs["targets"], targets_config,
+                              {"sense_dict": inputs["sense_dict"], "texts": paths.train_json}, senses, len(examples))
+        log.info("sense dictionary %s: %d tokens, %d senses; targets %s", inputs["sense_dict"],
+                 len(senses.sizes), len(senses.centroids), inputs["targets"])
+        loss_fn, dataset = SenseDistillation(senses), list(range(len(examples)))
+        collate = TargetCollator(tokenizer.tokenize, examples, stored, max_length)
+    else:
+        teacher = load_teacher(args.teacher, device=resolve_teacher_device(args.teacher_device, device, env))
+        loss_fn, dataset = StateMatching(teacher), examples
+        collate = functools.partial(tokenizer.tokenize, max_length=max_length)
+    student = build_student(teacher, layers).to(device)
+    normalize = teacher.normalize
+    if args.loss == "sense":
+        del teacher  # the student has its own copy of the layers; nothing else is needed
+    log.info("student: the first %d layers of %s, %.1fM parameters; %d examples, lr %.3g (%d processes)",
+             layers, tokenizer.name, sum(p.numel() for p in student.parameters()) / 1e6, len(examples),
+             config.lr, env.world_size)
+
+    trainer = Trainer(student, loss_fn, dataset, collate, config, paths.run_dir,
+                      run_config=run_config, device=device, resume=args.resume and not args.overwrite)
+    result = trainer.train()
+    if env.is_main:
+        export_student(trainer.module, tokenizer.tokenizer, paths.export_dir, normalize=normalize,
+                       max_seq_length=max_length, input_format=tokenizer.input_format,
+                       instruction=instruction_of(examples),
+                       senses=senses if args.loss == "sense" and args.export_replace else None)
+        write_manifest(paths.export_dir, stage="train", config=resolved,
+                       extra={"global_step": result.global_step, "metrics": result.metrics,
+                              "teacher": tokenizer.slug})
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                        if k in ("loss", "sense_accuracy"))
+    print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

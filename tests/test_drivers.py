@@ -1,0 +1,194 @@
+"""The shell drivers (run_*.sh -> embdistill.drivers): option routing, options checked before the
+first stage, signals passed on, and every driver end to end on a user's .jsonl file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embdistill.drivers import DRIVERS, Invocation
+from embdistill.errors import UserError
+from embdistill.paths import Paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drive(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------
+# routing (in this process: the stage scripts' parsers, nothing runs)
+
+
+def test_each_option_goes_to_the_stages_that_take_it():
+    cli = Invocation(DRIVERS["gather_sense"], [
+        "bbc-news", "--teacher", "minilm", "--cap", "10", "--batch-size=8", "--overwrite",
+        "--nproc_per_node", "2", "--max-length", "64", "--dtype", "float32"])
+    assert cli.tasks == ["bbc-news"] and cli.launch().nproc_per_node == 2
+    assert cli.stage_args == {
+        "count": ["--teacher", "minilm", "--overwrite", "--max-length", "64"],
+        "gather": ["--teacher", "minilm", "--batch-size=8", "--overwrite", "--max-length", "64",
+                   "--dtype", "float32"],
+        "combine": ["--teacher", "minilm", "--cap", "10", "--overwrite"],
+    }
+
+
+def test_the_multiteacher_driver_routes_renames_and_reserves():
+    cli = Invocation(DRIVERS["multiteacher"], [
+        "bbc-news", "tweet-sentiment", "--teachers", "minilm", "lsa", "--teacher-batch-size", "16",
+        "--batch-size", "32", "--max-length", "128", "--lsa-dim", "64", "--device", "cpu",
+        "--max-train", "400", "--results", "mine", "--seed", "3"])
+    assert cli.tasks == ["bbc-news", "tweet-sentiment"] and cli.own == {"--results": ["mine"]}
+    assert cli.stage_args["texts"] == ["--max-train", "400", "--seed", "3"]
+    assert cli.stage_args["teachers"] == ["--teachers", "minilm", "lsa", "--batch-size", "16", "--lsa-dim", "64",
+                                          "--seed", "3"]
+    assert cli.stage_args["train"] == ["--teachers", "minilm", "lsa", "--batch-size", "32", "--max-length", "128",
+                                       "--seed", "3"]
+    assert cli.stage_args["evaluate"] == ["--device", "cpu", "--seed", "3"]
+    with pytest.raises(UserError, match="--loss is set by run_multiteacher.sh"):
+        Invocation(DRIVERS["multiteacher"], ["bbc-news", "--loss", "mse"])
+
+
+@pytest.mark.parametrize("driver, args, message", [
+    ("gather_sense", ["bbc-news", "--bogus", "--base-dir", "W"], "unknown option --bogus: no stage of run_gather_sense.sh"),
+    ("gather_sense", ["bbc-news", "--teacher"], "--teacher needs a value"),
+    ("gather_sense", ["bbc-news", "--overwrite=yes"], "--overwrite takes no value"),
+    ("gather_sense", ["bbc-news", "--task", "14"], "--task is set by run_gather_sense.sh"),
+    # on main: torchrun started, every rank failed, "rank 0 ended with signal SIGTERM", exit 1
+    ("multithread_cluster", ["bbc-news", "--bogus"], "unknown option --bogus: no stage of run_multithread_cluster.sh"),
+])
+def test_unknown_and_malformed_options_are_named(driver, args, message):
+    with pytest.raises(UserError, match=message):
+        Invocation(DRIVERS[driver], args)
+
+
+def test_each_stage_checks_its_own_options_before_anything_runs():
+    cli = Invocation(DRIVERS["gather_sense"], ["bbc-news", "--max-length", "0"])
+    with pytest.raises(UserError, match=r"scripts/01_count.py: argument --max-length: expected a positive integer"):
+        cli.check("count", ["--task", "bbc-news"])
+    with pytest.raises(UserError, match="--nproc_per_node must be a whole number >= 1"):
+        Invocation(DRIVERS["train"], ["bbc-news", "--nproc_per_node", "0"]).launch()
+
+
+def test_stages_of_a_driver_agree_on_each_shared_option():
+    """A name two stages of a driver share takes the same values in both (else routing it by
+    name would be wrong); every driver's stages are checked."""
+    for driver in DRIVERS.values():
+        Invocation(driver, [])
+
+
+# ------------------------------------------------------------------------------------------
+# the drivers as users run them
+
+
+@pytest.mark.slow
+def test_an_unknown_option_is_named_before_the_first_stage(tmp_path):
+    """On main, run_gather_sense.sh took --base-dir as the value of --bogus, and
+    run_multiteacher.sh failed only after two stages had run."""
+    line = one_error_line(drive("run_gather_sense.sh", "bbc-news", "--bogus", "--base-dir", str(tmp_path / "w")))
+    assert line.startswith("error: unknown option --bogus")
+    line = one_error_line(drive("run_multiteacher.sh", "bbc-news", "--base-dir", str(tmp_path / "w"),
+                                "--epochs", "x"))
+    assert line.startswith("error: scripts/11_train_multiteacher.py: argument --epochs: invalid int value")
+    assert not (tmp_path / "w").exists()  # no stage ran
+
+
+def test_the_driver_passes_signals_on_and_its_stage_dies_with_it(tmp_path):
+    """run_process: a SIGTERM to the driver reaches the stage; kill -9 of the driver ends it."""
+    stage = tmp_path / "stage.py"
+    stage.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    driver = ("import os, sys\nfrom embdistill.drivers import run_process\n"
+              f"print(run_process([sys.executable, {str(stage)!r}, sys.argv[1]], os.environ))\n")
+
+    def start(pid_file):
+        process = subprocess.Popen([sys.executable, "-c", driver, str(pid_file)], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        return process, int(pid_file.read_text())
+
+    process, stage_pid = start(tmp_path / "a")
+    process.send_signal(signal.SIGTERM)
+    assert process.communicate(timeout=30)[0].strip() == str(-signal.SIGTERM)  # the stage ended by it
+    process, stage_pid = start(tmp_path / "b")
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{stage_pid}").exists() and "\nState:\tZ" not in _status(stage_pid):
+        assert time.monotonic() < deadline, "the stage outlived its driver"
+        time.sleep(0.05)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return "\nState:\tZ"
+
+
+# ------------------------------------------------------------------------------------------
+# every driver, end to end, on a user's data file
+
+
+def user_data(path: Path) -> Path:
+    topics = {"sport": ["team", "match", "goal", "player", "coach", "league", "season", "score"],
+              "money": ["bank", "price", "market", "stock", "loan", "profit", "trade", "rates"]}
+    rows = []
+    for label, words in topics.items():
+        for i in range(24):
+            picked = [words[(i * 3 + j) % len(words)] for j in range(5)]
+            rows.append({"text": f"the {' and the '.join(picked)} story number {i}", "label": label})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_every_driver_runs_on_a_user_data_file(tmp_path, tiny_bert_dir):
+    """On main the combine took the data file itself for a rank pickle ('corrupt pickle')."""
+    data = user_data(tmp_path / "data.jsonl")
+    base = ["--base-dir", str(tmp_path / "out")]
+    teacher = ["--teacher", str(tiny_bert_dir)]
+    texts = subprocess.run([sys.executable, str(REPO / "scripts" / "00_texts.py"), "--task", str(data), *base],
+                           capture_output=True, text=True, timeout=300)
+    assert texts.returncode == 0, texts.stderr[-3000:]
+    paths = Paths(tmp_path / "out", "data", tiny_bert_dir.name)
+
+    def ok(script, *args):
+        result = drive(script, str(data), *args, *base)
+        assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
+        return result
+
+    ok("run_gather_sense.sh", *teacher, "--max-length", "32", "--batch-size", "16")
+    assert paths.combined.is_file()
+    ok("run_sep_cluster.sh", *teacher)
+    ok("run_multithread_cluster.sh", *teacher, "--procs", "1", "--output", str(tmp_path / "mt.kmeanspkl"))
+    assert paths.sense_dict.is_file() and (tmp_path / "mt.kmeanspkl").is_file()
+    ok("run_train.sh", *teacher, "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
+       "--max-length", "32")
+    student = paths.export_dir / "hf"
+    evaluation = ["--batch-size", "16", "--max-length", "32", "--throughput-texts", "8", "--n-experiments", "1",
+                  "--samples-per-label", "4"]
+    ok("run_evaluate.sh", "--run", "e2e", *evaluation, "--models", f"replace:{student}@{paths.sense_dict}")
+    assert (tmp_path / "out" / "results" / "e2e" / "table.json").is_file()
+    ok("run_multiteacher.sh", "--teachers", str(tiny_bert_dir), "lsa", "--student", str(tiny_bert_dir),
+       "--student-layers", "1", "--lsa-dim", "4", "--max-steps", "2", "--batch-size", "4", "--max-length", "32",
+       "--teacher-batch-size", "16", *evaluation)
+    table = json.loads((tmp_path / "out" / "results" / "multiteacher" / "table.json").read_text())
+    assert {"nll-student", "mse-student", "student-before", "lsa"} <= {model["label"] for model in table["models"]}

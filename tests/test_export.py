@@ -1,0 +1,139 @@
+"""What we score is what we ship: an exported student's SentenceTransformer folders, loaded the
+way users load them, give the embeddings the evaluation scored (plain and replace mode), for
+a MiniLM student (a standard folder) and a tiny random LLM2Vec-style Llama student (our module,
+bidirectional, llm2vec's Llama-3 chat input); a replace folder with a missing or corrupt
+dictionary is refused in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.artifacts import save_json, save_pickle
+from embdistill.errors import UserError
+from embdistill.evaluation.models import load_encoder
+from embdistill.evaluation.specs import parse_model_spec
+from embdistill.senses.packed import PackedSenses
+from embdistill.students import build_student, export_student
+from embdistill.teachers import BidirectionalLlamaModel, load_teacher
+from embdistill.text import LLM2VEC_LLAMA3_CHAT, format_example
+from test_train_stage import REPO, subprocess_env
+
+TEXTS = ["The team won the match in the final minute.", "Stocks rallied as markets cheered the results.",
+         "a cat sat", "Markets fell and stocks slid as investors worried about rates " * 6]
+INSTRUCTION = "Classify user passages."
+TASK = "SomeTask"
+
+
+def st_encode(folder, texts):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
+    return model.encode(texts, batch_size=3, convert_to_numpy=True)
+
+
+def evaluated(spec: str, texts):
+    """The embeddings the evaluation stage scores for a model spec."""
+    encoder = load_encoder(parse_model_spec(spec), {TASK: INSTRUCTION}, device="cpu", batch_size=3, max_length=64)
+    return encoder.embed(texts, TASK)
+
+
+def a_dictionary(model, seed=0) -> dict[int, np.ndarray]:
+    """Entries for every other token the texts use: k noisy copies of its states."""
+    rng = np.random.default_rng(seed)
+    batch = model.tokenize([format_example(INSTRUCTION, t) for t in TEXTS], 64)
+    states = model.token_states(batch).numpy()
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy().astype(bool)
+    dictionary = {}
+    for token in np.unique(ids[mask]).tolist()[::2]:
+        vectors = states[(ids == token) & mask]
+        k = int(rng.integers(1, 4))
+        dictionary[token] = (vectors[rng.integers(0, len(vectors), k)]
+                             + rng.normal(scale=0.3, size=(k, vectors.shape[1]))).astype(np.float16)
+    return dictionary
+
+
+def export(teacher, tmp_path, layers):
+    torch.manual_seed(0)
+    student = build_student(teacher, layers)
+    with torch.no_grad():  # a trained student differs from the teacher's layers
+        for parameter in student.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    dictionary = a_dictionary(teacher)
+    save_pickle(dictionary, tmp_path / "senses.kmeanspkl")
+    out = export_student(student, teacher.tokenizer, tmp_path / "export", normalize=teacher.normalize,
+                         max_seq_length=64, input_format=teacher.input_format, instruction=INSTRUCTION,
+                         senses=PackedSenses(dictionary, teacher.vocab_size))
+    return out, tmp_path / "senses.kmeanspkl"
+
+
+@pytest.fixture(scope="module")
+def minilm_export(tmp_path_factory, minilm_dir):
+    return export(load_teacher(str(minilm_dir), device="cpu"), tmp_path_factory.mktemp("minilm"), 2)
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory, tiny_lora_dir):
+    teacher = load_teacher(str(tiny_lora_dir), device="cpu", input_format=LLM2VEC_LLAMA3_CHAT)
+    return export(teacher, tmp_path_factory.mktemp("llama"), 1)
+
+
+@pytest.mark.slow
+def test_minilm_st_folder_is_standard_and_embeds_as_evaluated(minilm_export):
+    from sentence_transformers import SentenceTransformer
+
+    out, dictionary = minilm_export
+    plain = SentenceTransformer(str(out / "st"), device="cpu")  # no trust_remote_code: standard modules
+    assert plain.default_prompt_name == "task" and plain.prompts["task"] == INSTRUCTION + " "
+    np.testing.assert_allclose(plain.encode(TEXTS), evaluated(f"student:{out / 'hf'}", TEXTS), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(st_encode(out / "st-replace", TEXTS),
+                               evaluated(f"replace:{out / 'hf'}@{dictionary}", TEXTS), atol=1e-5, rtol=1e-5)
+    # replace mode changes the embeddings (the test would not notice a module doing nothing)
+    assert not np.allclose(st_encode(out / "st-replace", TEXTS), plain.encode(TEXTS), atol=1e-3)
+
+
+def test_llama_student_loads_bidirectional_and_embeds_as_evaluated(llama_export):
+    from sentence_transformers import SentenceTransformer
+
+    out, dictionary = llama_export
+    model = SentenceTransformer(str(out / "st"), device="cpu", trust_remote_code=True)
+    assert isinstance(model[0].model, BidirectionalLlamaModel)
+    assert all(not layer.self_attn.is_causal for layer in model[0].model.layers)
+    expected = evaluated(f"student:{out / 'hf'}", TEXTS)
+    np.testing.assert_allclose(model.encode(TEXTS, batch_size=3), expected, atol=1e-5, rtol=1e-5)
+    examples = [format_example(INSTRUCTION, t) for t in TEXTS]
+    hf = load_teacher(str(out / "hf"), device="cpu")
+    assert hf.input_format == LLM2VEC_LLAMA3_CHAT  # carried in the folder
+    np.testing.assert_allclose(hf.encode(examples, batch_size=3, max_length=64), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(st_encode(out / "st-replace", TEXTS),
+                               evaluated(f"replace:{out / 'hf'}@{dictionary}", TEXTS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_replace_folder_without_its_dictionary_is_one_line(llama_export, tmp_path, damage):
+    import shutil
+
+    out, _ = llama_export
+    folder = tmp_path / "st-replace"
+    shutil.copytree(out / "st-replace", folder)
+    senses = next(folder.rglob("senses.safetensors"))
+    if damage == "missing":
+        senses.unlink()
+    else:
+        senses.write_bytes(senses.read_bytes()[:100])
+    with pytest.raises(UserError, match="sense dictionary"):
+        load_encoder(parse_model_spec(f"st:{folder}"), {}, device="cpu", batch_size=2, max_length=32)
+    split = {"text": TEXTS, "label": ["a", "b", "a", "b"]}
+    save_json({"task": "bbc-news", "instruction": INSTRUCTION, "train": split, "test": split},
+              tmp_path / "text_train" / "bbc-news" / "eval.json")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "06_evaluate.py"), "--task", "bbc-news", "--base-dir",
+         str(tmp_path), "--models", f"st:{folder}"], capture_output=True, text=True, env=subprocess_env(),
+        timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "sense dictionary" in last and "Traceback" not in result.stderr

@@ -1,0 +1,189 @@
+"""SKD's stored sense targets (scripts/04_targets.py, embdistill.senses.targets) on a tiny random
+BERT: training on them equals training with targets computed on the fly, the stage resumes
+after an interruption to the same file, 2 torchrun ranks equal 1, and a targets file made for
+another dictionary, max length or text is refused in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from embdistill.artifacts import PartFiles, read_manifest, save_pickle
+from embdistill.distributed import DistEnv
+from embdistill.errors import UserError
+from embdistill.losses import SenseLoss
+from embdistill.senses.packed import PackedSenses
+from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_targets, load_targets,
+                                       text_targets)
+from embdistill.students import SenseDistillation, build_student
+from embdistill.teachers import load_teacher
+from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
+from helpers import free_port
+from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
+
+MAX_LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert_dir):
+    """A base dir with train.json, a dictionary of the teacher's own states and its targets."""
+    base = tmp_path_factory.mktemp("targets")
+    paths = make_inputs(base, tiny_bert_dir)
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    from embdistill.senses.dictionary import load_sense_dict
+    from embdistill.texts import read_train_texts
+
+    senses = PackedSenses(load_sense_dict(paths.sense_dict), teacher.vocab_size)
+    return paths, teacher, senses, read_train_texts(paths)
+
+
+def on_the_fly(teacher, senses):
+    """The sense loss with targets chosen at every step by the frozen teacher."""
+    def loss_fn(model, batch):
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = senses.targets(teacher.token_states(batch), batch["input_ids"], batch["embed_mask"])
+        loss, accuracy, count = SenseLoss(senses)(states, batch["input_ids"], targets)
+        return LossOutput(loss, count, {"sense_accuracy": accuracy})
+    return loss_fn
+
+
+def test_stored_targets_train_exactly_like_targets_on_the_fly(setup, tmp_path):
+    paths, teacher, senses, examples = setup
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    stored = load_targets(paths.targets, cfg, {"sense_dict": paths.sense_dict, "texts": paths.train_json},
+                          senses, len(examples))
+    assert (stored.targets >= 0).sum() > 20
+    config = TrainConfig(epochs=2, batch_size=3, lr=2e-3, warmup_steps=1, log_every=1, save_every=100)
+    runs = {}
+    for name, loss_fn, dataset, collate in [
+        ("stored", SenseDistillation(senses), list(range(len(examples))),
+         TargetCollator(teacher.tokenize, examples, stored, MAX_LENGTH)),
+        ("on_the_fly", on_the_fly(teacher, senses), examples, lambda items: teacher.tokenize(items, MAX_LENGTH)),
+    ]:
+        trainer = Trainer(build_student(teacher, 1), loss_fn, dataset, collate, config, tmp_path / name,
+                          device="cpu", resume=False)
+        trainer.train()
+        runs[name] = (read_metrics(tmp_path / name / "metrics.jsonl"), trainer.module.state_dict())
+    (stored_rows, stored_params), (fly_rows, fly_params) = runs["stored"], runs["on_the_fly"]
+    assert len(stored_rows) == 8
+    for key in ("loss", "sense_accuracy", "units_per_step", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in stored_rows], [r[key] for r in fly_rows], rtol=1e-6, atol=1e-8)
+    for name, value in stored_params.items():
+        torch.testing.assert_close(value, fly_params[name], rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_autocast_on_cpu_keeps_sense_logits_float32(setup, tmp_path):
+    """The CUDA precision path (bf16 autocast) switched on for the CPU: the student runs in
+    bf16, the sense logits and loss stay float32 and training proceeds."""
+    paths, teacher, senses, examples = setup
+    stored = load_targets(paths.targets, TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict),
+                          {"sense_dict": paths.sense_dict, "texts": paths.train_json}, senses, len(examples))
+    seen = {}
+
+    def loss_fn(model, batch):
+        output = SenseDistillation(senses)(model, batch)
+        seen["loss"] = output.loss.dtype
+        return output
+
+    student = build_student(teacher, 1)
+    linear = next(m for m in student.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: seen.update(states=out.dtype))
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1)
+    trainer = Trainer(student, loss_fn, list(range(len(examples))),
+                      TargetCollator(teacher.tokenize, examples, stored, MAX_LENGTH), config,
+                      tmp_path, device="cpu", resume=False, cpu_autocast=True)
+    result = trainer.train()
+    assert seen == {"states": torch.bfloat16, "loss": torch.float32}
+    assert np.isfinite(result.metrics["loss"]) and result.global_step == 3
+
+
+def test_targets_are_the_nearest_senses_of_the_teacher_states(setup):
+    paths, teacher, senses, examples = setup
+    part = text_targets(teacher, senses, examples, MAX_LENGTH, batch_size=5)
+    batch = teacher.tokenize(examples, MAX_LENGTH)
+    expected = senses.targets(teacher.token_states(batch), batch["input_ids"], batch["embed_mask"])
+    text = batch["embed_mask"].bool()
+    assert part["lengths"].tolist() == text.sum(1).tolist()
+    assert part["token_ids"].tolist() == batch["input_ids"][text].tolist()
+    assert part["targets"].tolist() == expected[text].tolist()
+
+
+def test_an_interrupted_stage_resumes_to_the_same_file(setup, tmp_path, monkeypatch):
+    paths, teacher, senses, examples = setup
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
+    whole = tmp_path / "whole.npz"
+    compute_targets(teacher, senses, examples, whole, cfg, DistEnv(), inputs=inputs, flush_every=3)
+
+    written = []
+    original = PartFiles.write
+
+    def write_then_die(self, index, arrays):
+        original(self, index, arrays)
+        written.append(index)
+        if len(written) == 2:
+            raise KeyboardInterrupt  # killed after its second part
+    monkeypatch.setattr(PartFiles, "write", write_then_die)
+    resumed = tmp_path / "resumed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        compute_targets(teacher, senses, examples, resumed, cfg, DistEnv(), inputs=inputs, flush_every=3)
+    assert not resumed.exists() and written == [0, 1]
+    monkeypatch.setattr(PartFiles, "write", original)
+    summary = compute_targets(teacher, senses, examples, resumed, cfg, DistEnv(), inputs=inputs, flush_every=3)
+    assert resumed.read_bytes() == whole.read_bytes()
+    assert summary["texts"] == len(SENTENCES) and not (tmp_path / "resumed.parts").exists()
+
+
+def test_a_targets_file_for_anything_else_is_refused(setup, tmp_path):
+    paths, teacher, senses, examples = setup
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
+    with pytest.raises(UserError, match="max_length 32, not 64"):
+        load_targets(paths.targets, TargetsConfig.of(teacher, 64, paths.sense_dict), inputs, senses, len(examples))
+    other = tmp_path / "other.kmeanspkl"
+    save_pickle({int(t): np.ones((2, teacher.hidden_size), np.float16) for t in senses.token_ids[:5]}, other)
+    with pytest.raises(UserError, match="another sense_dict"):
+        load_targets(paths.targets, cfg, {**inputs, "sense_dict": other}, senses, len(examples))
+    with pytest.raises(UserError, match="missing sense targets"):
+        load_targets(tmp_path / "none.npz", cfg, inputs, senses, len(examples))
+    # the right file, but a smaller dictionary: targets outside their tokens' senses
+    small = PackedSenses({int(t): np.ones((1, teacher.hidden_size), np.float16) for t in senses.token_ids},
+                         teacher.vocab_size)
+    with pytest.raises(UserError, match="another dictionary"):
+        load_targets(paths.targets, cfg, inputs, small, len(examples))
+    # and a batch whose tokens changed since (here: another max length)
+    stored = load_targets(paths.targets, cfg, inputs, senses, len(examples))
+    with pytest.raises(UserError, match="tokens differ"):
+        TargetCollator(teacher.tokenize, examples, stored, 8)([0, 1])
+
+
+def test_training_refuses_targets_of_another_max_length_in_one_line(setup, tmp_path):
+    paths, teacher, senses, examples = setup
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "05_train.py"), "--task", "bbc-news", "--base-dir",
+         str(paths.base), "--teacher", str(teacher.name), "--max-length", "24", "--max-steps", "1"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "max_length 32, not 24" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one(setup, tmp_path):
+    paths, teacher, _, _ = setup
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}.npz"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(free_port()), str(REPO / "scripts" / "04_targets.py"),
+                   "--task", "bbc-news", "--base-dir", str(paths.base), "--teacher", str(teacher.name),
+                   "--max-length", str(MAX_LENGTH), "--flush-every", "2", "--output", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[nproc] = out
+    assert outputs[1].read_bytes() == outputs[2].read_bytes()
+    assert read_manifest(outputs[2])["extra"]["world_size"] == 2
