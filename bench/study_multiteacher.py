@@ -14,7 +14,7 @@ Runs the pipeline's own stage scripts, each skipped when done (a rerun resumes):
    (standardised targets, heads fitted on cached embeddings first) plus --train-args (about 2
    epochs) and the variant's arguments; the seed sets the heads' initialisation, the shuffling
    and the validation split;
-4. stage 5 (mteb, 32 samples per label, 10 experiments): the students of each variant, and
+4. stage 6 (mteb, 32 samples per label, 10 experiments): the students of each variant, and
    once the student before distillation and both teachers;
 
 then writes <out>/<name>.json, <name>.md (accuracy, mean +- std over the seeds) and <name>.png.
@@ -120,7 +120,7 @@ def main() -> int:
             for loss in variant_losses[variant] for seed in args.seeds]
     tables = {}
     for results, models in evaluations.items():
-        seconds[f"evaluate {results}"] = stage("05_evaluate.py", "--tasks", *TASKS, "--run", results,
+        seconds[f"evaluate {results}"] = stage("06_evaluate.py", "--tasks", *TASKS, "--run", results,
                                                "--models", *models, *common, log_file=log_file)
         tables[results] = json.loads((base / "results" / results / "table.json").read_text())
 

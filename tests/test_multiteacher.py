@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import runpy
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_t
                                             load_teacher_targets, shard_files, target_statistics,
                                             text_id, write_teacher_shards)
 from embdistill.multiteacher.warmup import fit_heads
-from helpers import free_port
+from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("market stock bank rates price growth team match goal season player coach film music "
@@ -506,37 +505,13 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", 
 
 # Runs a stage script with one method wrapped to SIGKILL the process on its n-th call: a real
 # kill -9 at a known point (no cleanup, no exception handlers).
-KILLER = """
-import importlib, os, runpy, signal, sys
-module, owner, method, n, script = sys.argv[1:6]
-cls = getattr(importlib.import_module(module), owner)
-original, calls = getattr(cls, method), []
-def dying(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-setattr(cls, method, dying)
-sys.argv = [script] + sys.argv[6:]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 def run_script(script: str, *args, status: int = 0) -> None:
-    """A stage script in this process (``run_main`` exits with ``status``)."""
-    argv = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exited:
-            runpy.run_path(str(REPO / "scripts" / script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert exited.value.code == status
+    """A stage script in this process, as its command line runs it; it exits with ``status``."""
+    assert run_stage(f"scripts/{script}", *args) == status
 
 
 def run_killed(module, owner, method, n, script, *args) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", KILLER, module, owner, method, str(n),
-               str(REPO / "scripts" / script), *map(str, args)]
+    command = killed_command(module, owner, method, n, REPO / "scripts" / script, *args)
     return subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
 
 
