@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{len(train_set)} training texts, {args.steps} steps of {args.batch_size} texts, head lr {args.head_lr}, "
           f"{torch.get_num_threads()} threads")
     before = probe_metrics(fresh_model(), probe)
-    print(f"before:  R2 " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k.startswith("r2/")))
+    print("before:  R2 " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k.startswith("r2/")))
 
     model = fresh_model()
     started = time.perf_counter()

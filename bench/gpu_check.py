@@ -375,7 +375,7 @@ def replace(ctx: Context) -> tuple[dict, list]:
 def ddp_worker(out_dir: str, steps: int, hang: bool) -> None:
     """One rank: a few Trainer steps of a small bidirectional Llama under DDP, then its
     parameters to a file. With ``hang``, rank 1 never joins the first all-reduce."""
-    from embdistill.distributed import bind_device, cleanup, dist_env, resolve_device
+    from embdistill.distributed import bind_device, cleanup, dist_env, init_distributed, resolve_device
     from embdistill.training import LossOutput, Trainer, TrainConfig
     from transformers import LlamaConfig
 
@@ -399,6 +399,7 @@ def ddp_worker(out_dir: str, steps: int, hang: bool) -> None:
 
     config = TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, max_steps=steps, save_every=10**6,
                          log_every=10**6, dist_timeout_s=20.0 if hang else 300.0)
+    init_distributed(timeout_s=config.dist_timeout_s)
     trainer = Trainer(model, loss, data, collate, config, Path(out_dir) / "run", device=device, resume=False)
     started = time.perf_counter()  # after the rendezvous: the steps (and the checkpoint at the end)
     trainer.train()

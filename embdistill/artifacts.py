@@ -309,8 +309,9 @@ def manifest_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + MANIFEST_SUFFIX)
 
 
-def _normalise(value: Any) -> Any:
-    """Config as it reads back from JSON (tuples -> lists, paths -> str), for comparison."""
+def normalise_config(value: Any) -> Any:
+    """A config as it reads back from JSON (tuples -> lists, paths -> str, numpy scalars ->
+    numbers): the one form in which run identities are compared (manifests, checkpoints)."""
     return json.loads(json.dumps(value, default=_json_default))
 
 
@@ -327,13 +328,13 @@ def write_manifest(
     manifest = {
         "artifact": Path(path).name,
         "stage": stage,
-        "config": _normalise(dict(config)),
+        "config": normalise_config(dict(config)),
         "inputs": {k: fingerprint(v) for k, v in (inputs or {}).items()},
         "versions": package_versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if extra:
-        manifest["extra"] = _normalise(dict(extra))
+        manifest["extra"] = normalise_config(dict(extra))
     save_json(manifest, manifest_path(path))
     return manifest
 
@@ -360,7 +361,7 @@ def is_done(
     manifest = read_manifest(path)
     if not path.exists() or manifest is None:
         return False
-    if manifest.get("config") != _normalise(dict(config)):
+    if manifest.get("config") != normalise_config(dict(config)):
         return False
     recorded = manifest.get("inputs", {})
     for key, value in (inputs or {}).items():

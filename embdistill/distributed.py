@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger("embdistill.distributed")
 
@@ -142,7 +142,8 @@ def bind_device(device: torch.device) -> torch.device:
 
 
 def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> DistEnv:
-    """Join the process group when WORLD_SIZE > 1 (idempotent); return the environment.
+    """Join the process group when WORLD_SIZE > 1 (idempotent); return the environment. A peer
+    that does not join within ``timeout_s`` is a one-line :class:`UserError`.
 
     Under NCCL the process's GPU is the one :func:`bind_device` chose, else cuda:LOCAL_RANK."""
     env = dist_env()
@@ -153,7 +154,13 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
             log.info("NCCL: a peer that hangs in a collective for %.0f s (--dist-timeout) makes the "
                      "NCCL watchdog abort this process (SIGABRT; its log names the timed-out "
                      "collective, 'Watchdog caught collective operation timeout')", timeout_s)
-        dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
+        except dist.DistError as exc:
+            raise UserError(
+                f"could not join the process group ({first_line(exc)}); check that every node "
+                "started, --master_addr/--master_port, and --dist-timeout"
+            ) from None
         log.info("rank %d/%d joined (%s)", env.rank, env.world_size, backend)
     return env
 

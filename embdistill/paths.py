@@ -11,7 +11,9 @@ current directory)::
     work/<task>/<teacher>/targets.npz              stage 4: the sense targets of the training texts
     runs/<task>/<run>/                             stage 5: checkpoints/, export/, metrics
     results/<run>/                                 stage 6: mteb json, table.md/json, png (all tasks)
-    embeddings/<corpus>/<teacher>/                 multi-teacher: teacher embedding shards
+    embeddings/<corpus>/corpus.json                multi-teacher stage 10: the corpus's texts
+    embeddings/<corpus>/<teacher>/                 multi-teacher stage 10: teacher embedding shards
+    runs/<corpus>/<run>/initial/, export/          multi-teacher stage 11: the student before and after
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 
 def base_dir(arg: str | os.PathLike | None = None) -> Path:
@@ -98,9 +102,27 @@ class Paths:
         return self.run_dir / "export"
 
 
+    @property
+    def initial_dir(self) -> Path:
+        """Multi-teacher: the student before distillation, exported like the trained one."""
+        return self.run_dir / "initial"
+
+    @property
+    def corpus_file(self) -> Path:
+        """Multi-teacher: the corpus's texts (``task`` is the corpus name)."""
+        return self.base / "embeddings" / self.task / "corpus.json"
+
     def embeddings_dir(self, teacher: str) -> Path:
         """Multi-teacher shards of one teacher over this task's corpus."""
         return self.base / "embeddings" / self.task / teacher
+
+
+def check_run_name(name: str | None, under: str) -> str:
+    """``name`` when it is one folder name (under ``under``, for the message), else a
+    one-line error."""
+    if not name or "/" in name or os.sep in name or name in (".", ".."):
+        raise UserError(f"bad run name '{name}': a folder name under {under}")
+    return name
 
 
 def results_dir(base: Path, run: str) -> Path:

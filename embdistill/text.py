@@ -31,7 +31,6 @@ tokens cost, and the tokens kept are the same as without the cut.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch

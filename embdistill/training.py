@@ -65,9 +65,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_open, output_lock, save_json, weights_only_refusal
+from .artifacts import atomic_open, normalise_config, output_lock, save_json, weights_only_refusal
 from .cli import finite_float
-from .distributed import DistEnv, barrier, default_device, init_distributed
+from .distributed import barrier, default_device, dist_env
 from .errors import UserError, first_line
 
 log = logging.getLogger("embdistill.training")
@@ -221,9 +221,13 @@ def non_finite_parameters(module: nn.Module) -> list[str]:
     return [name for name, parameter in module.named_parameters() if not torch.isfinite(parameter).all()]
 
 
-def _normalised(value: Any) -> Any:
-    """As the value reads back from JSON, so that saved and current configs compare equal."""
-    return json.loads(json.dumps(value, default=str))
+def resolved_config(run_config: Mapping[str, Any], config: TrainConfig, world_size: int) -> dict:
+    """What identifies a training run: the caller's ``run_config`` (model, data, loss), the
+    optimisation settings and the number of processes. The Trainer's checkpoints and config.json
+    hold it; the stages' export manifests hold it too, so that a finished run is skipped only
+    when all of it is unchanged."""
+    return {"run": normalise_config(dict(run_config)), "train": dataclasses.asdict(config),
+            "world_size": world_size}
 
 
 _PEER_FAILURE = re.compile(
@@ -310,7 +314,10 @@ class Trainer:
         if len(train_dataset) == 0:
             raise UserError("no training examples")
         self.config = config
-        self.env = join_process_group(config.dist_timeout_s)
+        self.env = dist_env()
+        if self.env.distributed and not dist.is_initialized():
+            raise RuntimeError(f"WORLD_SIZE is {self.env.world_size}: join the process group "
+                               "(embdistill.distributed.init_distributed) before building a Trainer")
         self.device = torch.device(device) if device is not None else default_device(self.env)
         self.module = model.to(self.device)
         self.model = self._wrap(self.module)
@@ -320,7 +327,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.run_config = _normalised(dict(run_config or {}))
+        self.run_config = dict(run_config or {})
         self.resume = resume
         self.on_fresh_start = on_fresh_start
         self.on_step_end = on_step_end
@@ -375,10 +382,7 @@ class Trainer:
     @property
     def saved_config(self) -> dict:
         """The resolved config: ``config.json`` and every checkpoint hold it."""
-        return {
-            "run": self.run_config,
-            "train": dataclasses.asdict(self.config),
-            "world_size": self.env.world_size,
+        return resolved_config(self.run_config, self.config, self.env.world_size) | {
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
         }
@@ -622,7 +626,7 @@ class Trainer:
             )
 
     def _check_resumable(self, path: Path, saved: dict) -> None:
-        current = _normalised(self.saved_config)
+        current = normalise_config(self.saved_config)
         differences = [f"{key}: {saved['run'].get(key)!r} -> {value!r}"
                        for key, value in current["run"].items() if saved["run"].get(key) != value]
         differences += [f"{key}: {saved['run'][key]!r} -> (none)" for key in saved["run"]
@@ -640,17 +644,6 @@ class Trainer:
         changed = [key for key in RESUMABLE_CHANGES if saved["train"].get(key) != current["train"][key]]
         if changed:
             log.info("resuming with changed %s", ", ".join(changed))
-
-
-def join_process_group(timeout_s: float) -> DistEnv:
-    """``init_distributed`` with a bounded wait; a peer that never joins is a one-line error."""
-    try:
-        return init_distributed(timeout_s=timeout_s)
-    except dist.DistError as exc:
-        raise UserError(
-            f"could not join the process group ({first_line(exc)}); check that every node "
-            "started, --master_addr/--master_port, and --dist-timeout"
-        ) from None
 
 
 def _accumulate(window: dict[str, float], stats: dict[str, float]) -> None:

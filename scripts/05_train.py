@@ -19,9 +19,10 @@ import torch
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
 from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
-from embdistill.distributed import DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, print0, resolve_device
+from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, init_distributed,
+                                    print0, resolve_device)
 from embdistill.errors import UserError
-from embdistill.paths import Paths, base_dir
+from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
 from embdistill.senses.packed import PackedSenses
 from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets
@@ -30,7 +31,7 @@ from embdistill.students import (SenseDistillation, StateMatching, build_student
 from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import instruction_of, read_train_texts
-from embdistill.training import Trainer, TrainConfig, add_training_args, join_process_group
+from embdistill.training import Trainer, TrainConfig, add_training_args, resolved_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,12 +85,10 @@ def resolve_teacher_device(arg: str | None, student_device, env: DistEnv):
 
 
 def train(args: argparse.Namespace) -> int:
-    run = args.run or ("skd" if args.loss == "sense" else "mse")
-    if "/" in run or run in (".", ".."):
-        raise UserError(f"bad run name '{run}': a folder name under runs/<task>/")
+    run = check_run_name(args.run or ("skd" if args.loss == "sense" else "mse"), "runs/<task>/")
     task = resolve_task(args.task, args.text_column, args.label_column)
     device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
-    env = join_process_group(args.dist_timeout)
+    env = init_distributed(timeout_s=args.dist_timeout)
     config = TrainConfig.from_args(args, lr_scale=env.world_size)
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run)
@@ -118,8 +117,8 @@ def train(args: argparse.Namespace) -> int:
         "student_layers": layers, "loss": args.loss, "max_length": max_length,
         **{key: fingerprint(path) for key, path in inputs.items()},
     }
-    resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size},
-                "export_replace": args.loss == "sense" and args.export_replace}
+    resolved = resolved_config(run_config, config, env.world_size) | {
+        "export_replace": args.loss == "sense" and args.export_replace}
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
         return 0
 

@@ -19,9 +19,8 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.errors import UserError
 from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
-from embdistill.paths import base_dir, results_dir
+from embdistill.paths import base_dir, check_run_name, results_dir
 from embdistill.tasks import resolve_task
 
 
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         check_dictionary_teachers(specs, task_slugs)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
-    if not args.run or "/" in args.run or args.run in (".", ".."):
-        raise UserError(f"bad run name '{args.run}': a folder name under results/")
+    check_run_name(args.run, "results/")
     config = EvaluationConfig(
         run=args.run, tasks=tuple(tasks), models=tuple(args.models),
         samples_per_label=args.samples_per_label, n_experiments=args.n_experiments,

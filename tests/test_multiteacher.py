@@ -708,8 +708,9 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
 
 
 def _worker(out_dir: str, tiny_bert_dir: str, batch_size: str) -> None:
-    from embdistill.distributed import cleanup, dist_env
+    from embdistill.distributed import cleanup, dist_env, init_distributed
 
+    init_distributed(timeout_s=300)
     state = _train_toy(out_dir, tiny_bert_dir, int(batch_size))
     torch.save(state, Path(out_dir) / f"rank{dist_env().rank}.pt")
     cleanup()

@@ -380,8 +380,9 @@ def test_two_ranks_train_like_one_rank_with_the_global_batch(tmp_path, batch_siz
 
 def _worker(out_dir: str, batch_size: str, grad_accum: str) -> None:
     """One rank of the DDP test: train, then save this rank's parameters."""
-    from embdistill.distributed import cleanup, dist_env
+    from embdistill.distributed import cleanup, dist_env, init_distributed
 
+    init_distributed(timeout_s=300)
     model = TinyTokenModel()
     trainer = Trainer(model, mse_objective, sequences(), collate,
                       config(batch_size=int(batch_size), grad_accum=int(grad_accum)),

@@ -20,14 +20,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..paths import Paths, slug
-
-
-def initial_export_dir(paths: Paths) -> Path:
-    """runs/<corpus>/<run>/initial: the student before distillation, exported like the trained one."""
-    return paths.run_dir / "initial"
 
 
 def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
@@ -39,7 +32,7 @@ def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -
     specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_dir / 'st'}"
              for label, run in runs.items()]
     first_run = Paths(paths.base, paths.task, run=next(iter(runs.values())))
-    specs.append(f"student-before=st:{initial_export_dir(first_run) / 'st'}")
+    specs.append(f"student-before=st:{first_run.initial_dir / 'st'}")
     for name in teachers:
         if name == LSA_TEACHER:
             specs.append(f"{LSA_TEACHER}=st:{lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1]}")

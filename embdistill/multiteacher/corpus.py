@@ -65,9 +65,6 @@ def corpus_name(args: argparse.Namespace) -> str:
     raise UserError(f"--corpus must be 'tasks' or hub:<dataset id>, got '{args.corpus}'")
 
 
-def corpus_file(paths: Paths) -> Path:
-    """embeddings/<corpus>/corpus.json (``paths.task`` is the corpus name)."""
-    return paths.base / "embeddings" / paths.task / "corpus.json"
 
 
 def unique_texts(texts) -> list[str]:
@@ -137,12 +134,12 @@ def validation_split(n_texts: int, fraction: float, seed: int) -> tuple[np.ndarr
 
 
 def write_corpus(paths: Paths, texts: list[str], config: dict, inputs: dict) -> None:
-    save_json(texts, corpus_file(paths))
-    write_manifest(corpus_file(paths), stage="corpus", config=config, inputs=inputs)
+    save_json(texts, paths.corpus_file)
+    write_manifest(paths.corpus_file, stage="corpus", config=config, inputs=inputs)
 
 
 def read_corpus(paths: Paths) -> list[str]:
-    path = corpus_file(paths)
+    path = paths.corpus_file
     if not path.is_file():
         raise UserError(f"missing {path}: run scripts/10_teacher_embeddings.py for this corpus first")
     texts = load_json(path)

@@ -15,7 +15,7 @@ import torch
 from ..artifacts import fingerprint, is_done
 from ..distributed import barrier, cleanup, default_device, init_distributed
 from ..paths import Paths, base_dir, slug
-from .corpus import build_corpus, corpus_file, corpus_name, read_corpus, write_corpus
+from .corpus import build_corpus, corpus_name, read_corpus, write_corpus
 from .lsa import LSA_TEACHER, LsaModel, lsa_dirs, prepare_lsa
 from .shards import Encoder, finish_teacher, reset_teacher, shards_config, write_teacher_shards
 
@@ -53,7 +53,7 @@ def build_teacher_embeddings(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace, base: Path, paths: Paths, teachers: list[str]) -> None:
     """Rank 0, before the others start: the corpus, the LSA teacher, resets for --overwrite."""
     texts, config, inputs = build_corpus(args, base)
-    if args.overwrite or not is_done(corpus_file(paths), config=config, inputs=inputs):
+    if args.overwrite or not is_done(paths.corpus_file, config=config, inputs=inputs):
         write_corpus(paths, texts, config, inputs)
     log.info("corpus %s: %d texts", paths.task, len(texts))
     for name in teachers:
@@ -61,7 +61,7 @@ def prepare(args: argparse.Namespace, base: Path, paths: Paths, teachers: list[s
         if args.overwrite:
             reset_teacher(folder)
         if name == LSA_TEACHER:
-            prepare_lsa(folder, texts, corpus_file(paths), dim=args.lsa_dim, min_df=args.lsa_min_df,
+            prepare_lsa(folder, texts, paths.corpus_file, dim=args.lsa_dim, min_df=args.lsa_min_df,
                         max_features=args.lsa_max_features, seed=args.seed, overwrite=args.overwrite)
 
 

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 
 from ..artifacts import fingerprint, is_done, save_json, skip_if_done, write_manifest
-from ..distributed import DistEnv, cleanup, default_device, print0
+from ..distributed import DistEnv, cleanup, default_device, init_distributed, print0
 from ..errors import UserError
-from ..paths import Paths, base_dir, slug
+from ..paths import Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
 from ..teachers import load_teacher
-from ..training import Trainer, TrainConfig, join_process_group, to_device
-from . import initial_export_dir
-from .corpus import corpus_file, corpus_name, read_corpus, validation_split
+from ..training import Trainer, TrainConfig, resolved_config, to_device
+from .corpus import corpus_name, read_corpus, validation_split
 from .model import Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss
 from .monitor import PROBE_TEXTS, TrainingMonitor
 from .shards import INDEX_NAME, TeacherTargets, load_teacher_targets, target_statistics
@@ -53,7 +52,7 @@ def run_identity(args: argparse.Namespace, paths: Paths, folders: dict[str, Path
                  stats: TargetStats | None) -> dict:
     """Every input and option that changes what the run computes (besides TrainConfig's)."""
     return {
-        "corpus": paths.task, "corpus_texts": fingerprint(corpus_file(paths)),
+        "corpus": paths.task, "corpus_texts": fingerprint(paths.corpus_file),
         "teachers": {name: fingerprint(folder / INDEX_NAME) for name, folder in folders.items()},
         "student": args.student, "student_layers": args.student_layers, "pooling": args.pooling,
         "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": args.max_length,
@@ -77,10 +76,7 @@ def check_options(args: argparse.Namespace) -> str:
         raise UserError("--head-warmup-steps and --val-every must not be negative")
     if not args.head_lr >= 0:
         raise UserError(f"--head-lr must not be negative, got {args.head_lr}")
-    run = args.run or f"mt-{args.loss}"
-    if "/" in run or run in (".", ".."):
-        raise UserError(f"bad run name '{run}': a folder name under runs/<corpus>/")
-    return run
+    return check_run_name(args.run or f"mt-{args.loss}", "runs/<corpus>/")
 
 
 def train_student(args: argparse.Namespace) -> None:
@@ -94,10 +90,10 @@ def train_student(args: argparse.Namespace) -> None:
     train_index, val_index = validation_split(len(texts), args.val_fraction, args.seed)
     stats = ({t.name: target_statistics(t, train_index) for t in targets} if args.standardize else None)
 
-    env = join_process_group(args.dist_timeout)
+    env = init_distributed(timeout_s=args.dist_timeout)
     config = TrainConfig.from_args(args)
     run_config = run_identity(args, paths, folders, stats)
-    resolved = {"run": run_config, "train": vars(config) | {"world_size": env.world_size}}
+    resolved = resolved_config(run_config, config, env.world_size)
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
         return
 
@@ -123,21 +119,18 @@ def train_student(args: argparse.Namespace) -> None:
              args.student, args.pooling, sum(p.numel() for p in model.parameters()) / 1e6, len(train_index),
              len(val_index), ", ".join(f"{t.name} ({t.dim}-d)" for t in targets), args.loss,
              "standardised" if stats else "raw")
-    warm_up = None
-    if args.head_warmup_steps:
-        texts_per_step = args.batch_size * args.grad_accum * env.world_size
-
-        def warm_up(module: MultiTeacherStudent) -> None:
-            summary = fit_heads(module, train_set, collator, loss_fn, steps=args.head_warmup_steps,
-                                batch_size=args.batch_size, texts_per_step=texts_per_step, lr=args.head_lr,
-                                weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                                seed=args.seed, device=device, env=env)
-            if env.is_main:
-                save_json(summary, paths.run_dir / "head_warmup.json")
+    def warm_up(module: MultiTeacherStudent) -> None:
+        summary = fit_heads(module, train_set, collator, loss_fn, steps=args.head_warmup_steps,
+                            batch_size=args.batch_size,
+                            texts_per_step=args.batch_size * args.grad_accum * env.world_size, lr=args.head_lr,
+                            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                            seed=args.seed, device=device, env=env)
+        if env.is_main:
+            save_json(summary, paths.run_dir / "head_warmup.json")
 
     trainer = Trainer(model, loss_fn, train_set, collator, config, paths.run_dir, run_config=run_config,
                       device=device, resume=args.resume and not args.overwrite,
-                      param_groups=model.param_groups(config.lr, args.head_lr), on_fresh_start=warm_up,
+                      param_groups=model.param_groups(config.lr, args.head_lr), on_fresh_start=warm_up if args.head_warmup_steps else None,
                       on_step_end=monitor)
     result = trainer.train()
     if env.is_main:
@@ -174,7 +167,7 @@ def export_initial(model: MultiTeacherStudent, tokenizer, paths: Paths, run_conf
                    args: argparse.Namespace, env: DistEnv) -> None:
     """initial/: the student before distillation, exported as the trained one will be (rank 0,
     once per student and export settings)."""
-    initial_dir = initial_export_dir(paths)
+    initial_dir = paths.initial_dir
     config = {k: run_config[k] for k in ("student", "student_layers", "pooling", "max_length", "export_normalize")}
     if env.is_main and (args.overwrite or not is_done(initial_dir, config=config)):
         export(model, tokenizer, initial_dir, args)
