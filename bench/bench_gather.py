@@ -41,7 +41,7 @@ from common import add_machine_args, machine, synchronize  # noqa: E402
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens, gather_texts
 from embdistill.tasks import resolve_task
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher, minilm_path
-from embdistill.text import LLM2VEC, PLAIN, InputFormat, format_example
+from embdistill.input_format import LLM2VEC, PLAIN, InputFormat, format_example
 
 
 def random_llama_teacher(name: str, device: torch.device, tokenizer, max_length: int,

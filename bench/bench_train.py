@@ -48,7 +48,7 @@ from embdistill.senses.packed import PackedSenses
 from embdistill.senses.targets import SenseTargets, TargetCollator, text_targets
 from embdistill.students import SenseDistillation, StateMatching, build_student
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher
-from embdistill.text import LLM2VEC
+from embdistill.input_format import LLM2VEC
 from embdistill.texts import read_train_texts
 from embdistill.training import Trainer, TrainConfig
 

@@ -66,7 +66,7 @@ from embdistill.senses.cluster import Batching, ClusterConfig, plan_batches  # n
 from embdistill.senses.gather import GatherConfig, count_table, count_tokens  # noqa: E402
 from embdistill.senses.kmeans import kmeans  # noqa: E402
 from embdistill.senses.krule import mcl_counts  # noqa: E402
-from embdistill.text import format_example  # noqa: E402
+from embdistill.input_format import format_example  # noqa: E402
 
 SECTIONS = ("attention", "gather", "cluster", "faiss", "skd_step", "replace", "ddp")
 DDP_WORKER_ENV = "EMBDISTILL_GPU_CHECK_DDP"  # set for the processes of the ddp section

@@ -3,7 +3,7 @@ embed as our evaluation does (an exported folder must give the embeddings its ta
 
 * :class:`Encoder`: an LLM2Vec student (or any model folder :func:`load_teacher` reads): the
   model loaded bidirectional, the input in its format (llm2vec's chat turn, left padding, last-n
-  embed mask; :mod:`embdistill.text`). It outputs ``token_embeddings`` and sets
+  embed mask; :mod:`embdistill.input_format`). It outputs ``token_embeddings`` and sets
   ``attention_mask`` to the embed mask, so that the standard ``Pooling`` (mean) that follows
   pools the text tokens only, as llm2vec does (``skip_instruction``).
 * :class:`SenseReplace`: replace mode as a module: each attended token with a dictionary entry

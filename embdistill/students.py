@@ -33,7 +33,7 @@ from .errors import UserError
 from .losses import SenseLoss, masked_mse
 from .senses.packed import PackedSenses
 from .teachers import Teacher, save_reading, truncated_copy
-from .text import PLAIN, SEPARATOR, InputFormat, format_example
+from .input_format import PLAIN, SEPARATOR, InputFormat, format_example
 from .training import LossOutput, non_finite_parameters
 
 log = logging.getLogger("embdistill.students")

@@ -1,7 +1,7 @@
 """Teachers: encoder models (BERT-like) and LLM2Vec decoders (Llama, bidirectional, LoRA merged).
 
 A :class:`Teacher` gives per-token final hidden states (what SKD gathers and clusters) and
-pooled embeddings (mean over the embed mask, see :mod:`embdistill.text`).
+pooled embeddings (mean over the embed mask, see :mod:`embdistill.input_format`).
 
 LLM2Vec, as the paper's teacher: the ``-mntp`` repository is a PEFT LoRA adapter on
 Llama-3-8B-Instruct (its ``adapter_config.json`` names the base); the base is loaded with
@@ -34,7 +34,7 @@ from . import paths
 from .artifacts import load_json, save_json
 from .distributed import default_device
 from .errors import UserError
-from .text import InputFormat, input_format_for, tokenize_with_embed_mask
+from .input_format import InputFormat, input_format_for, tokenize_with_embed_mask
 
 log = logging.getLogger("embdistill.teachers")
 
@@ -161,7 +161,7 @@ class Teacher:
 
     def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``embed_mask`` (CPU, B x T), in the teacher's
-        input format (:mod:`embdistill.text`)."""
+        input format (:mod:`embdistill.input_format`)."""
         return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length),
                                         self.input_format)
 
@@ -298,7 +298,7 @@ def load_teacher(
     False; encoders are bidirectional anyway. ``dtype`` defaults to bf16 for decoders on GPU,
     else fp32; ``device`` to this rank's GPU, else the CPU. ``input_format`` defaults to the
     one saved in the model folder (an exported student's), else llm2vec's for the base model
-    (:func:`embdistill.text.input_format_for`). ``layers``: load only the first layers (with
+    (:func:`embdistill.input_format.input_format_for`). ``layers``: load only the first layers (with
     the embeddings and the final norm): all a student built from them needs, without the
     memory of the rest of an 8B teacher.
     """

@@ -16,7 +16,7 @@ from .artifacts import load_json, save_json, write_manifest
 from .errors import UserError
 from .paths import Paths
 from .tasks import Splits, Task
-from .text import format_example, split_example
+from .input_format import format_example, split_example
 
 log = logging.getLogger("embdistill.texts")
 

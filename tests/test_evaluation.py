@@ -125,7 +125,7 @@ def test_our_encoder_embeds_instruction_formatted_text(tiny_bert_dir):
     from embdistill.evaluation.local_tasks import local_task
     from embdistill.evaluation.models import load_encoder
     from embdistill.teachers import load_teacher
-    from embdistill.text import format_example
+    from embdistill.input_format import format_example
 
     texts = ["the team won the game", "the market price of money", "a good movie", "hello world"]
     task = resolve_task("bbc-news")

@@ -20,7 +20,7 @@ from embdistill.evaluation.specs import parse_model_spec
 from embdistill.senses.packed import PackedSenses
 from embdistill.students import build_student, export_student
 from embdistill.teachers import BidirectionalLlamaModel, load_teacher
-from embdistill.text import LLM2VEC_LLAMA3_CHAT, format_example
+from embdistill.input_format import LLM2VEC_LLAMA3_CHAT, format_example
 from test_train_stage import REPO, subprocess_env
 
 TEXTS = ["The team won the match in the final minute.", "Stocks rallied as markets cheered the results.",

@@ -12,7 +12,7 @@ from bench.bench_replace import replace_reference_loop
 from embdistill.evaluation.replace import ReplaceModeModel
 from embdistill.senses.packed import PackedSenses
 from embdistill.teachers import load_teacher, mean_pool
-from embdistill.text import format_example
+from embdistill.input_format import format_example
 
 VOCAB, DIM, PAD = 30, 8, 0
 

@@ -12,7 +12,7 @@ import pytest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.tasks import TASKS, resolve_task
-from embdistill.text import SEPARATOR, split_example
+from embdistill.input_format import SEPARATOR, split_example
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from embdistill.errors import UserError
 from embdistill.teachers import BidirectionalLlamaModel, load_teacher, load_tokenizer, mean_pool, truncated_copy
-from embdistill.text import format_example
+from embdistill.input_format import format_example
 
 INSTRUCTION = "Classify the topic of the news article:"
 

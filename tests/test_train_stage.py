@@ -26,7 +26,7 @@ from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
 from embdistill.students import build_student, default_teacher_device, export_student
 from embdistill.teachers import load_teacher
-from embdistill.text import format_example
+from embdistill.input_format import format_example
 from embdistill.training import read_metrics
 from helpers import free_port, killed_command, run_stage
 

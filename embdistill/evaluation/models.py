@@ -25,7 +25,7 @@ from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderW
 
 from ..errors import UserError, first_line
 from ..teachers import Teacher, load_teacher, truncated_copy
-from ..text import format_example
+from ..input_format import format_example
 from .replace import ReplaceModeModel
 from .specs import ModelSpec, looks_like_path
 

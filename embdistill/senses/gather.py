@@ -121,7 +121,7 @@ class GatherConfig:
     per_token: int = 1000
     seed: int = 0
     dtype: str = "float16"
-    input_format: str = "plain"  # the teacher's (embdistill.text): what its states saw
+    input_format: str = "plain"  # the teacher's (embdistill.input_format): what its states saw
 
     def __post_init__(self):
         if self.dtype not in OUT_DTYPES:

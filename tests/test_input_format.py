@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from embdistill.errors import UserError
-from embdistill.text import (LLM2VEC, LLM2VEC_LLAMA3_CHAT, PLAIN, SEPARATOR, InputFormat,
+from embdistill.input_format import (LLM2VEC, LLM2VEC_LLAMA3_CHAT, PLAIN, SEPARATOR, InputFormat,
                              cut_long_text, format_example, input_format_for, split_example,
                              tokenize_with_embed_mask)
 
