@@ -179,11 +179,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "study_skd"), help="base dir of everything")
-    parser.add_argument("--train", type=int, nargs=2, default=[1200, 2400], metavar=("BBC", "TWEETS"),
+    parser.add_argument("--train", type=int, nargs=2, default=[1000, 2000], metavar=("BBC", "TWEETS"),
                         help="training texts of bbc-news and tweet-sentiment (the demo: 800 and 1600)")
     parser.add_argument("--test", type=int, default=300, help="held-out texts per task")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
