@@ -226,8 +226,8 @@ def resolved_config(run_config: Mapping[str, Any], config: TrainConfig, world_si
     optimisation settings and the number of processes. The Trainer's checkpoints and config.json
     hold it; the stages' export manifests hold it too, so that a finished run is skipped only
     when all of it is unchanged."""
-    return {"run": normalise_config(dict(run_config)), "train": dataclasses.asdict(config),
-            "world_size": world_size}
+    return {"run": normalise_config(dict(run_config)),
+            "train": dataclasses.asdict(config) | {"world_size": world_size}}
 
 
 _PEER_FAILURE = re.compile(
@@ -634,8 +634,6 @@ class Trainer:
         differences += [f"{key}: {saved['train'].get(key)!r} -> {value!r}"
                         for key, value in current["train"].items()
                         if key not in RESUMABLE_CHANGES and saved["train"].get(key) != value]
-        if saved["world_size"] != current["world_size"]:
-            differences.append(f"world_size: {saved['world_size']} -> {current['world_size']}")
         if differences:
             raise UserError(
                 f"{path} belongs to a different run ({'; '.join(differences)}); pass --overwrite "

@@ -128,7 +128,7 @@ def test_the_run_folder_holds_config_checkpoints_plot_and_manifest(pinned_run):
     run = pinned_run.run_dir
     config = json.loads((run / "config.json").read_text())
     assert config["run"]["student_layers"] == 1 and config["run"]["loss"] == "sense"
-    assert config["train"]["lr"] == 2e-3 and config["world_size"] == 1 and config["total_steps"] == 12
+    assert config["train"]["lr"] == 2e-3 and config["train"]["world_size"] == 1 and config["total_steps"] == 12
     assert sorted(p.name for p in pinned_run.checkpoint_dir.iterdir()) == ["step-00000008.pt", "step-00000012.pt"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((run / "export.manifest.json").read_text())
@@ -313,7 +313,7 @@ def test_run_train_sh_trains_with_two_processes_and_the_mse_loss(stage_inputs, t
     assert done.returncode == 0, done.stderr[-3000:]
     run = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "mse")
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert config["world_size"] == 2 and config["train"]["lr"] == pytest.approx(1e-5)  # 5e-6 x 2
+    assert config["train"]["world_size"] == 2 and config["train"]["lr"] == pytest.approx(1e-5)  # 5e-6 x 2
     assert [row["step"] for row in read_metrics(run.run_dir / "metrics.jsonl")] == [2, 4]
     assert (run.export_dir / "st" / "modules.json").is_file()
 

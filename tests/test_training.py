@@ -97,7 +97,7 @@ def test_a_run_learns_and_writes_config_metrics_plot_and_checkpoints(tmp_path):
     assert {"loss", "norm", "lr", "grad_norm", "epoch"} <= rows[0].keys()
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["run"] == {"model": "tiny"} and saved["train"]["lr"] == 0.05 and saved["world_size"] == 1
+    assert saved["run"] == {"model": "tiny"} and saved["train"]["lr"] == 0.05 and saved["train"]["world_size"] == 1
     # every 4 steps and at each epoch end (6, 12, 18, 24), the last two kept
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000020.pt", "step-00000024.pt"]
     state = torch.load(tmp_path / "checkpoints" / "step-00000024.pt", weights_only=True)
