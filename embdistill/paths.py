@@ -101,7 +101,6 @@ class Paths:
     def export_dir(self) -> Path:
         return self.run_dir / "export"
 
-
     @property
     def initial_dir(self) -> Path:
         """Multi-teacher: the student before distillation, exported like the trained one."""

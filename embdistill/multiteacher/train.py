@@ -70,8 +70,8 @@ def heads_kind(args: argparse.Namespace) -> str:
 
 def check_options(args: argparse.Namespace) -> str:
     """One-line errors for bad values; the run's name."""
-    if args.max_length < 1 or args.student_layers < 0:
-        raise UserError("--max-length must be at least 1 and --student-layers at least 0")
+    if args.student_layers < 0:  # --max-length is checked by its parser type
+        raise UserError("--student-layers must be at least 0")
     if args.head_warmup_steps < 0 or args.val_every < 0:
         raise UserError("--head-warmup-steps and --val-every must not be negative")
     if not args.head_lr >= 0:
@@ -119,6 +119,7 @@ def train_student(args: argparse.Namespace) -> None:
              args.student, args.pooling, sum(p.numel() for p in model.parameters()) / 1e6, len(train_index),
              len(val_index), ", ".join(f"{t.name} ({t.dim}-d)" for t in targets), args.loss,
              "standardised" if stats else "raw")
+
     def warm_up(module: MultiTeacherStudent) -> None:
         summary = fit_heads(module, train_set, collator, loss_fn, steps=args.head_warmup_steps,
                             batch_size=args.batch_size,
@@ -130,8 +131,8 @@ def train_student(args: argparse.Namespace) -> None:
 
     trainer = Trainer(model, loss_fn, train_set, collator, config, paths.run_dir, run_config=run_config,
                       device=device, resume=args.resume and not args.overwrite,
-                      param_groups=model.param_groups(config.lr, args.head_lr), on_fresh_start=warm_up if args.head_warmup_steps else None,
-                      on_step_end=monitor)
+                      param_groups=model.param_groups(config.lr, args.head_lr),
+                      on_fresh_start=warm_up if args.head_warmup_steps else None, on_step_end=monitor)
     result = trainer.train()
     if env.is_main:
         validation = final_validation(monitor, validate, trainer, result.global_step, len(val_index))
