@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-teacher distillation (arXiv 2510.18680), every stage in turn:
-#   texts (per task) -> teacher embeddings -> train (Gaussian-kernel NLL) -> train (MSE)
+#   texts (per task) -> teacher embeddings (each teacher's own sentence-transformers pipeline)
+#   -> train (Gaussian-kernel NLL, standardised targets) -> train (MSE, the authors' raw targets)
 #   -> evaluate (NLL student, MSE student, student before distillation, each teacher).
 # Each stage skips work that is done, so a rerun resumes where the last one stopped.
 set -euo pipefail
@@ -13,8 +14,10 @@ TASKs (first): indices 1-16, bbc-news, tweet-sentiment or data files. Their trai
 the corpus; the students are evaluated on each task's held-out split.
 
 options (defaults in brackets; any other option goes to the stages that take it: the
-training's go to both runs, see below, the evaluation's to scripts/06_evaluate.py):
-  --teachers T [T ...]     minilm, lsa, encoder hub ids or folders [minilm lsa]
+training's go to both runs, see below, the evaluation's to scripts/06_evaluate.py). The table
+labels the students by their targets: nll-student-standardised-targets and
+mse-student-raw-targets by default (--standardize or --no-standardize sets both runs'):
+  --teachers T [T ...]     minilm, lsa, sentence-transformers hub ids or folders [minilm lsa]
   --max-train N            training texts per task, stage 0 [all]
   --max-test N             held-out texts per task, stage 0 [all]
   --shard-size N           texts per teacher shard [100000]

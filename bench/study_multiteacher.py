@@ -11,13 +11,14 @@ Runs the pipeline's own stage scripts, each skipped when done (a rerun resumes):
    tweet-sentiment texts; --max-test held-out texts per task for the evaluation;
 2. stage 10: MiniLM and LSA (--lsa-dim 256) embeddings of the corpus, once;
 3. stage 11 for every variant x loss (nll, mse; NAME:LOSS limits a variant to one) x seed (0, 1, 2): the run's defaults
-   (standardised targets, heads fitted on cached embeddings first) plus --train-args (about 2
-   epochs) and the variant's arguments; the seed sets the heads' initialisation, the shuffling
-   and the validation split;
+   (targets standardised for nll, the authors' raw targets for mse; heads fitted on cached
+   embeddings first) plus --train-args (about 2 epochs) and the variant's arguments; the seed
+   sets the heads' initialisation, the shuffling and the validation split;
 4. stage 6 (mteb, 32 samples per label, 10 experiments): the students of each variant, and
    once the student before distillation and both teachers;
 
-then writes <out>/<name>.json, <name>.md (accuracy, mean +- std over the seeds) and <name>.png.
+then writes <out>/<name>.json, <name>.md (accuracy, mean +- std over the seeds; each student row
+says which targets its runs trained on, as their config.json records) and <name>.png.
 The paper's ordering (NLL above MSE) counts as shown on a task only where the NLL student's
 mean exceeds the MSE student's by more than twice the larger of their seed stds.
 """
@@ -124,7 +125,9 @@ def main() -> int:
                                                "--models", *models, *common, log_file=log_file)
         tables[results] = json.loads((base / "results" / results / "table.json").read_text())
 
-    study = summarise(tables, args, variants, variant_losses)
+    targets = {(variant, loss): targets_of([runs / run_name(args.name, variant, loss, s) for s in args.seeds])
+               for variant in variants for loss in variant_losses[variant]}
+    study = summarise(tables, args, variants, variant_losses, targets)
     study.update(
         command=shlex.join([Path(sys.executable).name, *sys.argv]),
         date=dt.date.today().isoformat(), machine=machine(), wall_s=round(time.perf_counter() - started, 1),
@@ -149,15 +152,26 @@ def minilm_folder() -> Path:
     return minilm_path()
 
 
+def targets_of(run_dirs: list[Path]) -> str:
+    """'standardised' or 'raw': the targets the runs trained on, as their config.json records."""
+    sys.path.insert(0, str(REPO))
+    from embdistill.multiteacher.model import targets_kind
+
+    kinds = {targets_kind(json.loads((d / "config.json").read_text())["run"]["standardize"]) for d in run_dirs}
+    return "/".join(sorted(kinds))  # one kind, unless the seeds' runs were made with other options
+
+
 def accuracies(table: dict) -> dict[str, dict[str, float]]:
     """label -> task -> accuracy (mteb's mean over its experiments)."""
     return {model["label"]: {task: score["accuracy"] for task, score in model["scores"].items()}
             for model in table["models"]}
 
 
-def summarise(tables: dict[str, dict], args, variants: dict[str, str], variant_losses: dict[str, list]) -> dict:
-    """Rows of mean +- std over seeds (students) or single values (reference models), and
-    for each variant the NLL - MSE difference against twice the larger seed std."""
+def summarise(tables: dict[str, dict], args, variants: dict[str, str], variant_losses: dict[str, list],
+              targets: dict[tuple[str, str], str]) -> dict:
+    """Rows of mean +- std over seeds (students, named with their targets) or single values
+    (reference models), and for each variant the NLL - MSE difference against twice the larger
+    seed std."""
     scores = {}
     for table in tables.values():
         scores.update(accuracies(table))
@@ -174,7 +188,8 @@ def summarise(tables: dict[str, dict], args, variants: dict[str, str], variant_l
             for entry in per_seed:
                 entry["mean"] = float(np.mean([entry[c] for c in columns]))
             keys = [*columns, "mean"]
-            rows.append({"model": f"{loss}-student" if len(variants) == 1 else f"{variant} {loss}",
+            name = f"{loss}-student" if len(variants) == 1 else f"{variant} {loss}"
+            rows.append({"model": f"{name} ({targets[variant, loss]} targets)", "targets": targets[variant, loss],
                          "variant": variant, "loss": loss, "seeds": len(per_seed), "per_seed": per_seed,
                          "mean": {k: float(np.mean([e[k] for e in per_seed])) for k in keys},
                          "std": ({k: float(np.std([e[k] for e in per_seed], ddof=1)) for k in keys}

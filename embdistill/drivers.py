@@ -340,10 +340,10 @@ def run_multiteacher(cli: Invocation) -> None:
     launch = cli.launch()
     naming = ["--task", *cli.tasks]
     results = cli.own.get("--results", ["multiteacher"])[0]
-    runs = {"nll-student": "mt-nll", "mse-student": "mt-mse"}
     cli.check("texts", ["--task", cli.tasks[0]])
     cli.check("teachers", naming)
     train = cli.check("train", naming)
+    runs = multiteacher_runs(train.standardize)
     models = evaluation_models(Paths(base_dir(train.base_dir), corpus_name(train)), train.teachers, runs)
     evaluation = ["--tasks", *cli.tasks, "--run", results, "--models", *models]
     cli.check("evaluate", evaluation)
@@ -355,10 +355,20 @@ def run_multiteacher(cli: Invocation) -> None:
     cli.run("teachers", naming, launch=launch)
     for label, run in runs.items():  # the runs' default names, mt-<loss>, which `models` names
         loss = run.removeprefix("mt-")
-        print(f"== train: {loss} -> runs/.../{run}", flush=True)
+        print(f"== train: {loss} -> runs/.../{run} (evaluated as {label})", flush=True)
         cli.run("train", [*naming, "--loss", loss], launch=launch)
     print(f"== evaluate -> results/{results}", flush=True)
     cli.run("evaluate", evaluation)
+
+
+def multiteacher_runs(standardize: bool | None) -> dict[str, str]:
+    """The evaluation's label -> run of each loss: the run's default name, mt-<loss>; the label
+    says which targets it trained on (``--standardize`` as given, else the loss's default), e.g.
+    ``mse-student-raw-targets``."""
+    from .multiteacher.model import LOSSES, standardizes, targets_kind
+
+    return {f"{loss}-student-{targets_kind(standardizes(loss, standardize))}-targets": f"mt-{loss}"
+            for loss in LOSSES}
 
 
 _CLUSTER = {"cluster": Stage("scripts/03_cluster.py", launched=True)}

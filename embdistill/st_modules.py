@@ -13,7 +13,8 @@ embed as our evaluation does (an exported folder must give the embeddings its ta
 
 Both are plain modules (``save(path)``, ``load(path)``, ``tokenize(texts)``), which
 sentence-transformers 5 and 6 load; sentence-transformers 6 asks ``trust_remote_code=True``
-for any module outside its own package (embdistill must be installed).
+for any module outside its own package (embdistill must be installed):
+:func:`load_sentence_transformer` loads a folder or hub id, ours or anyone's.
 """
 
 from __future__ import annotations
@@ -24,10 +25,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
+
+
+def load_sentence_transformer(target: str, device):
+    """A sentence-transformers folder or hub id. A local folder whose modules are all
+    sentence-transformers' or ours (an exported student) is loaded with ``trust_remote_code``,
+    which sentence-transformers 6 asks for any module outside its package: the code is this
+    installed package's, nothing is fetched. A failure to load is one line (UserError)."""
+    from sentence_transformers import SentenceTransformer
+
+    from .evaluation.specs import looks_like_path
+
+    source = str(Path(target).expanduser()) if looks_like_path(target) else target
+    try:
+        return SentenceTransformer(source, device=str(device), trust_remote_code=_only_known_modules(source))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
+
+
+def _only_known_modules(folder: str) -> bool:
+    modules = Path(folder) / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        types = [m.get("type", "") for m in json.loads(modules.read_text())]
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return False
+    return all(t.startswith(("sentence_transformers.", "embdistill.")) for t in types)
 
 
 def _config(path: str | Path) -> dict:

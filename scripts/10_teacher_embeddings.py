@@ -6,8 +6,10 @@
 
 Writes embeddings/<corpus>/corpus.json and, per teacher, embeddings/<corpus>/<teacher>/
 shard-<i>.npy (+ .ids.npy, manifests) and index.json; the LSA teacher's model goes to
-embeddings/<corpus>/lsa/model/ (and sentence-transformer/, for evaluation). Finished shards
-are kept: a rerun, with any number of processes, encodes only what is missing.
+embeddings/<corpus>/lsa/model/ (and sentence-transformer/, for evaluation). Encoder teachers
+embed the plain texts with SentenceTransformer(teacher).encode, the pipeline the evaluation's
+st:<teacher> row loads. Finished shards are kept: a rerun, with any number of processes,
+encodes only what is missing (shards made with another pipeline or length limit are redone).
 """
 
 import argparse
@@ -22,12 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0], task=False)
     add_corpus_args(parser)
     parser.add_argument("--teachers", nargs="+", default=["minilm", LSA_TEACHER],
-                        help="'minilm', 'lsa' (TF-IDF + SVD fitted on the corpus), or any encoder's "
-                        "hub id or folder")
+                        help="'minilm', 'lsa' (TF-IDF + SVD fitted on the corpus), or any sentence-transformers "
+                        "hub id or folder; each encodes through its own pipeline (SentenceTransformer.encode: its "
+                        "pooling, Dense layers, normalisation)")
     parser.add_argument("--shard-size", type=int, default=100_000, help="texts per shard")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="token limit per text (cut to the teacher's own limit)")
+                        help="token limit per text, where the teacher's own max_seq_length is longer (the limit "
+                        "in force is recorded in the shards' manifests)")
     parser.add_argument("--lsa-dim", type=int, default=256, help="LSA teacher: SVD components")
     parser.add_argument("--lsa-min-df", type=int, default=2, help="LSA teacher: least documents per term")
     parser.add_argument("--lsa-max-features", type=int, default=30_000, help="LSA teacher: vocabulary cap")

@@ -10,8 +10,8 @@ r"""Multi-teacher stage 2: train a student on the teachers' embeddings and expor
 
 Defaults: the authors' constant learning rate without warm-up, 3-hidden-layer kernel heads and
 separate MSE head (measured no worse than our earlier cosine schedule, 2-layer heads and shared
-head: BENCHMARKS.md); ours where measured better: standardised targets, heads fitted first, the
-heads' own learning rate.
+head: BENCHMARKS.md), and the MSE baseline on the authors' raw targets; ours where measured
+better: standardised targets for the NLL, heads fitted first, the heads' own learning rate.
 
 Reads embeddings/<corpus>/ (scripts/10_teacher_embeddings.py) and writes runs/<corpus>/<run>/:
 config.json, checkpoints/, metrics.jsonl and loss.png (training loss and its parts, the heads'
@@ -40,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nll: Gaussian-kernel negative log-likelihood; mse: the baseline")
     parser.add_argument("--normalize-by-dim", action="store_true",
                         help="divide each teacher's loss by its dimension (no wide teacher dominates)")
-    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                         help="standardise each teacher's targets per dimension with the mean and std of the "
                         "training texts (recorded in config.json and the checkpoints); --no-standardize: "
-                        "the authors' raw targets, far below the kernel's scale for unit-norm teachers")
+                        "the authors' raw targets, far below the kernel's scale for unit-norm teachers. "
+                        "Default by loss: nll standardised, mse raw (standardised, the MSE would weigh each "
+                        "dimension by 1/variance); config.json records the value in force")
     parser.add_argument("--head-layers", type=int, default=KERNEL_HEAD_LAYERS,
                         help="hidden layers of each teacher's kernel head, width int(1.4 d_teacher) "
                         "(the authors': 3)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from embdistill.drivers import DRIVERS, Invocation
+from embdistill.drivers import DRIVERS, Invocation, multiteacher_runs
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 
@@ -63,6 +63,14 @@ def test_the_multiteacher_driver_routes_renames_and_reserves():
     assert cli.stage_args["evaluate"] == ["--device", "cpu", "--seed", "3"]
     with pytest.raises(UserError, match="--loss is set by run_multiteacher.sh"):
         Invocation(DRIVERS["multiteacher"], ["bbc-news", "--loss", "mse"])
+
+
+def test_the_multiteacher_table_labels_say_which_targets_each_student_trained_on():
+    assert multiteacher_runs(None) == {"nll-student-standardised-targets": "mt-nll",
+                                       "mse-student-raw-targets": "mt-mse"}  # each loss's default
+    assert multiteacher_runs(True) == {"nll-student-standardised-targets": "mt-nll",
+                                       "mse-student-standardised-targets": "mt-mse"}
+    assert multiteacher_runs(False) == {"nll-student-raw-targets": "mt-nll", "mse-student-raw-targets": "mt-mse"}
 
 
 @pytest.mark.parametrize("driver, args, message", [
@@ -191,4 +199,5 @@ def test_every_driver_runs_on_a_user_data_file(tmp_path, tiny_bert_dir):
        "--student-layers", "1", "--lsa-dim", "4", "--max-steps", "2", "--batch-size", "4", "--max-length", "32",
        "--teacher-batch-size", "16", *evaluation)
     table = json.loads((tmp_path / "out" / "results" / "multiteacher" / "table.json").read_text())
-    assert {"nll-student", "mse-student", "student-before", "lsa"} <= {model["label"] for model in table["models"]}
+    assert {"nll-student-standardised-targets", "mse-student-raw-targets", "student-before", "lsa"} <= {
+        model["label"] for model in table["models"]}

@@ -59,7 +59,7 @@ class FakeTeacher:
     def vector(self, text: str) -> np.ndarray:
         return np.random.default_rng(text_id(text) % 2**32).normal(size=self.dim).astype(np.float32)
 
-    def encode(self, texts, batch_size, max_length, progress):
+    def encode(self, texts, batch_size, progress):
         self.calls += 1
         return np.stack([self.vector(t) for t in texts])
 
@@ -541,8 +541,8 @@ def test_teacher_stage_killed_then_rerun_matches_an_uninterrupted_run(tmp_path, 
                                                                       tiny_bert_dir):
     base = tmp_path / "base"
     run_script("00_texts.py", "--task", task_file, "--base-dir", base)
-    killed = run_killed("embdistill.teachers", "Teacher", "encode", 3, "10_teacher_embeddings.py",
-                        *teacher_args(base, task_file, tiny_bert_dir))
+    killed = run_killed("embdistill.multiteacher.sentence_teacher", "SentenceTeacher", "encode", 3,
+                        "10_teacher_embeddings.py", *teacher_args(base, task_file, tiny_bert_dir))
     assert killed.returncode == -9, killed.stderr[-2000:]
     teacher = Path(tiny_bert_dir).name
     folder = base / "embeddings" / "toy" / teacher
@@ -574,6 +574,87 @@ def test_teacher_stage_under_torchrun_with_two_ranks_writes_the_same_shards(tmp_
         done_dir, expected = base / "embeddings" / "toy" / name, teacher_base / "embeddings" / "toy" / name
         assert shard_bytes(done_dir) == shard_bytes(expected)
         assert (done_dir / INDEX_NAME).is_file()
+
+
+def pipeline_teachers(folder: Path, tiny_bert_dir) -> dict[str, Path]:
+    """Two sentence-transformers teachers on the tiny BERT whose embeddings are not the mean of
+    its token states: CLS pooling, and mean pooling followed by a Dense layer (32 -> 16, tanh)
+    and Normalize; both read up to 64 tokens."""
+    from sentence_transformers import SentenceTransformer
+
+    from embdistill.students import sentence_transformer_modules
+
+    modules = sentence_transformer_modules()
+    tails = {"cls-teacher": lambda: [modules.Pooling(32, pooling_mode="cls")],
+             "dense-teacher": lambda: [modules.Pooling(32, pooling_mode="mean"), modules.Dense(32, 16),
+                                       modules.Normalize()]}
+    torch.manual_seed(1)
+    for name, tail in tails.items():
+        transformer = modules.Transformer(str(tiny_bert_dir), max_seq_length=64)
+        SentenceTransformer(modules=[transformer, *tail()], device="cpu").save(str(folder / name))
+    return {name: folder / name for name in tails}
+
+
+def test_encoder_teachers_embed_through_their_own_sentence_transformers_pipeline(tmp_path, task_file,
+                                                                                 tiny_bert_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from embdistill.artifacts import read_manifest
+    from embdistill.multiteacher.teacher_embeddings import load_encoder
+    from embdistill.teachers import load_teacher
+
+    teachers = pipeline_teachers(tmp_path, tiny_bert_dir)
+    base = tmp_path / "base"
+    run_script("00_texts.py", "--task", task_file, "--base-dir", base)
+    stage = ["--task", task_file, "--base-dir", base, "--teachers", *teachers.values(), "--shard-size", 30,
+             "--batch-size", 8, "--max-length", 16]
+    run_script("10_teacher_embeddings.py", *stage)
+    texts = json.loads((base / "embeddings" / "toy" / "corpus.json").read_text())
+
+    def stored(name):
+        return load_teacher_targets(base / "embeddings" / "toy" / name, texts).rows(np.arange(len(texts)))
+
+    def encoded(folder, max_seq_length):
+        model = SentenceTransformer(str(folder), device="cpu")
+        model.max_seq_length = max_seq_length
+        return model.encode(texts)
+
+    for name, folder in teachers.items():
+        expected = encoded(folder, 16)  # --max-length 16 cuts the teacher's own 64
+        stage_encoder = load_encoder(str(folder), base, 16)
+        np.testing.assert_allclose(stage_encoder.encode(texts, batch_size=8, progress=False), expected,
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(stored(name), expected, rtol=1e-3, atol=1e-5)  # float16 storage
+        assert np.abs(encoded(folder, 64) - expected).max() > 1e-3  # the cut was in force (noise: 1e-6)
+        config = read_manifest(base / "embeddings" / "toy" / name / INDEX_NAME)["config"]
+        assert config["max_length"] == 16
+        assert [m["type"].rsplit(".", 1)[1] for m in config["pipeline"]["modules"]] == (
+            ["Transformer", "Pooling"] if name == "cls-teacher" else ["Transformer", "Pooling", "Dense", "Normalize"])
+    # what the shards held before: the mean of the token states, whatever the teacher's pipeline
+    mean_pooled = load_teacher(str(teachers["cls-teacher"]), device="cpu").encode(texts, max_length=16)
+    assert np.abs(stored("cls-teacher") - mean_pooled).max() > 0.1
+    assert stored("dense-teacher").shape == (64, 16) and mean_pooled.shape == (64, 32)
+    np.testing.assert_allclose(np.linalg.norm(stored("dense-teacher"), axis=1), 1, atol=2e-3)
+
+    # the same pipeline is skipped; another pooling in the same folder redoes the shards
+    index_manifest = base / "embeddings" / "toy" / "cls-teacher" / f"{INDEX_NAME}.manifest.json"
+    before = index_manifest.read_text()
+    run_script("10_teacher_embeddings.py", *stage)
+    assert index_manifest.read_text() == before
+    pooling = teachers["cls-teacher"] / "1_Pooling" / "config.json"
+    pooling.write_text(pooling.read_text().replace('"cls"', '"mean"'))
+    run_script("10_teacher_embeddings.py", *stage)
+    assert index_manifest.read_text() != before
+    np.testing.assert_allclose(stored("cls-teacher"), encoded(teachers["cls-teacher"], 16), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(stored("cls-teacher"), mean_pooled, rtol=1e-3, atol=1e-5)  # now it mean-pools
+
+
+def test_a_teacher_without_a_sentence_transformers_pipeline_is_refused_in_one_line(minilm_dir):
+    from embdistill.multiteacher.sentence_teacher import teacher_source
+
+    assert teacher_source("minilm") == str(minilm_dir) and teacher_source("BAAI/bge-m3") == "BAAI/bge-m3"
+    with pytest.raises(UserError, match="'llm2vec-llama3-8b' is not a sentence-transformers model"):
+        teacher_source("llm2vec-llama3-8b")
 
 
 def train_args(base, task_file, tiny_bert_dir, run):
@@ -618,7 +699,8 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
     warmup = json.loads((runs / "reference" / "head_warmup.json").read_text())
     assert warmup["steps"] == 3 and warmup["texts"] == 3 * 8  # what 3 steps of 8 texts need (of 61)
 
-    # standardisation: numpy's statistics of the training split, in config.json and the checkpoint
+    # standardisation (the NLL's default): numpy's statistics of the training split, in
+    # config.json and the checkpoint
     config = json.loads((runs / "reference" / "config.json").read_text())["run"]
     assert config["standardize"] is True and set(config["target_stats"]) == {teacher, "lsa"}
     texts = json.loads((teacher_base / "embeddings" / "toy" / "corpus.json").read_text())
@@ -646,6 +728,52 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
 
 def state_at(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["model"]
+
+
+def test_mse_trains_on_the_raw_targets_by_default_its_loss_a_plain_mse(teacher_base, task_file, tiny_bert_dir,
+                                                                          capsys):
+    from transformers import AutoTokenizer
+
+    capsys.readouterr()
+    run_script("11_train_multiteacher.py", "--task", task_file, "--base-dir", teacher_base, "--teachers",
+               tiny_bert_dir, "lsa", "--run", "mse-default", "--loss", "mse", "--student", tiny_bert_dir,
+               "--student-layers", 0, "--max-steps", 2, "--batch-size", 8, "--save-every", 2, "--lr", 1e-3,
+               "--max-length", 32, "--head-warmup-steps", 0, "--val-every", 0)
+    assert "mse-default (mse, raw targets): 2 steps" in capsys.readouterr().out
+    run_dir = teacher_base / "runs" / "toy" / "mse-default"
+    config = json.loads((run_dir / "config.json").read_text())["run"]
+    assert config["standardize"] is False and config["target_stats"] is None
+
+    # the validation loss, recomputed from the final weights: the sum over teachers of the mean
+    # squared difference between the head's output and the teacher's stored vector
+    teacher = Path(tiny_bert_dir).name
+    model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {teacher: 32, "lsa": 8}, "mean", heads="regression")
+    model.load_state_dict(state_at(run_dir, 2))
+    texts = json.loads((teacher_base / "embeddings" / "toy" / "corpus.json").read_text())
+    _, val_index = validation_split(len(texts), 0.05, 0)
+    batch = AutoTokenizer.from_pretrained(tiny_bert_dir)([texts[i] for i in val_index], padding=True,
+                                                         truncation=True, max_length=32, return_tensors="pt")
+    expected = 0.0
+    with torch.no_grad():
+        states = model.eval().encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        embedding = (states.last_hidden_state * mask).sum(1) / mask.sum(1)
+        for k, name in enumerate((teacher, "lsa")):
+            raw = load_teacher_targets(teacher_base / "embeddings" / "toy" / name, texts).rows(val_index)
+            expected += float(((model.heads[k].mlp(embedding) - torch.from_numpy(raw)) ** 2).mean())
+    validation = json.loads((run_dir / "validation.json").read_text())
+    assert validation["texts"] == 3 and validation["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss, flags, standardized", [
+    ("nll", [], True), ("mse", [], False), ("mse", ["--standardize"], True), ("nll", ["--no-standardize"], False)])
+def test_standardize_defaults_by_loss_and_an_explicit_flag_wins(loss, flags, standardized):
+    from embdistill.drivers import DRIVERS
+    from embdistill.multiteacher.train import check_options
+
+    args = DRIVERS["multiteacher"].stages["train"].parser.parse_args(["--task", "toy", "--loss", loss, *flags])
+    check_options(args)
+    assert args.standardize is standardized  # what run_identity records in config.json
 
 
 def test_stage_errors_are_one_line(teacher_base, task_file, capsys):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +21,11 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
-from ..errors import UserError, first_line
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..input_format import format_example
+from ..st_modules import load_sentence_transformer
 from .replace import ReplaceModeModel
-from .specs import ModelSpec, looks_like_path
+from .specs import ModelSpec
 
 log = logging.getLogger("embdistill.evaluation")
 
@@ -108,7 +106,7 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
     have been gathered with ``max_length`` (unless ``allow_max_length_mismatch``) and the
     model's input format."""
     if spec.kind == "st":
-        return PlainTextEncoder(spec, _load_sentence_transformer(spec.target, device),
+        return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device),
                                 batch_size=batch_size)
     loaded = {} if loaded is None else loaded
     if spec.target not in loaded:
@@ -137,31 +135,6 @@ def untrained_student(teacher: Teacher, n_layers: int) -> Teacher:
     student.model = truncated_copy(teacher, n_layers).eval().requires_grad_(False)
     student.name, student.slug = f"{teacher.name}@{n_layers}", f"{teacher.slug}-first{n_layers}"
     return student
-
-
-def _load_sentence_transformer(target: str, device):
-    """A sentence-transformers folder or hub id. A local folder whose modules are all
-    sentence-transformers' or ours (an exported student: embdistill.st_modules) is loaded with
-    ``trust_remote_code``, which sentence-transformers 6 asks for any module outside its package:
-    the code is this installed package's, nothing is fetched."""
-    from sentence_transformers import SentenceTransformer
-
-    source = str(Path(target).expanduser()) if looks_like_path(target) else target
-    try:
-        return SentenceTransformer(source, device=str(device), trust_remote_code=_only_known_modules(source))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
-
-
-def _only_known_modules(folder: str) -> bool:
-    modules = Path(folder) / "modules.json"
-    if not modules.is_file():
-        return False
-    try:
-        types = [m.get("type", "") for m in json.loads(modules.read_text())]
-    except (json.JSONDecodeError, AttributeError, TypeError):
-        return False
-    return all(t.startswith(("sentence_transformers.", "embdistill.")) for t in types)
 
 
 def measure_throughput(encoder: Encoder, texts: Sequence[str], task_name: str) -> float:

@@ -5,6 +5,8 @@
            -> results/<run>/                                  scripts/06_evaluate.py (st: specs)
 
 * :mod:`.corpus`: which texts (tasks' training texts or a hub dataset), the validation split;
+* :mod:`.sentence_teacher`: an encoder teacher, embedding through its own sentence-transformers
+  pipeline (as the authors', and as the evaluation's teacher row);
 * :mod:`.shards`: teacher embeddings in fp16 shards, aligned to texts by a stable text id,
   and their per-dimension statistics (the targets' standardisation);
 * :mod:`.lsa`: the offline TF-IDF + SVD teacher, saved as plain data, exported for evaluation;
@@ -26,20 +28,16 @@ from ..paths import Paths, slug
 def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
     """``LABEL=st:FOLDER`` specs for scripts/06_evaluate.py: each trained run (label -> run name),
     the student before distillation (that of the first run) and each teacher, all embedding
-    plain text through their SentenceTransformer pipelines, as the teachers did for the shards."""
+    plain text through their SentenceTransformer pipelines, the teachers' the very pipelines
+    that made the shards (:mod:`.sentence_teacher`)."""
     from .lsa import LSA_TEACHER, lsa_dirs
+    from .sentence_teacher import teacher_source
 
     specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_dir / 'st'}"
              for label, run in runs.items()]
     first_run = Paths(paths.base, paths.task, run=next(iter(runs.values())))
     specs.append(f"student-before=st:{first_run.initial_dir / 'st'}")
     for name in teachers:
-        if name == LSA_TEACHER:
-            specs.append(f"{LSA_TEACHER}=st:{lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1]}")
-        elif name == "minilm":
-            from ..teachers import minilm_path
-
-            specs.append(f"minilm=st:{minilm_path()}")
-        else:
-            specs.append(f"{slug(name)}=st:{name}")
+        source = lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1] if name == LSA_TEACHER else teacher_source(name)
+        specs.append(f"{slug(name)}=st:{source}")
     return specs

@@ -88,9 +88,8 @@ class LsaModel:
         reduced = np.asarray(tfidf @ self.components.T.astype(np.float64))
         return (reduced / _norms(np.linalg.norm(reduced, axis=1, keepdims=True))).astype(np.float32)
 
-    def encode(self, texts: list[str], batch_size: int | None = None, max_length=None,
-               progress: bool = False) -> np.ndarray:
-        """The teacher interface of the shard stage (batch size and length do not apply)."""
+    def encode(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """The teacher interface of the shard stage (the batch size does not apply)."""
         return self.transform(list(texts))
 
     @property

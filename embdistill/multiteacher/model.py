@@ -10,12 +10,15 @@ Heads (one per teacher k, from the student embedding s of size d_s):
 * ``regression`` (the authors' separate MSE head, ``train_snowflakes.py``): d_s -> d_s -> d_s
   -> d_k, giving mu only.
 
-Targets: each teacher's vectors are standardised per dimension, t' = (t - mean) / std, with
-the mean and std of the training texts (:func:`~embdistill.multiteacher.shards.target_statistics`),
-held as buffers, so that checkpoints carry them. Raw unit-norm teacher vectors (per-dimension
-std about 0.05) sit far below the kernel's scale (lambda in [1/e, e]): the loss is then almost
-all log-lambda, which does not depend on the text, and the student collapses.
-Without statistics the buffers are 0 and 1 (the authors' raw targets).
+Targets: for the NLL, each teacher's vectors are standardised per dimension by default,
+t' = (t - mean) / std, with the mean and std of the training texts
+(:func:`~embdistill.multiteacher.shards.target_statistics`), held as buffers, so that
+checkpoints carry them. Raw unit-norm teacher vectors (per-dimension std about 0.05) sit far
+below the kernel's scale (lambda in [1/e, e]): the loss is then almost all log-lambda, which
+does not depend on the text, and the student collapses. The MSE baseline keeps the authors' raw
+targets by default: standardised, its squared error would weigh each dimension by 1/std^2, a
+loss the authors did not compare with (:func:`standardizes`). Without statistics the buffers are
+0 and 1 (raw targets).
 
 Only the encoder and pooling are exported; the heads exist for training.
 
@@ -43,6 +46,18 @@ LOSSES = ("nll", "mse")
 HEADS = ("kernel", "regression")
 HEAD_WIDTH_FACTOR = 1.4
 KERNEL_HEAD_LAYERS = 3  # the authors' ff_layers
+
+
+def standardizes(loss: str, standardize: bool | None) -> bool:
+    """Whether a run standardises its targets: ``standardize`` when given (--standardize or
+    --no-standardize), else by loss: the NLL standardised (the kernel's scale), the MSE on the
+    authors' raw targets (a plain MSE, not one reweighted by each dimension's variance)."""
+    return loss == "nll" if standardize is None else standardize
+
+
+def targets_kind(standardize: bool) -> str:
+    """How a run's targets are named in its log lines and table labels."""
+    return "standardised" if standardize else "raw"
 
 
 class TeacherHead(nn.Module):

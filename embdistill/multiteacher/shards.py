@@ -38,10 +38,10 @@ _STAGE = "teacher_embeddings"
 
 
 class Encoder(Protocol):
-    """What the shard writer needs of a teacher (``Teacher`` and ``LsaModel`` both fit)."""
+    """What the shard writer needs of a teacher (``SentenceTeacher`` and ``LsaModel`` both fit;
+    an encoder teacher's length limit is set when it loads)."""
 
-    def encode(self, texts: list[str], batch_size: int, max_length: int | None,
-               progress: bool) -> np.ndarray: ...
+    def encode(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray: ...
 
 
 def text_id(text: str) -> int:
@@ -90,7 +90,6 @@ def write_teacher_shards(
     teacher_config: dict,
     shard_size: int,
     batch_size: int = 64,
-    max_length: int | None = None,
     env: DistEnv | None = None,
 ) -> list[int]:
     """Encode this rank's unfinished shards of ``texts`` (unique, in corpus order) into
@@ -116,8 +115,7 @@ def write_teacher_shards(
         # From here on the shard, hence the teacher, is incomplete.
         manifest_path(vectors_path).unlink(missing_ok=True)
         manifest_path(folder / INDEX_NAME).unlink(missing_ok=True)
-        vectors = np.asarray(encoder.encode(texts[start:stop], batch_size=batch_size,
-                                            max_length=max_length, progress=False))
+        vectors = np.asarray(encoder.encode(texts[start:stop], batch_size=batch_size, progress=False))
         if vectors.ndim != 2 or vectors.shape[0] != stop - start:
             raise UserError(f"teacher {teacher_config.get('teacher')} returned shape "
                             f"{vectors.shape} for {stop - start} texts")

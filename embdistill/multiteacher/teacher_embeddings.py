@@ -2,6 +2,8 @@
 
 Rank 0 writes the corpus and fits the LSA teacher; then every rank encodes its shards of each
 teacher that is not done (:mod:`.shards`), the last rank to finish writing its index.json.
+Encoder teachers embed through their own sentence-transformers pipeline
+(:mod:`.sentence_teacher`).
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from ..artifacts import fingerprint, is_done
 from ..distributed import barrier, cleanup, default_device, init_distributed
 from ..paths import Paths, base_dir, slug
 from .corpus import build_corpus, corpus_name, read_corpus, write_corpus
 from .lsa import LSA_TEACHER, LsaModel, lsa_dirs, prepare_lsa
-from .shards import Encoder, finish_teacher, reset_teacher, shards_config, write_teacher_shards
+from .sentence_teacher import SentenceTeacher, load_sentence_teacher
+from .shards import finish_teacher, reset_teacher, shards_config, write_teacher_shards
 
 log = logging.getLogger("embdistill.multiteacher.teacher_embeddings")
 
@@ -35,13 +36,14 @@ def build_teacher_embeddings(args: argparse.Namespace) -> None:
 
     for name in teachers:
         folder = paths.embeddings_dir(slug(name))
-        config = teacher_config(name, folder, args.max_length)
+        # loaded before the skip check: the shards' identity is the pipeline it loads
+        encoder = load_encoder(name, folder, args.max_length)
+        config = teacher_config(name, folder, encoder)
         if is_done(folder / "index.json", config=shards_config(config, texts, args.shard_size)):
             log.info("teacher %s: %s is up to date, skipping", name, folder)
             continue
-        written = write_teacher_shards(load_encoder(name, folder), texts, folder, teacher_config=config,
-                                       shard_size=args.shard_size, batch_size=args.batch_size,
-                                       max_length=args.max_length, env=env)
+        written = write_teacher_shards(encoder, texts, folder, teacher_config=config,
+                                       shard_size=args.shard_size, batch_size=args.batch_size, env=env)
         complete = finish_teacher(folder, texts, teacher_config=config, shard_size=args.shard_size)
         # The last rank to finish writes index.json; the others need not wait for it.
         print(f"teacher {name}: rank {env.rank} wrote {len(written)} shards to {folder}; "
@@ -65,19 +67,18 @@ def prepare(args: argparse.Namespace, base: Path, paths: Paths, teachers: list[s
                         max_features=args.lsa_max_features, seed=args.seed, overwrite=args.overwrite)
 
 
-def teacher_config(name: str, folder: Path, max_length: int) -> dict:
+def teacher_config(name: str, folder: Path, encoder: LsaModel | SentenceTeacher) -> dict:
     """What makes a teacher's vectors what they are: shards made otherwise are redone."""
     if name == LSA_TEACHER:
         return {"teacher": LSA_TEACHER, "model": fingerprint(lsa_dirs(folder)[0])}
-    return {"teacher": slug(name), "source": name, "max_length": max_length}
+    return {"teacher": slug(name), "source": name, "max_length": encoder.max_length,
+            "pipeline": encoder.pipeline}
 
 
-def load_encoder(name: str, folder: Path) -> Encoder:
-    """The fitted LSA model, or an encoder teacher on this rank's device: fp16 on a GPU, as the
-    paper encodes; the CPU keeps fp32 (fp16 matmuls are slow there)."""
+def load_encoder(name: str, folder: Path, max_length: int) -> LsaModel | SentenceTeacher:
+    """The fitted LSA model, or an encoder teacher's sentence-transformers pipeline on this
+    rank's device, its input cut to ``max_length`` tokens where its own limit is longer."""
     if name == LSA_TEACHER:
         return LsaModel.load(lsa_dirs(folder)[0])
-    from ..teachers import load_teacher
+    return load_sentence_teacher(name, max_length, default_device())
 
-    device = default_device()
-    return load_teacher(name, device=device, dtype=torch.float16 if device.type == "cuda" else None)

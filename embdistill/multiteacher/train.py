@@ -28,7 +28,8 @@ from ..students import build_student, export_student
 from ..teachers import load_teacher
 from ..training import Trainer, TrainConfig, resolved_config, to_device
 from .corpus import corpus_name, read_corpus, validation_split
-from .model import Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss
+from .model import (Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss,
+                    standardizes, targets_kind)
 from .monitor import PROBE_TEXTS, TrainingMonitor
 from .shards import INDEX_NAME, TeacherTargets, load_teacher_targets, target_statistics
 from .warmup import fit_heads
@@ -69,13 +70,15 @@ def heads_kind(args: argparse.Namespace) -> str:
 
 
 def check_options(args: argparse.Namespace) -> str:
-    """One-line errors for bad values; the run's name."""
+    """One-line errors for bad values; the run's name. Resolves --standardize's default (by
+    loss, :func:`~.model.standardizes`), so that config.json records what the run does."""
     if args.student_layers < 0:  # --max-length is checked by its parser type
         raise UserError("--student-layers must be at least 0")
     if args.head_warmup_steps < 0 or args.val_every < 0:
         raise UserError("--head-warmup-steps and --val-every must not be negative")
     if not args.head_lr >= 0:
         raise UserError(f"--head-lr must not be negative, got {args.head_lr}")
+    args.standardize = standardizes(args.loss, args.standardize)
     return check_run_name(args.run or f"mt-{args.loss}", "runs/<corpus>/")
 
 
@@ -118,7 +121,7 @@ def train_student(args: argparse.Namespace) -> None:
              "%d validation texts, teachers %s, loss %s, targets %s", encoder.config.num_hidden_layers,
              args.student, args.pooling, sum(p.numel() for p in model.parameters()) / 1e6, len(train_index),
              len(val_index), ", ".join(f"{t.name} ({t.dim}-d)" for t in targets), args.loss,
-             "standardised" if stats else "raw")
+             targets_kind(args.standardize))
 
     def warm_up(module: MultiTeacherStudent) -> None:
         summary = fit_heads(module, train_set, collator, loss_fn, steps=args.head_warmup_steps,
@@ -141,7 +144,8 @@ def train_student(args: argparse.Namespace) -> None:
         write_manifest(paths.export_dir, stage="train_multiteacher", config=resolved,
                        extra={"global_step": result.global_step, "train_metrics": result.metrics,
                               "validation": validation})
-    print0(f"train: {paths.task} {run}: {result.global_step} steps, train loss "
+    print0(f"train: {paths.task} {run} ({args.loss}, {targets_kind(args.standardize)} targets): "
+           f"{result.global_step} steps, train loss "
            f"{result.metrics.get('loss', float('nan')):.4f} -> {paths.export_dir}")
     cleanup()
 
