@@ -14,6 +14,7 @@ import torch
 
 from ..artifacts import fingerprint, is_done
 from ..distributed import barrier, cleanup, default_device, init_distributed
+from ..input_format import effective_max_length
 from ..paths import Paths, base_dir, slug
 from .corpus import build_corpus, corpus_name, read_corpus, write_corpus
 from .lsa import LSA_TEACHER, LsaModel, lsa_dirs, prepare_lsa
@@ -66,10 +67,14 @@ def prepare(args: argparse.Namespace, base: Path, paths: Paths, teachers: list[s
 
 
 def teacher_config(name: str, folder: Path, max_length: int) -> dict:
-    """What makes a teacher's vectors what they are: shards made otherwise are redone."""
+    """What makes a teacher's vectors what they are: shards made otherwise are redone. An
+    encoder's max length is the one it reads: ``max_length`` cut to its own limit."""
     if name == LSA_TEACHER:
         return {"teacher": LSA_TEACHER, "model": fingerprint(lsa_dirs(folder)[0])}
-    return {"teacher": slug(name), "source": name, "max_length": max_length}
+    from ..teachers import load_tokenizer
+
+    return {"teacher": slug(name), "source": name,
+            "max_length": effective_max_length(max_length, load_tokenizer(name).max_seq_length)}
 
 
 def load_encoder(name: str, folder: Path) -> Encoder:
