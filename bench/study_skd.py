@@ -37,6 +37,7 @@ from embdistill.artifacts import atomic_open  # noqa: E402
 from embdistill.evaluation.run import EvaluationConfig, evaluate  # noqa: E402
 from embdistill.paths import Paths  # noqa: E402
 from embdistill.students import build_student, save_hf  # noqa: E402
+from embdistill.input_format import effective_max_length  # noqa: E402
 from embdistill.teachers import load_teacher  # noqa: E402
 
 TASKS = ("bbc-news", "tweet-sentiment")
@@ -90,7 +91,8 @@ def train(task: str, base: Path, loss: str, seed: int, args) -> int:
             student = build_student(teacher, 2)
             student.load_state_dict(torch.load(saved[step], map_location="cpu", weights_only=True)["model"])
             save_hf(student, teacher.tokenizer, folder, input_format=teacher.input_format,
-                    normalize=teacher.normalize)
+                    normalize=teacher.normalize,
+                    max_seq_length=effective_max_length(args.max_length, teacher.max_seq_length))
     return points
 
 

@@ -170,6 +170,14 @@ def _pad_id(tokenizer) -> int:
     return pad_id
 
 
+def effective_max_length(requested: int, model_limit: int) -> int:
+    """The tokens per example actually used: ``requested`` (a stage's --max-length) cut to the
+    model's limit (its ``max_seq_length``), as :meth:`embdistill.teachers.Teacher.tokenize`
+    cuts. Artefacts and exports record this, not the request: MiniLM asked for 512 reads 256,
+    and every later stage must read 256 too."""
+    return min(requested, model_limit)
+
+
 def tokenize_with_embed_mask(
     tokenizer, examples: list[str], max_length: int = 512, input_format: InputFormat = PLAIN,
 ) -> dict[str, torch.Tensor]:

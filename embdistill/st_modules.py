@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, first_line
+from .input_format import effective_max_length
 
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
@@ -95,7 +96,8 @@ class Encoder(nn.Module):
 
         self.model.save_pretrained(path)
         self.teacher.tokenizer.save_pretrained(path)
-        save_reading(path, self.teacher.input_format, self.teacher.normalize)
+        save_reading(path, self.teacher.input_format, self.teacher.normalize,
+                     effective_max_length(self.max_seq_length, self.teacher.max_seq_length))
         (Path(path) / CONFIG_FILE).write_text(json.dumps({"max_seq_length": self.max_seq_length}))
 
     @staticmethod

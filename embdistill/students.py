@@ -32,7 +32,7 @@ from .distributed import DistEnv
 from .errors import UserError
 from .losses import SenseLoss, masked_mse
 from .senses.packed import PackedSenses
-from .teachers import Teacher, save_reading, truncated_copy
+from .teachers import Teacher, position_limit, save_reading, truncated_copy
 from .input_format import PLAIN, SEPARATOR, InputFormat, format_example
 from .training import LossOutput, non_finite_parameters
 
@@ -107,12 +107,13 @@ def sentence_transformer_modules():
 
 
 def save_hf(student: nn.Module, tokenizer, folder: str | Path, *, input_format: InputFormat,
-            normalize: bool) -> Path:
+            normalize: bool, max_seq_length: int) -> Path:
     """A transformers model folder that :func:`embdistill.teachers.load_teacher` reads as the
-    student was trained: weights, tokenizer, input format and normalisation."""
+    student was trained: weights, tokenizer, input format, normalisation and the tokens per
+    example it was trained at (``max_seq_length``: its evaluation reads no more)."""
     student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_reading(folder, input_format, normalize)
+    save_reading(folder, input_format, normalize, max_seq_length)
     return Path(folder)
 
 
@@ -123,6 +124,8 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     """Write ``out_dir/hf``, ``out_dir/st`` and, given ``senses``, ``out_dir/st-replace`` (see
     the module docstring) and return ``out_dir``.
 
+    ``max_seq_length``: the tokens per example the student was trained at (default: its
+    position limit), recorded in every folder, so that each reads as many.
     The SentenceTransformer folders embed as the evaluation does: ``instruction`` is their
     default prompt, only the text tokens are pooled (a standard pipeline for the plain input
     format; our :class:`~embdistill.st_modules.Encoder` for llm2vec's, which also keeps an LLM2Vec
@@ -138,6 +141,7 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     if diverged:
         raise UserError(f"not exporting to {out_dir}: the student's parameters are not finite "
                         f"({', '.join(diverged[:3])}); try a lower --lr or --max-grad-norm")
+    max_seq_length = max_seq_length or position_limit(student.config)
     with output_lock(out_dir):
         building = out_dir.with_name(f".{out_dir.name}.building")
         shutil.rmtree(building, ignore_errors=True)
@@ -154,17 +158,18 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
 
 
 def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: bool,
-                  max_seq_length: int | None, pooling: str, input_format: InputFormat, instruction: str,
+                  max_seq_length: int, pooling: str, input_format: InputFormat, instruction: str,
                   senses: PackedSenses | None) -> None:
     from sentence_transformers import SentenceTransformer
 
     from .st_modules import Encoder, SenseReplace
 
-    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize)
+    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize,
+                     max_seq_length=max_seq_length)
     modules = sentence_transformer_modules()
     example_prompt = format_example(instruction, "") if instruction.strip() else ""
     if input_format.llm2vec:  # our encoder reads whole examples: the prompt keeps the separator
-        first, prompt = Encoder(hf_dir, max_seq_length or 512), example_prompt
+        first, prompt = Encoder(hf_dir, max_seq_length), example_prompt
         pool = modules.Pooling(student.config.hidden_size, "mean")
     else:  # sentence-transformers' own prompt rule, which the plain format follows
         first, prompt = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length), example_prompt.partition(SEPARATOR)[0]

@@ -34,7 +34,7 @@ from . import paths
 from .artifacts import load_json, save_json
 from .distributed import default_device
 from .errors import UserError
-from .input_format import InputFormat, input_format_for, tokenize_with_embed_mask
+from .input_format import InputFormat, effective_max_length, input_format_for, tokenize_with_embed_mask
 
 log = logging.getLogger("embdistill.teachers")
 
@@ -134,8 +134,9 @@ class Teacher:
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.input_format = input_format
-        # the longest input the model is meant for (sentence-transformers' max_seq_length, else
-        # its position limit); longer requests are cut to it, as sentence-transformers does
+        # the longest input the model is meant for (the length an exported student was trained
+        # at, else sentence-transformers' max_seq_length, else its position limit); longer
+        # requests are cut to it (effective_max_length), as sentence-transformers does
         self.max_seq_length = max_seq_length
 
     @property
@@ -162,8 +163,8 @@ class Teacher:
     def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``embed_mask`` (CPU, B x T), in the teacher's
         input format (:mod:`embdistill.input_format`)."""
-        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length),
-                                        self.input_format)
+        return tokenize_with_embed_mask(self.tokenizer, list(examples),
+                                        effective_max_length(max_length, self.max_seq_length), self.input_format)
 
     @torch.no_grad()
     def token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -385,11 +386,12 @@ def _load_fast_tokenizer(name: str, source: str, base: str):
 READING_FILE = "embdistill.json"  # in an exported model folder: how it reads and pools text
 
 
-def save_reading(folder: str | Path, input_format: InputFormat, normalize: bool) -> None:
-    """Record in a model folder how it reads text and whether its embeddings are normalised
-    (what a student inherits from its teacher), for :func:`load_teacher`."""
-    save_json({"input_format": dataclasses.asdict(input_format), "normalize": bool(normalize)},
-              Path(folder) / READING_FILE)
+def save_reading(folder: str | Path, input_format: InputFormat, normalize: bool, max_seq_length: int) -> None:
+    """Record in a model folder how it reads text, whether its embeddings are normalised (what
+    a student inherits from its teacher) and how many tokens it reads (what it was trained at:
+    :func:`load_teacher` takes it as the model's ``max_seq_length``, before the position limit)."""
+    save_json({"input_format": dataclasses.asdict(input_format), "normalize": bool(normalize),
+               "max_seq_length": int(max_seq_length)}, Path(folder) / READING_FILE)
 
 
 def _saved_reading(source: str) -> dict | None:
@@ -399,6 +401,9 @@ def _saved_reading(source: str) -> dict | None:
     saved = load_json(file)
     if not isinstance(saved, dict) or not isinstance(saved.get("input_format"), dict) or "normalize" not in saved:
         raise UserError(f"{file}: expected input_format and normalize")
+    length = saved.get("max_seq_length")  # absent in folders exported before it was recorded
+    if length is not None and (type(length) is not int or length < 1):
+        raise UserError(f"{file}: max_seq_length must be a positive integer, got {length!r}")
     return saved
 
 
@@ -411,9 +416,16 @@ def _input_format(source: str, base: str, config) -> InputFormat:
 
 
 def _max_seq_length(source: str, config) -> int:
-    """sentence-transformers' max_seq_length when given, else the model's position limit."""
+    """The length saved with the model (an exported student's: what it was trained at), else
+    sentence-transformers' max_seq_length, else the model's position limit."""
+    saved = (_saved_reading(source) or {}).get("max_seq_length")
     st_config = _read_json(source, "sentence_bert_config.json") or {}
-    return int(st_config.get("max_seq_length") or getattr(config, "max_position_embeddings", None) or 512)
+    return int(saved or st_config.get("max_seq_length") or position_limit(config))
+
+
+def position_limit(config) -> int:
+    """The longest input a model config's position embeddings allow (512 when it does not say)."""
+    return int(getattr(config, "max_position_embeddings", None) or 512)
 
 
 @dataclass(frozen=True)
@@ -429,8 +441,8 @@ class TeacherTokenizer:
 
     def tokenize(self, examples: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
         """The same tensors as :meth:`Teacher.tokenize`."""
-        return tokenize_with_embed_mask(self.tokenizer, list(examples), min(max_length, self.max_seq_length),
-                                        self.input_format)
+        return tokenize_with_embed_mask(self.tokenizer, list(examples),
+                                        effective_max_length(max_length, self.max_seq_length), self.input_format)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = "minilm") -> TeacherTokenizer:

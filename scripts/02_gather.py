@@ -12,6 +12,7 @@ import argparse
 from embdistill.artifacts import skip_if_done
 from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, dist_env, print0, resolve_device
+from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.gather import OUT_DTYPES, GatherConfig, gather_shard, load_counts
 from embdistill.tasks import resolve_task
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="tokens per text, longer texts are cut; the same as 01_count.py's")
+                        help="tokens per text, longer texts are cut (at most to the teacher's own limit, "
+                        "which is what is recorded); the same as 01_count.py's")
     parser.add_argument("--per-token", type=int, default=1000,
                         help="keep an occurrence when randint(0, count) < this: ~this many per token")
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
@@ -45,15 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     env = dist_env()
     task = resolve_task(args.task, args.text_column, args.label_column)
     paths = Paths(base_dir(args.base_dir), task.slug, slug(args.teacher))
-    cfg = GatherConfig(args.teacher, args.max_length, args.per_token, args.seed, args.dtype,
-                       load_tokenizer(args.teacher).input_format.name)
+    tokenizer = load_tokenizer(args.teacher)
+    cfg = GatherConfig(args.teacher, effective_max_length(args.max_length, tokenizer.max_seq_length),
+                       args.per_token, args.seed, args.dtype, tokenizer.input_format.name)
     rank_file = paths.gather_rank(env.rank)
     inputs = {"texts": paths.train_json, "counts": paths.counts}
     if skip_if_done(rank_file, config=cfg.rank_config(env), inputs=inputs,
                     overwrite=args.overwrite, what=f"gather rank {env.rank}"):
         return 0
     texts = read_train_texts(paths)
-    counts = load_counts(paths.counts, args.max_length)
+    counts = load_counts(paths.counts, cfg.max_length, tokenizer.max_seq_length)
     device = bind_device(resolve_device(args.device, env))  # this process's own GPU
     teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
     summary = gather_shard(teacher, texts, counts, rank_file, cfg, env, inputs=inputs,

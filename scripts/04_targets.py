@@ -15,6 +15,7 @@ from embdistill.artifacts import skip_if_done
 from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
+from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
 from embdistill.senses.packed import PackedSenses
@@ -34,7 +35,8 @@ def build_parser():
     parser.add_argument("--allow-teacher-mismatch", action="store_true",
                         help="accept a sense dictionary whose manifest names another teacher")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="tokens per text, longer texts are cut; the dictionary's and training's")
+                        help="tokens per text, longer texts are cut (at most to the teacher's own limit); "
+                        "the dictionary's and training's")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="use a dictionary gathered with another --max-length")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
@@ -67,10 +69,11 @@ def targets(args) -> int:
     if not sense_dict.is_file():
         raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh {args.task} "
                         "first, or pass --sense-dict")
-    check_gathered_with(sense_dict, max_length=args.max_length, input_format=tokenizer.input_format.name,
+    check_gathered_with(sense_dict, max_length=args.max_length, model_limit=tokenizer.max_seq_length,
+                        input_format=tokenizer.input_format.name,
                         allow_max_length_mismatch=args.allow_max_length_mismatch)
     out = paths.targets if args.output is None else Path(args.output)
-    cfg = TargetsConfig.of(tokenizer, args.max_length, sense_dict)
+    cfg = TargetsConfig.of(tokenizer, effective_max_length(args.max_length, tokenizer.max_seq_length), sense_dict)
     inputs = {"sense_dict": sense_dict, "texts": paths.train_json}
     examples = read_train_texts(paths)
     if skip_if_done(out, config=asdict(cfg), inputs=inputs, overwrite=args.overwrite, what="targets"):

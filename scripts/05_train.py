@@ -22,6 +22,7 @@ from embdistill.cli import log, positive_int, run_main, setup_logging, stage_par
 from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, init_distributed,
                                     print0, resolve_device)
 from embdistill.errors import UserError
+from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
 from embdistill.senses.packed import PackedSenses
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sense targets of scripts/04_targets.py (default: work/<task>/<teacher>/targets.npz)")
     parser.add_argument("--student-layers", type=int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
-    parser.add_argument("--max-length", type=positive_int, default=512, help="max tokens per example")
+    parser.add_argument("--max-length", type=positive_int, default=512,
+                        help="max tokens per example, cut to the teacher's own limit (MiniLM: 256)")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="use a dictionary gathered with another --max-length")
     parser.add_argument("--export-replace", action=argparse.BooleanOptionalAction, default=True,
@@ -93,7 +95,7 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run)
     examples = read_train_texts(paths)
-    max_length = min(args.max_length, tokenizer.max_seq_length)
+    max_length = effective_max_length(args.max_length, tokenizer.max_seq_length)
     if max_length < args.max_length:
         log.info("--max-length %d is cut to the teacher's %d", args.max_length, max_length)
 
@@ -105,9 +107,9 @@ def train(args: argparse.Namespace) -> int:
             raise UserError(f"missing sense dictionary {inputs['sense_dict']}: run run_sep_cluster.sh "
                             f"{args.task} --teacher {args.teacher} first, or pass --sense-dict")
         check_gathered_with(inputs["sense_dict"], max_length=args.max_length,
-                            input_format=tokenizer.input_format.name,
+                            model_limit=tokenizer.max_seq_length, input_format=tokenizer.input_format.name,
                             allow_max_length_mismatch=args.allow_max_length_mismatch)
-        targets_config = TargetsConfig.of(tokenizer, args.max_length, inputs["sense_dict"])
+        targets_config = TargetsConfig.of(tokenizer, max_length, inputs["sense_dict"])
         if not inputs["targets"].is_file():
             raise UserError(f"missing sense targets {inputs['targets']}: run scripts/04_targets.py "
                             f"--task {args.task} --teacher {args.teacher} first (run_train.sh does)")

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logistic-regression experiments per task (default: mteb's, 10)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="max tokens of our models' inputs (st: models keep their own)")
+                        help="max tokens of our models' inputs, cut to each model's own limit (a "
+                        "student's: the length it was trained at); st: models keep their own")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="replace mode with a dictionary gathered with another --max-length")
     parser.add_argument("--throughput-texts", type=positive_int, default=256,

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "arctic-embed students without it: --no-export-normalize)")
     parser.add_argument("--val-fraction", type=finite_float, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
-    parser.add_argument("--max-length", type=positive_int, default=256, help="max tokens per text (the authors: 512)")
+    parser.add_argument("--max-length", type=positive_int, default=256,
+                        help="max tokens per text, cut to the student's own limit (the authors: 512)")
     # The paper's settings: AdamW 5e-5 at a constant rate, clipping 0.5 (batch: --grad-accum for its 2048).
     add_training_args(parser, TrainConfig(epochs=1, batch_size=64, lr=5e-5, weight_decay=0.01,
                                           warmup_steps=0, schedule="constant", max_grad_norm=0.5,

@@ -137,3 +137,31 @@ def test_a_replace_folder_without_its_dictionary_is_one_line(llama_export, tmp_p
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "sense dictionary" in last and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_hf_folder_reads_the_length_it_was_exported_at(minilm_export, tmp_path):
+    """export/hf records the student's length (64 here): load_teacher takes it before a
+    sentence-transformers config and the position limit (512), so the evaluation asked for 512
+    reads 64; a folder exported before it was recorded keeps loading as it did."""
+    import json
+    import shutil
+
+    out, _ = minilm_export
+    folder = shutil.copytree(out / "hf", tmp_path / "hf")
+    reading = json.loads((folder / "embdistill.json").read_text())
+    assert reading["max_seq_length"] == 64
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 100}))
+    assert load_teacher(str(folder), device="cpu").max_seq_length == 64
+    encoder = load_encoder(parse_model_spec(f"student:{folder}"), {TASK: INSTRUCTION}, device="cpu",
+                           batch_size=3, max_length=512)
+    assert encoder.max_length == 64
+    np.testing.assert_allclose(encoder.embed(TEXTS, TASK), evaluated(f"student:{out / 'hf'}", TEXTS), atol=1e-6)
+    del reading["max_seq_length"]  # an older export
+    (folder / "embdistill.json").write_text(json.dumps(reading))
+    assert load_teacher(str(folder), device="cpu").max_seq_length == 100
+    (folder / "sentence_bert_config.json").unlink()
+    assert load_teacher(str(folder), device="cpu").max_seq_length == 512
+    (folder / "embdistill.json").write_text(json.dumps({**reading, "max_seq_length": "long"}))
+    with pytest.raises(UserError, match="max_seq_length must be a positive integer, got 'long'"):
+        load_teacher(str(folder), device="cpu")

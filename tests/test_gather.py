@@ -31,6 +31,7 @@ from embdistill.senses.gather import (
     gather_shard,
     index_path,
     keep_occurrences,
+    load_counts,
 )
 from embdistill.teachers import load_teacher
 from helpers import free_port, killed_command, run_stage
@@ -318,6 +319,18 @@ def test_bad_inputs_fail_in_one_line(task, case, monkeypatch, capsys):
     assert not paths.gather_rank(0).exists() and not list(paths.gather_dir.glob("*.parts"))
     if script.endswith("01_count.py"):
         assert not paths.counts.exists()
+
+
+@pytest.mark.parametrize("recorded", [256, 512])  # 512: counts recording the --max-length asked for
+def test_counts_are_checked_at_the_length_used(tmp_path, recorded):
+    """On a teacher that reads 256 tokens, counts made with --max-length 512 used 256: a gather
+    at 256 takes them, one at 128 is refused in one line."""
+    path = tmp_path / "counts.pkl"
+    save_pickle({5: 2}, path)
+    write_manifest(path, stage="count", config=count_config("minilm", recorded))
+    assert load_counts(path, 256, model_limit=256) == {5: 2}
+    with pytest.raises(UserError, match=f"counted with --max-length {recorded}, the gather uses 128"):
+        load_counts(path, 128, model_limit=256)
 
 
 def test_combine_script_bad_inputs_fail_in_one_line(tmp_path, monkeypatch, capsys):

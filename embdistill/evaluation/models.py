@@ -22,7 +22,7 @@ from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
 from ..teachers import Teacher, load_teacher, truncated_copy
-from ..input_format import format_example
+from ..input_format import effective_max_length, format_example
 from ..st_modules import load_sentence_transformer
 from .replace import ReplaceModeModel
 from .specs import ModelSpec
@@ -53,7 +53,9 @@ def _model_meta(spec: ModelSpec, *, n_parameters: int, embed_dim: int, max_token
 class TeacherEncoder(AbsEncoder):
     """One of our models (plain or replace mode) as an mteb encoder.
 
-    ``instructions`` maps an mteb task name to the instruction its texts are formatted with."""
+    ``instructions`` maps an mteb task name to the instruction its texts are formatted with.
+    ``max_length`` is cut to the model's own limit (an exported student's: the length it was
+    trained at), which is what the model reads and what ``max_length`` then holds."""
 
     def __init__(self, spec: ModelSpec, model: Teacher, instructions: Mapping[str, str], *,
                  batch_size: int, max_length: int, dictionary_values: int = 0):
@@ -61,11 +63,11 @@ class TeacherEncoder(AbsEncoder):
         self.model = model
         self.instructions = dict(instructions)
         self.batch_size = batch_size
-        self.max_length = max_length
+        self.max_length = effective_max_length(max_length, model.max_seq_length)
         self.n_parameters = sum(p.numel() for p in model.model.parameters())
         self.dictionary_values = dictionary_values
         self.mteb_model_meta = _model_meta(spec, n_parameters=self.n_parameters,
-                                           embed_dim=model.hidden_size, max_tokens=max_length)
+                                           embed_dim=model.hidden_size, max_tokens=self.max_length)
 
     def embed(self, texts: Sequence[str], task_name: str) -> np.ndarray:
         instruction = self.instructions[task_name]
@@ -103,8 +105,8 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
                  allow_max_length_mismatch: bool = False) -> Encoder:
     """Load the model of ``spec`` and wrap it for mteb. ``loaded`` caches models by target,
     so that a model in plain and in replace mode loads once. A replace-mode dictionary must
-    have been gathered with ``max_length`` (unless ``allow_max_length_mismatch``) and the
-    model's input format."""
+    have been gathered with the length the model reads, ``max_length`` cut to its limit
+    (unless ``allow_max_length_mismatch``), and the model's input format."""
     if spec.kind == "st":
         return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device),
                                 batch_size=batch_size)
@@ -119,7 +121,8 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
         from ..senses.dictionary import check_gathered_with, load_sense_dict
         from ..senses.packed import PackedSenses
 
-        check_gathered_with(spec.sense_dict, max_length=max_length, input_format=model.input_format.name,
+        check_gathered_with(spec.sense_dict, max_length=max_length, model_limit=model.max_seq_length,
+                            input_format=model.input_format.name,
                             allow_max_length_mismatch=allow_max_length_mismatch)
         senses = load_sense_dict(spec.sense_dict, hidden_size=model.hidden_size)
         model = ReplaceModeModel(model, PackedSenses(senses, model.vocab_size))

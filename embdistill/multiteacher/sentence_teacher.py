@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..input_format import effective_max_length
 from ..st_modules import load_sentence_transformer
 from ..teachers import TEACHER_ALIASES, minilm_path
 
@@ -47,7 +48,7 @@ class SentenceTeacher:
         self.name = name
         self.model = model
         own = model.max_seq_length
-        self.max_length = min(own, max_length) if own else max_length
+        self.max_length = effective_max_length(max_length, own) if own else max_length
         model.max_seq_length = self.max_length
 
     @property

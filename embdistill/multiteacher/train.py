@@ -23,9 +23,10 @@ import torch
 from ..artifacts import fingerprint, is_done, save_json, skip_if_done, write_manifest
 from ..distributed import DistEnv, cleanup, default_device, init_distributed, print0
 from ..errors import UserError
+from ..input_format import effective_max_length
 from ..paths import Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
-from ..teachers import load_teacher
+from ..teachers import load_teacher, load_tokenizer
 from ..training import Trainer, TrainConfig, resolved_config, to_device
 from .corpus import corpus_name, read_corpus, validation_split
 from .model import (Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss,
@@ -50,13 +51,14 @@ def stats_record(stats: TargetStats | None) -> dict | None:
 
 
 def run_identity(args: argparse.Namespace, paths: Paths, folders: dict[str, Path],
-                 stats: TargetStats | None) -> dict:
-    """Every input and option that changes what the run computes (besides TrainConfig's)."""
+                 stats: TargetStats | None, max_length: int) -> dict:
+    """Every input and option that changes what the run computes (besides TrainConfig's);
+    ``max_length``: the tokens per text the student reads (--max-length cut to its limit)."""
     return {
         "corpus": paths.task, "corpus_texts": fingerprint(paths.corpus_file),
         "teachers": {name: fingerprint(folder / INDEX_NAME) for name, folder in folders.items()},
         "student": args.student, "student_layers": args.student_layers, "pooling": args.pooling,
-        "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": args.max_length,
+        "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": max_length,
         "val_fraction": args.val_fraction, "standardize": args.standardize,
         "target_stats": stats_record(stats), "heads": heads_kind(args), "head_layers": args.head_layers,
         "head_lr": args.head_lr, "head_warmup_steps": args.head_warmup_steps,
@@ -95,7 +97,8 @@ def train_student(args: argparse.Namespace) -> None:
 
     env = init_distributed(timeout_s=args.dist_timeout)
     config = TrainConfig.from_args(args)
-    run_config = run_identity(args, paths, folders, stats)
+    max_length = effective_max_length(args.max_length, load_tokenizer(args.student).max_seq_length)
+    run_config = run_identity(args, paths, folders, stats, max_length)
     resolved = resolved_config(run_config, config, env.world_size)
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
         return
@@ -109,7 +112,7 @@ def train_student(args: argparse.Namespace) -> None:
     export_initial(model, source.tokenizer, paths, run_config, args, env)
 
     loss_fn = MultiTeacherLoss(args.loss, args.normalize_by_dim)
-    collator = Collator(source.tokenizer, teachers, args.max_length)
+    collator = Collator(source.tokenizer, teachers, max_length)
     train_set = split_dataset(texts, targets, train_index)
     val_set = split_dataset(texts, targets, val_index) if len(val_index) else None
     validate = (functools.partial(evaluate_loss, loss_fn=loss_fn, dataset=val_set, collate_fn=collator,
@@ -140,7 +143,7 @@ def train_student(args: argparse.Namespace) -> None:
     if env.is_main:
         validation = final_validation(monitor, validate, trainer, result.global_step, len(val_index))
         save_json(validation, paths.run_dir / "validation.json")
-        export(trainer.module, source.tokenizer, paths.export_dir, args)
+        export(trainer.module, source.tokenizer, paths.export_dir, args, max_length)
         write_manifest(paths.export_dir, stage="train_multiteacher", config=resolved,
                        extra={"global_step": result.global_step, "train_metrics": result.metrics,
                               "validation": validation})
@@ -175,11 +178,12 @@ def export_initial(model: MultiTeacherStudent, tokenizer, paths: Paths, run_conf
     initial_dir = paths.initial_dir
     config = {k: run_config[k] for k in ("student", "student_layers", "pooling", "max_length", "export_normalize")}
     if env.is_main and (args.overwrite or not is_done(initial_dir, config=config)):
-        export(model, tokenizer, initial_dir, args)
+        export(model, tokenizer, initial_dir, args, config["max_length"])
         write_manifest(initial_dir, stage="train_multiteacher", config=config)
 
 
-def export(model: MultiTeacherStudent, tokenizer, out_dir: Path, args: argparse.Namespace) -> None:
-    """The encoder alone (the heads only serve training), as hf/ and st/."""
+def export(model: MultiTeacherStudent, tokenizer, out_dir: Path, args: argparse.Namespace, max_length: int) -> None:
+    """The encoder alone (the heads only serve training), as hf/ and st/, reading ``max_length``
+    tokens as it was trained."""
     export_student(model.encoder, tokenizer, out_dir, normalize=args.export_normalize,
-                   max_seq_length=args.max_length, pooling=model.pooling)
+                   max_seq_length=max_length, pooling=model.pooling)

@@ -23,6 +23,7 @@ import torch
 
 from ..artifacts import atomic_open, load_pickle, read_manifest, save_pickle, write_manifest
 from ..errors import UserError
+from ..input_format import effective_max_length
 
 log = logging.getLogger("embdistill.dictionary")
 
@@ -156,20 +157,33 @@ def plot_senses(path: str | Path, samples: list[int], senses: list[int], title: 
 # ------------------------------------------------------------------------------ provenance
 
 
-def check_gathered_with(path: str | Path, *, max_length: int, input_format: str,
+def check_gathered_with(path: str | Path, *, max_length: int, model_limit: int, input_format: str,
                         allow_max_length_mismatch: bool = False) -> None:
     """Refuse (one line) a dictionary whose states were gathered with another input format, or
     another max length unless ``allow_max_length_mismatch``: with a bidirectional teacher every
     token state depends on the whole input, so centroids of other contexts are not the senses
-    of these. A dictionary that does not record them (the original's) is used with a warning."""
+    of these. The lengths compared are those used, cut to ``model_limit`` (the model's
+    ``max_seq_length``, :func:`~embdistill.input_format.effective_max_length`): on MiniLM (256)
+    --max-length 512 and 300 are the same. A dictionary that does not record them (the
+    original's) is used with a warning."""
     extra = (read_manifest(path) or {}).get("extra") or {}
     gathered_length, gathered_format = extra.get("max_length"), extra.get("input_format")
+    used = effective_max_length(max_length, model_limit)
     if gathered_length is None or gathered_format is None:
         log.warning("%s does not record the max length and input format its states were gathered "
-                    "with; make sure they were %d and %s", path, max_length, input_format)
+                    "with; make sure they were %d and %s", path, used, input_format)
     if gathered_format is not None and gathered_format != input_format:
         raise UserError(f"{path} was gathered with input format {gathered_format}, the teacher now "
                         f"reads {input_format}; rebuild the dictionary (run_gather_sense.sh, run_sep_cluster.sh)")
-    if gathered_length is not None and gathered_length != max_length and not allow_max_length_mismatch:
-        raise UserError(f"{path} was gathered with --max-length {gathered_length}, not {max_length}; "
-                        f"use --max-length {gathered_length}, or --allow-max-length-mismatch")
+    if gathered_length is None or allow_max_length_mismatch:
+        return
+    # Dictionaries gathered before the length used was recorded hold the --max-length asked
+    # for (512 for MiniLM, which read 256): cut to the limit too, they compare as what their
+    # gather used, since the limit is their teacher's (check_dictionary_teacher) or that of a
+    # student of it, trained at most at that length. A recorded length used is within the
+    # limit already, and the cut leaves it as it is.
+    gathered = effective_max_length(gathered_length, model_limit)
+    if gathered != used:
+        cut = f" (--max-length {max_length} cut to the model's {model_limit})" if used < max_length else ""
+        raise UserError(f"{path} was gathered with --max-length {gathered}, not {used}{cut}; "
+                        f"use --max-length {gathered}, or --allow-max-length-mismatch")

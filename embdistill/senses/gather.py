@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..artifacts import PartFiles, fingerprint, load_pickle, manifest_path, read_manifest, save_pickle, write_manifest
 from ..distributed import DistEnv, shard
 from ..errors import UserError
+from ..input_format import effective_max_length
 
 log = logging.getLogger("embdistill.gather")
 
@@ -65,13 +66,16 @@ def count_config(teacher: str, max_length: int, input_format: str = "plain") -> 
     return {"teacher": teacher, "max_length": max_length, "input_format": input_format}
 
 
-def load_counts(path: Path, max_length: int) -> dict[int, int]:
-    """counts.pkl, checked to have been counted with the same truncation as the gather."""
+def load_counts(path: Path, max_length: int, model_limit: int) -> dict[int, int]:
+    """counts.pkl, checked to have been counted with the same truncation as the gather:
+    ``max_length`` tokens, the gather's --max-length cut to the teacher's ``model_limit``."""
     if not path.is_file():
         raise UserError(f"missing {path}: run scripts/01_count.py first")
     manifest = read_manifest(path)
     counted_at = (manifest or {}).get("config", {}).get("max_length")
-    if counted_at is not None and counted_at != max_length:
+    # counts made before the length used was recorded hold the --max-length asked for: the
+    # same teacher's limit cuts it to what they used (see check_gathered_with)
+    if counted_at is not None and effective_max_length(counted_at, model_limit) != max_length:
         raise UserError(
             f"{path} was counted with --max-length {counted_at}, the gather uses {max_length}; "
             f"rerun scripts/01_count.py --max-length {max_length} --overwrite"
@@ -117,7 +121,7 @@ class GatherConfig:
     """Everything the gathered sample depends on (batch size and buffer size do not)."""
 
     teacher: str
-    max_length: int = 512
+    max_length: int = 512  # the length used: --max-length cut to the teacher's (effective_max_length)
     per_token: int = 1000
     seed: int = 0
     dtype: str = "float16"

@@ -43,7 +43,7 @@ class TargetsConfig:
     teacher: str  # the teacher's name (alias, hub id or folder)
     tokenizer: str  # the tokenizer's name_or_path and vocabulary size
     input_format: str
-    max_length: int
+    max_length: int  # the length used: --max-length cut to the teacher's (effective_max_length)
     dictionary: str  # its path (its content is fingerprinted as an input)
 
     @classmethod
