@@ -151,7 +151,7 @@ def minilm_folder() -> Path:
 
 def accuracies(table: dict) -> dict[str, dict[str, float]]:
     """label -> task -> accuracy (mteb's mean over its experiments)."""
-    return {model["label"]: {task: score["accuracy"] for task, score in model["scores"].items()}
+    return {model["label"]: {task: score["score"] for task, score in model["scores"].items()}
             for model in table["models"]}
 
 
