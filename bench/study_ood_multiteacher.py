@@ -3,7 +3,8 @@
 
     nice -n 5 python bench/study_ood_multiteacher.py --base-dir /tmp/ood-study       # the study
     python bench/study_ood_multiteacher.py --base-dir /tmp/ood-tiny --tweets 200 --steps 6 \
-        --bbc-max-train 100 --bbc-max-test 40 --seeds 0 1 --figure /tmp/ood-tiny/ood.png --out /tmp/ood-tiny
+        --bbc-max-train 100 --bbc-max-test 40 --arms nll mse-raw --seeds 0 1 \
+        --figure /tmp/ood-tiny/ood.png --out /tmp/ood-tiny                           # a tiny look
 
 Runs the pipeline's own stage scripts, each skipped when done (a rerun resumes):
 
@@ -33,17 +34,20 @@ Writes <out>/<name>.json and <name>.md (rows: arm; columns: bbc-news accuracy, b
 V-measure, the family means and their mean, at the end, mean ± std over seeds (ddof 1)), and
 --figure (each score against the step, per arm, mean ± std over seeds).
 
-Sizing (the defaults; <= 30 min on 2 idle CPU cores), from the tiny run in the docstring's
-second command (2026-12-01, 2 shared cores, load ~5): a training step of 32 tweets costs about
-0.12 s, stage 11's fixed cost (loading, head warm-up of 100 steps on cached embeddings,
-exports) about 25 s per run, and stage 6 about 1.3 s per model per 100 bbc-news texts of
-256 tokens (train texts embedded for the classifier plus test texts embedded twice, once per
-task type) with about 4 s of loading per model. The defaults: 12 runs (4 arms x 3 seeds) of
-300 steps (~ 9,600 tweet pairs seen, 2 epochs of --tweets 4000) ~ 12 x (36 + 25) s ~ 12 min;
-39 models (12 runs x 3 points, the student before, 2 teachers) on 300 training + 300
-held-out articles (~ 900 texts embedded per model) ~ 39 x (12 + 4) s ~ 10 min; stages 0 and
-10 ~ 1 min. About 23 min, with margin for the teachers' 6 layers. --steps, --tweets and
---bbc-max-test scale it.
+Sizing (the defaults; meant to take <= 30 min on the 2 CPU cores when idle). Not measured
+idle: the machine was shared (load 5-9) throughout. From the repository's own records
+(BENCHMARKS.md, multi-teacher study: 304-step runs of mixed bbc-news/tweet batches at max
+length 128 took about 5 min at load ~4, i.e. ~1 s a step, and the same demo command ran 3.2x
+faster idle than at load 4-5) a step of 32 tweets (~50 tokens, shorter than those batches) is
+estimated at <= 0.5 s idle, and a run's fixed cost (loading, 100 head warm-up steps on cached
+embeddings, the initial and final exports) at ~30 s. The tiny run (second command above, load
+5-9) took about 2.5 min per 6-step run and ~TINY_EVAL s per evaluated model. Hence: 12 runs (4 arms x
+3 seeds) of 96 steps (--tweets 3200: one pass over the corpus) ~ 12 x (48 + 30) s ~ 16 min;
+39 models (12 runs x 3 points, the student before, 2 teachers) each embedding ~600 bbc-news
+texts (200 training texts the classifier draws from, 200 held-out articles embedded once per
+task type) at 128 tokens ~ 39 x 10 s ~ 7 min (the 6-layer teachers, at their own 256 tokens,
+longer); stages 0 and 10 ~ 1.5 min. About 25 min. --steps, --tweets and --bbc-max-test scale it;
+rerun the full command on an idle machine to record its wall time (the .json's wall_s).
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ ARMS = {
     "nll-dim": "--loss nll --standardize --normalize-by-dim",
 }
 POINTS = 3  # checkpoints at 1/3, 2/3 and the end of training
-TRAIN_ARGS = "--batch-size 32 --max-length 256 --lr 1e-4 --val-every 100 --log-every 20"
+# Max length 128: tweets are shorter, and the exported students read news at the length they were trained at.
+TRAIN_ARGS = "--batch-size 32 --max-length 128 --lr 1e-4 --val-every 32 --log-every 16"
 
 
 def run_name(name: str, arm: str, seed: int) -> str:
@@ -84,10 +89,10 @@ def main() -> int:
     parser.add_argument("--name", default="ood_multiteacher_study", help="file names, run and results prefix")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tweets", type=int, default=4000, help="tweet-sentiment texts to distil on")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run (a multiple of 3)")
-    parser.add_argument("--bbc-max-train", type=int, default=300, help="bbc-news texts the classifier draws from")
-    parser.add_argument("--bbc-max-test", type=int, default=300, help="held-out bbc-news articles")
+    parser.add_argument("--tweets", type=int, default=3200, help="tweet-sentiment texts to distil on")
+    parser.add_argument("--steps", type=int, default=96, help="optimiser steps per run (a multiple of 3)")
+    parser.add_argument("--bbc-max-train", type=int, default=200, help="bbc-news texts the classifier draws from")
+    parser.add_argument("--bbc-max-test", type=int, default=200, help="held-out bbc-news articles")
     parser.add_argument("--lsa-dim", type=int, default=256)
     parser.add_argument("--train-args", default=TRAIN_ARGS, help="stage 11 options of every run")
     args = parser.parse_args()
