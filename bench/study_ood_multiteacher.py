@@ -40,9 +40,10 @@ idle: the machine was shared (load 5-9) throughout. From the repository's own re
 length 128 took about 5 min at load ~4, i.e. ~1 s a step, and the same demo command ran 3.2x
 faster idle than at load 4-5) a step of 32 tweets (~50 tokens, shorter than those batches) is
 estimated at <= 0.5 s idle, and a run's fixed cost (loading, 100 head warm-up steps on cached
-embeddings, the initial and final exports) at ~30 s. The tiny run (second command above, load
-5-9) took about 2.5 min per 6-step run and ~TINY_EVAL s per evaluated model. Hence: 12 runs (4 arms x
-3 seeds) of 96 steps (--tweets 3200: one pass over the corpus) ~ 12 x (48 + 30) s ~ 16 min;
+embeddings, the initial and final exports) at ~30 s. A tiny run (the second command, with
+--train-args at max length 256; load 5-7, 2026-12-03) took 15 min: about 2 min per 6-step run
+(mostly the fixed cost) and about 30 s per evaluated student (180 bbc-news texts at 256 tokens;
+70 s for the MiniLM teacher). Hence: 12 runs (4 arms x 3 seeds) of 96 steps (--tweets 3200: one pass over the corpus) ~ 12 x (48 + 30) s ~ 16 min;
 39 models (12 runs x 3 points, the student before, 2 teachers) each embedding ~600 bbc-news
 texts (200 training texts the classifier draws from, 200 held-out articles embedded once per
 task type) at 128 tokens ~ 39 x 10 s ~ 7 min (the 6-layer teachers, at their own 256 tokens,
@@ -74,6 +75,7 @@ ARMS = {
     "mse-std": "--loss mse --standardize",
     "nll-dim": "--loss nll --standardize --normalize-by-dim",
 }
+PLOTTED = ("bbc-news", "bbc-news-clustering", "mean")  # each family mean is one of these tasks
 POINTS = 3  # checkpoints at 1/3, 2/3 and the end of training
 # Max length 128: tweets are shorter, and the exported students read news at the length they were trained at.
 TRAIN_ARGS = "--batch-size 32 --max-length 128 --lr 1e-4 --val-every 32 --log-every 16"
@@ -219,7 +221,7 @@ def plot(study: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = study["columns"]
+    columns = [c for c in study["columns"] if c in PLOTTED]
     fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.6), squeeze=False)
     for axis, column in zip(axes[0], columns):
         for arm, curve in study["curves"].items():
