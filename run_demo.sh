@@ -67,4 +67,4 @@ bash run_evaluate.sh "${TASKS[0]}" --tasks "${TASKS[@]:1}" --run demo \
            "untrained-replace=replace:minilm@2@$DICT" \
            'skd-st=st:runs/{task}/skd/export/st'
 echo
-echo "files: text_train/ work/ sense_dict/ runs/ results/demo/ (table.md, table.json, accuracy.png)"
+echo "files: text_train/ work/ sense_dict/ runs/ results/demo/ (table.md, table.json, scores.png)"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Stage 6: evaluate models on a task through mteb; writes results/<run>/ (table.md, table.json,
-# accuracy.png, mteb/). Single process: the launch flags are accepted and ignored.
+# Stage 6: evaluate models on tasks (any mteb task type, --task-types) through mteb; writes
+# results/<run>/ (table.md, table.json, scores.png, mteb/). Single process: the launch flags are
+# accepted and ignored.
 set -euo pipefail
 
 usage() {
   cat <<USAGE
 usage: $0 TASK --models SPEC [SPEC ...] [--run NAME] [options of scripts/06_evaluate.py]
 
-TASK comes first: an index 1-16, bbc-news, tweet-sentiment or a data file (more tasks: --tasks).
+TASK comes first: an index 1-16, bbc-news, tweet-sentiment, an MTEB task name or a data file
+(more tasks: --tasks; task types, e.g. Classification Clustering: --task-types).
 Example:
   $0 bbc-news --run demo --models teacher:minilm untrained:minilm@3 \\
       student:runs/bbc-news/skd/export/hf \\

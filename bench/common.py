@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 
@@ -26,3 +28,12 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a timer around CUDA work measures nothing otherwise)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def study_parser(doc: str, *, out: str, out_help: str) -> argparse.ArgumentParser:
+    """A study's parser: its docstring as help, --base-dir (the pipeline's, required) and --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-dir", required=True, help="the pipeline's base directory (data, runs, results)")
+    parser.add_argument("--out", default=out, help=out_help)
+    return parser

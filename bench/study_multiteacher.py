@@ -25,7 +25,6 @@ mean exceeds the MSE student's by more than twice the larger of their seed stds.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import study_parser
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("bbc-news", "tweet-sentiment")
@@ -64,10 +65,7 @@ def run_name(name: str, variant: str, loss: str, seed: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-dir", required=True, help="the pipeline's base directory (data, runs, results)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the table and plot go")
+    parser = study_parser(__doc__, out=str(REPO / "bench" / "results"), out_help="where the table and plot go")
     parser.add_argument("--name", default="multiteacher_study", help="file names, run and results prefix")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=["nll", "mse"], choices=["nll", "mse"])
@@ -129,11 +127,7 @@ def main() -> int:
                for variant in variants for loss in variant_losses[variant]}
     study = summarise(tables, args, variants, variant_losses, targets)
     study.update(
-        command=shlex.join([Path(sys.executable).name, *sys.argv]),
-        date=dt.date.today().isoformat(), machine=machine(), wall_s=round(time.perf_counter() - started, 1),
-        load_average_before=[round(x, 2) for x in load_before],
-        load_average_after=[round(x, 2) for x in os.getloadavg()],
-        stage_seconds={k: round(v, 1) for k, v in seconds.items()},
+        run_record(started, load_before, seconds),
         runs={variant: {loss: [training_summary(runs / run_name(args.name, variant, loss, s)) for s in args.seeds]
                         for loss in variant_losses[variant]} for variant in variants},
     )
@@ -163,7 +157,7 @@ def targets_of(run_dirs: list[Path]) -> str:
 
 def accuracies(table: dict) -> dict[str, dict[str, float]]:
     """label -> task -> accuracy (mteb's mean over its experiments)."""
-    return {model["label"]: {task: score["accuracy"] for task, score in model["scores"].items()}
+    return {model["label"]: {task: score["score"] for task, score in model["scores"].items()}
             for model in table["models"]}
 
 
@@ -257,6 +251,18 @@ def plot(study: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_record(started: float, load_before: tuple[float, ...], seconds: dict[str, float]) -> dict:
+    """How a study ran: its command, date, machine, wall time, load before and after, and the
+    seconds of each stage (``started``: its time.perf_counter() at the start)."""
+    return dict(
+        command=shlex.join([Path(sys.executable).name, *sys.argv]),
+        date=dt.date.today().isoformat(), machine=machine(), wall_s=round(time.perf_counter() - started, 1),
+        load_average_before=[round(x, 2) for x in load_before],
+        load_average_after=[round(x, 2) for x in os.getloadavg()],
+        stage_seconds={k: round(v, 1) for k, v in seconds.items()},
+    )
 
 
 def machine() -> str:

@@ -113,8 +113,8 @@ def summarise(table: dict, points: int, seeds: list[int], out: Path) -> dict:
     """mean +- std over seeds of each (loss, point), per task and over tasks; replace mode at
     the last point."""
     tasks = list(table["tasks"])
-    accuracy = {m["label"]: {**{t: 100 * m["scores"][t]["accuracy"] for t in tasks},
-                             "mean": 100 * m["mean_accuracy"]} for m in table["models"]}
+    accuracy = {m["label"]: {**{t: 100 * m["scores"][t]["score"] for t in tasks},
+                             "mean": 100 * m["mean"]} for m in table["models"]}
     columns = [*tasks, "mean"]
     curves = {loss: {c: [(p / POINTS_PER_EPOCH, *_mean_std([accuracy[f"{loss}-s{s}-{p}"][c] for s in seeds]))
                          for p in range(1, points + 1)] for c in columns}

@@ -1,10 +1,20 @@
-"""Stage 6: evaluate models on classification tasks through mteb; write results/<run>/.
+"""Stage 6: evaluate models on tasks of any mteb task type through mteb; write results/<run>/.
 
     python scripts/06_evaluate.py --task bbc-news --run demo --models teacher:minilm
         untrained:minilm@3 student:runs/bbc-news/skd/export/hf
         replace:runs/bbc-news/skd/export/hf@sense_dict/bbc-news/minilm.kmeanspkl
         replace:minilm@sense_dict/bbc-news/minilm.kmeanspkl
     python scripts/06_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
+    python scripts/06_evaluate.py --task bbc-news --task-types Classification Clustering --models teacher:minilm
+    python scripts/06_evaluate.py --tasks 2 STSBenchmark --task-types STS --models teacher:minilm
+
+Task types (mteb's names: Classification, Clustering, STS, PairClassification, ...): a hub task
+(1-16 or any MTEB task name) is of its own type; a local task (bbc-news, tweet-sentiment, a
+labelled file) offers Classification (its name) and Clustering (<name>-clustering: k-means on
+its held-out split, V-measure). Without --task-types: hub tasks as their type, local tasks as
+Classification. With it: only the hub tasks of the listed types, and each local task as every
+listed type it offers. The table gives each task's mteb main score, a mean per type and the
+overall mean.
 
 Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation/specs.py):
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
@@ -21,7 +31,6 @@ from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
 from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
 from embdistill.paths import base_dir, check_run_name, results_dir
-from embdistill.tasks import resolve_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(task=None)
     parser.add_argument("--tasks", nargs="+", default=[],
                         help="tasks to evaluate on (with --task: both; default bbc-news)")
+    parser.add_argument("--task-types", nargs="+", default=None, metavar="TYPE",
+                        help="mteb task types to evaluate (see above; default: hub tasks as their "
+                        "type, local tasks as Classification)")
     parser.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="models (see below)")
     parser.add_argument("--run", default="eval", help="results go to results/<run>/")
     parser.add_argument("--samples-per-label", type=positive_int, default=None,
                         help="training texts per label in each experiment (default: 32 for local "
                              "tasks, mteb's own (8) for hub tasks, to compare with the leaderboard)")
     parser.add_argument("--n-experiments", type=positive_int, default=None,
-                        help="logistic-regression experiments per task (default: mteb's, 10)")
+                        help="experiments per task: classification's logistic-regression fits, "
+                        "clustering's k-means runs (default: mteb's, 10; other types have none)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="max tokens of our models' inputs, cut to each model's own limit (a "
@@ -56,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
 
     tasks = list(dict.fromkeys(([args.task] if args.task else []) + args.tasks)) or ["bbc-news"]
-    # Spec mistakes (syntax, missing folders) fail here, before mteb and the models load.
-    task_slugs = [resolve_task(t, args.text_column, args.label_column).slug for t in tasks]
+    from embdistill.evaluation.local_tasks import resolve_evaluation_task, select_task_types
+
+    # Task, type and spec mistakes (syntax, missing folders) fail here, before the models load.
+    resolved = [resolve_evaluation_task(t, args.text_column, args.label_column) for t in tasks]
+    select_task_types(resolved, args.task_types)
+    task_slugs = [task.slug for task in resolved]
     specs = parse_model_specs(args.models, task_slugs)
     if not args.allow_teacher_mismatch:
         check_dictionary_teachers(specs, task_slugs)
@@ -66,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     check_run_name(args.run, "results/")
     config = EvaluationConfig(
         run=args.run, tasks=tuple(tasks), models=tuple(args.models),
+        task_types=tuple(dict.fromkeys(args.task_types)) if args.task_types else None,
         samples_per_label=args.samples_per_label, n_experiments=args.n_experiments,
         batch_size=args.batch_size, max_length=args.max_length,
         allow_max_length_mismatch=args.allow_max_length_mismatch,

@@ -170,13 +170,15 @@ def test_run_writes_table_from_mteb_result_files(finished_run, workspace, tiny_b
     out, table = finished_run["dir"], finished_run["table"]
     assert json.loads((out / "table.json").read_text()) == json.loads(json.dumps(table))
     assert read_manifest(out / "table.json")["stage"] == "evaluate"
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "table.md").read_text()
     assert markdown == format_markdown(table)
 
     name = tiny_bert_dir.name
     assert [m["label"] for m in table["models"]] == [name, f"{name}-first1", f"{name}-replace", f"{name}-st"]
-    assert table["tasks"] == {"topics": {"eval_splits": ["test"], "samples_per_label": 4, "n_experiments": 3}}
+    assert table["tasks"] == {"topics": {"type": "Classification", "main_score": "accuracy", "eval_splits": ["test"],
+                                         "samples_per_label": 4, "n_experiments": 3}}
+    assert table["families"] == {"Classification": ["topics"]}
     for model in table["models"]:
         score = model["scores"]["topics"]
         path = out / score["result_file"]
@@ -185,14 +187,15 @@ def test_run_writes_table_from_mteb_result_files(finished_run, workspace, tiny_b
         entry = on_disk["scores"]["test"][0]
         per_experiment = [e["accuracy"] for e in entry["scores_per_experiment"]]
         assert len(per_experiment) == 3
-        assert score["accuracy"] == entry["main_score"] == entry["accuracy"]
+        assert score["score"] == entry["main_score"] == entry["accuracy"]
         assert score["per_experiment"] == per_experiment
         assert score["std"] == pytest.approx(np.std(per_experiment, ddof=1))
-        assert f"{100 * score['accuracy']:.1f} ± {100 * score['std']:.1f}" in markdown
+        assert f"{100 * score['score']:.1f} ± {100 * score['std']:.1f}" in markdown
+        assert model["family_means"] == {"Classification": model["mean"]} == {"Classification": score["score"]}
         assert TaskResult.from_disk(path).task_name == "topics"  # mteb reads its own format back
         assert model["texts_per_second"] > 0
         assert model["relative_to_teacher"] == pytest.approx(
-            model["mean_accuracy"] / table["models"][0]["mean_accuracy"])
+            model["mean"] / table["models"][0]["mean"])
 
     teacher, untrained, replace, st = table["models"]
     assert table["teacher"] == teacher["label"] and teacher["relative_to_teacher"] == 1.0
@@ -233,10 +236,11 @@ def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
         ModelRow("two", "student", "two=student:y", 5, 0, 2.0,
                  {"t": _result_file(tmp_path / "two.json", [[0.5, 0.7], [0.9, 0.7]])}),
     ]
-    table = build_table("r", rows, {"t": {"eval_splits": ["test"], "samples_per_label": 2,
+    table = build_table("r", rows, {"t": {"type": "Classification", "main_score": "accuracy",
+                                          "eval_splits": ["test"], "samples_per_label": 2,
                                           "n_experiments": 2}}, tmp_path)
     two = table["models"][1]["scores"]["t"]
-    assert two["accuracy"] == pytest.approx(0.7)  # the mean of the entries' main scores
+    assert two["score"] == pytest.approx(0.7)  # the mean of the entries' main scores
     assert two["per_experiment"] == pytest.approx([0.7, 0.7])  # experiment i: mean over entries
     assert two["std"] == 0.0 and two["result_file"] == "two.json"
     assert table["models"][1]["relative_to_teacher"] is None
@@ -315,7 +319,7 @@ def test_real_minilm_separates_two_topics(workspace, minilm_dir):
                               n_experiments=3, batch_size=16, max_length=64, throughput_texts=16)
     table = evaluate(config, workspace["base"], device="cpu")
     for model in table["models"]:
-        assert model["scores"]["topics"]["accuracy"] >= 0.9, model
+        assert model["scores"]["topics"]["score"] >= 0.9, model
 
 
 def test_task_placeholder_expands_per_task(tmp_path):

@@ -33,6 +33,7 @@ from embdistill.multiteacher.monitor import TrainingMonitor, mean_pairwise_cosin
 from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_teacher,
                                             load_teacher_targets, shard_files, target_statistics,
                                             text_id, write_teacher_shards)
+from embdistill.multiteacher.train import export_checkpoint
 from embdistill.multiteacher.warmup import fit_heads
 from helpers import free_port, killed_command, run_stage
 
@@ -721,6 +722,12 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
         expected = F.normalize(model.eval().embed(batch["input_ids"], batch["attention_mask"]), dim=-1)
     exported = SentenceTransformer(str(runs / "reference" / "export" / "st"), device="cpu")
     assert np.allclose(exported.encode(texts), expected.numpy(), atol=1e-5)
+    # a checkpoint exported afterwards: the last one is the export, an earlier one another model
+    for step in (6, 4):
+        folder = export_checkpoint(runs / "reference" / "checkpoints" / f"step-{step:08d}.pt",
+                                   teacher_base / "curve" / f"step-{step}")
+        embedded = SentenceTransformer(str(folder / "st"), device="cpu").encode(texts)
+        assert np.allclose(embedded, expected.numpy(), atol=1e-5) == (step == 6)
 
     # done: a rerun skips; bad input is one line
     run_script("11_train_multiteacher.py", *train_args(teacher_base, task_file, tiny_bert_dir, "reference"))

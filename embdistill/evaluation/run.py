@@ -1,10 +1,11 @@
-"""One evaluation run: every model on every task through ``mteb.evaluate``, then the table.
+"""One evaluation run: every model on every task (of the selected task types) through
+``mteb.evaluate``, then the table.
 
 Layout under ``results/<run>/`` (:func:`embdistill.paths.results_dir`)::
 
     mteb/results/embdistill__<label>/<revision>/<Task>.json   mteb's own result files
     mteb/results/embdistill__<label>/<revision>/model_meta.json
-    table.json (+ .manifest.json), table.md, accuracy.png
+    table.json (+ .manifest.json), table.md, scores.png
 
 Tasks load first (a missing eval.json or an unreachable hub fails before any model loads);
 then one model at a time: load, measure throughput, evaluate on each task, release (unless
@@ -29,8 +30,8 @@ from ..artifacts import is_done, load_json, write_manifest
 from ..distributed import print0
 from ..errors import UserError
 from ..paths import Paths, results_dir
-from ..tasks import resolve_task
-from .local_tasks import EvaluationTask, load_evaluation_task
+from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
+                          select_task_types)
 from .models import load_encoder, measure_throughput
 from .specs import ModelSpec, parse_model_specs
 from .table import ModelRow, build_table, format_markdown, write_table
@@ -43,6 +44,7 @@ class EvaluationConfig:
     run: str
     tasks: tuple[str, ...]  # task arguments (index, name or file)
     models: tuple[str, ...]  # model specs
+    task_types: tuple[str, ...] | None = None  # mteb task types; None: see local_tasks' docstring
     samples_per_label: int | None = None  # None: 32 for local tasks, mteb's own for hub tasks
     n_experiments: int | None = None  # None: mteb's default (10)
     batch_size: int = 32
@@ -58,7 +60,8 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     """Run the evaluation (or reuse a finished one) and return the table."""
     out_dir = results_dir(base, config.run)
     table_path = out_dir / "table.json"
-    tasks = [resolve_task(arg, config.text_column, config.label_column) for arg in config.tasks]
+    tasks = [resolve_evaluation_task(arg, config.text_column, config.label_column) for arg in config.tasks]
+    selected = select_task_types(tasks, config.task_types)
     task_slugs = [task.slug for task in tasks]
     specs = parse_model_specs(config.models, task_slugs)
     inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.kind != "hub"}
@@ -69,20 +72,17 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
         return load_json(table_path)
 
-    names = [task.mteb_name if task.kind == "hub" else task.name for task in tasks]
+    eval_tasks = [
+        load_evaluation_task(task, task_type, Paths(base, task.slug), samples_per_label=config.samples_per_label,
+                             n_experiments=config.n_experiments, seed=config.seed)
+        for task, task_type in selected
+    ]
+    names = [t.name for t in eval_tasks]
     for name in names:
         if names.count(name) > 1:
-            raise UserError(f"task {name} is given twice")
-    eval_tasks = [
-        load_evaluation_task(task, Paths(base, task.slug), samples_per_label=config.samples_per_label,
-                             n_experiments=config.n_experiments, seed=config.seed)
-        for task in tasks
-    ]
+            raise UserError(f"task {name} is given twice (or a file is named like a task's variant)")
     rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config)
-    protocol = {t.name: {"eval_splits": list(t.mteb_task.metadata.eval_splits),
-                         "samples_per_label": t.mteb_task.samples_per_label,
-                         "n_experiments": t.mteb_task.n_experiments} for t in eval_tasks}
-    table = build_table(config.run, rows, protocol, out_dir)
+    table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir)
     files = write_table(table, out_dir)
     write_manifest(table_path, stage="evaluate", config=manifest_config, inputs=inputs,
                    extra={"files": {k: v.name for k, v in files.items()}})
@@ -124,13 +124,14 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                 n_parameters, dictionary_values = encoder.n_parameters, encoder.dictionary_values
                 log.info("model %s: %.1f texts/s on %d texts of %s", spec.label,
                          texts_per_second, len(throughput_texts), tasks[0].name)
+            task.reset_random_state()
             result = mteb.evaluate(encoder, task.mteb_task, cache=cache, overwrite_strategy="always",
                                    encode_kwargs={"batch_size": config.batch_size},
                                    co2_tracker=False, show_progress_bar=False)
             path = cache.get_task_result_path(task.name, encoder.mteb_model_meta)
             result_files[task.name] = path
-            log.info("model %s, task %s: accuracy %.4f (%s)", spec.label, task.name,
-                     result.task_results[0].main_score, path)
+            log.info("model %s, task %s: %s %.4f (%s)", spec.label, task.name,
+                     task.mteb_task.metadata.main_score, result.task_results[0].main_score, path)
         rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
                              n_parameters=n_parameters, dictionary_values=dictionary_values,
                              texts_per_second=texts_per_second, result_files=result_files))
@@ -148,4 +149,4 @@ def _release_memory() -> None:
 
 def print_table(table: dict, out_dir: Path) -> None:
     print0(format_markdown(table), end="")
-    print0(f"results: {out_dir} (table.md, table.json, accuracy.png, mteb/)")
+    print0(f"results: {out_dir} (table.md, table.json, scores.png, mteb/)")

@@ -1,12 +1,17 @@
-"""The results table of a run: ``table.json``, ``table.md`` and ``accuracy.png``.
+"""The results table of a run: ``table.json``, ``table.md`` and ``scores.png``.
 
-Rows are models, columns tasks. Every score is read back from the mteb result file that
-mteb wrote (``table.json`` keeps each file's path, relative to the table's folder), never
-from memory: the table cannot disagree with the files it cites. A cell is mteb's main score
-(accuracy: the mean over its experiments) +- the sample standard deviation (ddof=1) of the
-per-experiment accuracies in the same file. Beside the tasks: the mean over tasks, the mean
-relative to the first teacher row (when there is one), the parameter count (plus the sense
-dictionary's values in replace mode) and the encoding throughput measured in the same run.
+Rows are models, columns tasks, then the mean per task family (mteb task type: Classification,
+Clustering, STS, ...) and the mean over all tasks. Every score is read back from the mteb
+result file that mteb wrote (``table.json`` keeps each file's path, relative to the table's
+folder), never from memory: the table cannot disagree with the files it cites. A cell is the
+task's main score as mteb computed it (its ``main_score``: accuracy for classification, the
+V-measure for clustering, cosine Spearman for STS, max AP for pair classification), and for
+the types that repeat an experiment (classification's logistic-regression fits, clustering's
+k-means runs) +- the sample standard deviation (ddof=1) of the per-experiment scores in the
+same file. Beside the tasks: the family means, the overall mean (over tasks, as MTEB's
+"Mean (Task)"), the overall mean relative to the first teacher row (when there is one), the
+parameter count (plus the sense dictionary's values in replace mode) and the encoding
+throughput measured in the same run.
 """
 
 from __future__ import annotations
@@ -34,35 +39,49 @@ class ModelRow:
     result_files: dict[str, Path] = field(default_factory=dict)  # mteb task name -> file
 
 
-def read_score(path: Path, eval_splits: list[str], main_score: str = "accuracy") -> dict:
+def read_score(path: Path, eval_splits: list[str], main_score: str) -> dict:
     """Main score and per-experiment scores of one mteb result file.
 
     With several (split, subset) entries the main score is their mean and experiment i's
-    score the mean of the entries' experiment i (our tasks have one entry)."""
+    score the mean of the entries' experiment i (our tasks have one entry). Per-experiment
+    scores: classification's ``scores_per_experiment``, clustering's ``v_measures`` (per
+    hierarchy level, flattened as mteb averages them); none for the other types (std None)."""
     result = load_json(path)
     try:
         entries = [entry for split in eval_splits for entry in result["scores"][split]]
         main = float(np.mean([entry["main_score"] for entry in entries]))
-        per_experiment = np.mean(
-            [[experiment[main_score] for experiment in entry["scores_per_experiment"]]
-             for entry in entries], axis=0).tolist()
+        per_experiment = np.mean([_experiments(entry, main_score) for entry in entries], axis=0).tolist()
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: not an mteb classification result ({type(exc).__name__}: {exc})") from None
-    std = float(np.std(per_experiment, ddof=1)) if len(per_experiment) > 1 else 0.0
-    return {"accuracy": main, "std": std, "per_experiment": per_experiment}
+        raise UserError(f"{path}: not an mteb result with main score {main_score} "
+                        f"({type(exc).__name__}: {exc})") from None
+    std = float(np.std(per_experiment, ddof=1)) if len(per_experiment) > 1 else None
+    return {"score": main, "std": std, "per_experiment": per_experiment}
+
+
+def _experiments(entry: dict, main_score: str) -> list[float]:
+    if "scores_per_experiment" in entry:
+        return [experiment[main_score] for experiment in entry["scores_per_experiment"]]
+    if main_score == "v_measure" and "v_measures" in entry:
+        levels = entry["v_measures"]  # {"Level 0": [...], ...}, or a list in the legacy format
+        return [v for level in (levels.values() if isinstance(levels, dict) else [levels]) for v in level]
+    return []
 
 
 def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path) -> dict:
     """The table as a dict (the content of table.json).
 
-    ``tasks``: mteb task name -> ``{"eval_splits", "samples_per_label", "n_experiments"}``."""
+    ``tasks``: mteb task name -> its protocol (``local_tasks.protocol``: at least ``type``,
+    ``main_score`` and ``eval_splits``)."""
     teacher = next((row.label for row in rows if row.kind == "teacher"), None)
+    families = {}
+    for name, protocol in tasks.items():
+        families.setdefault(protocol["type"], []).append(name)
     models = []
     for row in rows:
         scores = {}
         for name, protocol in tasks.items():
             path = Path(row.result_files[name])
-            scores[name] = {**read_score(path, protocol["eval_splits"]),
+            scores[name] = {**read_score(path, protocol["eval_splits"], protocol["main_score"]),
                             "result_file": os.path.relpath(path, table_dir)}
         models.append({
             "label": row.label,
@@ -72,21 +91,26 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
             "dictionary_values": row.dictionary_values,
             "texts_per_second": row.texts_per_second,
             "scores": scores,
-            "mean_accuracy": float(np.mean([s["accuracy"] for s in scores.values()])),
+            "family_means": {family: float(np.mean([scores[t]["score"] for t in names]))
+                             for family, names in families.items()},
+            "mean": float(np.mean([s["score"] for s in scores.values()])),
         })
     if teacher is not None:
         reference = next(model for model in models if model["label"] == teacher)
         for model in models:
             for name, score in model["scores"].items():
-                score["relative_to_teacher"] = _ratio(score["accuracy"], reference["scores"][name]["accuracy"])
-            model["relative_to_teacher"] = _ratio(model["mean_accuracy"], reference["mean_accuracy"])
+                score["relative_to_teacher"] = _ratio(score["score"], reference["scores"][name]["score"])
+            model["relative_to_teacher"] = _ratio(model["mean"], reference["mean"])
     return {
         "run": run,
-        "main_score": "accuracy",
-        "std": "sample standard deviation (ddof=1) of the accuracy across mteb's experiments",
+        "score": "each task's mteb main score (tasks.<name>.main_score)",
+        "std": "sample standard deviation (ddof=1) of the main score across mteb's experiments "
+               "(null for task types without experiments)",
+        "mean": "mean over tasks; family_means: mean over the tasks of each task type",
         "result_files_relative_to": "the folder of this file",
         "teacher": teacher,
         "tasks": tasks,
+        "families": families,
         "models": models,
     }
 
@@ -103,20 +127,29 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
+def _family_columns(table: dict) -> list[str]:
+    """Family means are columns when the tasks span more than one family (else: the mean)."""
+    return list(table["families"]) if len(table["families"]) > 1 else []
+
+
 def format_markdown(table: dict) -> str:
-    """The table as GitHub markdown (accuracy in %, mean +- std over experiments)."""
+    """The table as GitHub markdown (main scores in %, mean +- std over experiments)."""
     tasks = list(table["tasks"])
+    families = _family_columns(table)
     has_teacher = table["teacher"] is not None
-    header = ["model", *tasks, "mean"]
+    header = ["model", *(f"{t} ({table['tasks'][t]['main_score']})" for t in tasks),
+              *(f"{family} mean" for family in families), "mean"]
     if has_teacher:
         header.append(f"vs {table['teacher']}")
     header += ["params", "texts/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in table["models"]:
         cells = [model["label"]]
-        cells += [f"{_percent(model['scores'][t]['accuracy'])} ± {_percent(model['scores'][t]['std'])}"
-                  for t in tasks]
-        cells.append(_percent(model["mean_accuracy"]))
+        for t in tasks:
+            score = model["scores"][t]
+            cells.append(_percent(score["score"]) + ("" if score["std"] is None else f" ± {_percent(score['std'])}"))
+        cells += [_percent(model["family_means"][family]) for family in families]
+        cells.append(_percent(model["mean"]))
         if has_teacher:
             relative = model["relative_to_teacher"]
             cells.append("n/a" if relative is None else f"{_percent(relative)}%")
@@ -125,36 +158,47 @@ def format_markdown(table: dict) -> str:
             params += f" + {_millions(model['dictionary_values'])} dict"
         cells += [params, f"{model['texts_per_second']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    protocol = "; ".join(f"{name}: {p['samples_per_label']} samples/label, {p['n_experiments']} experiments"
-                         for name, p in table["tasks"].items())
-    lines += ["", f"Accuracy (%) of mteb's logistic regression, mean ± std over experiments ({protocol}).",
+    lines += ["", "Main scores (%) as mteb computes them, mean ± std over experiments where the task "
+              f"repeats one ({'; '.join(_protocol_text(name, p) for name, p in table['tasks'].items())}).",
               "Scores are read from the mteb result files listed in table.json."]
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(table: dict, path: Path) -> None:
-    """Grouped bars: one group per task (and the mean), one bar per model, std as error bars."""
+def _protocol_text(name: str, protocol: dict) -> str:
+    text = f"{name}: {protocol['type']}, {protocol['main_score']}"
+    if "samples_per_label" in protocol:
+        text += f", {protocol['samples_per_label']} samples/label"
+    if "n_experiments" in protocol:
+        text += f", {protocol['n_experiments']} experiments"
+    return text
+
+
+def plot_scores(table: dict, path: Path) -> None:
+    """Grouped bars: one group per task (then the family means and the mean), one bar per
+    model, std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [*table["tasks"], "mean"]
+    tasks, families = list(table["tasks"]), _family_columns(table)
+    groups = [*tasks, *(f"{family} mean" for family in families), "mean"]
     models = table["models"]
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(models) + 2.0), 5.0))
     for i, model in enumerate(models):
-        heights = [100 * model["scores"][t]["accuracy"] for t in table["tasks"]]
-        errors = [100 * model["scores"][t]["std"] for t in table["tasks"]]
-        heights.append(100 * model["mean_accuracy"])
-        errors.append(0.0)
+        heights = [model["scores"][t]["score"] for t in tasks]
+        errors = [model["scores"][t]["std"] or 0.0 for t in tasks]
+        heights += [model["family_means"][family] for family in families] + [model["mean"]]
+        errors += [0.0] * (len(families) + 1)
         positions = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
-        bars = ax.bar(positions, heights, width, yerr=errors, capsize=2, label=model["label"])
+        bars = ax.bar(positions, 100 * np.array(heights), width, yerr=100 * np.array(errors), capsize=2,
+                      label=model["label"])
         ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
     ax.set_xticks(np.arange(len(groups)), groups, rotation=15 if len(groups) > 4 else 0)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("main score (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{table['run']}: accuracy, mean ± std over experiments", fontsize="medium")
+    ax.set_title(f"{table['run']}: main scores, mean ± std over experiments", fontsize="medium")
     ax.legend(fontsize="small", ncols=min(len(models), 4), loc="upper center",
               bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
@@ -164,11 +208,11 @@ def plot_accuracy(table: dict, path: Path) -> None:
 
 
 def write_table(table: dict, table_dir: Path) -> dict[str, Path]:
-    """Write table.json, table.md and accuracy.png atomically; return their paths."""
+    """Write table.json, table.md and scores.png atomically; return their paths."""
     files = {"json": table_dir / "table.json", "md": table_dir / "table.md",
-             "png": table_dir / "accuracy.png"}
+             "png": table_dir / "scores.png"}
     save_json(table, files["json"])
     with atomic_open(files["md"], "w") as fh:
         fh.write(format_markdown(table))
-    plot_accuracy(table, files["png"])
+    plot_scores(table, files["png"])
     return files

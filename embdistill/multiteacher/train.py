@@ -5,6 +5,9 @@
     -> initial/ (the student before distillation) -> heads fitted on cached embeddings
     -> Trainer (probe metrics, validation every --val-every steps) -> validation.json, export/
 
+:func:`export_checkpoint` exports the student of one of the run's checkpoints as export/ is
+(to follow a quality along training).
+
 What identifies a run (:func:`run_identity`) is recorded in config.json, every checkpoint and
 the export's manifest: a resumed run must match it, and a finished one is skipped.
 """
@@ -143,7 +146,7 @@ def train_student(args: argparse.Namespace) -> None:
     if env.is_main:
         validation = final_validation(monitor, validate, trainer, result.global_step, len(val_index))
         save_json(validation, paths.run_dir / "validation.json")
-        export(trainer.module, source.tokenizer, paths.export_dir, args, max_length)
+        export(trainer.module.encoder, source.tokenizer, paths.export_dir, run_config)
         write_manifest(paths.export_dir, stage="train_multiteacher", config=resolved,
                        extra={"global_step": result.global_step, "train_metrics": result.metrics,
                               "validation": validation})
@@ -178,12 +181,30 @@ def export_initial(model: MultiTeacherStudent, tokenizer, paths: Paths, run_conf
     initial_dir = paths.initial_dir
     config = {k: run_config[k] for k in ("student", "student_layers", "pooling", "max_length", "export_normalize")}
     if env.is_main and (args.overwrite or not is_done(initial_dir, config=config)):
-        export(model, tokenizer, initial_dir, args, config["max_length"])
+        export(model.encoder, tokenizer, initial_dir, run_config)
         write_manifest(initial_dir, stage="train_multiteacher", config=config)
 
 
-def export(model: MultiTeacherStudent, tokenizer, out_dir: Path, args: argparse.Namespace, max_length: int) -> None:
-    """The encoder alone (the heads only serve training), as hf/ and st/, reading ``max_length``
-    tokens as it was trained."""
-    export_student(model.encoder, tokenizer, out_dir, normalize=args.export_normalize,
-                   max_seq_length=max_length, pooling=model.pooling)
+def export(encoder: torch.nn.Module, tokenizer, out_dir: Path, run_config: dict) -> None:
+    """The encoder alone (the heads only serve training), as hf/ and st/, with the run's
+    pooling, max length and normalisation (``run_config``: :func:`run_identity`)."""
+    export_student(encoder, tokenizer, out_dir, normalize=run_config["export_normalize"],
+                   max_seq_length=run_config["max_length"], pooling=run_config["pooling"])
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    """The student of ``runs/<corpus>/<run>/checkpoints/step-N.pt`` exported to ``out_dir``
+    (hf/ and st/) as the run's export/ is: the checkpoint's encoder weights in the run's
+    initial/hf (the same architecture and tokenizer, before distillation), with the run's
+    export settings, which the checkpoint records. Returns ``out_dir``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    initial = Path(checkpoint).parent.parent / "initial" / "hf"
+    if not initial.is_dir():
+        raise UserError(f"{checkpoint}: no {initial} beside it (not a stage 11 run?)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    prefix = "encoder."
+    encoder = AutoModel.from_pretrained(initial, dtype=torch.float32)
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    export(encoder, AutoTokenizer.from_pretrained(initial), Path(out_dir), state["config"]["run"])
+    return Path(out_dir)
