@@ -82,7 +82,9 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     protocol = {t.name: {"eval_splits": list(t.mteb_task.metadata.eval_splits),
                          "samples_per_label": t.mteb_task.samples_per_label,
                          "n_experiments": t.mteb_task.n_experiments} for t in eval_tasks}
-    table = build_table(config.run, rows, protocol, out_dir)
+    throughput = {"task": eval_tasks[0].name, "texts": len(eval_tasks[0].texts(config.throughput_texts)),
+                  "batch_size": config.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads()}
+    table = build_table(config.run, rows, protocol, out_dir, throughput)
     files = write_table(table, out_dir)
     write_manifest(table_path, stage="evaluate", config=manifest_config, inputs=inputs,
                    extra={"files": {k: v.name for k, v in files.items()}})

@@ -52,10 +52,13 @@ def read_score(path: Path, eval_splits: list[str], main_score: str = "accuracy")
     return {"accuracy": main, "std": std, "per_experiment": per_experiment}
 
 
-def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path) -> dict:
+def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path,
+                throughput: dict | None = None) -> dict:
     """The table as a dict (the content of table.json).
 
-    ``tasks``: mteb task name -> ``{"eval_splits", "samples_per_label", "n_experiments"}``."""
+    ``tasks``: mteb task name -> ``{"eval_splits", "samples_per_label", "n_experiments"}``;
+    ``throughput``: how texts/s was measured (``task``, ``texts``, ``batch_size``, ``device``,
+    ``cpu_threads``), the same for every row."""
     teacher = next((row.label for row in rows if row.kind == "teacher"), None)
     models = []
     for row in rows:
@@ -87,6 +90,7 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
         "result_files_relative_to": "the folder of this file",
         "teacher": teacher,
         "tasks": tasks,
+        "throughput": throughput,
         "models": models,
     }
 
@@ -129,6 +133,11 @@ def format_markdown(table: dict) -> str:
                          for name, p in table["tasks"].items())
     lines += ["", f"Accuracy (%) of mteb's logistic regression, mean ± std over experiments ({protocol}).",
               "Scores are read from the mteb result files listed in table.json."]
+    speed = table.get("throughput")
+    if speed:
+        lines.append(f"texts/s: {speed['texts']} texts of {speed['task']} embedded in batches of "
+                     f"{speed['batch_size']} on {speed['device']} ({speed['cpu_threads']} CPU threads, "
+                     "onnxruntime models as many), after one warm-up batch, every model the same.")
     return "\n".join(lines) + "\n"
 
 
