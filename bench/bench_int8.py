@@ -5,7 +5,8 @@ process on the same texts (the issue's goal: int8 >= 2.5x the fp32 student's tex
     python bench/bench_int8.py --threads 2 --texts 256 --batch-size 64 --repeats 5
 
 Every model is a SentenceTransformer folder loaded as users load it: the teacher's own folder
-(MiniLM), ``runs/<task>/skd/export/st`` (fp32 student, with its prompt), ``.../st-int8``
+(MiniLM, its texts cut at the students' length), ``runs/<task>/skd/export/st`` (fp32 student,
+with its prompt), ``.../st-int8``
 (scripts/08_quantize.py) and ``baselines/model2vec/minilm`` (scripts/07_model2vec.py); a
 folder that is missing is left out. All embed the same held-out texts of --task (the
 package's data) in batches of --batch-size on --threads CPU threads (onnxruntime on as many
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     texts = resolve_task(args.task).load_splits(max_train=1, max_test=args.texts).test_texts
     loaded = {label: SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
               for label, folder in models(args).items()}
+    if "teacher" in loaded:  # cut texts where the students cut them (MiniLM's own limit is 256)
+        loaded["teacher"].max_seq_length = loaded["student fp32"].max_seq_length
     embeddings, seconds = {}, {label: [] for label in loaded}
     for label, model in loaded.items():
         model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
