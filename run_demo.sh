@@ -9,9 +9,10 @@ usage() {
 usage: bash run_demo.sh [--overwrite]
 
 Per task: training texts -> gather + combine -> sense dictionary -> sense targets + SKD
-student, and MSE student; then one evaluation of every model on both tasks through mteb,
-printed as a table (results/demo/table.md). Outputs: text_train/, work/, sense_dict/, runs/,
-results/ here.
+student (and its int8 ONNX copy), and MSE student; once: model2vec's static embeddings of the
+teacher (the baseline a user could pick instead); then one evaluation of every model on both
+tasks through mteb, accuracy and texts/s, printed as a table (results/demo/table.md). Outputs:
+text_train/, work/, sense_dict/, runs/, baselines/, results/ here.
 USAGE
 }
 
@@ -49,9 +50,14 @@ for task in "${TASKS[@]}"; do
   bash run_sep_cluster.sh "$task" "${COMMON[@]}"
   step "$task: sense targets, then the SKD student (sense loss)"
   bash run_train.sh "$task" --loss sense "${TRAIN[@]}" "${COMMON[@]}"
+  step "$task: the SKD student with int8 weights (ONNX)"
+  run_stage scripts/08_quantize.py --task "$task" --run skd "${COMMON[@]}"
   step "$task: MSE student (ablation)"
   bash run_train.sh "$task" --loss mse "${TRAIN[@]}" "${COMMON[@]}"
 done
+
+step "baseline: model2vec's static embeddings of the teacher"
+run_stage scripts/07_model2vec.py --teacher minilm "${COMMON[@]}"
 
 step "evaluation on ${TASKS[*]}"
 DICT='sense_dict/{task}/minilm.kmeanspkl'
@@ -65,6 +71,8 @@ bash run_evaluate.sh "${TASKS[0]}" --tasks "${TASKS[@]:1}" --run demo \
            "mse-replace=replace:runs/{task}/mse/export/hf@$DICT" \
            untrained=untrained:minilm@2 \
            "untrained-replace=replace:minilm@2@$DICT" \
-           'skd-st=st:runs/{task}/skd/export/st'
+           'skd-st=st:runs/{task}/skd/export/st' \
+           'skd-int8=st:runs/{task}/skd/export/st-int8' \
+           model2vec=st:baselines/model2vec/minilm
 echo
-echo "files: text_train/ work/ sense_dict/ runs/ results/demo/ (table.md, table.json, scores.png)"
+echo "files: text_train/ work/ sense_dict/ runs/ baselines/ results/demo/ (table.md, table.json, scores.png)"

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import platform
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -216,6 +217,28 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def replacing_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in ``.<name>.building`` beside ``out_dir`` (one writer at a time:
+    :func:`output_lock`) and, when the block succeeds, move it into place, so that ``out_dir``
+    is either the previous folder or the complete new one; a failed build is removed."""
+    out_dir = Path(out_dir)
+    with output_lock(out_dir):
+        building = out_dir.with_name(f".{out_dir.name}.building")
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            yield building
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(previous)
+        building.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
 def _lock_holder(lock: Path) -> str:
     with contextlib.suppress(OSError, ValueError):
         pid, host = lock.read_text().split()
@@ -293,15 +316,24 @@ def _file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour shapes our outputs."""
+def package_version(name: str) -> str | None:
+    """The installed version of a package, or None when it is not installed."""
     from importlib import metadata
 
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes our outputs."""
     versions = {"python": platform.python_version()}
     for name in ("embdistill", "torch", "transformers", "sentence-transformers", "numpy",
                  "scikit-learn", "mteb", "peft"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
+        version = package_version(name)
+        if version is not None:
+            versions[name] = version
     return versions
 
 

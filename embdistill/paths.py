@@ -10,7 +10,9 @@ current directory)::
     sense_dict/<task>/<teacher>.kmeanspkl          stage 3: the sense dictionary
     work/<task>/<teacher>/targets.npz              stage 4: the sense targets of the training texts
     runs/<task>/<run>/                             stage 5: checkpoints/, export/, metrics
+    runs/<task>/<run>/export/st-int8/              stage 8: the student with int8 weights (ONNX)
     results/<run>/                                 stage 6: mteb json, table.md/json, png (all tasks)
+    baselines/model2vec/<teacher>/                 stage 7: model2vec's static embeddings of the teacher
     embeddings/<corpus>/corpus.json                multi-teacher stage 10: the corpus's texts
     embeddings/<corpus>/<teacher>/                 multi-teacher stage 10: teacher embedding shards
     runs/<corpus>/<run>/initial/, export/          multi-teacher stage 11: the student before and after
@@ -122,6 +124,11 @@ def check_run_name(name: str | None, under: str) -> str:
     if not name or "/" in name or os.sep in name or name in (".", ".."):
         raise UserError(f"bad run name '{name}': a folder name under {under}")
     return name
+
+
+def baseline_dir(base: Path, method: str, teacher: str) -> Path:
+    """A baseline built from a teacher (not per task), e.g. model2vec's static embeddings."""
+    return base / "baselines" / method / teacher
 
 
 def results_dir(base: Path, run: str) -> Path:

@@ -10,8 +10,12 @@ embed as our evaluation does (an exported folder must give the embeddings its ta
   takes its nearest sense (:meth:`PackedSenses.replace`); the dictionary is stored beside it as
   safetensors, not as a pickle. Tokens that pooling leaves out (the prompt) may be replaced
   too: they do not reach the embedding.
+* :class:`OnnxEncoder`: an ONNX export of an encoder (the int8 student,
+  :mod:`embdistill.quantize`) run by onnxruntime: it tokenizes as sentence-transformers'
+  ``Transformer`` does and outputs ``token_embeddings``, so that the fp32 folder's ``Pooling`` and
+  ``Normalize`` follow it unchanged.
 
-Both are plain modules (``save(path)``, ``load(path)``, ``tokenize(texts)``), which
+All are plain modules (``save(path)``, ``load(path)``, ``tokenize(texts)``), which
 sentence-transformers 5 and 6 load; sentence-transformers 6 asks ``trust_remote_code=True``
 for any module outside its own package (embdistill must be installed):
 :func:`load_sentence_transformer` loads a folder or hub id, ours or anyone's.
@@ -19,7 +23,9 @@ for any module outside its own package (embdistill must be installed):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +36,7 @@ from .input_format import effective_max_length
 
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
+ONNX_FILE = "model.onnx"
 
 
 def load_sentence_transformer(target: str, device):
@@ -65,6 +72,15 @@ def _config(path: str | Path) -> dict:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{file}: missing or not valid JSON ({exc})") from None
+
+
+@contextlib.contextmanager
+def _load_errors(folder: Path):
+    """A tokenizer that will not load (missing or broken files) -> one line naming the folder."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{folder}: no usable tokenizer ({first_line(exc)})") from None
 
 
 class Encoder(nn.Module):
@@ -145,3 +161,72 @@ class SenseReplace(nn.Module):
             raise UserError(f"{Path(path) / CONFIG_FILE}: no usable vocab_size ({exc})") from None
         except UserError as exc:
             raise UserError(f"{file}: {exc}") from None
+
+
+class OnnxEncoder(nn.Module):
+    """An ONNX encoder (inputs named as its tokenizer's outputs, output the final token states)
+    as the first module; see the module docstring. CPU only (onnxruntime's CPU provider), on as
+    many threads as torch uses, so that its speed compares with a torch model's."""
+
+    def __init__(self, model_dir: str | Path, max_seq_length: int = 512, n_parameters: int = 0):
+        super().__init__()
+        import onnxruntime
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.max_seq_length = max_seq_length
+        # the exported model's parameter count (the evaluation's params column): an int8 graph
+        # holds the same weights, plus quantisation scales that are not parameters
+        self.n_parameters = n_parameters
+        file = self.model_dir / ONNX_FILE
+        if not file.is_file():
+            raise UserError(f"missing ONNX model {file} of an onnx-encoder folder")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            self.session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+            raise UserError(f"{file}: corrupt ONNX model ({first_line(exc)})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.hidden_size = int(self.session.get_outputs()[0].shape[-1])
+        with _load_errors(self.model_dir):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+
+    def tokenize(self, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+        """As sentence-transformers' ``Transformer`` tokenizes (padding to the longest text,
+        cut at ``max_seq_length``), with only the inputs the ONNX model takes."""
+        batch = self.tokenizer(list(texts), padding=True, truncation="longest_first",
+                               max_length=self.max_seq_length, return_tensors="pt")
+        return {name: batch[name] for name in self.input_names}
+
+    def preprocess(self, inputs: list[str], prompt: str | None = None, **kwargs) -> dict:
+        """sentence-transformers 6's entry: the texts after ``prompt``, and the prompt's length
+        in tokens (without a closing special token) for a ``Pooling`` that leaves it out."""
+        if not prompt:
+            return self.tokenize(inputs)
+        features = self.tokenize([prompt + text for text in inputs])
+        prompt_ids = self.tokenize([prompt])["input_ids"][0]
+        special = prompt_ids[-1].item() in self.tokenizer.all_special_ids
+        features["prompt_length"] = len(prompt_ids) - int(special)
+        return features
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {name: features[name].cpu().numpy() for name in self.input_names}
+        states = self.session.run(None, feeds)[0]
+        features["token_embeddings"] = torch.from_numpy(states).to(features["input_ids"].device)
+        return features
+
+    def get_word_embedding_dimension(self) -> int:
+        return self.hidden_size
+
+    def save(self, path: str, *args, **kwargs) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if (self.model_dir / ONNX_FILE).resolve() != (Path(path) / ONNX_FILE).resolve():
+            shutil.copyfile(self.model_dir / ONNX_FILE, Path(path) / ONNX_FILE)
+        self.tokenizer.save_pretrained(path)
+        (Path(path) / CONFIG_FILE).write_text(json.dumps({"max_seq_length": self.max_seq_length,
+                                                          "n_parameters": self.n_parameters}))
+
+    @staticmethod
+    def load(path: str) -> "OnnxEncoder":
+        return OnnxEncoder(path, **_config(path))

@@ -21,13 +21,12 @@ teacher's token states (:class:`StateMatching`), and exported:
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .artifacts import output_lock
+from .artifacts import replacing_folder
 from .distributed import DistEnv
 from .errors import UserError
 from .losses import SenseLoss, masked_mse
@@ -142,17 +141,9 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
         raise UserError(f"not exporting to {out_dir}: the student's parameters are not finite "
                         f"({', '.join(diverged[:3])}); try a lower --lr or --max-grad-norm")
     max_seq_length = max_seq_length or position_limit(student.config)
-    with output_lock(out_dir):
-        building = out_dir.with_name(f".{out_dir.name}.building")
-        shutil.rmtree(building, ignore_errors=True)
+    with replacing_folder(out_dir) as building:
         _build_export(student, tokenizer, building, normalize=normalize, max_seq_length=max_seq_length,
                       pooling=pooling, input_format=input_format, instruction=instruction, senses=senses)
-        previous = out_dir.with_name(f".{out_dir.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(previous)
-        building.rename(out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
     log.info("exported the student to %s (%s)", out_dir, ", ".join(sorted(p.name + "/" for p in out_dir.iterdir())))
     return out_dir
 

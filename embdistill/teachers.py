@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 
 from . import paths
 from .artifacts import load_json, save_json
+from .cli import logger_level
 from .distributed import default_device
 from .errors import UserError
 from .input_format import InputFormat, effective_max_length, input_format_for, tokenize_with_embed_mask
@@ -205,16 +206,6 @@ def _load_errors(name: str):
         raise UserError(f"could not load model {name}: {lines[0] if lines else type(exc).__name__}") from None
 
 
-@contextlib.contextmanager
-def _logger_level(name: str, level: int):
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
 
 def _model_file(source: str, filename: str) -> str | None:
     """The local path of ``filename`` in a model folder or hub repo, None when it has none."""
@@ -321,7 +312,7 @@ def load_teacher(
     if layers is not None:
         extra["config"] = first_layers_config(config, layers)
     # the deeper layers' weights are left out on purpose: no report of them as unexpected
-    quiet = _logger_level("transformers.modeling_utils", logging.ERROR) if layers else contextlib.nullcontext()
+    quiet = logger_level("transformers.modeling_utils", logging.ERROR) if layers else contextlib.nullcontext()
     with _load_errors(name), quiet:
         model, info = model_class.from_pretrained(base, dtype=torch_dtype, device_map=device,
                                                   output_loading_info=True, **extra)

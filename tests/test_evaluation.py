@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from embdistill.artifacts import read_manifest, save_pickle
 from embdistill.errors import UserError
@@ -173,6 +174,9 @@ def test_run_writes_table_from_mteb_result_files(finished_run, workspace, tiny_b
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "table.md").read_text()
     assert markdown == format_markdown(table)
+    assert table["throughput"] == {"task": "topics", "texts": 8, "batch_size": 8, "device": "cpu",
+                                   "cpu_threads": torch.get_num_threads()}
+    assert f"texts/s: 8 texts of topics embedded in batches of 8 on cpu ({torch.get_num_threads()} CPU threads" in markdown
 
     name = tiny_bert_dir.name
     assert [m["label"] for m in table["models"]] == [name, f"{name}-first1", f"{name}-replace", f"{name}-st"]

@@ -87,7 +87,9 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
         super().__init__(model)
         self.spec = spec
         self.batch_size = batch_size
-        self.n_parameters = sum(p.numel() for p in model.parameters())
+        # a module whose weights are not torch parameters (the ONNX encoder) counts its own
+        self.n_parameters = (sum(p.numel() for p in model.parameters())
+                             + sum(getattr(module, "n_parameters", 0) for module in model))
         self.dictionary_values = 0
         self.mteb_model_meta = _model_meta(
             spec, n_parameters=self.n_parameters, embed_dim=model.get_embedding_dimension(),

@@ -82,7 +82,9 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
         if names.count(name) > 1:
             raise UserError(f"task {name} is given twice (or a file is named like a task's variant)")
     rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config)
-    table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir)
+    throughput = {"task": eval_tasks[0].name, "texts": len(eval_tasks[0].texts(config.throughput_texts)),
+                  "batch_size": config.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads()}
+    table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir, throughput)
     files = write_table(table, out_dir)
     write_manifest(table_path, stage="evaluate", config=manifest_config, inputs=inputs,
                    extra={"files": {k: v.name for k, v in files.items()}})

@@ -67,11 +67,13 @@ def _experiments(entry: dict, main_score: str) -> list[float]:
     return []
 
 
-def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path) -> dict:
+def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path,
+                throughput: dict | None = None) -> dict:
     """The table as a dict (the content of table.json).
 
     ``tasks``: mteb task name -> its protocol (``local_tasks.protocol``: at least ``type``,
-    ``main_score`` and ``eval_splits``)."""
+    ``main_score`` and ``eval_splits``); ``throughput``: how texts/s was measured (``task``,
+    ``texts``, ``batch_size``, ``device``, ``cpu_threads``), the same for every row."""
     teacher = next((row.label for row in rows if row.kind == "teacher"), None)
     families = {}
     for name, protocol in tasks.items():
@@ -111,6 +113,7 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
         "teacher": teacher,
         "tasks": tasks,
         "families": families,
+        "throughput": throughput,
         "models": models,
     }
 
@@ -161,6 +164,11 @@ def format_markdown(table: dict) -> str:
     lines += ["", "Main scores (%) as mteb computes them, mean ± std over experiments where the task "
               f"repeats one ({'; '.join(_protocol_text(name, p) for name, p in table['tasks'].items())}).",
               "Scores are read from the mteb result files listed in table.json."]
+    speed = table.get("throughput")
+    if speed:
+        lines.append(f"texts/s: {speed['texts']} texts of {speed['task']} embedded in batches of "
+                     f"{speed['batch_size']} on {speed['device']} ({speed['cpu_threads']} CPU threads, "
+                     "onnxruntime models as many), after one warm-up batch, every model the same.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,50 @@
+"""Stage 8: the trained student with int8 weights, an ONNX SentenceTransformer folder (runs/<task>/<run>/export/st-int8).
+
+    python scripts/08_quantize.py --task bbc-news --run skd
+    python scripts/06_evaluate.py --task bbc-news --models skd-int8=st:runs/bbc-news/skd/export/st-int8
+
+Reads export/st (stage 5) and writes export/st-int8 (embdistill/quantize.py says how): load it
+with SentenceTransformer(folder, trust_remote_code=True), embedding as export/st does. Its
+manifest records the export's wall seconds (extra.seconds). --weight-type none writes the fp32
+ONNX export unquantised, to export/st-onnx.
+"""
+
+import argparse
+
+from embdistill.artifacts import package_version, skip_if_done, write_manifest
+from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.paths import Paths, base_dir, check_run_name
+from embdistill.quantize import WEIGHT_TYPES
+from embdistill.tasks import resolve_task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--run", default="skd", help="the training run whose export/st is quantised")
+    parser.add_argument("--weight-type", default="qint8", choices=WEIGHT_TYPES,
+                        help="onnxruntime's int8 weight type (qint8: signed), or none: fp32 ONNX")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+
+    task = resolve_task(args.task, args.text_column, args.label_column)
+    paths = Paths(base_dir(args.base_dir), task.slug, run=check_run_name(args.run, "runs/<task>/"))
+    st_dir = paths.export_dir / "st"
+    out = paths.export_dir / ("st-onnx" if args.weight_type == "none" else "st-int8")
+    config = {"task": task.name, "run": args.run, "weight_type": args.weight_type, "per_channel": True,
+              **{package: package_version(package) for package in ("torch", "onnx", "onnxscript", "onnxruntime")}}
+    inputs = {"st": st_dir}
+    if skip_if_done(out, config=config, inputs=inputs, overwrite=args.overwrite, what="quantize"):
+        return 0
+    from embdistill.quantize import quantize_student
+
+    summary = quantize_student(st_dir, out, weight_type=args.weight_type)
+    write_manifest(out, stage="quantize", config=config, inputs=inputs, extra=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

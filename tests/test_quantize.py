@@ -1,0 +1,127 @@
+"""The int8 student (scripts/08_quantize.py, embdistill/quantize.py): the unquantised ONNX
+export embeds exactly as the fp32 SentenceTransformer folder does; the int8 folder, loaded the
+way users load it, embeds real texts close to it and tokenizes identically; the stage skips
+finished work and redoes it when its input changes; a missing or corrupt input is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from embdistill.artifacts import read_manifest
+from embdistill.errors import UserError
+from embdistill.tasks import resolve_task
+from embdistill.teachers import load_teacher
+from helpers import run_stage
+from test_export import TEXTS, export, st_encode
+
+STAGE = "scripts/08_quantize.py"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, minilm_dir):
+    """A base folder whose runs/bbc-news/skd/export holds a 2-layer MiniLM student's export."""
+    base = tmp_path_factory.mktemp("quantize")
+    export(load_teacher(str(minilm_dir), device="cpu"), base / "runs" / "bbc-news" / "skd", 2)
+    return base
+
+
+@pytest.fixture(scope="module")
+def int8_dir(workspace):
+    assert run_stage(STAGE, "--task", "bbc-news", "--base-dir", workspace) == 0
+    return workspace / "runs" / "bbc-news" / "skd" / "export" / "st-int8"
+
+
+@pytest.fixture(scope="module")
+def news_texts():
+    """Held-out bbc-news articles (the package's data, offline), longer than max_seq_length."""
+    return resolve_task("bbc-news").load_splits(max_train=1, max_test=24).test_texts
+
+
+def test_unquantised_onnx_embeds_as_torch(workspace, news_texts):
+    export_dir = workspace / "runs" / "bbc-news" / "skd" / "export"
+    assert run_stage(STAGE, "--task", "bbc-news", "--weight-type", "none", "--base-dir", workspace) == 0
+    texts = TEXTS + news_texts[:6]
+    expected = st_encode(export_dir / "st", texts)
+    got = st_encode(export_dir / "st-onnx", texts)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(st_encode(export_dir / "st-onnx", TEXTS[:1]), expected[:1], atol=1e-4, rtol=0)
+
+
+def test_int8_folder_is_close_to_fp32(int8_dir, news_texts):
+    from sentence_transformers import SentenceTransformer
+
+    fp32_dir = int8_dir.parent / "st"
+    texts = TEXTS + news_texts
+    expected, got = st_encode(fp32_dir, texts), st_encode(int8_dir, texts)
+    cosine = (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() > 0.99
+    assert not np.allclose(got, expected, atol=1e-4)  # the weights are quantised: not the fp32 model
+    assert json.loads((int8_dir / "modules.json").read_text())[0]["type"] == "embdistill.st_modules.OnnxEncoder"
+
+    fp32 = SentenceTransformer(str(fp32_dir), device="cpu")
+    int8 = SentenceTransformer(str(int8_dir), device="cpu", trust_remote_code=True)
+    assert int8.prompts == fp32.prompts and int8.default_prompt_name == fp32.default_prompt_name
+    prompt = fp32.prompts[fp32.default_prompt_name]
+    ours, theirs = int8.preprocess(texts, prompt=prompt), fp32.preprocess(texts, prompt=prompt)
+    assert ours["prompt_length"] == theirs["prompt_length"] > 0
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        assert ours[name].tolist() == theirs[name].tolist()
+    assert ours["input_ids"].shape[1] == fp32.max_seq_length  # a long article is cut as fp32 cuts it
+
+
+def test_int8_row_counts_the_exported_parameters(int8_dir):
+    from embdistill.evaluation.models import load_encoder
+    from embdistill.evaluation.specs import parse_model_spec
+
+    def parameters(folder):
+        return load_encoder(parse_model_spec(f"st:{folder}"), {}, device="cpu", batch_size=4,
+                            max_length=64).n_parameters
+
+    assert parameters(int8_dir) == parameters(int8_dir.parent / "st") > 0
+
+
+def test_stage_skips_finished_work_and_redoes_changed_input(workspace, int8_dir, capsys):
+    manifest = read_manifest(int8_dir)
+    assert manifest["config"]["weight_type"] == "qint8" and manifest["extra"]["seconds"] > 0
+    onnx_file = int8_dir / "0_OnnxEncoder" / "model.onnx"
+    assert manifest["extra"]["bytes"] == onnx_file.stat().st_size
+    written = onnx_file.stat().st_mtime_ns
+    assert run_stage(STAGE, "--task", "bbc-news", "--base-dir", workspace) == 0
+    assert onnx_file.stat().st_mtime_ns == written and "up to date" in capsys.readouterr().err
+    # the fp32 folder changes (a retrained student): the int8 copy is redone
+    config = int8_dir.parent / "st" / "config_sentence_transformers.json"
+    config.write_text(config.read_text() + " ")
+    assert run_stage(STAGE, "--task", "bbc-news", "--base-dir", workspace) == 0
+    assert read_manifest(int8_dir)["created_at"] >= manifest["created_at"]
+    assert read_manifest(int8_dir)["inputs"]["st"] != manifest["inputs"]["st"]
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_missing_student_is_one_line(tmp_path, capsys):
+    assert run_stage(STAGE, "--task", "bbc-news", "--base-dir", tmp_path) == 2
+    assert "no SentenceTransformer folder" in _one_error_line(capsys)
+    assert not (tmp_path / "runs" / "bbc-news" / "skd" / "export" / "st-int8").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_bad_onnx_file_is_one_line(int8_dir, tmp_path, damage):
+    from sentence_transformers import SentenceTransformer
+
+    folder = tmp_path / "st-int8"
+    shutil.copytree(int8_dir, folder)
+    onnx_file = folder / "0_OnnxEncoder" / "model.onnx"
+    if damage == "missing":
+        onnx_file.unlink()
+    else:
+        onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    with pytest.raises(UserError, match=f"{'missing ONNX model' if damage == 'missing' else 'corrupt ONNX model'}"):
+        SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
