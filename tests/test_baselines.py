@@ -23,14 +23,8 @@ def _one_error_line(capsys) -> str:
     return lines[-1]
 
 
-def _needs_distill():
-    pytest.importorskip("model2vec.distill", reason="model2vec's distillation needs skeletoken",
-                        exc_type=ImportError)
-
-
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, tiny_bert_dir):
-    _needs_distill()
     base = tmp_path_factory.mktemp("model2vec")
     assert run_stage(STAGE, "--teacher", tiny_bert_dir, "--pca-dims", "16", "--base-dir", base) == 0
     return base, base / "baselines" / "model2vec" / tiny_bert_dir.name
@@ -74,8 +68,6 @@ def test_finished_work_is_skipped_and_changed_options_redo_it(distilled, tiny_be
     (["--pca-dims", "64"], "--pca-dims 64 is more than the teacher's 32 dimensions"),
 ])
 def test_bad_options_are_one_line(tmp_path, tiny_bert_dir, capsys, options, message):
-    if "--pca-dims" in options:
-        _needs_distill()  # checked once the teacher is loaded
     assert run_stage(STAGE, "--teacher", tiny_bert_dir, *options, "--base-dir", tmp_path) == 2
     assert message in _one_error_line(capsys)
     assert not (tmp_path / "baselines").exists()
