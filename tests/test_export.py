@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import save_json, save_pickle, write_manifest
+from embdistill.artifacts import save_json
 from embdistill.errors import UserError
 from embdistill.evaluation.models import load_encoder
 from embdistill.evaluation.specs import parse_model_spec
@@ -22,6 +22,7 @@ from embdistill.senses.packed import PackedSenses
 from embdistill.students import build_student, export_student
 from embdistill.teachers import BidirectionalLlamaModel, load_teacher
 from embdistill.input_format import LLM2VEC_LLAMA3_CHAT, format_example
+from helpers import save_dictionary
 from test_train_stage import REPO, subprocess_env
 
 TEXTS = ["The team won the match in the final minute.", "Stocks rallied as markets cheered the results.",
@@ -65,8 +66,7 @@ def export(teacher, tmp_path, layers, rule="dot"):
         for parameter in student.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     dictionary = a_dictionary(teacher)
-    save_pickle(dictionary, tmp_path / "senses.kmeanspkl")
-    write_manifest(tmp_path / "senses.kmeanspkl", stage="cluster", config={"sense_rule": rule})
+    save_dictionary(dictionary, tmp_path / "senses.kmeanspkl", rule)
     out = export_student(student, teacher.tokenizer, tmp_path / "export", normalize=teacher.normalize,
                          max_seq_length=64, input_format=teacher.input_format, instruction=INSTRUCTION,
                          senses=PackedSenses(dictionary, teacher.vocab_size, rule=rule))
@@ -123,8 +123,7 @@ def test_the_replace_folder_carries_the_dictionary_s_rule(llama_export, tmp_path
     out, dictionary = llama_export
     model = SentenceTransformer(str(out / "st-replace"), device="cpu", trust_remote_code=True)
     assert [m.senses.rule for m in model if hasattr(m, "senses")] == ["l2"]
-    as_dot = tmp_path / "dot.kmeanspkl"
-    save_pickle(load_sense_dict(dictionary), as_dot)  # no manifest: dot
+    as_dot = save_dictionary(load_sense_dict(dictionary), tmp_path / "dot.kmeanspkl")  # no rule recorded: dot
     assert not np.allclose(st_encode(out / "st-replace", TEXTS), evaluated(f"replace:{out / 'hf'}@{as_dot}", TEXTS),
                            atol=1e-4)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import save_pickle, write_manifest
 from embdistill.errors import UserError
 from bench.bench_replace import reference_scores, replace_reference_loop
+from helpers import save_dictionary
 from embdistill.evaluation.models import load_encoder
 from embdistill.evaluation.replace import ReplaceModeModel
 from embdistill.evaluation.specs import parse_model_spec
@@ -188,10 +188,7 @@ def test_replace_spec_uses_the_rule_its_dictionary_records(tiny_bert_dir, tmp_pa
     batch = model.tokenize(examples, 64)
     embedded = {}
     for rule in (None, *SENSE_RULES):
-        path = tmp_path / f"{rule}.kmeanspkl"
-        save_pickle(dictionary, path)
-        if rule is not None:
-            write_manifest(path, stage="cluster", config={"sense_rule": rule})
+        path = save_dictionary(dictionary, tmp_path / f"{rule}.kmeanspkl", rule)
         encoder = load_encoder(parse_model_spec(f"replace:{tiny_bert_dir}@{path}"), {"T": INSTRUCTION},
                                device="cpu", batch_size=3, max_length=64)
         assert encoder.model.senses.rule == (rule or "dot")

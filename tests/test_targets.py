@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.bench_replace import reference_scores
-from embdistill.artifacts import PartFiles, read_manifest, save_pickle, write_manifest
+from embdistill.artifacts import PartFiles, fingerprint, read_manifest, save_pickle, write_manifest
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss
@@ -26,7 +26,7 @@ from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_ta
 from embdistill.students import SenseDistillation, build_student
 from embdistill.teachers import load_teacher
 from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
-from helpers import free_port, run_stage
+from helpers import free_port, run_stage, save_dictionary
 from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
 
 MAX_LENGTH = 32
@@ -217,10 +217,7 @@ def test_each_rule_s_targets_are_the_brute_force_argmax_and_the_summary_counts_s
     assert 0 < len(single) < len(dictionary)
     stored = {}
     for rule in (None, *SENSE_RULES):
-        path = tmp_path / f"{rule}.kmeanspkl"
-        save_pickle(dictionary, path)
-        if rule is not None:
-            write_manifest(path, stage="cluster", config={"sense_rule": rule})
+        path = save_dictionary(dictionary, tmp_path / f"{rule}.kmeanspkl", rule)
         out = tmp_path / f"{rule}.npz"
         assert run_stage("scripts/04_targets.py", "--task", "bbc-news", "--base-dir", paths.base, "--teacher",
                          teacher.name, "--max-length", MAX_LENGTH, "--sense-dict", path, "--targets", out) == 0
@@ -243,17 +240,18 @@ def test_targets_of_one_rule_are_not_reused_for_another(setup, tmp_path, capsys)
     skip, and stored targets of the old rule are refused by name."""
     paths, teacher, senses, examples = setup
     dictionary, out = tmp_path / "d.kmeanspkl", tmp_path / "t.npz"
-    save_pickle(load_sense_dict(paths.sense_dict), dictionary)
+    save_dictionary(load_sense_dict(paths.sense_dict), dictionary)
     args = ["--task", "bbc-news", "--base-dir", paths.base, "--teacher", teacher.name, "--max-length", MAX_LENGTH,
             "--sense-dict", dictionary, "--targets", out]
     assert run_stage("scripts/04_targets.py", *args) == 0
     assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" in capsys.readouterr().err
-    write_manifest(dictionary, stage="cluster", config={"sense_rule": "l2"})
+    before = fingerprint(dictionary)
+    write_manifest(dictionary, stage="cluster", config={"sense_rule": "l2"})  # the same file
     inputs = {"sense_dict": dictionary, "texts": paths.train_json}
     with pytest.raises(UserError, match="sense_rule 'dot', not 'l2'"):
         load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, dictionary), inputs, senses, len(examples))
     assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" not in capsys.readouterr().err
-    assert read_manifest(out)["config"]["sense_rule"] == "l2"
+    assert read_manifest(out)["config"]["sense_rule"] == "l2" and fingerprint(dictionary) == before
     write_manifest(dictionary, stage="cluster", config={"sense_rule": "nearest"})
     assert run_stage("scripts/04_targets.py", *args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
