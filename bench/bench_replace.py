@@ -24,13 +24,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
 from common import add_machine_args, machine, synchronize  # noqa: E402
-from embdistill.senses.packed import PackedSenses
+from embdistill.senses.packed import COS_TEMPERATURE, DEFAULT_SENSE_RULE, PackedSenses
+
+
+def reference_scores(senses: torch.Tensor, state: torch.Tensor, rule: str = DEFAULT_SENSE_RULE) -> torch.Tensor:
+    """The scores (k,) of one state (d,) against its token's senses (k, d) under a sense rule,
+    as the formulas read (the tests' oracle of PackedSenses.logits)."""
+    if rule == "dot":
+        return senses @ state
+    if rule == "l2":
+        return -((state - senses) ** 2).sum(1)
+    if rule == "cos":
+        return senses @ state / (senses.norm(dim=1) * state.norm()) / COS_TEMPERATURE
+    raise ValueError(rule)
 
 
 @torch.no_grad()
-def replace_reference_loop(states, input_ids, text_mask, sense_dict) -> torch.Tensor:
+def replace_reference_loop(states, input_ids, text_mask, sense_dict, rule: str = DEFAULT_SENSE_RULE) -> torch.Tensor:
     """The original's replace mode: a Python loop over tokens on the CPU, each scored against
-    its entry read from the dictionary (the baseline here, and the tests' oracle)."""
+    its entry read from the dictionary (the baseline here, and the tests' oracle); the
+    original scores by ``dot``."""
     output = states.detach().cpu().clone()
     input_ids, text_mask = input_ids.cpu(), text_mask.cpu()
     for b in range(output.shape[0]):
@@ -39,7 +52,7 @@ def replace_reference_loop(states, input_ids, text_mask, sense_dict) -> torch.Te
             if entry is None:
                 continue
             senses = torch.as_tensor(np.asarray(entry, dtype=np.float32))
-            nearest = int(torch.argmax(senses @ output[b, t].float()))
+            nearest = int(torch.argmax(reference_scores(senses, output[b, t].float(), rule)))
             output[b, t] = senses[nearest].to(output.dtype)
     return output
 

@@ -59,15 +59,45 @@ def stage(script: str, *args: str) -> None:
 POINTS_PER_EPOCH = 2
 
 
-def prepare(task: str, base: Path, texts: int, args) -> None:
+def gather(task: str, base: Path, texts: int, args) -> None:
+    """The task's training and held-out texts and the teacher's combined token states."""
     common = ["--task", task, "--base-dir", str(base), "--seed", "0"]
     length = ["--max-length", str(args.max_length)]
     stage("scripts/00_texts.py", *common, "--max-train", str(texts), "--max-test", str(args.test))
     stage("scripts/01_count.py", *common, *length)
     stage("scripts/02_gather.py", *common, *length, "--batch-size", "32")
     stage("a0_generate_combinepkl.py", *common)
+
+
+def prepare(task: str, base: Path, texts: int, args) -> None:
+    gather(task, base, texts, args)
+    common = ["--task", task, "--base-dir", str(base), "--seed", "0"]
     stage("scripts/03_cluster.py", *common)
-    stage("scripts/04_targets.py", *common, *length, "--batch-size", "32")
+    stage("scripts/04_targets.py", *common, "--max-length", str(args.max_length), "--batch-size", "32")
+
+
+def training_args(args) -> list[str]:
+    """scripts/05_train.py's options for the demo's optimiser settings (run_demo.sh) as set by
+    --max-length, --epochs, --batch-size and --lr."""
+    return ["--max-length", str(args.max_length), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--warmup-steps", "10"]
+
+
+def study_parser(doc: str, name: str, train: list[int]) -> argparse.ArgumentParser:
+    """A study's options: --out (default bench/out/<name>), the data and training settings
+    (defaults: the demo's, but ``train`` texts per task) and --seeds."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / name), help="base dir of everything")
+    parser.add_argument("--train", type=int, nargs=2, default=train, metavar=("BBC", "TWEETS"),
+                        help="training texts of bbc-news and tweet-sentiment (the demo: 800 and 1600)")
+    parser.add_argument("--test", type=int, default=300, help="held-out texts per task")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    return parser
 
 
 def train(task: str, base: Path, loss: str, seed: int, args) -> int:
@@ -77,8 +107,7 @@ def train(task: str, base: Path, loss: str, seed: int, args) -> int:
     paths = Paths(base, task, "minilm", run)
     per_epoch = -(-len(json.loads(paths.train_json.read_text())) // args.batch_size)
     stage("scripts/05_train.py", "--task", task, "--base-dir", str(base), "--loss", loss, "--run", run,
-          "--seed", str(seed), "--max-length", str(args.max_length), "--epochs", str(args.epochs),
-          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "10",
+          "--seed", str(seed), *training_args(args),
           "--save-every", str(max(1, per_epoch // POINTS_PER_EPOCH)), "--keep-last", "1000",
           "--log-every", "5", "--no-export-replace")
     saved = {int(c.stem.split("-")[1]): c for c in paths.checkpoint_dir.glob("step-*.pt")}
@@ -113,13 +142,12 @@ def summarise(table: dict, points: int, seeds: list[int], out: Path) -> dict:
     """mean +- std over seeds of each (loss, point), per task and over tasks; replace mode at
     the last point."""
     tasks = list(table["tasks"])
-    accuracy = {m["label"]: {**{t: 100 * m["scores"][t]["score"] for t in tasks},
-                             "mean": 100 * m["mean"]} for m in table["models"]}
+    accuracy = accuracy_of(table)
     columns = [*tasks, "mean"]
-    curves = {loss: {c: [(p / POINTS_PER_EPOCH, *_mean_std([accuracy[f"{loss}-s{s}-{p}"][c] for s in seeds]))
+    curves = {loss: {c: [(p / POINTS_PER_EPOCH, *mean_std([accuracy[f"{loss}-s{s}-{p}"][c] for s in seeds]))
                          for p in range(1, points + 1)] for c in columns}
               for loss in LOSSES.values()}
-    replaced = {f"{loss}-replace": {c: _mean_std([accuracy[f"{loss}-s{s}-{points}-replace"][c] for s in seeds])
+    replaced = {f"{loss}-replace": {c: mean_std([accuracy[f"{loss}-s{s}-{points}-replace"][c] for s in seeds])
                                     for c in columns} for loss in LOSSES.values()}
     references = {name: accuracy[name] for name in REFERENCES}
     lines = ["| model | epochs | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * len(columns)]
@@ -138,7 +166,13 @@ def summarise(table: dict, points: int, seeds: list[int], out: Path) -> dict:
     return {"references": references, "curves": curves, "replace_mode_at_the_end": replaced}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def accuracy_of(table: dict) -> dict[str, dict[str, float]]:
+    """An evaluation table's main scores in %: model label -> {task: score, "mean": their mean}."""
+    return {m["label"]: {**{t: 100 * m["scores"][t]["score"] for t in table["tasks"]},
+                         "mean": 100 * m["mean"]} for m in table["models"]}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -178,18 +212,7 @@ def _plot(curves: dict, replaced: dict, references: dict, columns: list[str], pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "study_skd"), help="base dir of everything")
-    parser.add_argument("--train", type=int, nargs=2, default=[1000, 2000], metavar=("BBC", "TWEETS"),
-                        help="training texts of bbc-news and tweet-sentiment (the demo: 800 and 1600)")
-    parser.add_argument("--test", type=int, default=300, help="held-out texts per task")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
+    args = study_parser(__doc__, "study_skd", train=[1000, 2000]).parse_args()
     base = Path(args.out).resolve()
     started = time.perf_counter()
     for task, texts in zip(TASKS, args.train):

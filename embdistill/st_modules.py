@@ -7,8 +7,9 @@ embed as our evaluation does (an exported folder must give the embeddings its ta
   ``attention_mask`` to the embed mask, so that the standard ``Pooling`` (mean) that follows
   pools the text tokens only, as llm2vec does (``skip_instruction``).
 * :class:`SenseReplace`: replace mode as a module: each attended token with a dictionary entry
-  takes its nearest sense (:meth:`PackedSenses.replace`); the dictionary is stored beside it as
-  safetensors, not as a pickle. Tokens that pooling leaves out (the prompt) may be replaced
+  takes its sense under the dictionary's rule (:meth:`PackedSenses.replace`); the dictionary is
+  stored beside it as safetensors, not as a pickle, its rule in the file's metadata (a file
+  without one, written before the rule was an option, is ``dot``). Tokens that pooling leaves out (the prompt) may be replaced
   too: they do not reach the embedding.
 * :class:`OnnxEncoder`: an ONNX export of an encoder (the int8 student,
   :mod:`embdistill.quantize`) run by onnxruntime: it tokenizes as sentence-transformers'
@@ -37,6 +38,7 @@ from .input_format import effective_max_length
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
 ONNX_FILE = "model.onnx"
+SENSE_RULE_KEY = "sense_rule"  # in the safetensors metadata of SENSES_FILE
 
 
 def load_sentence_transformer(target: str, device):
@@ -137,15 +139,16 @@ class SenseReplace(nn.Module):
         from safetensors.torch import save_file
 
         Path(path).mkdir(parents=True, exist_ok=True)
-        save_file(self.senses.to_tensors(), str(Path(path) / SENSES_FILE))
+        save_file(self.senses.to_tensors(), str(Path(path) / SENSES_FILE),
+                  metadata={SENSE_RULE_KEY: self.senses.rule})
         (Path(path) / CONFIG_FILE).write_text(json.dumps({"vocab_size": len(self.senses.entry_of_token)}))
 
     @staticmethod
     def load(path: str) -> "SenseReplace":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        from .senses.packed import PackedSenses
+        from .senses.packed import DEFAULT_SENSE_RULE, PackedSenses
 
         file = Path(path) / SENSES_FILE
         config = _config(path)
@@ -153,10 +156,12 @@ class SenseReplace(nn.Module):
             raise UserError(f"missing sense dictionary {file} of a replace-mode model")
         try:
             tensors = load_file(str(file))
+            with safe_open(str(file), "pt") as handle:
+                rule = (handle.metadata() or {}).get(SENSE_RULE_KEY, DEFAULT_SENSE_RULE)
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{file}: corrupt sense dictionary ({exc})") from None
         try:
-            return SenseReplace(PackedSenses.from_tensors(tensors, int(config["vocab_size"])))
+            return SenseReplace(PackedSenses.from_tensors(tensors, int(config["vocab_size"]), rule))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{Path(path) / CONFIG_FILE}: no usable vocab_size ({exc})") from None
         except UserError as exc:

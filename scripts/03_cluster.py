@@ -2,6 +2,7 @@
 
     python scripts/03_cluster.py --task bbc-news
     python scripts/03_cluster.py --task bbc-news --k-rule mcl --backend sklearn
+    python scripts/03_cluster.py --task bbc-news --sense-rule l2 --output sense_dict/bbc-news/minilm.l2.kmeanspkl
     torchrun --nproc_per_node 4 scripts/03_cluster.py --task bbc-news --threads 2
 """
 
@@ -19,6 +20,7 @@ from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
 from embdistill.senses.dictionary import SENSE_DTYPES
 from embdistill.senses.kmeans import BACKENDS
+from embdistill.senses.packed import COS_TEMPERATURE, DEFAULT_SENSE_RULE, SENSE_RULES
 from embdistill.senses.krule import K_RULES
 from embdistill.tasks import resolve_task
 
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--senses", type=int, default=5, help="k of the fixed rule")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="k-means: torch (batched, any device), sklearn (the original's), faiss")
+    parser.add_argument("--sense-rule", choices=SENSE_RULES, default=DEFAULT_SENSE_RULE,
+                        help="which of its senses a token takes (targets, sense loss, replace mode), "
+                        "recorded with the dictionary: dot = largest dot product (the original's; "
+                        "not the nearest in distance), l2 = nearest in Euclidean distance, cos = "
+                        f"largest cosine (loss logits cos / {COS_TEMPERATURE})")
     parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
                         help="stored sense vectors (bfloat16: torch tensors, as the original)")
     parser.add_argument("--max-iter", type=int, default=300, help="Lloyd iterations, at most")
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
                         "and a0_generate_combinepkl.py first, or pass --input")
     cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, senses=args.senses, backend=args.backend, seed=args.seed,
-                        max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype)
+                        max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype,
+                        sense_rule=args.sense_rule)
     batching = Batching(tokens=args.batch_tokens, elements=args.batch_elements)
     out = paths.sense_dict if args.output is None else Path(args.output).resolve()
     if skip_if_done(out, config=asdict(cfg), inputs={"states": input_path}, overwrite=args.overwrite,
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("cluster: wrote %s", out)
         print0(f"cluster: {task.slug}/{teacher}: {summary['tokens']} tokens -> {summary['senses']} "
                f"senses ({summary['tokens_clustered']} clustered, {summary['tokens_raw']} raw), "
-               f"k rule {cfg.k_rule}, {cfg.backend}, {summary['seconds']} s -> {out}")
+               f"k rule {cfg.k_rule}, {cfg.backend}, sense rule {cfg.sense_rule}, {summary['seconds']} s -> {out}")
     return 0
 
 

@@ -3,7 +3,8 @@
     python scripts/04_targets.py --task bbc-news
     torchrun --nproc_per_node 6 scripts/04_targets.py --task 14 --teacher llm2vec-llama3-8b
 
-For every text token, the teacher's nearest sense in the dictionary (or -1: no entry), so that
+For every text token, the teacher's sense in the dictionary under the rule the dictionary
+records (03_cluster.py --sense-rule; dot when none), or -1 (no entry), so that
 training (scripts/05_train.py --loss sense) runs no teacher. Ranks share the texts; a killed
 run resumes from its finished parts when started again with the same options.
 """
@@ -17,8 +18,7 @@ from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, 
 from embdistill.errors import UserError
 from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir
-from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
-from embdistill.senses.packed import PackedSenses
+from embdistill.senses.dictionary import check_gathered_with, load_packed_senses
 from embdistill.senses.targets import TargetsConfig, compute_targets
 from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher, load_tokenizer
@@ -81,17 +81,18 @@ def targets(args) -> int:
     device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = init_distributed(timeout_s=args.dist_timeout)
     teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
-    senses = PackedSenses(load_sense_dict(sense_dict, hidden_size=teacher.hidden_size,
-                                          teacher=None if args.allow_teacher_mismatch else teacher.slug),
-                          teacher.vocab_size).to(teacher.device)
-    log.info("targets: %d texts, dictionary %s (%d tokens, %d senses), teacher %r",
-             len(examples), sense_dict, len(senses.sizes), len(senses.centroids), teacher)
+    senses = load_packed_senses(sense_dict, teacher.vocab_size, hidden_size=teacher.hidden_size,
+                                teacher=None if args.allow_teacher_mismatch else teacher.slug).to(teacher.device)
+    log.info("targets: %d texts, dictionary %s (%d tokens, %d senses, sense rule %s), teacher %r",
+             len(examples), sense_dict, len(senses.sizes), len(senses.centroids), senses.rule, teacher)
     summary = compute_targets(teacher, senses, examples, out, cfg, env, inputs=inputs,
                               batch_size=args.batch_size, flush_every=args.flush_every,
                               overwrite=args.overwrite)
     if summary is not None:
         print0(f"targets: {task.name}: {summary['texts']} texts, {summary['text_tokens']} text tokens, "
-               f"{summary['scored_tokens']} with a sense ({summary['world_size']} process(es), "
+               f"{summary['scored_tokens']} with a sense by {summary['sense_rule']}, "
+               f"{100 * summary['single_sense_share']:.1f} % of them of a single-sense token "
+               f"(not in the loss) ({summary['world_size']} process(es), "
                f"{summary['seconds']} s) -> {out}")
     return 0
 

@@ -4,7 +4,9 @@
     python scripts/05_train.py --task bbc-news --epochs 1 --max-steps 300 --max-length 128 --lr 2e-5
     ./run_train.sh bbc-news --nproc_per_node 2 --max-steps 300  # targets, then torchrun, DDP
 
---loss sense (SKD) trains on the stored sense targets of scripts/04_targets.py: no teacher runs.
+--loss sense (SKD) trains on the stored sense targets of scripts/04_targets.py: no teacher runs;
+the loss scores senses by the dictionary's rule (03_cluster.py --sense-rule) and leaves out
+tokens of a single sense (their share is logged and kept in the export manifest).
 --loss mse (the ablation) runs the frozen teacher at every step. Writes runs/<task>/<run>/:
 config.json, checkpoints/, metrics.jsonl, loss.png, export/hf (transformers folder:
 scripts/06_evaluate.py student:... and replace:...) and export/st (SentenceTransformer folder).
@@ -24,9 +26,8 @@ from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, 
 from embdistill.errors import UserError
 from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir, check_run_name
-from embdistill.senses.dictionary import check_gathered_with, load_sense_dict
-from embdistill.senses.packed import PackedSenses
-from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets
+from embdistill.senses.dictionary import check_gathered_with, load_packed_senses
+from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from embdistill.students import (SenseDistillation, StateMatching, build_student, default_student_layers,
                                  default_teacher_device, export_student)
 from embdistill.tasks import resolve_task
@@ -119,21 +120,26 @@ def train(args: argparse.Namespace) -> int:
         "student_layers": layers, "loss": args.loss, "max_length": max_length,
         **{key: fingerprint(path) for key, path in inputs.items()},
     }
+    if args.loss == "sense":  # in the dictionary's manifest, not in its fingerprint
+        run_config["sense_rule"] = targets_config.sense_rule
     resolved = resolved_config(run_config, config, env.world_size) | {
         "export_replace": args.loss == "sense" and args.export_replace}
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
         return 0
 
+    target_stats = {}
     if args.loss == "sense":
         # the teacher only gives the student its first layers: those alone, on the CPU
         teacher = load_teacher(args.teacher, device="cpu", dtype=torch.float32, layers=layers)
-        senses = PackedSenses(load_sense_dict(inputs["sense_dict"], hidden_size=teacher.hidden_size,
-                                              teacher=None if args.allow_teacher_mismatch else teacher.slug),
-                              teacher.vocab_size).to(device)
+        senses = load_packed_senses(inputs["sense_dict"], teacher.vocab_size, hidden_size=teacher.hidden_size,
+                                    teacher=None if args.allow_teacher_mismatch else teacher.slug).to(device)
         stored = load_targets(inputs["targets"], targets_config,
                               {"sense_dict": inputs["sense_dict"], "texts": paths.train_json}, senses, len(examples))
-        log.info("sense dictionary %s: %d tokens, %d senses; targets %s", inputs["sense_dict"],
-                 len(senses.sizes), len(senses.centroids), inputs["targets"])
+        single, scored = single_sense_count(stored.token_ids, stored.targets, senses)
+        target_stats["single_sense_share"] = round(single / max(scored, 1), 4)
+        log.info("sense dictionary %s: %d tokens, %d senses, sense rule %s; targets %s: %d of %d scored "
+                 "tokens have a single sense and are left out of the loss", inputs["sense_dict"],
+                 len(senses.sizes), len(senses.centroids), senses.rule, inputs["targets"], single, scored)
         loss_fn, dataset = SenseDistillation(senses), list(range(len(examples)))
         collate = TargetCollator(tokenizer.tokenize, examples, stored, max_length)
     else:
@@ -157,10 +163,10 @@ def train(args: argparse.Namespace) -> int:
                        instruction=instruction_of(examples),
                        senses=senses if args.loss == "sense" and args.export_replace else None)
         write_manifest(paths.export_dir, stage="train", config=resolved,
-                       extra={"global_step": result.global_step, "metrics": result.metrics,
+                       extra={"global_step": result.global_step, "metrics": {**result.metrics, **target_stats},
                               "teacher": tokenizer.slug})
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
-                        if k in ("loss", "sense_accuracy"))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in {**result.metrics, **target_stats}.items()
+                        if k in ("loss", "sense_accuracy", "single_sense_share"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")
     return 0
 

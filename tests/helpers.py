@@ -52,3 +52,14 @@ def killed_command(module: str, owner: str, method: str, n: int, script, *args) 
     import sys
 
     return [sys.executable, "-c", KILLER, module, owner, method, str(n), str(script), *map(str, args)]
+
+
+def save_dictionary(dictionary, path: Path, sense_rule: str | None = None) -> Path:
+    """A sense dictionary file; with ``sense_rule``, a manifest recording it (None: no manifest,
+    as the original's files and ours from before the rule was recorded)."""
+    from embdistill.artifacts import save_pickle, write_manifest
+
+    save_pickle(dictionary, path)
+    if sense_rule is not None:
+        write_manifest(path, stage="cluster", config={"sense_rule": sense_rule})
+    return path

@@ -18,7 +18,7 @@ from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
 from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
 from embdistill.senses.combine import rows_path, write_combined
-from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, senses_histogram
+from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, sense_rule_of, senses_histogram
 from bench.bench_cluster import mcl_count_reference
 from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 from helpers import free_port, killed_command, run_stage
@@ -250,7 +250,27 @@ def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     assert other.returncode == 0 and "skipping" not in other.stderr
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option"])
+def test_the_sense_rule_is_recorded_and_changes_no_sense(tmp_path, states_file, capsys):
+    """--sense-rule goes into the manifest (what targets, training and replace mode read) and
+    the summary; the senses themselves are the same file byte for byte; another rule at the
+    same output is not "done"."""
+    path, _ = states_file
+    pickles = {}
+    for rule in (None, "dot", "l2", "cos"):
+        base = tmp_path / str(rule)
+        proc = run_cluster(capsys, "--base-dir", str(base), "--input", str(path),
+                           *(["--sense-rule", rule] if rule else []))
+        assert proc.returncode == 0, proc.stderr
+        assert read_manifest(output(base))["config"]["sense_rule"] == (rule or "dot") == sense_rule_of(output(base))
+        assert f"sense rule {rule or 'dot'} " in (output(base).parent / "minilm.summary.txt").read_text()
+        pickles[rule] = output(base).read_bytes()
+    assert len(set(pickles.values())) == 1
+    again = run_cluster(capsys, "--base-dir", str(tmp_path / "l2"), "--input", str(path), "--sense-rule", "cos")
+    assert again.returncode == 0 and "skipping" not in again.stderr and sense_rule_of(output(tmp_path / "l2")) == "cos"
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option",
+                                  "bad-sense-rule"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     path = tmp_path / "combined.pkl"
     extra = []
@@ -266,6 +286,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, capsys):
     elif case == "bad-option":
         make_states(path)
         extra = ["--senses", "0"]
+    elif case == "bad-sense-rule":
+        make_states(path)
+        extra = ["--sense-rule", "nearest"]
     proc = run_cluster(capsys, "--base-dir", str(tmp_path), "--input", str(path), *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -444,6 +467,21 @@ def test_drivers_help():
     for script in ("run_sep_cluster.sh", "run_multithread_cluster.sh"):
         proc = subprocess.run(["bash", str(REPO / script), "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "usage:" in proc.stdout and "--k-rule" in proc.stdout
+        assert "--sense-rule" in proc.stdout
     proc = subprocess.run(["bash", str(REPO / "run_multithread_cluster.sh"), "bbc-news", "--procs", "x"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error:" in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "run_sep_cluster.sh"), "bbc-news", "--sense-rule", "nearest"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--sense-rule: invalid choice: 'nearest' (choose from 'dot', 'l2', 'cos')" in proc.stderr
+
+
+def test_the_sense_rule_passes_through_the_driver(tmp_path, states_file):
+    path, _ = states_file
+    proc = subprocess.run(["bash", str(REPO / "run_sep_cluster.sh"), "bbc-news", "--sense-rule", "l2", "--threads",
+                           "1", "--base-dir", str(tmp_path), "--input", str(path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sense_rule_of(output(tmp_path)) == "l2"

@@ -222,6 +222,25 @@ def test_finished_run_is_skipped_unless_overwrite(finished_run, workspace, monke
         run.evaluate(finished_run["config"], workspace["base"], device="cpu", overwrite=True)
 
 
+def test_a_finished_run_is_redone_when_a_dictionary_records_another_rule(finished_run, workspace, monkeypatch):
+    """The rule is in the dictionary's manifest, outside its fingerprint: the table's identity
+    names it, so a replace-mode result of a dot dictionary is not taken for an l2 one."""
+    from embdistill.artifacts import manifest_path, write_manifest
+    from embdistill.evaluation import run
+
+    def fail(*args, **kwargs):
+        raise AssertionError("re-evaluated a finished run")
+
+    monkeypatch.setattr(run, "evaluate_models", fail)
+    write_manifest(workspace["dict"], stage="cluster", config={"sense_rule": "l2"})
+    try:
+        with pytest.raises(AssertionError, match="re-evaluated"):
+            run.evaluate(finished_run["config"], workspace["base"], device="cpu")
+    finally:
+        manifest_path(workspace["dict"]).unlink()
+    assert run.evaluate(finished_run["config"], workspace["base"], device="cpu") == finished_run["table"]
+
+
 def _result_file(path: Path, experiments_per_entry: list[list[float]]) -> Path:
     """An mteb classification result with one (split, subset) entry per list."""
     entries = [{"scores_per_experiment": [{"accuracy": a} for a in accuracies],

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import save_json, save_pickle
+from embdistill.artifacts import save_json
 from embdistill.errors import UserError
 from embdistill.evaluation.models import load_encoder
 from embdistill.evaluation.specs import parse_model_spec
+from embdistill.senses.dictionary import load_sense_dict
 from embdistill.senses.packed import PackedSenses
 from embdistill.students import build_student, export_student
 from embdistill.teachers import BidirectionalLlamaModel, load_teacher
 from embdistill.input_format import LLM2VEC_LLAMA3_CHAT, format_example
+from helpers import save_dictionary
 from test_train_stage import REPO, subprocess_env
 
 TEXTS = ["The team won the match in the final minute.", "Stocks rallied as markets cheered the results.",
@@ -57,17 +59,17 @@ def a_dictionary(model, seed=0) -> dict[int, np.ndarray]:
     return dictionary
 
 
-def export(teacher, tmp_path, layers):
+def export(teacher, tmp_path, layers, rule="dot"):
     torch.manual_seed(0)
     student = build_student(teacher, layers)
     with torch.no_grad():  # a trained student differs from the teacher's layers
         for parameter in student.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     dictionary = a_dictionary(teacher)
-    save_pickle(dictionary, tmp_path / "senses.kmeanspkl")
+    save_dictionary(dictionary, tmp_path / "senses.kmeanspkl", rule)
     out = export_student(student, teacher.tokenizer, tmp_path / "export", normalize=teacher.normalize,
                          max_seq_length=64, input_format=teacher.input_format, instruction=INSTRUCTION,
-                         senses=PackedSenses(dictionary, teacher.vocab_size))
+                         senses=PackedSenses(dictionary, teacher.vocab_size, rule=rule))
     return out, tmp_path / "senses.kmeanspkl"
 
 
@@ -79,7 +81,7 @@ def minilm_export(tmp_path_factory, minilm_dir):
 @pytest.fixture(scope="module")
 def llama_export(tmp_path_factory, tiny_lora_dir):
     teacher = load_teacher(str(tiny_lora_dir), device="cpu", input_format=LLM2VEC_LLAMA3_CHAT)
-    return export(teacher, tmp_path_factory.mktemp("llama"), 1)
+    return export(teacher, tmp_path_factory.mktemp("llama"), 1, rule="l2")  # not the default: carried
 
 
 @pytest.mark.slow
@@ -111,6 +113,19 @@ def test_llama_student_loads_bidirectional_and_embeds_as_evaluated(llama_export)
     np.testing.assert_allclose(hf.encode(examples, batch_size=3, max_length=64), expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(st_encode(out / "st-replace", TEXTS),
                                evaluated(f"replace:{out / 'hf'}@{dictionary}", TEXTS), atol=1e-5, rtol=1e-5)
+
+
+def test_the_replace_folder_carries_the_dictionary_s_rule(llama_export, tmp_path):
+    """The folder was exported with an l2 dictionary: loaded, it replaces by l2, which here
+    gives other embeddings than dot would."""
+    from sentence_transformers import SentenceTransformer
+
+    out, dictionary = llama_export
+    model = SentenceTransformer(str(out / "st-replace"), device="cpu", trust_remote_code=True)
+    assert [m.senses.rule for m in model if hasattr(m, "senses")] == ["l2"]
+    as_dot = save_dictionary(load_sense_dict(dictionary), tmp_path / "dot.kmeanspkl")  # no rule recorded: dot
+    assert not np.allclose(st_encode(out / "st-replace", TEXTS), evaluated(f"replace:{out / 'hf'}@{as_dot}", TEXTS),
+                           atol=1e-4)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])

@@ -1,5 +1,6 @@
-"""Replace mode: the batched version against the original's per-token loop, and replace mode
-inside a model's encode (tiny random BERT)."""
+"""Replace mode: the batched version against the original's per-token loop under each sense
+rule, replace mode inside a model's encode (tiny random BERT), and the rule a dictionary
+records being the one replace mode uses (evaluation spec, exported SenseReplace folder)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 from embdistill.errors import UserError
-from bench.bench_replace import replace_reference_loop
+from bench.bench_replace import reference_scores, replace_reference_loop
+from helpers import save_dictionary
+from embdistill.evaluation.models import load_encoder
 from embdistill.evaluation.replace import ReplaceModeModel
-from embdistill.senses.packed import PackedSenses
+from embdistill.evaluation.specs import parse_model_spec
+from embdistill.senses.packed import SENSE_RULES, PackedSenses
+from embdistill.st_modules import SENSES_FILE, SenseReplace
 from embdistill.teachers import load_teacher, mean_pool
 from embdistill.input_format import format_example
 
@@ -36,15 +41,17 @@ def _batch(seed: int, dtype: torch.dtype):
     return states, input_ids, text_mask, padding
 
 
+@pytest.mark.parametrize("rule", SENSE_RULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [1, 1 << 25])  # one token per chunk / all at once
 @pytest.mark.parametrize("seed", [0, 1])
-def test_batched_replace_equals_the_per_token_loop(seed, chunk_elements, dtype):
+def test_batched_replace_equals_the_per_token_loop(seed, chunk_elements, dtype, rule):
     dictionary = _dictionary(seed)
     states, input_ids, text_mask, padding = _batch(seed, dtype)
 
-    batched = PackedSenses(dictionary, VOCAB, chunk_elements=chunk_elements).replace(states, input_ids, text_mask)
-    looped = replace_reference_loop(states, input_ids, text_mask, dictionary)
+    packed = PackedSenses(dictionary, VOCAB, rule=rule, chunk_elements=chunk_elements)
+    batched = packed.replace(states, input_ids, text_mask)
+    looped = replace_reference_loop(states, input_ids, text_mask, dictionary, rule)
 
     assert batched.dtype == dtype
     assert torch.equal(batched, looped)
@@ -56,10 +63,10 @@ def test_batched_replace_equals_the_per_token_loop(seed, chunk_elements, dtype):
     assert replaced.sum() > 5 and (text_mask.bool() & ~has_entry).sum() > 0 and padding.sum() > 0
     assert torch.equal(batched[kept], states[kept])
     assert not torch.equal(batched[replaced], states[replaced])
-    # a replaced state is one of its token's senses: the one with the largest dot product
+    # a replaced state is one of its token's senses: the one of largest score under the rule
     for b, t in replaced.nonzero().tolist():
         senses = torch.tensor(dictionary[int(input_ids[b, t])], dtype=torch.float32)
-        best = int(torch.argmax(senses @ states[b, t].float()))
+        best = int(torch.argmax(reference_scores(senses, states[b, t].float(), rule)))
         assert torch.equal(batched[b, t], senses[best].to(dtype))
 
 
@@ -130,3 +137,67 @@ def test_replace_mode_refuses_a_dictionary_of_another_width(tiny_bert_dir):
     model = load_teacher(str(tiny_bert_dir), device="cpu")
     with pytest.raises(UserError, match="hidden size 16"):
         ReplaceModeModel(model, PackedSenses({5: np.ones((2, 16), dtype=np.float16)}, model.vocab_size))
+
+
+def test_an_exported_replace_module_carries_its_rule(tmp_path):
+    """SenseReplace's folder keeps the rule in the safetensors metadata and a loaded module
+    replaces by it; a folder written before the rule was stored (no metadata) is dot."""
+    from safetensors.torch import save_file
+
+    dictionary = _dictionary(0)
+    states, input_ids, text_mask, _ = _batch(0, torch.float32)
+    features = lambda: {"token_embeddings": states.clone(), "input_ids": input_ids, "attention_mask": text_mask}
+    outputs = {}
+    for rule in SENSE_RULES:
+        SenseReplace(PackedSenses(dictionary, VOCAB, rule=rule)).save(str(tmp_path / rule))
+        loaded = SenseReplace.load(str(tmp_path / rule))
+        assert loaded.senses.rule == rule
+        outputs[rule] = loaded(features())["token_embeddings"]
+        assert torch.equal(outputs[rule], replace_reference_loop(states, input_ids, text_mask, dictionary, rule))
+    assert not torch.equal(outputs["dot"], outputs["l2"]) and not torch.equal(outputs["dot"], outputs["cos"])
+
+    old = tmp_path / "l2"
+    save_file(PackedSenses(dictionary, VOCAB).to_tensors(), str(old / SENSES_FILE))  # no metadata
+    assert SenseReplace.load(str(old)).senses.rule == "dot"
+    save_file(PackedSenses(dictionary, VOCAB).to_tensors(), str(old / SENSES_FILE), metadata={"sense_rule": "far"})
+    with pytest.raises(UserError, match="unknown sense rule 'far'"):
+        SenseReplace.load(str(old))
+
+
+def _large_sense_dictionary(model, examples) -> dict[int, np.ndarray]:
+    """Two senses per text token: a real state of it, and 4 x its states' mean plus noise (no
+    cosine ties). The large one wins by dot product for most states, never by distance: dot
+    and l2 pick differently."""
+    rng = np.random.default_rng(0)
+    batch = model.tokenize(examples, 64)
+    states = model.token_states(batch).float().numpy()
+    ids, mask = batch["input_ids"].numpy(), batch["embed_mask"].numpy().astype(bool)
+    dictionary = {}
+    for token in np.unique(ids[mask]).tolist():
+        own = states[(ids == token) & mask]
+        large = 4 * own.mean(0) + rng.normal(scale=0.5, size=own.shape[1])
+        dictionary[token] = np.stack([own[0], large]).astype(np.float16)
+    return dictionary
+
+
+def test_replace_spec_uses_the_rule_its_dictionary_records(tiny_bert_dir, tmp_path):
+    """The evaluation's replace:MODEL@DICT reads the rule from DICT's manifest (none: dot)."""
+    model = load_teacher(str(tiny_bert_dir), device="cpu")
+    examples = [format_example(INSTRUCTION, text) for text in TEXTS]
+    dictionary = _large_sense_dictionary(model, examples)
+    batch = model.tokenize(examples, 64)
+    embedded = {}
+    for rule in (None, *SENSE_RULES):
+        path = save_dictionary(dictionary, tmp_path / f"{rule}.kmeanspkl", rule)
+        encoder = load_encoder(parse_model_spec(f"replace:{tiny_bert_dir}@{path}"), {"T": INSTRUCTION},
+                               device="cpu", batch_size=3, max_length=64)
+        assert encoder.model.senses.rule == (rule or "dot")
+        embedded[rule] = encoder.embed(TEXTS, "T")
+        replaced = replace_reference_loop(model.token_states(batch), batch["input_ids"], batch["embed_mask"],
+                                          dictionary, rule or "dot")
+        expected = mean_pool(replaced, batch["embed_mask"])
+        if model.normalize:
+            expected = torch.nn.functional.normalize(expected, dim=-1)
+        np.testing.assert_allclose(embedded[rule], expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(embedded[None], embedded["dot"])
+    assert not np.allclose(embedded["dot"], embedded["l2"], atol=1e-3)

@@ -1,6 +1,7 @@
-"""The losses against independent computations: the sense loss (with targets chosen by the
-packed dictionary) against a plain per-token loop with ``torch.nn.functional.cross_entropy``;
-the packed dictionary's float32 scoring under bf16 autocast; the masked MSE against its formula."""
+"""The losses against independent computations: the sense loss and its targets, under each
+sense rule, against a plain per-token loop with ``torch.nn.functional.cross_entropy`` over
+multi-sense tokens; the packed dictionary's float32 scoring under bf16 autocast; the masked MSE
+against its formula."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.bench_replace import reference_scores
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss, masked_mse
-from embdistill.senses.packed import PackedSenses
+from embdistill.senses.packed import SENSE_RULES, PackedSenses
 
 VOCAB, DIM = 40, 8
 
@@ -23,20 +25,23 @@ def _random_dictionary(seed: int = 0) -> dict[int, np.ndarray]:
     return {int(t): rng.normal(size=(int(rng.integers(1, 10)), DIM)).astype(np.float16) for t in tokens}
 
 
-def _reference(dictionary, student, teacher, input_ids, mask):
-    """Loss, accuracy and count by a loop over tokens, one cross-entropy per token."""
-    losses, hits = [], []
+def _reference(dictionary, student, teacher, input_ids, mask, rule="dot"):
+    """Loss, accuracy and count by a loop over the multi-sense tokens, one cross-entropy per
+    token; and each text token's target with an entry, (b, t) -> sense."""
+    losses, hits, targets = [], [], {}
     for b in range(input_ids.shape[0]):
         for t in range(input_ids.shape[1]):
             token = int(input_ids[b, t])
             if not mask[b, t] or token not in dictionary:
                 continue
             senses = torch.tensor(dictionary[token], dtype=torch.float32)
-            target = int((senses @ teacher[b, t]).argmax())
-            logits = senses @ student[b, t]
+            targets[b, t] = target = int(reference_scores(senses, teacher[b, t], rule).argmax())
+            if len(senses) == 1:
+                continue
+            logits = reference_scores(senses, student[b, t], rule)
             losses.append(F.cross_entropy(logits[None], torch.tensor([target])))
             hits.append(int(logits.argmax()) == target)
-    return torch.stack(losses).mean(), sum(hits) / len(hits), len(losses)
+    return torch.stack(losses).mean(), sum(hits) / len(hits), len(losses), targets
 
 
 def _batch(seed: int, batch: int = 4, length: int = 11):
@@ -50,23 +55,26 @@ def _batch(seed: int, batch: int = 4, length: int = 11):
 
 
 # the last case cuts the scored tokens into chunks of 5 (k is at most 9), in order of k
+@pytest.mark.parametrize("rule", SENSE_RULES)
 @pytest.mark.parametrize("seed, chunk_elements", [(0, 1 << 25), (1, 1 << 25), (2, 1 << 25), (0, 9 * DIM * 5)])
-def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
+def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements, rule):
     dictionary = _random_dictionary(seed)
     assert len({len(v) for v in dictionary.values()}) > 3  # really mixed k
     input_ids, mask, teacher, student = _batch(seed)
     student_fast = student.clone().requires_grad_(True)
     student_loop = student.clone().requires_grad_(True)
 
-    senses = PackedSenses(dictionary, VOCAB, chunk_elements=chunk_elements)
+    senses = PackedSenses(dictionary, VOCAB, rule=rule, chunk_elements=chunk_elements)
     targets = senses.targets(teacher, input_ids, mask)
     loss, accuracy, count = SenseLoss(senses)(student_fast, input_ids, targets)
     entries = senses.entries(input_ids)[targets >= 0]
+    entries = entries[senses.sizes[entries] > 1]
     chunks = list(senses.chunks(entries))
     assert sorted(torch.cat(chunks).tolist()) == list(range(count))
     assert len(chunks) == (1 if chunk_elements == 1 << 25 else -(-count // 5))
-    expected_loss, expected_accuracy, expected_count = _reference(dictionary, student_loop, teacher,
-                                                                  input_ids, mask)
+    expected_loss, expected_accuracy, expected_count, expected_targets = _reference(
+        dictionary, student_loop, teacher, input_ids, mask, rule)
+    assert {tuple(p): int(targets[tuple(p)]) for p in (targets >= 0).nonzero().tolist()} == expected_targets
     assert count == expected_count
     # tokens outside the mask or without an entry are skipped, and there are both kinds here
     has_entry = torch.tensor([[int(t) in dictionary for t in row] for row in input_ids])
@@ -82,6 +90,45 @@ def test_sense_loss_equals_a_per_token_loop_with_mixed_k(seed, chunk_elements):
     # skipped positions get no gradient
     skipped = ~(mask.bool() & has_entry)
     assert student_fast.grad[skipped].abs().sum() == 0
+
+
+def test_the_rules_pick_different_senses_and_an_unknown_rule_is_refused():
+    """The parametrised test above would not notice a rule being ignored unless the rules
+    disagree on its data: they do, on the same states and senses."""
+    dictionary = _random_dictionary(0)
+    input_ids, mask, teacher, _ = _batch(0)
+    targets = {rule: PackedSenses(dictionary, VOCAB, rule=rule).targets(teacher, input_ids, mask)
+               for rule in SENSE_RULES}
+    for first, second in [("dot", "l2"), ("dot", "cos"), ("l2", "cos")]:
+        assert not torch.equal(targets[first], targets[second]), (first, second)
+    with pytest.raises(UserError, match="unknown sense rule 'nearest': choose one of dot, l2, cos"):
+        PackedSenses(dictionary, VOCAB, rule="nearest")
+
+
+@pytest.mark.parametrize("rule", SENSE_RULES)
+def test_single_sense_tokens_are_left_out_of_loss_and_accuracy(rule):
+    """With single-sense tokens among the targets, loss, accuracy and count equal those of
+    the same batch whose single-sense positions carry no target; counted, they would have
+    lowered the loss and raised the accuracy."""
+    dictionary = _random_dictionary(1)
+    input_ids, mask, teacher, student = _batch(1)
+    senses = PackedSenses(dictionary, VOCAB, rule=rule)
+    targets = senses.targets(teacher, input_ids, mask)
+    single = (targets >= 0) & (senses.sizes[senses.entries(input_ids).clamp(min=0)] == 1)
+    assert 0 < int(single.sum()) < int((targets >= 0).sum())
+    loss, accuracy, count = SenseLoss(senses)(student, input_ids, targets)
+    multi_only = targets.masked_fill(single, -1)
+    assert (loss, accuracy, count) == SenseLoss(senses)(student, input_ids, multi_only)
+    assert count == int((multi_only >= 0).sum())
+    with_single = (loss * count) / (count + int(single.sum()))  # their cross-entropy is 0
+    assert with_single < loss and float(accuracy) < 1
+
+    only_single = PackedSenses({int(t): v[:1] for t, v in dictionary.items()}, VOCAB, rule=rule)
+    student = student.clone().requires_grad_(True)
+    loss, accuracy, count = SenseLoss(only_single)(student, input_ids, only_single.targets(teacher, input_ids, mask))
+    assert count == 0 and loss.item() == 0.0 and accuracy.item() == 0.0
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
 
 
 def test_sense_scores_stay_float32_under_bf16_autocast():

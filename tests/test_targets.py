@@ -1,7 +1,9 @@
 """SKD's stored sense targets (scripts/04_targets.py, embdistill.senses.targets) on a tiny random
 BERT: training on them equals training with targets computed on the fly, the stage resumes
-after an interruption to the same file, 2 torchrun ranks equal 1, and a targets file made for
-another dictionary, max length or text is refused in one line."""
+after an interruption to the same file, 2 torchrun ranks equal 1, each sense rule's targets
+are the brute-force argmax under the rule the dictionary records, the summary's single-sense
+share is right, and a targets file made for another dictionary, sense rule, max length or
+text is refused in one line."""
 
 from __future__ import annotations
 
@@ -12,17 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import PartFiles, read_manifest, save_pickle
+from bench.bench_replace import reference_scores
+from embdistill.artifacts import PartFiles, fingerprint, read_manifest, save_pickle, write_manifest
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss
-from embdistill.senses.packed import PackedSenses
+from embdistill.senses.dictionary import load_sense_dict
+from embdistill.senses.packed import SENSE_RULES, PackedSenses
 from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_targets, load_targets,
                                        text_targets)
 from embdistill.students import SenseDistillation, build_student
 from embdistill.teachers import load_teacher
 from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
-from helpers import free_port
+from helpers import free_port, run_stage, save_dictionary
 from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
 
 MAX_LENGTH = 32
@@ -34,7 +38,6 @@ def setup(tmp_path_factory, tiny_bert_dir):
     base = tmp_path_factory.mktemp("targets")
     paths = make_inputs(base, tiny_bert_dir)
     teacher = load_teacher(str(tiny_bert_dir), device="cpu")
-    from embdistill.senses.dictionary import load_sense_dict
     from embdistill.texts import read_train_texts
 
     senses = PackedSenses(load_sense_dict(paths.sense_dict), teacher.vocab_size)
@@ -187,3 +190,69 @@ def test_two_torchrun_ranks_equal_one(setup, tmp_path):
         outputs[nproc] = out
     assert outputs[1].read_bytes() == outputs[2].read_bytes()
     assert read_manifest(outputs[2])["extra"]["world_size"] == 2
+
+
+def _brute_force_targets(teacher, examples, dictionary, rule) -> list[int]:
+    """Each text token's target in order (-1: no entry), one token at a time."""
+    batch = teacher.tokenize(examples, MAX_LENGTH)
+    states = teacher.token_states(batch)
+    text = batch["embed_mask"].bool() & batch["attention_mask"].bool()
+    targets = []
+    for b, t in text.nonzero().tolist():
+        senses = dictionary.get(int(batch["input_ids"][b, t]))
+        targets.append(-1 if senses is None else int(
+            reference_scores(torch.tensor(senses, dtype=torch.float32), states[b, t], rule).argmax()))
+    return targets
+
+
+def test_each_rule_s_targets_are_the_brute_force_argmax_and_the_summary_counts_single_senses(setup, tmp_path):
+    """Stage 4 on one set of senses recorded with each rule (plus a sense of 4 x the mean
+    state per token, which dot prefers and l2 does not): its targets are the brute-force
+    argmax under the recorded rule (none recorded: dot), and the rules disagree."""
+    paths, teacher, _, examples = setup
+    dictionary = {token: np.concatenate([senses, 4 * senses.mean(0, keepdims=True, dtype=np.float32)])
+                  .astype(np.float16) if len(senses) > 1 else senses
+                  for token, senses in load_sense_dict(paths.sense_dict).items()}
+    single = [t for t, v in dictionary.items() if len(v) == 1]
+    assert 0 < len(single) < len(dictionary)
+    stored = {}
+    for rule in (None, *SENSE_RULES):
+        path = save_dictionary(dictionary, tmp_path / f"{rule}.kmeanspkl", rule)
+        out = tmp_path / f"{rule}.npz"
+        assert run_stage("scripts/04_targets.py", "--task", "bbc-news", "--base-dir", paths.base, "--teacher",
+                         teacher.name, "--max-length", MAX_LENGTH, "--sense-dict", path, "--targets", out) == 0
+        with np.load(out) as data:
+            stored[rule], token_ids = data["targets"].tolist(), data["token_ids"]
+        assert stored[rule] == _brute_force_targets(teacher, examples, dictionary, rule or "dot")
+        manifest = read_manifest(out)
+        assert manifest["config"]["sense_rule"] == (rule or "dot") == manifest["extra"]["sense_rule"]
+        scored = np.asarray(stored[rule]) >= 0
+        single_count = int(np.isin(token_ids[scored], single).sum())
+        assert 0 < single_count < scored.sum()
+        assert manifest["extra"]["single_sense_tokens"] == single_count
+        assert manifest["extra"]["single_sense_share"] == round(single_count / scored.sum(), 4)
+    assert stored[None] == stored["dot"]
+    assert stored["dot"] != stored["l2"] and stored["dot"] != stored["cos"]
+
+
+def test_targets_of_one_rule_are_not_reused_for_another(setup, tmp_path, capsys):
+    """The same dictionary file (same fingerprint) recorded with another rule: stage 4 does not
+    skip, and stored targets of the old rule are refused by name."""
+    paths, teacher, senses, examples = setup
+    dictionary, out = tmp_path / "d.kmeanspkl", tmp_path / "t.npz"
+    save_dictionary(load_sense_dict(paths.sense_dict), dictionary)
+    args = ["--task", "bbc-news", "--base-dir", paths.base, "--teacher", teacher.name, "--max-length", MAX_LENGTH,
+            "--sense-dict", dictionary, "--targets", out]
+    assert run_stage("scripts/04_targets.py", *args) == 0
+    assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" in capsys.readouterr().err
+    before = fingerprint(dictionary)
+    write_manifest(dictionary, stage="cluster", config={"sense_rule": "l2"})  # the same file
+    inputs = {"sense_dict": dictionary, "texts": paths.train_json}
+    with pytest.raises(UserError, match="sense_rule 'dot', not 'l2'"):
+        load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, dictionary), inputs, senses, len(examples))
+    assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" not in capsys.readouterr().err
+    assert read_manifest(out)["config"]["sense_rule"] == "l2" and fingerprint(dictionary) == before
+    write_manifest(dictionary, stage="cluster", config={"sense_rule": "nearest"})
+    assert run_stage("scripts/04_targets.py", *args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {dictionary}: its manifest has an unknown sense rule 'nearest': choose one of dot, l2, cos")

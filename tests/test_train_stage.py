@@ -273,6 +273,26 @@ def test_a_student_whose_weights_are_not_finite_is_not_exported(tiny_bert_dir, t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_finished_run_is_redone_for_a_dictionary_recorded_with_another_rule(stage_inputs, tiny_bert_dir, capsys):
+    """The rule lives in the dictionary's manifest, outside the fingerprints of the dictionary
+    and (when the targets happen to agree) of the targets: training must not skip, must refuse
+    targets of the old rule by name, and trains once they are redone."""
+    args = train_script(stage_inputs.base, tiny_bert_dir, "--max-length", "32", "--max-steps", "1")
+    assert run_in_process(args, capsys)[0] == 0
+    assert "up to date" in run_in_process(args, capsys)[1]
+    write_manifest(stage_inputs.sense_dict, stage="cluster", config={"sense_rule": "cos"})
+    code, err = run_in_process(args, capsys)
+    assert code == 2 and "sense_rule 'dot', not 'cos'" in err.strip().splitlines()[-1]
+    assert run_stage("scripts/04_targets.py", "--task", "bbc-news", "--base-dir", stage_inputs.base,
+                     "--teacher", tiny_bert_dir, "--max-length", "32") == 0
+    code, err = run_in_process(args, capsys)  # its checkpoint is of the dot run
+    assert code == 2 and "(targets: " in err and "sense_rule: 'dot' -> 'cos')" in err
+    code, err = run_in_process([*args, "--overwrite"], capsys)
+    assert code == 0 and "sense rule cos" in err, err[-1500:]
+    config = json.loads((stage_inputs.run_dir / "config.json").read_text())
+    assert config["run"]["sense_rule"] == "cos"
+
+
 def test_lr_inf_is_refused_before_anything_runs(stage_inputs, tiny_bert_dir, capsys):
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--lr", "inf"), capsys)
     assert code == 2 and err.strip() == "error: argument --lr: expected a finite number, got 'inf' (see 05_train.py --help)"

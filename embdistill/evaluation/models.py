@@ -106,9 +106,10 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
                  max_length: int, loaded: dict[str, Teacher] | None = None,
                  allow_max_length_mismatch: bool = False) -> Encoder:
     """Load the model of ``spec`` and wrap it for mteb. ``loaded`` caches models by target,
-    so that a model in plain and in replace mode loads once. A replace-mode dictionary must
-    have been gathered with the length the model reads, ``max_length`` cut to its limit
-    (unless ``allow_max_length_mismatch``), and the model's input format."""
+    so that a model in plain and in replace mode loads once. A replace-mode dictionary picks
+    senses by the rule its manifest records, and must have been gathered with the length the
+    model reads, ``max_length`` cut to its limit (unless ``allow_max_length_mismatch``), and the
+    model's input format."""
     if spec.kind == "st":
         return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device),
                                 batch_size=batch_size)
@@ -120,14 +121,13 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
     if spec.n_layers:  # untrained:MODEL@N, replace:MODEL@N@DICT
         model = untrained_student(model, spec.n_layers)
     if spec.kind == "replace":
-        from ..senses.dictionary import check_gathered_with, load_sense_dict
-        from ..senses.packed import PackedSenses
+        from ..senses.dictionary import check_gathered_with, load_packed_senses
 
         check_gathered_with(spec.sense_dict, max_length=max_length, model_limit=model.max_seq_length,
                             input_format=model.input_format.name,
                             allow_max_length_mismatch=allow_max_length_mismatch)
-        senses = load_sense_dict(spec.sense_dict, hidden_size=model.hidden_size)
-        model = ReplaceModeModel(model, PackedSenses(senses, model.vocab_size))
+        senses = load_packed_senses(spec.sense_dict, model.vocab_size, hidden_size=model.hidden_size)
+        model = ReplaceModeModel(model, senses)
         dictionary_values = model.senses.n_values
     return TeacherEncoder(spec, model, instructions, batch_size=batch_size, max_length=max_length,
                           dictionary_values=dictionary_values)

@@ -1,14 +1,18 @@
-"""Replace mode: each text token's state swapped for the nearest sense of its token.
+"""Replace mode: each text token's state swapped for its token's sense under the dictionary's rule.
 
 The paper judges an SKD student this way (arXiv 2504.06036, evaluation): for every text token
 whose token id v has a sense-dictionary entry S_v (k_v x d),
 
-    h  ->  S_v[ argmax_j  S_v[j] . h ]          (raw dot product)
+    h  ->  S_v[ argmax_j  score(S_v[j], h) ]
 
-and tokens without an entry keep their own state; mean pooling over the text tokens follows
-(:class:`ReplaceModeModel` inherits :meth:`Teacher.encode` for that). "Nearest" is the
-training target's argmax, computed by the same code (:class:`embdistill.senses.packed.PackedSenses`,
-in float32), so replace mode picks exactly the sense the student was trained to predict. A
+with the dictionary's sense rule as the score (:mod:`embdistill.senses.packed`): the raw dot
+product by default, as the paper's code does (which the paper calls the "nearest" sense; it is
+not the nearest in distance), or ``l2`` (nearest in distance) or ``cos`` (in angle). Tokens
+without an entry keep their own state; mean pooling over the text tokens follows
+(:class:`ReplaceModeModel` inherits :meth:`Teacher.encode` for that). The sense is the training
+target's argmax under the same rule, computed by the same code
+(:class:`embdistill.senses.packed.PackedSenses`, in float32), so replace mode picks exactly the
+sense the student was trained to predict. A
 batch is replaced at once on the model's device, its tokens scored in chunks ordered by k.
 """
 
@@ -23,7 +27,7 @@ from ..teachers import Teacher
 
 class ReplaceModeModel(Teacher):
     """``model`` (the same weights, tokenizer and pooling) whose text-token states are replaced
-    by their nearest senses; its inherited :meth:`encode` therefore mean-pools the replaced
+    by their senses under ``senses.rule``; its inherited :meth:`encode` therefore mean-pools the replaced
     states. Only text tokens (the embed mask) are replaced: they are the only ones pooled."""
 
     def __init__(self, model: Teacher, senses: PackedSenses):

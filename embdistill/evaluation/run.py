@@ -12,7 +12,8 @@ then one model at a time: load, measure throughput, evaluate on each task, relea
 a later spec uses the same model). mteb re-runs every (model, task) pair of a run
 (``overwrite_strategy="always"``): whether the run as a whole is done is decided by the
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
-(eval.json files, model folders, dictionaries). The revision folder is a hash of the model's
+(eval.json files, model folders, dictionaries) and the dictionaries' sense rules (kept in their
+manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
 spec; the dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
@@ -30,6 +31,7 @@ from ..artifacts import is_done, load_json, write_manifest
 from ..distributed import print0
 from ..errors import UserError
 from ..paths import Paths, results_dir
+from ..senses.dictionary import sense_rule_of
 from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
                           select_task_types)
 from .models import load_encoder, measure_throughput
@@ -67,7 +69,9 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.kind != "hub"}
     for spec in specs:
         inputs.update(spec.local_inputs(task_slugs))
-    manifest_config = {**vars(config), "models": [spec.text for spec in specs]}
+    manifest_config = {**vars(config), "models": [spec.text for spec in specs],
+                       "sense_rules": {key: sense_rule_of(path) for key, path in inputs.items()
+                                       if key.endswith(".sense_dict")}}
     if not overwrite and is_done(table_path, config=manifest_config, inputs=inputs):
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
         return load_json(table_path)

@@ -40,6 +40,7 @@ from ..errors import UserError
 from .combine import check_finite, open_combined, read_source
 from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
 from .kmeans import check_backend, kmeans
+from .packed import DEFAULT_SENSE_RULE, check_sense_rule
 from .krule import K_RULES, MIN_SENSES, k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 
 log = logging.getLogger("embdistill.cluster")
@@ -57,8 +58,10 @@ class ClusterConfig:
     tol: float = 1e-4
     n_init: int = 1
     dtype: str = "float16"
+    sense_rule: str = DEFAULT_SENSE_RULE  # picks a token's sense where the dictionary is used
 
     def __post_init__(self):
+        check_sense_rule(self.sense_rule)
         if self.k_rule not in K_RULES:
             raise UserError(f"unknown --k-rule '{self.k_rule}': choose one of {', '.join(K_RULES)}")
         check_backend(self.backend)
@@ -302,6 +305,7 @@ def run(states: Mapping[int, np.ndarray], hidden_size: int, out_path: Path, cfg:
     header = [
         f"sense dictionary {out_path}: teacher {cfg.teacher}, {hidden_size}-d, {cfg.dtype}",
         f"k rule {rule}; k-means backend {cfg.backend}, seed {cfg.seed}; input {input_path}",
+        f"sense rule {cfg.sense_rule} (how a token's sense is picked: embdistill/senses/packed.py)",
         f"tokens {len(tokens)}: {len(clustered)} clustered, {len(tokens) - len(clustered)} keep "
         f"their raw vectors (n < {MIN_SENSES} or n <= k)",
         f"senses {summary['senses']} from {summary['samples']} samples "

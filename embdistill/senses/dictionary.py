@@ -3,8 +3,10 @@
 On disk (``sense_dict/<task>/<teacher>.kmeanspkl``) it is a pickle of
 ``dict[int -> np.ndarray (k, d) float16]`` (``float32`` on request), or, with ``bfloat16``,
 ``dict[int -> torch.Tensor (k, d) bfloat16]`` as the original wrote it; the manifest beside it
-holds teacher, dtype, k rule, backend, seed (``config``), the input's fingerprint and hidden
-size and counts (``extra``). Beside
+holds teacher, dtype, k rule, backend, seed and the sense rule (``config``; the rule that picks
+a token's sense, :mod:`.packed`: not in the pickle, so that the original's format is kept, and
+none recorded means ``dot``), the input's fingerprint and hidden size and counts (``extra``).
+Beside
 them: ``<teacher>.summary.txt`` (counts, a histogram of senses per token, time) and
 ``<teacher>.senses.png`` (senses per token against samples per token).
 
@@ -24,6 +26,7 @@ import torch
 from ..artifacts import atomic_open, load_pickle, read_manifest, save_pickle, write_manifest
 from ..errors import UserError
 from ..input_format import effective_max_length
+from .packed import DEFAULT_SENSE_RULE, PackedSenses, check_sense_rule
 
 log = logging.getLogger("embdistill.dictionary")
 
@@ -106,6 +109,27 @@ def load_sense_dict(path: str | Path, hidden_size: int | None = None,
         raise UserError(f"{path}: sense vectors are {width}-d but the model's hidden size is "
                         f"{hidden_size}; was the dictionary built with another teacher?")
     return senses
+
+
+def sense_rule_of(path: str | Path) -> str:
+    """The sense rule recorded in the manifest of the dictionary at ``path``; ``dot`` when it
+    records none (the original's files, ours from before the rule was an option). Whatever
+    depends on the chosen senses (targets, training, replace-mode results) must name this rule
+    in its identity: the pickle, and so its fingerprint, is the same for every rule."""
+    recorded = ((read_manifest(path) or {}).get("config") or {}).get("sense_rule")
+    if recorded is None:
+        return DEFAULT_SENSE_RULE
+    try:
+        return check_sense_rule(recorded)
+    except UserError as exc:
+        raise UserError(f"{path}: its manifest has an {exc}") from None
+
+
+def load_packed_senses(path: str | Path, vocab_size: int, *, hidden_size: int | None = None,
+                       teacher: str | None = None) -> PackedSenses:
+    """:func:`load_sense_dict` packed for lookup, with the dictionary's own sense rule."""
+    return PackedSenses(load_sense_dict(path, hidden_size=hidden_size, teacher=teacher), vocab_size,
+                        rule=sense_rule_of(path))
 
 
 # ------------------------------------------------------------------------------ report

@@ -1,9 +1,21 @@
 """The sense dictionary packed for batched lookup: one piece of code for everything that picks
-a token's nearest sense (the stored targets, the sense loss, replace mode, the replace export).
+a token's sense (the stored targets, the sense loss, replace mode, the replace export).
 
 For a text token at position i with token id v and dictionary entry S_v (k_v x d), its sense
-under a state h is ``argmax_j S_v[j] . h`` (raw dot product, as in the paper, arXiv
-2504.06036). Packed, the dictionary is one flat ``(sum_v k_v, d)`` matrix of centroids with
+under a state h is ``argmax_j score(S_v[j], h)``, and the sense loss's logits are those scores.
+The score is the dictionary's *sense rule*, chosen when the dictionary is built (stage 3,
+``--sense-rule``) and recorded in its manifest and in an exported replace folder:
+
+* ``dot`` (default; the original's ``--sense_func dot``, arXiv 2504.06036): ``S_v[j] . h``,
+  the raw dot product. Not the nearest sense in distance: a sense of larger norm wins over a
+  closer one.
+* ``l2``: ``-||h - S_v[j]||^2``, the nearest sense in Euclidean distance (the k-means
+  assignment rule that made the senses).
+* ``cos``: ``cos(S_v[j], h) / COS_TEMPERATURE``, the nearest sense in angle.
+
+A dictionary that records no rule (the original's files, or ours from before the option) is
+``dot``. Argmaxes (targets, replace mode) do not depend on the temperature; the loss does.
+Packed, the dictionary is one flat ``(sum_v k_v, d)`` matrix of centroids with
 per-entry ``offsets`` and ``sizes``, plus a vocabulary-sized ``entry_of_token`` (-1 for tokens
 without an entry). Tokens are scored in chunks ordered by k, each padded only to its own
 largest k (-inf logits on the padding): k ranges from 1 to hundreds and frequent tokens have
@@ -26,17 +38,34 @@ from torch import nn
 
 from ..errors import UserError
 
-# Floats in one chunk's gathered senses (tokens x k_max x d, float32): 2^25 = 128 MiB.
+# Floats in one chunk's gathered senses (tokens x k_max x d, float32): 2^25 = 128 MiB (the l2
+# rule holds a second such tensor, the differences).
 CHUNK_ELEMENTS = 1 << 25
+SENSE_RULES = ("dot", "l2", "cos")
+DEFAULT_SENSE_RULE = "dot"  # the original's; also the rule of a dictionary that records none
+# Cosines lie in [-1, 1], and the senses of one token point in close directions, so that the
+# cosine gaps between them are a few hundredths to tenths: at temperature 1 logits differ by
+# at most 2, so the target's probability among 5 senses could not pass 0.65 and at such gaps
+# stays near 1/k, a loss that barely tells the senses apart. 0.05 is SimCSE's (Gao et al., EMNLP 2021), the common
+# choice for cosine logits; it turns those gaps into logit gaps of about 1 to 4.
+COS_TEMPERATURE = 0.05
+
+
+def check_sense_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`SENSE_RULES`, else a one-line UserError."""
+    if rule not in SENSE_RULES:
+        raise UserError(f"unknown sense rule {rule!r}: choose one of {', '.join(SENSE_RULES)}")
+    return rule
 
 
 class PackedSenses(nn.Module):
     """A sense dictionary ``{token_id: (k, d) array}`` (as :func:`load_sense_dict` returns it)
     packed for lookup by token id; ``vocab_size`` is the lookup table's length (every id the
-    tokenizer can emit). Buffers move with ``.to(device)``."""
+    tokenizer can emit); ``rule`` scores a state against a sense (module docstring). Buffers
+    move with ``.to(device)``."""
 
     def __init__(self, sense_dict: Mapping[int, np.ndarray | torch.Tensor], vocab_size: int,
-                 chunk_elements: int = CHUNK_ELEMENTS):
+                 rule: str = DEFAULT_SENSE_RULE, chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__()
         if not sense_dict:
             raise UserError("the sense dictionary is empty")
@@ -54,10 +83,11 @@ class PackedSenses(nn.Module):
         dtype = np.float16 if all(a.dtype == np.float16 for a in arrays) else np.float32
         centroids = torch.from_numpy(np.concatenate([a.astype(dtype, copy=False) for a in arrays]))
         sizes = torch.tensor([len(a) for a in arrays], dtype=torch.long)
-        self._build(torch.tensor(token_ids, dtype=torch.long), centroids, sizes, vocab_size, chunk_elements)
+        self._build(torch.tensor(token_ids, dtype=torch.long), centroids, sizes, vocab_size, rule, chunk_elements)
 
     def _build(self, token_ids: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
-               vocab_size: int, chunk_elements: int) -> None:
+               vocab_size: int, rule: str, chunk_elements: int) -> None:
+        self.rule = check_sense_rule(rule)
         self.chunk_elements = chunk_elements
         self.hidden_size = centroids.shape[1]
         entry_of_token = torch.full((vocab_size,), -1, dtype=torch.long)
@@ -71,12 +101,13 @@ class PackedSenses(nn.Module):
     # ------------------------------------------------------------------------------ tensors
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The packed dictionary as plain tensors (for safetensors): token ids, sizes, centroids."""
+        """The packed dictionary as plain tensors (for safetensors): token ids, sizes, centroids
+        (the rule is not a tensor: the caller stores :attr:`rule` beside them)."""
         return {"token_ids": self.token_ids.cpu(), "sizes": self.sizes.cpu(),
                 "centroids": self.centroids.cpu().contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], vocab_size: int,
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], vocab_size: int, rule: str = DEFAULT_SENSE_RULE,
                      chunk_elements: int = CHUNK_ELEMENTS) -> "PackedSenses":
         """Inverse of :meth:`to_tensors`; UserError when the tensors do not fit together."""
         try:
@@ -92,7 +123,7 @@ class PackedSenses(nn.Module):
                             f"together (or ids outside the vocabulary of {vocab_size})")
         packed = cls.__new__(cls)
         nn.Module.__init__(packed)
-        packed._build(token_ids.long(), centroids, sizes.long(), vocab_size, chunk_elements)
+        packed._build(token_ids.long(), centroids, sizes.long(), vocab_size, rule, chunk_elements)
         return packed
 
     @property
@@ -116,19 +147,27 @@ class PackedSenses(nn.Module):
         return iter(torch.argsort(sizes, stable=True).split(length))
 
     def logits(self, states: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-        """float32 logits (N, k_max) of N states (N, d) against their entries' senses, -inf
-        on padding; differentiable in ``states``; autocast off."""
+        """float32 logits (N, k_max) of N states (N, d) against their entries' senses under
+        the rule, -inf on padding; differentiable in ``states``; autocast off."""
         sizes = self.sizes[entries]
         slot = torch.arange(int(sizes.max()) if len(entries) else 1, device=states.device)
         valid = slot < sizes[:, None]
         rows = torch.where(valid, self.offsets[entries, None] + slot, 0)
         with torch.autocast(states.device.type, enabled=False):
-            logits = torch.einsum("nkd,nd->nk", self.centroids[rows].float(), states.float())
+            senses, states = self.centroids[rows].float(), states.float()
+            if self.rule == "l2":  # the difference itself, not |h|^2 - 2 h.c + |c|^2, which cancels
+                logits = -(senses - states[:, None]).square().sum(-1)
+            elif self.rule == "cos":
+                logits = torch.einsum("nkd,nd->nk", nn.functional.normalize(senses, dim=-1),
+                                      nn.functional.normalize(states, dim=-1)) / COS_TEMPERATURE
+            else:
+                logits = torch.einsum("nkd,nd->nk", senses, states)
         return logits.masked_fill(~valid, float("-inf"))
 
     @torch.no_grad()
     def nearest(self, states: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-        """The index (within its entry) of each state's nearest sense, (N,) long."""
+        """The index (within its entry) of each state's sense under the rule (its largest
+        logit), (N,) long."""
         nearest = torch.empty_like(entries)
         for part in self.chunks(entries):
             nearest[part] = self.logits(states[part], entries[part]).argmax(-1)
@@ -136,8 +175,8 @@ class PackedSenses(nn.Module):
 
     @torch.no_grad()
     def targets(self, states: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) long: at text tokens (``text_mask``) with an entry, the nearest sense of the
-        state; -1 elsewhere. ``states`` (B, T, d) on this module's device."""
+        """(B, T) long: at text tokens (``text_mask``) with an entry, the sense of the state
+        under the rule; -1 elsewhere. ``states`` (B, T, d) on this module's device."""
         entries = self.entries(input_ids)
         scored = text_mask.to(entries.device).bool() & (entries >= 0)
         targets = torch.full_like(entries, -1)
@@ -147,7 +186,7 @@ class PackedSenses(nn.Module):
     @torch.no_grad()
     def replace(self, states: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """A copy of ``states`` (B, T, d) whose text tokens with an entry are replaced by their
-        nearest sense (replace mode); other positions, padding included, are unchanged."""
+        sense under the rule (replace mode); other positions, padding included, are unchanged."""
         entries = self.entries(input_ids)
         replaced = text_mask.to(entries.device).bool() & (entries >= 0)
         output = states.clone()

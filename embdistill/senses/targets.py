@@ -1,5 +1,6 @@
 """SKD's sense targets, computed once: for every text token of the training texts, the
-teacher's nearest sense (``argmax_j S_v[j] . h_teacher``), or -1 where the token has no entry.
+teacher's sense under the dictionary's sense rule (``argmax_j score(S_v[j], h_teacher)``,
+:mod:`.packed`; ``dot`` by default, the original's), or -1 where the token has no entry.
 
 A target depends only on the teacher, the text, the max length and the dictionary, so the
 frozen teacher runs once over the training texts here, after clustering, instead of at every
@@ -11,8 +12,10 @@ and a killed run resumes from its finished parts. Rank 0 then merges the parts i
 
 ``targets.npz``: ``offsets`` (N + 1, int64), ``token_ids`` and ``targets`` (int32): text i's
 text tokens (its embed mask, in order) are rows ``offsets[i]:offsets[i+1]``; its manifest
-names the teacher, tokenizer, input format, max length and dictionary, and fingerprints the
-dictionary and train.json. :func:`load_targets` refuses a file made for anything else, and
+names the teacher, tokenizer, input format, max length, dictionary and its sense rule (which
+the dictionary's fingerprint does not cover: it lives in the dictionary's manifest), and
+fingerprints the dictionary and train.json; its summary gives the share of scored tokens whose
+entry has a single sense (the sense loss leaves them out: :mod:`embdistill.losses.sense`). :func:`load_targets` refuses a file made for anything else, and
 :class:`TargetCollator` refuses a batch whose tokens differ from the stored ones.
 """
 
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from ..artifacts import PartFiles, atomic_open, fingerprint, read_manifest, write_manifest
 from ..distributed import DistEnv, barrier
 from ..errors import UserError
+from .dictionary import sense_rule_of
 from .packed import PackedSenses
 
 log = logging.getLogger("embdistill.targets")
@@ -45,11 +49,21 @@ class TargetsConfig:
     input_format: str
     max_length: int  # the length used: --max-length cut to the teacher's (effective_max_length)
     dictionary: str  # its path (its content is fingerprinted as an input)
+    sense_rule: str  # the dictionary's, from its manifest
 
     @classmethod
     def of(cls, teacher, max_length: int, dictionary: Path) -> "TargetsConfig":
         tokenizer = f"{teacher.tokenizer.name_or_path} ({len(teacher.tokenizer)} tokens)"
-        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary))
+        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary),
+                   sense_rule_of(dictionary))
+
+
+def single_sense_count(token_ids: np.ndarray, targets: np.ndarray, senses: PackedSenses) -> tuple[int, int]:
+    """(scored tokens whose entry has one sense, scored tokens) of stored targets: the sense
+    loss leaves the first out (their target is certain)."""
+    scored = targets >= 0
+    entries = senses.entry_of_token.cpu().numpy()[token_ids[scored]]
+    return int((senses.sizes.cpu().numpy()[entries] == 1).sum()), int(scored.sum())
 
 
 @torch.inference_mode()
@@ -83,6 +97,8 @@ def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_
     ``out_path`` and its manifest. Returns the summary on rank 0, None elsewhere."""
     if batch_size < 1 or flush_every < 1:
         raise UserError("--batch-size and --flush-every must be >= 1")
+    if senses.rule != cfg.sense_rule:
+        raise ValueError(f"the packed dictionary scores by {senses.rule}, its manifest says {cfg.sense_rule}")
     started = time.perf_counter()
     identity = {**asdict(cfg), "flush_every": flush_every,
                 "inputs": {key: fingerprint(path) for key, path in inputs.items()}}
@@ -109,9 +125,11 @@ def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     token_ids = np.concatenate([part["token_ids"] for part in loaded])
     targets = np.concatenate([part["targets"] for part in loaded])
-    scored = int((targets >= 0).sum())
+    single, scored = single_sense_count(token_ids, targets, senses)
     summary = {"texts": len(examples), "text_tokens": int(len(targets)), "scored_tokens": scored,
-               "world_size": env.world_size, "seconds": round(time.perf_counter() - started, 2)}
+               "single_sense_tokens": single, "single_sense_share": round(single / max(scored, 1), 4),
+               "sense_rule": senses.rule, "world_size": env.world_size,
+               "seconds": round(time.perf_counter() - started, 2)}
     with atomic_open(out_path, "wb") as fh:
         np.savez(fh, offsets=offsets, token_ids=token_ids, targets=targets)
     write_manifest(out_path, stage="targets", config=asdict(cfg), inputs=inputs, extra=summary)
@@ -138,7 +156,7 @@ class SenseTargets:
 def load_targets(path: Path, cfg: TargetsConfig, inputs: Mapping[str, Path], senses: PackedSenses,
                  n_texts: int) -> SenseTargets:
     """The targets at ``path``, checked to be for this teacher, tokenizer, input format, max
-    length, dictionary and texts (one-line UserError naming what differs), and to fit the
+    length, dictionary, sense rule and texts (one-line UserError naming what differs), and to fit the
     dictionary (every target a sense of its token's entry)."""
     manifest = read_manifest(path)
     if not path.is_file() or manifest is None:
