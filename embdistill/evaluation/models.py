@@ -11,6 +11,7 @@ import copy
 import hashlib
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
+from ..cli import logger_level
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..input_format import effective_max_length, format_example
 from ..st_modules import load_sentence_transformer
@@ -84,7 +86,16 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
     """A sentence-transformers model as mteb wraps it, renamed to its row label."""
 
     def __init__(self, spec: ModelSpec, model, *, batch_size: int):
-        super().__init__(model)
+        # An exported student's default prompt is named "task", which is no mteb task or prompt
+        # type: mteb warns (twice, with its list of every task type) that it ignores the name,
+        # while the SentenceTransformer still applies its default prompt (tests/test_export.py:
+        # the folder's embeddings == the evaluation's); and mteb 2.26 calls sentence-transformers
+        # 6's renamed get_sentence_embedding_dimension. Nothing for a user to act on.
+        with logger_level("mteb.models", logging.ERROR), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some prompts are not in the expected format")
+            warnings.filterwarnings("ignore", message="Task name task is not valid")
+            warnings.filterwarnings("ignore", message="The `get_sentence_embedding_dimension` method")
+            super().__init__(model)
         self.spec = spec
         self.batch_size = batch_size
         # a module whose weights are not torch parameters (the ONNX encoder) counts its own
