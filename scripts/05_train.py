@@ -135,8 +135,8 @@ def train(args: argparse.Namespace) -> int:
                                     teacher=None if args.allow_teacher_mismatch else teacher.slug).to(device)
         stored = load_targets(inputs["targets"], targets_config,
                               {"sense_dict": inputs["sense_dict"], "texts": paths.train_json}, senses, len(examples))
-        single, scored = single_sense_count(stored.token_ids, stored.targets, senses)
-        target_stats["single_sense_share"] = round(single / max(scored, 1), 4)
+        single, scored, target_stats["single_sense_share"] = single_sense_count(stored.token_ids, stored.targets,
+                                                                                senses)
         log.info("sense dictionary %s: %d tokens, %d senses, sense rule %s; targets %s: %d of %d scored "
                  "tokens have a single sense and are left out of the loss", inputs["sense_dict"],
                  len(senses.sizes), len(senses.centroids), senses.rule, inputs["targets"], single, scored)

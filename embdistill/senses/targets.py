@@ -58,12 +58,15 @@ class TargetsConfig:
                    sense_rule_of(dictionary))
 
 
-def single_sense_count(token_ids: np.ndarray, targets: np.ndarray, senses: PackedSenses) -> tuple[int, int]:
-    """(scored tokens whose entry has one sense, scored tokens) of stored targets: the sense
-    loss leaves the first out (their target is certain)."""
+def single_sense_count(token_ids: np.ndarray, targets: np.ndarray,
+                       senses: PackedSenses) -> tuple[int, int, float]:
+    """(scored tokens whose entry has one sense, scored tokens, the first's share of the second,
+    rounded to 4 places) of stored targets: the sense loss leaves the first out (their target is
+    certain)."""
     scored = targets >= 0
     entries = senses.entry_of_token.cpu().numpy()[token_ids[scored]]
-    return int((senses.sizes.cpu().numpy()[entries] == 1).sum()), int(scored.sum())
+    single, count = int((senses.sizes.cpu().numpy()[entries] == 1).sum()), int(scored.sum())
+    return single, count, round(single / max(count, 1), 4)
 
 
 @torch.inference_mode()
@@ -125,9 +128,9 @@ def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     token_ids = np.concatenate([part["token_ids"] for part in loaded])
     targets = np.concatenate([part["targets"] for part in loaded])
-    single, scored = single_sense_count(token_ids, targets, senses)
+    single, scored, share = single_sense_count(token_ids, targets, senses)
     summary = {"texts": len(examples), "text_tokens": int(len(targets)), "scored_tokens": scored,
-               "single_sense_tokens": single, "single_sense_share": round(single / max(scored, 1), 4),
+               "single_sense_tokens": single, "single_sense_share": share,
                "sense_rule": senses.rule, "world_size": env.world_size,
                "seconds": round(time.perf_counter() - started, 2)}
     with atomic_open(out_path, "wb") as fh:
