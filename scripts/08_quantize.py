@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = Paths(base_dir(args.base_dir), task.slug, run=check_run_name(args.run, "runs/<task>/"))
     st_dir = paths.export_dir / "st"
     out = paths.export_dir / ("st-onnx" if args.weight_type == "none" else "st-int8")
+    # the recipe (embdistill/quantize.py) is part of the identity: a folder from another recipe is redone
     config = {"task": task.name, "run": args.run, "weight_type": args.weight_type, "per_channel": True,
-              **{package: package_version(package) for package in ("torch", "onnx", "onnxscript", "onnxruntime")}}
+              "exporter": "torchscript, eager attention", "fusion": "onnxruntime bert",
+              **{package: package_version(package) for package in ("torch", "onnx", "onnxruntime")}}
     inputs = {"st": st_dir}
     if skip_if_done(out, config=config, inputs=inputs, overwrite=args.overwrite, what="quantize"):
         return 0

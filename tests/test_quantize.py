@@ -73,6 +73,17 @@ def test_int8_folder_is_close_to_fp32(int8_dir, news_texts):
     assert ours["input_ids"].shape[1] == fp32.max_seq_length  # a long article is cut as fp32 cuts it
 
 
+def test_int8_graph_has_fused_quantised_attention(int8_dir):
+    """The speed comes from onnxruntime's fused ops: each layer's attention one QAttention."""
+    import onnx
+
+    graph = onnx.load(str(int8_dir / "0_OnnxEncoder" / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("QAttention") == 2 and "SkipLayerNormalization" in ops
+    assert "Softmax" not in ops and "Where" not in ops  # no unfused attention left
+    assert read_manifest(int8_dir)["extra"]["fused_ops"]["Attention"] == 2
+
+
 def test_int8_row_counts_the_exported_parameters(int8_dir):
     from embdistill.evaluation.models import load_encoder
     from embdistill.evaluation.specs import parse_model_spec
