@@ -61,15 +61,15 @@ step "baseline: model2vec's static embeddings of the teacher"
 run_stage scripts/07_model2vec.py --teacher minilm "${COMMON[@]}"
 
 step "evaluation on ${TASKS[*]}"
-DICT='sense_dict/{task}/minilm.kmeanspkl'
+# The students are scored as they ship: their SentenceTransformer folders, loaded as users load
+# them (SentenceTransformer(folder).encode(texts)).
 bash run_evaluate.sh "${TASKS[0]}" --tasks "${TASKS[@]:1}" --run demo \
   --max-length "$MAX_LENGTH" --batch-size 64 --throughput-texts 64 "${COMMON[@]}" \
   --models teacher=teacher:minilm \
-           'skd=student:runs/{task}/skd/export/hf' \
-           "skd-replace=replace:runs/{task}/skd/export/hf@$DICT" \
-           'mse=student:runs/{task}/mse/export/hf' \
+           'skd=st:runs/{task}/skd/export/st' \
+           'skd-replace=st:runs/{task}/skd/export/st-replace' \
+           'mse=st:runs/{task}/mse/export/st' \
            untrained=untrained:minilm@2 \
-           'skd-st=st:runs/{task}/skd/export/st' \
            'skd-int8=st:runs/{task}/skd/export/st-int8' \
            model2vec=st:baselines/model2vec/minilm
 echo

@@ -107,6 +107,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
     """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed.
 

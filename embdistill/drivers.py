@@ -4,7 +4,8 @@
 A driver's command line is ``TASK [TASK ...] [launch flags] [options]``, in any order:
 
 * the launch flags are torchrun's (``--nproc_per_node --nnodes --node_rank --master_addr
-  --master_port``), for the stages run under :mod:`embdistill.torchrun`;
+  --master_port``), for the stages run under :mod:`embdistill.torchrun` (one process on one
+  machine, the default, runs such a stage without it, as when it is run by hand);
 * every other option belongs to the driver's stage scripts and goes to each stage whose parser
   defines it, unless the driver sends it elsewhere (:class:`Driver`);
 * before the first stage runs, an option that no stage takes is named, and each stage's own
@@ -99,6 +100,12 @@ class Launch:
 
     def __post_init__(self):
         check_launch(self.nproc_per_node, self.nnodes, self.node_rank, self.master_port)
+
+    @property
+    def one_process(self) -> bool:
+        """One process on one machine: such a stage runs without torchrun's launcher (which
+        would only add a process and its start-up, ~2.5 s per stage), as when run by hand."""
+        return self.nproc_per_node == 1 and self.nnodes == 1
 
     def torchrun_args(self) -> list[str]:
         args = ["--nproc_per_node", str(self.nproc_per_node), "--nnodes", str(self.nnodes),
@@ -196,7 +203,8 @@ class Invocation:
         """Run a stage (after :meth:`check`) with ``fixed`` and its options."""
         stage = self.driver.stages[stage_name]
         script = str(REPO_ROOT / stage.script)
-        launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if stage.launched else [sys.executable]
+        launched = stage.launched and not launch.one_process
+        launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if launched else [sys.executable]
         status = run_process([*launcher, script, *fixed, *self.stage_args[stage_name]],
                              env={**os.environ, **(env or {})})
         if status < 0:  # a one-process stage ended by a signal says nothing itself

@@ -339,7 +339,11 @@ class Trainer:
         self.parameters = [p for group in groups for p in group["params"]]
         if not self.parameters:
             raise UserError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one kernel over all parameters instead of torch's CPU default, a loop of small
+        # ops per tensor; on the 2-core CPU the demo student's (15.6M parameters) optimiser step
+        # took 0.01 s instead of 0.06 s, of a 0.45 s training step. CPU and CUDA have it.
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         batches_per_epoch = math.ceil(len(self._sampler(0)) / config.batch_size)
         self.steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch

@@ -7,20 +7,20 @@
 --loss sense (SKD) trains on the stored sense targets of scripts/04_targets.py: no teacher runs;
 the loss scores senses by the dictionary's rule (03_cluster.py --sense-rule) and leaves out
 tokens of a single sense (their share is logged and kept in the export manifest).
---loss mse (the ablation) runs the frozen teacher at every step. Writes runs/<task>/<run>/:
+--loss mse (the ablation) runs the frozen teacher on the fly, on each example once while its
+states fit in --teacher-cache-gb (kept in memory for later epochs). Writes runs/<task>/<run>/:
 config.json, checkpoints/, metrics.jsonl, loss.png, export/hf (transformers folder:
 scripts/06_evaluate.py student:... and replace:...) and export/st (SentenceTransformer folder).
 Resumes from the latest checkpoint unless --no-resume/--overwrite.
 """
 
 import argparse
-import functools
 from pathlib import Path
 
 import torch
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
-from embdistill.cli import log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import log, non_negative_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, init_distributed,
                                     print0, resolve_device)
 from embdistill.errors import UserError
@@ -29,7 +29,7 @@ from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.senses.dictionary import check_gathered_with, load_packed_senses
 from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from embdistill.students import (SenseDistillation, StateMatching, build_student, default_student_layers,
-                                 default_teacher_device, export_student)
+                                 default_teacher_device, example_collator, export_student)
 from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import instruction_of, read_train_texts
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mse: default and cuda: a spare GPU per process (cuda:LOCAL_RANK + LOCAL_WORLD_SIZE) "
                         "when the node has one, else the student's (default) or this process's GPU (cuda); "
                         "otherwise as --device")
+    parser.add_argument("--teacher-cache-gb", type=non_negative_float, default=4.0,
+                        help="mse: keep each example's teacher states in this process's memory after its "
+                        "first batch, up to this many GB (later epochs then run no teacher); 0: none")
     # The original's reference run (per process; lr is multiplied by the world size).
     add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
     return parser
@@ -144,8 +147,8 @@ def train(args: argparse.Namespace) -> int:
         collate = TargetCollator(tokenizer.tokenize, examples, stored, max_length)
     else:
         teacher = load_teacher(args.teacher, device=resolve_teacher_device(args.teacher_device, device, env))
-        loss_fn, dataset = StateMatching(teacher), examples
-        collate = functools.partial(tokenizer.tokenize, max_length=max_length)
+        loss_fn = StateMatching(teacher, cache_bytes=int(args.teacher_cache_gb * 2**30))
+        dataset, collate = list(range(len(examples))), example_collator(tokenizer.tokenize, examples, max_length)
     student = build_student(teacher, layers).to(device)
     normalize = teacher.normalize
     if args.loss == "sense":
@@ -165,6 +168,9 @@ def train(args: argparse.Namespace) -> int:
         write_manifest(paths.export_dir, stage="train", config=resolved,
                        extra={"global_step": result.global_step, "metrics": {**result.metrics, **target_stats},
                               "teacher": tokenizer.slug})
+    if args.loss == "mse":
+        log.info("teacher states kept in memory: %d of %d examples (%.0f MB); the teacher ran on %d batches",
+                 len(loss_fn.kept), len(examples), loss_fn.kept_bytes / 2**20, loss_fn.teacher_batches)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in {**result.metrics, **target_stats}.items()
                         if k in ("loss", "sense_accuracy", "single_sense_share"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")

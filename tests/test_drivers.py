@@ -94,6 +94,21 @@ def test_each_stage_checks_its_own_options_before_anything_runs():
         Invocation(DRIVERS["train"], ["bbc-news", "--nproc_per_node", "0"]).launch()
 
 
+@pytest.mark.parametrize("flags, torchrun", [([], False), (["--nproc_per_node", "2"], True),
+                                           (["--nnodes", "2", "--node_rank", "1"], True)])
+def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, flags, torchrun):
+    """One process on one machine runs the launched stages as by hand (no launcher start-up);
+    more processes or machines go through embdistill.torchrun with the flags."""
+    commands = []
+    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: commands.append(command) or 0)
+    cli = Invocation(DRIVERS["train"], ["bbc-news", "--loss", "mse", *flags])
+    cli.run("train", ["--task", "bbc-news"], launch=cli.launch())
+    (command,) = commands
+    assert command[0] == sys.executable
+    assert ("embdistill.torchrun" in command) == torchrun
+    assert command[command.index(str(REPO / "scripts" / "05_train.py")) + 1:] == ["--task", "bbc-news", "--loss", "mse"]
+
+
 def test_stages_of_a_driver_agree_on_each_shared_option():
     """A name two stages of a driver share takes the same values in both (else routing it by
     name would be wrong); every driver's stages are checked."""

@@ -94,6 +94,12 @@ def test_minilm_st_folder_is_standard_and_embeds_as_evaluated(minilm_export):
     np.testing.assert_allclose(plain.encode(TEXTS), evaluated(f"student:{out / 'hf'}", TEXTS), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(st_encode(out / "st-replace", TEXTS),
                                evaluated(f"replace:{out / 'hf'}@{dictionary}", TEXTS), atol=1e-5, rtol=1e-5)
+    # scored as a folder, its table row counts the dictionary as the replace: row does
+    as_folder, as_mode = (load_encoder(parse_model_spec(spec), {TASK: INSTRUCTION}, device="cpu", batch_size=3,
+                                       max_length=64) for spec in (f"st:{out / 'st-replace'}",
+                                                                   f"replace:{out / 'hf'}@{dictionary}"))
+    assert as_folder.dictionary_values == as_mode.dictionary_values > 0
+    assert as_folder.n_parameters == as_mode.n_parameters
     # replace mode changes the embeddings (the test would not notice a module doing nothing)
     assert not np.allclose(st_encode(out / "st-replace", TEXTS), plain.encode(TEXTS), atol=1e-3)
 

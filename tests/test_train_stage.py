@@ -24,7 +24,7 @@ from embdistill.artifacts import save_json, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
-from embdistill.students import build_student, default_teacher_device, export_student
+from embdistill.students import StateMatching, build_student, default_teacher_device, example_collator, export_student
 from embdistill.teachers import load_teacher
 from embdistill.input_format import format_example
 from embdistill.training import read_metrics
@@ -318,6 +318,28 @@ def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_d
     assert code == 2 and "different run (student_layers: 1 -> 2)" in err
     code, err = run_in_process([*args, "--student-layers", "2", "--max-steps", "3", "--overwrite"], capsys)
     assert code == 0
+
+
+def test_the_mse_teacher_runs_once_per_example_while_its_states_fit(tiny_bert_dir):
+    """Kept teacher states give the loss the teacher would give (a batch of kept examples runs
+    no teacher, whatever it is paired and padded with); what does not fit runs it again."""
+    teacher = load_teacher(str(tiny_bert_dir), device="cpu")
+    examples = ["a short one", "a somewhat longer text than that", "three", "the fourth text is the longest of all"]
+    collate = example_collator(teacher.tokenize, examples, 32)
+    student = build_student(teacher, 1).eval()
+    kept, on_the_fly = StateMatching(teacher, cache_bytes=2**30), StateMatching(teacher)
+    for ids in ([0, 1], [2, 3], [3, 0], [1, 2], [0, 2]):  # the first two batches see every example
+        batch = collate(ids)
+        with torch.no_grad():
+            torch.testing.assert_close(kept(student, batch).loss, on_the_fly(student, batch).loss,
+                                       rtol=1e-5, atol=1e-7)
+    assert kept.teacher_batches == 2 and on_the_fly.teacher_batches == 5
+    assert sorted(kept.kept) == [0, 1, 2, 3] and not on_the_fly.kept
+    one = kept.kept[3].nbytes  # room for the longest example only: each batch without it runs the teacher
+    tight = StateMatching(teacher, cache_bytes=one)
+    for ids in ([3, 0], [3], [1, 2], [3]):
+        tight(student, collate(ids))
+    assert list(tight.kept) == [3] and tight.teacher_batches == 2 and tight.kept_bytes == one
 
 
 # ------------------------------------------------------------------------------------------

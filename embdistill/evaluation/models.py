@@ -25,7 +25,7 @@ from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderW
 from ..cli import logger_level
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..input_format import effective_max_length, format_example
-from ..st_modules import load_sentence_transformer
+from ..st_modules import SenseReplace, load_sentence_transformer
 from .replace import ReplaceModeModel
 from .specs import ModelSpec
 
@@ -101,7 +101,8 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
         # a module whose weights are not torch parameters (the ONNX encoder) counts its own
         self.n_parameters = (sum(p.numel() for p in model.parameters())
                              + sum(getattr(module, "n_parameters", 0) for module in model))
-        self.dictionary_values = 0
+        # a replace-mode folder's sense dictionary is counted apart, as a replace: row counts it
+        self.dictionary_values = sum(module.senses.n_values for module in model if isinstance(module, SenseReplace))
         self.mteb_model_meta = _model_meta(
             spec, n_parameters=self.n_parameters, embed_dim=model.get_embedding_dimension(),
             max_tokens=model.max_seq_length, base=self.mteb_model_meta)
