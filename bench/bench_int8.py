@@ -14,6 +14,9 @@ as torch). After one warm-up batch each, the models take turns, --repeats passes
 texts each (turns, so that a change in the machine's load hits every model alike); reported:
 the median and best texts/s, the median's ratio to the fp32 student's, and the int8
 embeddings' cosine to the fp32 ones (mean and lowest), the machine's load average beside them.
+Then the two students' encoders alone on the same texts, tokenized once beforehand (the torch
+model and the ONNX session, in turns): what the folders' texts/s spend besides the encoder
+(tokenizing, pooling) is the difference.
 """
 
 from __future__ import annotations
@@ -91,6 +94,38 @@ def main(argv=None) -> None:
         a, b = embeddings["student fp32"], embeddings["student int8"]
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         print(f"int8 vs fp32 embeddings: cosine mean {cosine.mean():.4f}, lowest {cosine.min():.4f}")
+        encoders_alone(loaded["student fp32"], loaded["student int8"], texts, args)
+
+
+def encoders_alone(fp32, int8, texts: list[str], args) -> None:
+    """texts/s of the fp32 encoder (torch) and the int8 one (onnxruntime) on batches tokenized
+    beforehand, passes in turns; printed as a second table."""
+    encoder, session = fp32[0], int8[0]
+    # the int8 folder's tokenizer is the fp32 one's, cut at the same length (tests/test_quantize.py)
+    batches = [session.tokenize(texts[i : i + args.batch_size]) for i in range(0, len(texts), args.batch_size)]
+
+    def run_torch():
+        with torch.inference_mode():
+            for batch in batches:
+                encoder.auto_model(**batch)
+
+    def run_onnx():
+        for batch in batches:
+            session.session.run(None, {name: batch[name].numpy() for name in session.input_names})
+
+    runs, seconds = {"fp32 encoder (torch)": run_torch, "int8 encoder (onnxruntime)": run_onnx}, {}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(args.repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds.setdefault(label, []).append(time.perf_counter() - start)
+    reference = len(texts) / statistics.median(seconds["fp32 encoder (torch)"])
+    print("| encoder alone | texts/s (median) | vs fp32 encoder |\n|---|---|---|")
+    for label, times in seconds.items():
+        median = len(texts) / statistics.median(times)
+        print(f"| {label} | {median:.1f} | {median / reference:.2f}x |")
 
 
 if __name__ == "__main__":

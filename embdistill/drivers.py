@@ -14,15 +14,18 @@ A driver's command line is ``TASK [TASK ...] [launch flags] [options]``, in any 
 
 Which options a stage takes comes from the stage script alone (its ``build_parser()``); nothing
 here lists them again, so a new option is routed without anyone touching a driver. Stages run
-one after another, each in its own process, which ends when the driver ends however it ends
-(:func:`embdistill.torchrun.die_with_parent`); a SIGINT or SIGTERM to the driver is passed on
-to the stage that runs.
+one after another: a launch of several processes or machines under torchrun, a stage that
+needs its own environment in a process of its own, which ends when the driver ends however it
+ends (:func:`embdistill.torchrun.die_with_parent`), a SIGINT or SIGTERM to the driver passed
+on to it; any other stage in the driver's process, as tests/helpers.py runs stages (the
+driver has imported it already to read its parser).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import re
 import runpy
@@ -85,6 +88,20 @@ def stage_parser_of(script: str) -> argparse.ArgumentParser:
     parser = runpy.run_path(str(REPO_ROOT / script), run_name="embdistill_stage")["build_parser"]()
     parser.prog = script
     return parser
+
+
+def run_in_this_process(script: str, args: list[str]) -> int:
+    """A stage script's ``main(args)`` in this process, through ``run_main`` as its command line
+    runs it (one-line errors, exit statuses); returns the exit status. ``script``: relative to
+    the repository (``scripts/05_train.py``)."""
+    main = runpy.run_path(str(REPO_ROOT / script), run_name="embdistill_stage")["main"]
+    try:
+        run_main(lambda: main([str(arg) for arg in args]))
+    except SystemExit as exc:
+        return exc.code or 0
+    finally:
+        gc.collect()  # the stage's arrays and models, before the next stage allocates its own
+    raise AssertionError(f"{script}: run_main returned without exiting")
 
 
 @dataclass(frozen=True)
@@ -202,11 +219,16 @@ class Invocation:
             env: Mapping[str, str] | None = None) -> None:
         """Run a stage (after :meth:`check`) with ``fixed`` and its options."""
         stage = self.driver.stages[stage_name]
-        script = str(REPO_ROOT / stage.script)
-        launched = stage.launched and not launch.one_process
-        launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if launched else [sys.executable]
-        status = run_process([*launcher, script, *fixed, *self.stage_args[stage_name]],
-                             env={**os.environ, **(env or {})})
+        args = [*fixed, *self.stage_args[stage_name]]
+        if stage.launched and not launch.one_process:
+            launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()]
+            status = run_process([*launcher, str(REPO_ROOT / stage.script), *args], env={**os.environ, **(env or {})})
+        elif env:  # a stage that needs its own environment (thread counts are read at start-up)
+            status = run_process([sys.executable, str(REPO_ROOT / stage.script), *args], env={**os.environ, **env})
+        else:
+            # this process has imported the stage already (its parser): run it here rather than
+            # pay the imports again in a process of its own (5-6 s per stage on the 2-core CPU)
+            status = run_in_this_process(stage.script, args)
         if status < 0:  # a one-process stage ended by a signal says nothing itself
             print(f"error: {stage.script}: ended with signal {signal.Signals(-status).name}", file=sys.stderr)
             raise StageFailed(128 - status)

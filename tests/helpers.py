@@ -1,24 +1,15 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
-import runpy
 import socket
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_stage(script: str, *args) -> int:
-    """A stage script's ``main([...])`` in this process, through ``run_main`` (one-line errors,
-    exit statuses) as its command line runs it; returns the exit status. ``script``: relative
-    to the repository (``scripts/05_train.py``)."""
-    from embdistill.cli import run_main
+    """A stage script's ``main([...])`` in this process, as the drivers run a one-process stage;
+    returns the exit status. ``script``: relative to the repository (``scripts/05_train.py``)."""
+    from embdistill.drivers import run_in_this_process
 
-    main = runpy.run_path(str(REPO / script), run_name="embdistill_stage")["main"]
-    try:
-        run_main(lambda: main([str(arg) for arg in args]))
-    except SystemExit as exc:
-        return exc.code or 0
-    raise AssertionError("run_main returned without exiting")
+    return run_in_this_process(script, list(args))
 
 
 def free_port() -> int:

@@ -94,19 +94,29 @@ def test_each_stage_checks_its_own_options_before_anything_runs():
         Invocation(DRIVERS["train"], ["bbc-news", "--nproc_per_node", "0"]).launch()
 
 
-@pytest.mark.parametrize("flags, torchrun", [([], False), (["--nproc_per_node", "2"], True),
-                                           (["--nnodes", "2", "--node_rank", "1"], True)])
-def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, flags, torchrun):
-    """One process on one machine runs the launched stages as by hand (no launcher start-up);
-    more processes or machines go through embdistill.torchrun with the flags."""
-    commands = []
-    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: commands.append(command) or 0)
+@pytest.mark.parametrize("flags, how", [([], "here"), (["--nproc_per_node", "2"], "torchrun"),
+                                       (["--nnodes", "2", "--node_rank", "1"], "torchrun")])
+def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, flags, how):
+    """One process on one machine runs a launched stage in the driver's process (no launcher,
+    no second start-up); more processes or machines go through embdistill.torchrun."""
+    calls = []
+    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: calls.append(("torchrun", command)) or 0)
+    monkeypatch.setattr("embdistill.drivers.run_in_this_process", lambda script, args: calls.append(("here", [script, *args])) or 0)
     cli = Invocation(DRIVERS["train"], ["bbc-news", "--loss", "mse", *flags])
     cli.run("train", ["--task", "bbc-news"], launch=cli.launch())
-    (command,) = commands
-    assert command[0] == sys.executable
-    assert ("embdistill.torchrun" in command) == torchrun
-    assert command[command.index(str(REPO / "scripts" / "05_train.py")) + 1:] == ["--task", "bbc-news", "--loss", "mse"]
+    ((called, command),) = calls
+    assert called == how and ("embdistill.torchrun" in command) == (how == "torchrun")
+    assert command[-4:] == ["--task", "bbc-news", "--loss", "mse"]
+
+
+def test_a_stage_run_in_the_driver_s_process_gives_its_exit_status(tmp_path, capsys):
+    from embdistill.drivers import run_in_this_process
+
+    assert run_in_this_process("scripts/08_quantize.py", ["--task", "bbc-news", "--base-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: no SentenceTransformer folder")
+    assert run_in_this_process("scripts/00_texts.py", ["--task", "bbc-news", "--max-train", "8", "--max-test", "4",
+                                                       "--base-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "text_train" / "bbc-news" / "train.json").is_file()
 
 
 def test_stages_of_a_driver_agree_on_each_shared_option():
