@@ -33,6 +33,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -90,18 +91,43 @@ def stage_parser_of(script: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _Signalled(BaseException):
+    """A SIGTERM or SIGHUP during a stage run in this process (not an Exception: no stage's
+    ``except Exception`` takes it for an error of its own; ``finally`` blocks still run)."""
+
+
 def run_in_this_process(script: str, args: list[str]) -> int:
     """A stage script's ``main(args)`` in this process, through ``run_main`` as its command line
     runs it (one-line errors, exit statuses); returns the exit status. ``script``: relative to
-    the repository (``scripts/05_train.py``)."""
+    the repository (``scripts/05_train.py``). A SIGTERM or SIGHUP ends the stage as it would end
+    a stage of its own process (one line, status 128 + the signal) after its cleanup."""
     main = runpy.run_path(str(REPO_ROOT / script), run_name="embdistill_stage")["main"]
+
+    def stop(signum, frame):
+        raise _Signalled(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
         run_main(lambda: main([str(arg) for arg in args]))
     except SystemExit as exc:
         return exc.code or 0
+    except _Signalled as exc:
+        print(f"error: {script}: ended with signal {signal.Signals(exc.args[0]).name}", file=sys.stderr)
+        return 128 + exc.args[0]
     finally:
-        gc.collect()  # the stage's arrays and models, before the next stage allocates its own
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _release_memory()
     raise AssertionError(f"{script}: run_main returned without exiting")
+
+
+def _release_memory() -> None:
+    """The finished stage's arrays and models, before the next stage allocates its own."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)

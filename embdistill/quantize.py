@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import tempfile
 import time
 import warnings
@@ -63,7 +64,9 @@ class _TokenStates(nn.Module):
 def export_onnx(model: nn.Module, tokenizer, path: Path) -> list[str]:
     """Export ``model`` (a transformers encoder) to ``path`` with eager attention (see the
     module docstring); returns its input names: those of the tokenizer's outputs that the
-    model takes. The model is left with the attention implementation it had."""
+    model takes. The model is left in eval mode, with the attention implementation it had (the
+    exporter puts the module it is given back in that module's mode: the wrapper's, hence
+    ``.eval()`` on it too, or the encoder would be left training, dropout on)."""
     accepted = inspect.signature(model.forward).parameters
     names = [name for name in tokenizer.model_input_names if name in accepted]
     example = tokenizer(["a short text", "a longer text, so that the first one is padded"],
@@ -72,7 +75,7 @@ def export_onnx(model: nn.Module, tokenizer, path: Path) -> list[str]:
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        torch.onnx.export(_TokenStates(model.eval(), names), tuple(example[name] for name in names), str(path),
+        torch.onnx.export(_TokenStates(model.eval(), names).eval(), tuple(example[name] for name in names), str(path),
                           input_names=names, output_names=["token_embeddings"], dynamo=False,
                           dynamic_axes={name: axes for name in [*names, "token_embeddings"]}, opset_version=17)
     finally:
@@ -83,12 +86,39 @@ def export_onnx(model: nn.Module, tokenizer, path: Path) -> list[str]:
 def fuse_encoder(path: Path, out: Path, config) -> dict[str, int]:
     """Write ``path``'s graph fused by onnxruntime's transformer optimizer (see the module
     docstring) to ``out``; returns the fused operators' counts (those > 0)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    # the attention mask as it is: the optimizer's BERT default turns it into each text's
+    # length, which is only right for a tokenizer that pads on the right
+    options.use_raw_attention_mask(True)
     fused = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                           hidden_size=config.hidden_size)
+                           hidden_size=config.hidden_size, optimization_options=options)
     fused.save_model_to_file(str(out))
     return {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+
+
+def check_fused(path: Path, model: nn.Module, tokenizer, names: list[str], max_length: int) -> None:
+    """UserError unless the fused fp32 graph at ``path`` gives ``model``'s token states on a
+    check batch (texts of several lengths, one cut at ``max_length``, padded on the
+    tokenizer's side): a fusion that does not fit an architecture would otherwise export a
+    model that embeds wrongly without a word."""
+    import onnxruntime
+
+    texts = ["short", "a text of middling length, with some punctuation; and more words",
+             " ".join(["a long text that the tokenizer cuts"] * 64)]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {name: batch[name].numpy() for name in names})[0]
+    with torch.inference_mode():
+        expected = model(**{name: batch[name] for name in names}).last_hidden_state.numpy()
+    attended = batch["attention_mask"].numpy().astype(bool)
+    difference = float(abs(got - expected)[attended].max())
+    if difference > 1e-3:
+        raise UserError(f"the fused ONNX graph of {type(model).__name__} disagrees with the torch model "
+                        f"(token states differ by up to {difference:.2g}): this architecture is not one "
+                        "onnxruntime's BERT fusions fit")
 
 
 def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: str = "qint8") -> dict:
@@ -128,13 +158,16 @@ def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: st
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            # the tracer's one warning is on the mask's padding length (key length - mask
-            # length), 0 for an encoder at any length: the constant it records holds
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            export_onnx(encoder.auto_model, encoder.tokenizer, exported)
-            fused_ops = fuse_encoder(exported, fused if weight_type != "none" else module_dir / ONNX_FILE,
-                                     encoder.auto_model.config)
-            if weight_type != "none":
+            # the tracer's one warning on a BERT is about the mask's padding length (key length
+            # - mask length), 0 for an encoder at any length: the constant it records holds
+            # (any other is shown; check_fused checks the graph in any case)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="transformers.masking_utils")
+            names = export_onnx(encoder.auto_model, encoder.tokenizer, exported)
+            fused_ops = fuse_encoder(exported, fused, encoder.auto_model.config)
+            check_fused(fused, encoder.auto_model, encoder.tokenizer, names, fp32.max_seq_length)
+            if weight_type == "none":
+                shutil.copyfile(fused, module_dir / ONNX_FILE)
+            else:
                 # the fused graph's com.microsoft ops have no ONNX shape inference: their
                 # outputs' element type is named
                 quantize_dynamic(str(fused), str(module_dir / ONNX_FILE), per_channel=True,

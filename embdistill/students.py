@@ -86,18 +86,18 @@ class StateMatching:
     teacher's at the text tokens (the embed mask).
 
     The teacher runs on the fly (storing its states for a whole corpus would take 8 KB per
-    token for a 4096-d fp16 teacher), but an example's states are kept in memory after its
-    first batch while they fit in ``cache_bytes``: a batch whose examples are all kept runs no
-    teacher. The teacher is frozen and deterministic, so kept states are the ones it would
-    compute again (up to float rounding: another batch pads differently). ``batch`` carries
-    ``example_ids`` (:func:`example_collator`); the kept states are on the CPU."""
+    token for a 4096-d fp16 teacher), but an example's states are kept in memory (on the CPU)
+    after its first batch while they fit in ``cache_bytes``, when ``batch`` carries
+    ``example_ids`` (:func:`example_collator`): the teacher then runs only on a batch's examples
+    that are not kept. The teacher is frozen and deterministic, so kept states are the ones it
+    would compute again (up to float rounding: another batch pads differently)."""
 
     def __init__(self, teacher: Teacher, cache_bytes: int = 0):
         self.teacher = teacher
         self.cache_bytes = cache_bytes
         self.kept: dict[int, torch.Tensor] = {}  # example id -> its states at attended tokens
         self.kept_bytes = 0
-        self.teacher_batches = 0
+        self.teacher_examples = 0  # examples the teacher ran on
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -105,21 +105,27 @@ class StateMatching:
         return LossOutput(loss, count, {})
 
     def teacher_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's (B, T, d) states of ``batch`` (zeros at padding when kept ones)."""
+        """The teacher's (B, T, d) states of ``batch`` (zeros at the padding of kept rows)."""
+        if not self.cache_bytes or "example_ids" not in batch:
+            self.teacher_examples += len(batch["input_ids"])
+            return self.teacher.token_states(batch)
         ids, attended = batch["example_ids"].tolist(), batch["attention_mask"].bool().cpu()
-        if all(i in self.kept for i in ids):
-            first = self.kept[ids[0]]
-            states = first.new_zeros(*attended.shape, first.shape[-1])
-            for row, i in enumerate(ids):
-                states[row, attended[row]] = self.kept[i]
-            return states
-        states = self.teacher.token_states(batch)
-        self.teacher_batches += 1
+        missing = [row for row, i in enumerate(ids) if i not in self.kept]
+        computed = None
+        if missing:
+            rows = torch.tensor(missing)
+            computed = self.teacher.token_states({key: batch[key][rows] for key in ("input_ids", "attention_mask")}).cpu()
+            self.teacher_examples += len(missing)
+        reference = computed if computed is not None else self.kept[ids[0]]
+        states = reference.new_zeros(*attended.shape, reference.shape[-1])
         for row, i in enumerate(ids):
-            if i not in self.kept:
-                example = states[row, attended[row].to(states.device)].cpu()
-                if self.kept_bytes + example.nbytes <= self.cache_bytes:
-                    self.kept[i], self.kept_bytes = example, self.kept_bytes + example.nbytes
+            if i in self.kept:
+                states[row, attended[row]] = self.kept[i]
+        for position, row in enumerate(missing):
+            states[row] = computed[position]
+            example = computed[position, attended[row]]
+            if self.kept_bytes + example.nbytes <= self.cache_bytes:
+                self.kept[ids[row]], self.kept_bytes = example.clone(), self.kept_bytes + example.nbytes
         return states
 
 

@@ -34,14 +34,17 @@ from .errors import UserError, first_line
 # Set by the launcher for its workers: the launcher's pid.
 LAUNCHER_PID_ENV = "EMBDISTILL_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Looked up here, in the parent: die_with_parent also runs in a child between fork and exec,
+# where loading a library (dlopen) can deadlock if the parent ran threads.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     """Have Linux send this process ``signum`` when its parent ends (``prctl(PR_SET_PDEATHSIG)``);
     if the parent is already gone (it died before the request), end now. A no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None:
         return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    _PRCTL(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signum)
 

@@ -7,7 +7,7 @@
 --loss sense (SKD) trains on the stored sense targets of scripts/04_targets.py: no teacher runs;
 the loss scores senses by the dictionary's rule (03_cluster.py --sense-rule) and leaves out
 tokens of a single sense (their share is logged and kept in the export manifest).
---loss mse (the ablation) runs the frozen teacher on the fly, on each example once while its
+--loss mse (the ablation) runs the frozen teacher on the fly, on each example once while the
 states fit in --teacher-cache-gb (kept in memory for later epochs). Writes runs/<task>/<run>/:
 config.json, checkpoints/, metrics.jsonl, loss.png, export/hf (transformers folder:
 scripts/06_evaluate.py student:... and replace:...) and export/st (SentenceTransformer folder).
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the node has one, else the student's (default) or this process's GPU (cuda); "
                         "otherwise as --device")
     parser.add_argument("--teacher-cache-gb", type=non_negative_float, default=4.0,
-                        help="mse: keep each example's teacher states in this process's memory after its "
-                        "first batch, up to this many GB (later epochs then run no teacher); 0: none")
+                        help="mse: keep each example's teacher states in memory after its first batch, up "
+                        "to this many GB per machine (split between its processes); the teacher runs only "
+                        "on examples not kept; 0: none")
     # The original's reference run (per process; lr is multiplied by the world size).
     add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
     return parser
@@ -147,7 +148,8 @@ def train(args: argparse.Namespace) -> int:
         collate = TargetCollator(tokenizer.tokenize, examples, stored, max_length)
     else:
         teacher = load_teacher(args.teacher, device=resolve_teacher_device(args.teacher_device, device, env))
-        loss_fn = StateMatching(teacher, cache_bytes=int(args.teacher_cache_gb * 2**30))
+        # the budget is the machine's: its processes share it
+        loss_fn = StateMatching(teacher, cache_bytes=int(args.teacher_cache_gb * 2**30 / env.local_world_size))
         dataset, collate = list(range(len(examples))), example_collator(tokenizer.tokenize, examples, max_length)
     student = build_student(teacher, layers).to(device)
     normalize = teacher.normalize
@@ -169,8 +171,8 @@ def train(args: argparse.Namespace) -> int:
                        extra={"global_step": result.global_step, "metrics": {**result.metrics, **target_stats},
                               "teacher": tokenizer.slug})
     if args.loss == "mse":
-        log.info("teacher states kept in memory: %d of %d examples (%.0f MB); the teacher ran on %d batches",
-                 len(loss_fn.kept), len(examples), loss_fn.kept_bytes / 2**20, loss_fn.teacher_batches)
+        log.info("teacher states kept in memory: %d of %d examples (%.0f MB); the teacher ran on %d examples",
+                 len(loss_fn.kept), len(examples), loss_fn.kept_bytes / 2**20, loss_fn.teacher_examples)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in {**result.metrics, **target_stats}.items()
                         if k in ("loss", "sense_accuracy", "single_sense_share"))
     print0(f"train: {task.name} {run}: {result.global_step} steps ({metrics}) -> {paths.export_dir}")

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     out = paths.export_dir / ("st-onnx" if args.weight_type == "none" else "st-int8")
     # the recipe (embdistill/quantize.py) is part of the identity: a folder from another recipe is redone
     config = {"task": task.name, "run": args.run, "weight_type": args.weight_type, "per_channel": True,
-              "exporter": "torchscript, eager attention", "fusion": "onnxruntime bert",
+              "exporter": "torchscript, eager attention", "fusion": "onnxruntime bert, raw attention mask",
               **{package: package_version(package) for package in ("torch", "onnx", "onnxruntime")}}
     inputs = {"st": st_dir}
     if skip_if_done(out, config=config, inputs=inputs, overwrite=args.overwrite, what="quantize"):

@@ -119,6 +119,30 @@ def test_a_stage_run_in_the_driver_s_process_gives_its_exit_status(tmp_path, cap
     assert (tmp_path / "text_train" / "bbc-news" / "train.json").is_file()
 
 
+def test_a_stage_in_the_driver_s_process_ends_on_sigterm_in_one_line_after_its_cleanup(tmp_path):
+    stage, marker = tmp_path / "stage.py", tmp_path / "marker"
+    stage.write_text("import pathlib, time\n"
+                     "def main(argv):\n"
+                     "    marker = pathlib.Path(argv[0])\n"
+                     "    try:\n"
+                     "        marker.write_text('started')\n"
+                     "        time.sleep(120)\n"
+                     "    finally:\n"
+                     "        marker.write_text('cleaned up')\n")
+    code = ("import sys; from embdistill.drivers import run_in_this_process; "
+            f"sys.exit(run_in_this_process({str(stage)!r}, [{str(marker)!r}]))")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 120
+    while not (marker.is_file() and marker.read_text() == "started"):
+        assert time.time() < deadline and process.poll() is None, "the stage did not start"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert stderr.strip() == f"error: {stage}: ended with signal SIGTERM"
+    assert marker.read_text() == "cleaned up"
+
+
 def test_stages_of_a_driver_agree_on_each_shared_option():
     """A name two stages of a driver share takes the same values in both (else routing it by
     name would be wrong); every driver's stages are checked."""

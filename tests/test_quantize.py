@@ -41,14 +41,40 @@ def news_texts():
     return resolve_task("bbc-news").load_splits(max_train=1, max_test=24).test_texts
 
 
-def test_unquantised_onnx_embeds_as_torch(workspace, news_texts):
-    export_dir = workspace / "runs" / "bbc-news" / "skd" / "export"
+@pytest.fixture(scope="module")
+def fp32_onnx_dir(workspace):
     assert run_stage(STAGE, "--task", "bbc-news", "--weight-type", "none", "--base-dir", workspace) == 0
+    return workspace / "runs" / "bbc-news" / "skd" / "export" / "st-onnx"
+
+
+def test_unquantised_onnx_embeds_as_torch(workspace, fp32_onnx_dir, news_texts):
+    export_dir = fp32_onnx_dir.parent
     texts = TEXTS + news_texts[:6]
     expected = st_encode(export_dir / "st", texts)
     got = st_encode(export_dir / "st-onnx", texts)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(st_encode(export_dir / "st-onnx", TEXTS[:1]), expected[:1], atol=1e-4, rtol=0)
+
+
+def test_the_fused_graph_reads_the_attention_mask_as_given(fp32_onnx_dir, news_texts):
+    """Padding on the left too: onnxruntime's BERT fusion by default reduces the mask to each
+    text's length, right for right padding only."""
+    import onnxruntime
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(fp32_onnx_dir.parent / "st"), device="cpu")[0]
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    batch = tokenizer(TEXTS + news_texts[:2], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    assert not batch["attention_mask"][:, 0].all()  # some texts are padded on the left
+    session = onnxruntime.InferenceSession(str(fp32_onnx_dir / "0_OnnxEncoder" / "model.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {name: batch[name].numpy() for name in names})[0]
+    with torch.inference_mode():
+        expected = model.auto_model(**{name: batch[name] for name in names}).last_hidden_state.numpy()
+    attended = batch["attention_mask"].numpy().astype(bool)
+    np.testing.assert_allclose(got[attended], expected[attended], atol=1e-4, rtol=0)
 
 
 def test_int8_folder_is_close_to_fp32(int8_dir, news_texts):

@@ -321,25 +321,29 @@ def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_d
 
 
 def test_the_mse_teacher_runs_once_per_example_while_its_states_fit(tiny_bert_dir):
-    """Kept teacher states give the loss the teacher would give (a batch of kept examples runs
-    no teacher, whatever it is paired and padded with); what does not fit runs it again."""
+    """Kept teacher states give the loss the teacher would give, whatever a kept example is
+    batched and padded with; the teacher runs only on the examples not kept."""
     teacher = load_teacher(str(tiny_bert_dir), device="cpu")
     examples = ["a short one", "a somewhat longer text than that", "three", "the fourth text is the longest of all"]
     collate = example_collator(teacher.tokenize, examples, 32)
     student = build_student(teacher, 1).eval()
-    kept, on_the_fly = StateMatching(teacher, cache_bytes=2**30), StateMatching(teacher)
-    for ids in ([0, 1], [2, 3], [3, 0], [1, 2], [0, 2]):  # the first two batches see every example
-        batch = collate(ids)
-        with torch.no_grad():
-            torch.testing.assert_close(kept(student, batch).loss, on_the_fly(student, batch).loss,
-                                       rtol=1e-5, atol=1e-7)
-    assert kept.teacher_batches == 2 and on_the_fly.teacher_batches == 5
-    assert sorted(kept.kept) == [0, 1, 2, 3] and not on_the_fly.kept
-    one = kept.kept[3].nbytes  # room for the longest example only: each batch without it runs the teacher
+
+    def agree(loss_fn, batches):
+        reference = StateMatching(teacher)  # no cache: the teacher on every batch
+        for ids in batches:
+            batch = collate(ids)
+            with torch.no_grad():
+                torch.testing.assert_close(loss_fn(student, batch).loss, reference(student, batch).loss,
+                                           rtol=1e-5, atol=1e-7)
+        assert reference.teacher_examples == sum(map(len, batches)) and not reference.kept
+
+    kept = StateMatching(teacher, cache_bytes=2**30)
+    agree(kept, [[0, 1], [2, 3], [3, 0], [1, 2], [0, 2]])  # the first two batches see every example
+    assert kept.teacher_examples == 4 and sorted(kept.kept) == [0, 1, 2, 3]
+    one = kept.kept[3].nbytes  # room for the longest example only
     tight = StateMatching(teacher, cache_bytes=one)
-    for ids in ([3, 0], [3], [1, 2], [3]):
-        tight(student, collate(ids))
-    assert list(tight.kept) == [3] and tight.teacher_batches == 2 and tight.kept_bytes == one
+    agree(tight, [[3, 0], [3], [1, 3], [3, 2]])  # 3 kept; in a batch with others, only they run
+    assert list(tight.kept) == [3] and tight.kept_bytes == one and tight.teacher_examples == 4
 
 
 # ------------------------------------------------------------------------------------------
