@@ -12,10 +12,13 @@ optimum-intel a different torch); this is the same recipe with torch's exporter 
   graph of the same model, eager or SDPA attention, kept attention unfused);
 * the graph fused by ``onnxruntime.transformers.optimizer`` (``model_type="bert"``): each
   layer's attention one ``Attention`` op, LayerNorm + residual ``SkipLayerNormalization``, bias
-  + GELU ``BiasGelu``, the embeddings ``EmbedLayerNormalization``. The unfused int8 graph spent
-  a quarter of its time in the masking and transposes around attention; fused and quantised
-  (``QAttention``), the 2-layer MiniLM student ran 2.6x (1 thread) and 2.9x (2 threads) the
-  torch fp32 encoder's texts/s on bbc-news, against 2.2-2.3x unfused (BENCHMARKS.md);
+  + GELU ``BiasGelu``, the embeddings ``EmbedLayerNormalization``; the attention mask read
+  as given (the optimizer's BERT default reduces it to lengths: right padding only). The
+  unfused int8 graph spent a quarter of its time in the masking and transposes around
+  attention; fused and quantised (``QAttention``), the 2-layer MiniLM student's encoder ran
+  2.45x (1 thread) and 2.61x (2 threads) the torch fp32 encoder's texts/s on bbc-news, against
+  2.1-2.3x unfused (BENCHMARKS.md, "Fused graph"). :func:`check_fused` compares the fused
+  graph with the torch encoder at every export;
 * its weights quantised by ``onnxruntime.quantization.quantize_dynamic``: int8 weights with one
   scale per output channel, activations quantised per batch at run time. Per channel because
   one scale per tensor costs accuracy: on the 2-layer MiniLM student it moved pooled embeddings
