@@ -147,7 +147,7 @@ class Launch:
     @property
     def one_process(self) -> bool:
         """One process on one machine: such a stage runs without torchrun's launcher (which
-        would only add a process and its start-up, ~2.5 s per stage), as when run by hand."""
+        would only add a process and its start-up, ~2.5 s per stage), in the driver's process."""
         return self.nproc_per_node == 1 and self.nnodes == 1
 
     def torchrun_args(self) -> list[str]:
@@ -246,11 +246,12 @@ class Invocation:
         """Run a stage (after :meth:`check`) with ``fixed`` and its options."""
         stage = self.driver.stages[stage_name]
         args = [*fixed, *self.stage_args[stage_name]]
-        if stage.launched and not launch.one_process:
-            launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()]
+        torchrun = stage.launched and not launch.one_process
+        # a stage that needs its own environment (thread counts are read at start-up) runs in a
+        # process of its own too
+        if torchrun or env:
+            launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if torchrun else [sys.executable]
             status = run_process([*launcher, str(REPO_ROOT / stage.script), *args], env={**os.environ, **(env or {})})
-        elif env:  # a stage that needs its own environment (thread counts are read at start-up)
-            status = run_process([sys.executable, str(REPO_ROOT / stage.script), *args], env={**os.environ, **env})
         else:
             # this process has imported the stage already (its parser): run it here rather than
             # pay the imports again in a process of its own (5-6 s per stage on the 2-core CPU)

@@ -68,8 +68,9 @@ def export_onnx(model: nn.Module, tokenizer, path: Path) -> list[str]:
     """Export ``model`` (a transformers encoder) to ``path`` with eager attention (see the
     module docstring); returns its input names: those of the tokenizer's outputs that the
     model takes. The model is left in eval mode, with the attention implementation it had (the
-    exporter puts the module it is given back in that module's mode: the wrapper's, hence
-    ``.eval()`` on it too, or the encoder would be left training, dropout on)."""
+    exporter puts the module it is given, the wrapper, back in that module's mode, and the
+    wrapper's mode is its children's: a wrapper left training would leave the encoder
+    training, dropout on)."""
     accepted = inspect.signature(model.forward).parameters
     names = [name for name in tokenizer.model_input_names if name in accepted]
     example = tokenizer(["a short text", "a longer text, so that the first one is padded"],
@@ -78,7 +79,7 @@ def export_onnx(model: nn.Module, tokenizer, path: Path) -> list[str]:
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        torch.onnx.export(_TokenStates(model.eval(), names).eval(), tuple(example[name] for name in names), str(path),
+        torch.onnx.export(_TokenStates(model, names).eval(), tuple(example[name] for name in names), str(path),
                           input_names=names, output_names=["token_embeddings"], dynamo=False,
                           dynamic_axes={name: axes for name in [*names, "token_embeddings"]}, opset_version=17)
     finally:

@@ -123,9 +123,9 @@ class StateMatching:
                 states[row, attended[row]] = self.kept[i]
         for position, row in enumerate(missing):
             states[row] = computed[position]
-            example = computed[position, attended[row]]
+            example = computed[position, attended[row]]  # a copy (mask indexing), not a view
             if self.kept_bytes + example.nbytes <= self.cache_bytes:
-                self.kept[ids[row]], self.kept_bytes = example.clone(), self.kept_bytes + example.nbytes
+                self.kept[ids[row]], self.kept_bytes = example, self.kept_bytes + example.nbytes
         return states
 
 
