@@ -20,12 +20,20 @@ optimum-intel a different torch); this is the same recipe with torch's exporter 
   2.1-2.3x unfused (BENCHMARKS.md, "Fused graph"). :func:`check_fused` compares the fused
   graph with the torch encoder at every export;
 * its weights quantised by ``onnxruntime.quantization.quantize_dynamic``: int8 weights with one
-  scale per output channel, activations quantised per batch at run time. Per channel because
-  one scale per tensor costs accuracy: on the 2-layer MiniLM student it moved pooled embeddings
-  to cosine 0.971 with the fp32 ones (the lowest of 64 bbc-news texts), per channel 0.998;
+  scale per output channel, activations quantised at run time with one scale per run, and
+  :class:`~embdistill.st_modules.OnnxEncoder` runs each text alone: its embedding does not
+  depend on the batch it is in (one run over a whole batch moved a text's embedding by up to
+  0.04 with its batch-mates). Per channel because one scale per tensor costs accuracy: on the
+  2-layer MiniLM student it moved pooled embeddings to cosine 0.971 with the fp32 ones (the
+  lowest of 64 bbc-news texts), per channel 0.998. Static quantisation (``quantize_static``,
+  activation scales calibrated on training texts) was measured instead and kept 1.1-1.3x the
+  torch encoder's speed only: its QDQ graph left the fused ops and activations in float;
 * our :class:`~embdistill.st_modules.OnnxEncoder` as the first module, followed by the fp32
   folder's own modules (Pooling, Normalize) and prompts, so the folder embeds as ``export/st``
-  does: ``SentenceTransformer(export/st-int8, trust_remote_code=True).encode(texts)``.
+  does: ``SentenceTransformer(export/st-int8, trust_remote_code=True).encode(texts)``;
+* the folder as written checked against ``export/st`` (:func:`check_folder`): pooled cosine on
+  the task's training texts, each alone and all in one batch, at least ``min_cosine``
+  (:data:`MIN_COSINE`), or nothing is written.
 """
 
 from __future__ import annotations
@@ -50,6 +58,14 @@ log = logging.getLogger("embdistill.quantize")
 # --weight-type: onnxruntime's weight type, or None: the fp32 export unquantised (which checks
 # the export itself: it must embed as the torch model does)
 WEIGHT_TYPES = ("qint8", "quint8", "none")
+
+# The lowest pooled cosine to export/st that an exported folder may give a training text. The
+# recipe gives the 2-layer MiniLM student 0.998-0.999; one weight scale per tensor, the recipe
+# turned down for its accuracy, 0.971-0.976, and larger tiny students (DistilBERT, RoBERTa,
+# ELECTRA, MPNet) fell to 0.980: 0.99 lets the first through and refuses the others.
+MIN_COSINE = 0.99
+# Training texts the check embeds (each alone, then all in one batch): a few seconds
+CHECK_TEXTS = 64
 
 
 class _TokenStates(nn.Module):
@@ -113,22 +129,71 @@ def check_fused(path: Path, model: nn.Module, tokenizer, names: list[str], max_l
     texts = ["short", "a text of middling length, with some punctuation; and more words",
              " ".join(["a long text that the tokenizer cuts"] * 64)]
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    architecture = type(model).__name__
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: batch[name].numpy() for name in names})[0]
+    # the exporter drops an input that the traced model ignores (DeBERTa-v2: token_type_ids)
+    dropped = sorted(set(names) - {graph_input.name for graph_input in session.get_inputs()})
+    if dropped:
+        raise UserError(f"the ONNX graph of {architecture} does not take {', '.join(dropped)}, which its "
+                        "tokenizer gives: the int8 export takes BERT-like students")
+    try:
+        got = session.run(None, {name: batch[name].numpy() for name in names})[0]
+    except Exception as exc:  # onnxruntime raises its own types (InvalidArgument, Fail, ...)
+        raise UserError(f"onnxruntime cannot run the ONNX graph of {architecture} ({first_line(exc)}): "
+                        "the int8 export takes BERT-like students") from None
     with torch.inference_mode():
         expected = model(**{name: batch[name] for name in names}).last_hidden_state.numpy()
     attended = batch["attention_mask"].numpy().astype(bool)
     difference = float(abs(got - expected)[attended].max())
     if difference > 1e-3:
-        raise UserError(f"the fused ONNX graph of {type(model).__name__} disagrees with the torch model "
+        raise UserError(f"the fused ONNX graph of {architecture} disagrees with the torch model "
                         f"(token states differ by up to {difference:.2g}): this architecture is not one "
                         "onnxruntime's BERT fusions fit")
 
 
-def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: str = "qint8") -> dict:
-    """Write ``out_dir``, ``st_dir``'s model with its encoder in ONNX, its weights quantised
-    (``weight_type``, one of :data:`WEIGHT_TYPES`), built beside it and moved into place;
-    returns ``seconds`` (export and quantisation) and the ONNX file's ``bytes``."""
+def load_student(st_dir: str | Path):
+    """The fp32 SentenceTransformer folder that :func:`quantize_student` exports; UserError when
+    it is missing, does not load, or does not start with sentence-transformers' Transformer."""
+    from sentence_transformers import SentenceTransformer
+
+    st_dir = Path(st_dir)
+    if not (st_dir / "modules.json").is_file():
+        raise UserError(f"no SentenceTransformer folder at {st_dir} (no modules.json): train the student first")
+    try:
+        fp32 = SentenceTransformer(str(st_dir), device="cpu")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load {st_dir}: {first_line(exc)}") from None
+    if not hasattr(fp32[0], "auto_model"):
+        raise UserError(f"{st_dir}: its first module is {type(fp32[0]).__name__}; the int8 export takes "
+                        "a folder that starts with sentence-transformers' Transformer (a BERT-like student)")
+    return fp32
+
+
+def check_folder(folder: Path, fp32, texts: list[str], min_cosine: float) -> dict[str, float]:
+    """The lowest pooled cosine between ``folder``'s embeddings of ``texts`` and ``fp32``'s, the
+    texts embedded each alone and all in one batch (``{"batch 1": .., "batch N": ..}``);
+    UserError naming the figure when one is below ``min_cosine``."""
+    from sentence_transformers import SentenceTransformer
+
+    exported = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
+    expected = fp32.encode(texts, batch_size=len(texts), normalize_embeddings=True)
+    lowest = {}
+    for batch_size in (1, len(texts)):
+        got = exported.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+        lowest[f"batch {batch_size}"] = round(float((got * expected).sum(1).min()), 5)
+    worst = min(lowest, key=lowest.get)
+    if lowest[worst] < min_cosine:
+        raise UserError(f"the exported folder embeds a training text at pooled cosine {lowest[worst]:.4f} to "
+                        f"export/st ({worst}, lowest of {len(texts)}), below --min-cosine {min_cosine}: not written")
+    return lowest
+
+
+def quantize_student(fp32, out_dir: str | Path, check_texts: list[str], *, weight_type: str = "qint8",
+                     min_cosine: float = MIN_COSINE) -> dict:
+    """Write ``out_dir``, ``fp32``'s model (:func:`load_student`) with its encoder in ONNX, its
+    weights quantised (``weight_type``, one of :data:`WEIGHT_TYPES`), built beside it, checked
+    on ``check_texts`` (:func:`check_folder`) and moved into place; returns ``seconds`` (export,
+    quantisation and check), the ONNX file's ``bytes``, the fused ops and the check's cosines."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from sentence_transformers import SentenceTransformer
@@ -137,17 +202,7 @@ def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: st
 
     if weight_type not in WEIGHT_TYPES:
         raise UserError(f"unknown weight type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
-    st_dir, out_dir = Path(st_dir), Path(out_dir)
-    if not (st_dir / "modules.json").is_file():
-        raise UserError(f"no SentenceTransformer folder at {st_dir} (no modules.json): train the student first")
-    try:
-        fp32 = SentenceTransformer(str(st_dir), device="cpu")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load {st_dir}: {first_line(exc)}") from None
-    encoder = fp32[0]
-    if not hasattr(encoder, "auto_model"):
-        raise UserError(f"{st_dir}: its first module is {type(encoder).__name__}; the int8 export takes "
-                        "a folder that starts with sentence-transformers' Transformer (a BERT-like student)")
+    out_dir, encoder = Path(out_dir), fp32[0]
     start = time.perf_counter()
     with replacing_folder(out_dir) as building, tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
         module_dir = Path(tmp) / "encoder"
@@ -181,8 +236,10 @@ def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: st
                                    n_parameters=sum(p.numel() for p in encoder.auto_model.parameters()))
         SentenceTransformer(modules=[onnx_encoder, *list(fp32)[1:]], device="cpu", prompts=fp32.prompts,
                             default_prompt_name=fp32.default_prompt_name).save(str(building))
+        cosine = check_folder(building, fp32, check_texts, min_cosine)
     seconds = time.perf_counter() - start
     size = next(out_dir.rglob(ONNX_FILE)).stat().st_size
-    log.info("int8 export: %s -> %s (%s weights, fused %s, %.1f MB ONNX, %.1f s)", st_dir, out_dir, weight_type,
-             ", ".join(f"{n} {op}" for op, n in fused_ops.items()) or "nothing", size / 1e6, seconds)
-    return {"seconds": round(seconds, 2), "bytes": size, "fused_ops": fused_ops}
+    log.info("int8 export: %s (%s weights, fused %s, %.1f MB ONNX, pooled cosine to export/st at least %s, "
+             "%.1f s)", out_dir, weight_type, ", ".join(f"{n} {op}" for op, n in fused_ops.items()) or "nothing",
+             size / 1e6, min(cosine.values()), seconds)
+    return {"seconds": round(seconds, 2), "bytes": size, "fused_ops": fused_ops, "cosine_to_fp32": cosine}

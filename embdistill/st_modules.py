@@ -14,7 +14,9 @@ embed as our evaluation does (an exported folder must give the embeddings its ta
 * :class:`OnnxEncoder`: an ONNX export of an encoder (the int8 student,
   :mod:`embdistill.quantize`) run by onnxruntime: it tokenizes as sentence-transformers'
   ``Transformer`` does and outputs ``token_embeddings``, so that the fp32 folder's ``Pooling`` and
-  ``Normalize`` follow it unchanged.
+  ``Normalize`` follow it unchanged. Each text runs alone, without padding: a dynamically
+  quantised graph computes one activation scale per run, so in a batch a text's embedding
+  would depend on its batch-mates.
 
 All are plain modules (``save(path)``, ``load(path)``, ``tokenize(texts)``), which
 sentence-transformers 5 and 6 load; sentence-transformers 6 asks ``trust_remote_code=True``
@@ -27,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -171,7 +175,10 @@ class SenseReplace(nn.Module):
 class OnnxEncoder(nn.Module):
     """An ONNX encoder (inputs named as its tokenizer's outputs, output the final token states)
     as the first module; see the module docstring. CPU only (onnxruntime's CPU provider), on as
-    many threads as torch uses, so that its speed compares with a torch model's."""
+    many threads as torch uses, so that its speed compares with a torch model's: each text is
+    one run on one thread (its embedding is the same in any batch and at any thread count), a
+    batch's texts run side by side. On the 2-core CPU that was faster than the whole batch as
+    one run on 2 threads (BENCHMARKS.md, "Fused graph")."""
 
     def __init__(self, model_dir: str | Path, max_seq_length: int = 512, n_parameters: int = 0):
         super().__init__()
@@ -186,8 +193,9 @@ class OnnxEncoder(nn.Module):
         file = self.model_dir / ONNX_FILE
         if not file.is_file():
             raise UserError(f"missing ONNX model {file} of an onnx-encoder folder")
+        self.threads = torch.get_num_threads()
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = 1
         try:
             self.session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
@@ -216,8 +224,17 @@ class OnnxEncoder(nn.Module):
         return features
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feeds = {name: features[name].cpu().numpy() for name in self.input_names}
-        states = self.session.run(None, feeds)[0]
+        inputs = {name: features[name].cpu().numpy() for name in self.input_names}
+        attended = features["attention_mask"].cpu().numpy().astype(bool)
+        # padding's states stay 0: the pooling that follows leaves them out
+        states = np.zeros((*attended.shape, self.hidden_size), dtype=np.float32)
+
+        def run_alone(row: int) -> None:
+            feeds = {name: values[row : row + 1, attended[row]] for name, values in inputs.items()}
+            states[row, attended[row]] = self.session.run(None, feeds)[0][0]
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(run_alone, range(len(attended))))  # list(): a failed run raises here
         features["token_embeddings"] = torch.from_numpy(states).to(features["input_ids"].device)
         return features
 

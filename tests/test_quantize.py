@@ -1,7 +1,9 @@
 """The int8 student (scripts/08_quantize.py, embdistill/quantize.py): the unquantised ONNX
 export embeds exactly as the fp32 SentenceTransformer folder does; the int8 folder, loaded the
-way users load it, embeds real texts close to it and tokenizes identically; the stage skips
-finished work and redoes it when its input changes; a missing or corrupt input is one line."""
+way users load it, embeds real texts close to it and tokenizes identically, and a text the same
+alone as in any batch; a folder further from fp32 than the threshold is refused at export; the
+stage skips finished work and redoes it when its input or threshold changes; a missing or
+corrupt input, or a student whose graph cannot be built, is one line."""
 
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ STAGE = "scripts/08_quantize.py"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, minilm_dir):
-    """A base folder whose runs/bbc-news/skd/export holds a 2-layer MiniLM student's export."""
+    """A base folder whose runs/bbc-news/skd/export holds a 2-layer MiniLM student's export,
+    with stage 0's bbc-news training texts (what the export is checked on)."""
     base = tmp_path_factory.mktemp("quantize")
     export(load_teacher(str(minilm_dir), device="cpu"), base / "runs" / "bbc-news" / "skd", 2)
+    assert run_stage("scripts/00_texts.py", "--task", "bbc-news", "--max-train", "64", "--max-test", "4",
+                     "--base-dir", base) == 0
     return base
 
 
@@ -99,6 +104,60 @@ def test_int8_folder_is_close_to_fp32(int8_dir, news_texts):
     assert ours["input_ids"].shape[1] == fp32.max_seq_length  # a long article is cut as fp32 cuts it
 
 
+def test_an_int8_text_embeds_the_same_alone_and_in_a_batch(int8_dir, news_texts):
+    """A dynamically quantised graph scales activations per run: run on a whole batch, a text's
+    embedding moved with its batch-mates (by up to 0.04)."""
+    from sentence_transformers import SentenceTransformer
+
+    int8 = SentenceTransformer(str(int8_dir), device="cpu", trust_remote_code=True)
+    texts = TEXTS + news_texts
+    in_a_batch = int8.encode(texts, batch_size=len(texts))
+    alone = np.concatenate([int8.encode(texts[i : i + 1], batch_size=1) for i in range(len(texts))])
+    np.testing.assert_allclose(alone, in_a_batch, atol=1e-6, rtol=0)
+
+
+def test_the_export_was_checked_alone_and_in_a_batch(int8_dir):
+    from embdistill.quantize import CHECK_TEXTS, MIN_COSINE
+
+    cosine = read_manifest(int8_dir)["extra"]["cosine_to_fp32"]
+    assert set(cosine) == {"batch 1", f"batch {CHECK_TEXTS}"} and min(cosine.values()) >= MIN_COSINE
+
+
+def test_a_folder_below_the_threshold_is_refused_and_not_written(workspace, int8_dir, capsys):
+    """The int8 folder's lowest cosine to fp32 on these texts is about 0.998: asking 0.9999
+    refuses it; the threshold is in the stage's identity (the folder of the default one is not
+    taken as done), and the folder there stays the previous, complete one."""
+    written = read_manifest(int8_dir)
+    assert run_stage(STAGE, "--task", "bbc-news", "--min-cosine", "0.9999", "--base-dir", workspace) == 2
+    line = _one_error_line(capsys)
+    assert "pooled cosine 0.99" in line and "--min-cosine 0.9999" in line, line
+    assert read_manifest(int8_dir) == written and not list(int8_dir.parent.glob(".st-int8*"))
+
+
+@pytest.fixture(scope="module")
+def deberta_workspace(tmp_path_factory, workspace, tiny_bert_dir):
+    """A base folder whose runs/bbc-news/skd/export/st is the tiny BERT's folder (MiniLM's
+    tokenizer, which gives token_type_ids) with a random 2-layer DeBERTa-v2 as its model, and
+    the workspace's training texts."""
+    import torch
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    base = tmp_path_factory.mktemp("deberta")
+    shutil.copytree(workspace / "text_train", base / "text_train")
+    folder = shutil.copytree(tiny_bert_dir, base / "runs" / "bbc-news" / "skd" / "export" / "st")
+    torch.manual_seed(0)
+    DebertaV2Model(DebertaV2Config(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    return base
+
+
+def test_a_student_whose_graph_cannot_be_built_is_one_line(deberta_workspace, capsys):
+    assert run_stage(STAGE, "--task", "bbc-news", "--base-dir", deberta_workspace) == 2
+    line = _one_error_line(capsys)
+    assert "DebertaV2Model" in line and "token_type_ids" in line, line
+    assert not list((deberta_workspace / "runs" / "bbc-news" / "skd" / "export").glob("*st-int8*"))
+
+
 def test_int8_graph_has_fused_quantised_attention(int8_dir):
     """The speed comes from onnxruntime's fused ops: each layer's attention one QAttention."""
     import onnx
@@ -138,7 +197,8 @@ def test_stage_skips_finished_work_and_redoes_changed_input(workspace, int8_dir,
 
 
 def _one_error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
+    """stderr's one line, besides transformers' progress bar of a model it loaded first."""
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
