@@ -15,8 +15,8 @@ texts each (turns, so that a change in the machine's load hits every model alike
 the median and best texts/s, the median's ratio to the fp32 student's, and the int8
 embeddings' cosine to the fp32 ones (mean and lowest), the machine's load average beside them.
 Then the two students' encoders alone on the same texts, tokenized once beforehand (the torch
-model and the ONNX session, in turns): what the folders' texts/s spend besides the encoder
-(tokenizing, pooling) is the difference.
+model and the int8 folder's ONNX module, which runs each text alone, in turns): what the
+folders' texts/s spend besides the encoder (tokenizing, pooling) is the difference.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def main(argv=None) -> None:
 
 
 def encoders_alone(fp32, int8, texts: list[str], args) -> None:
-    """texts/s of the fp32 encoder (torch) and the int8 one (onnxruntime) on batches tokenized
-    beforehand, passes in turns; printed as a second table."""
-    encoder, session = fp32[0], int8[0]
+    """texts/s of the fp32 encoder (torch) and the int8 one (the folder's OnnxEncoder) on batches
+    tokenized beforehand, passes in turns; printed as a second table."""
+    encoder, onnx_encoder = fp32[0], int8[0]
     # the int8 folder's tokenizer is the fp32 one's, cut at the same length (tests/test_quantize.py)
-    batches = [session.tokenize(texts[i : i + args.batch_size]) for i in range(0, len(texts), args.batch_size)]
+    batches = [onnx_encoder.tokenize(texts[i : i + args.batch_size]) for i in range(0, len(texts), args.batch_size)]
 
     def run_torch():
         with torch.inference_mode():
@@ -111,7 +111,7 @@ def encoders_alone(fp32, int8, texts: list[str], args) -> None:
 
     def run_onnx():
         for batch in batches:
-            session.session.run(None, {name: batch[name].numpy() for name in session.input_names})
+            onnx_encoder(dict(batch))  # a copy: forward adds the token states to the dict it is given
 
     runs, seconds = {"fp32 encoder (torch)": run_torch, "int8 encoder (onnxruntime)": run_onnx}, {}
     for run in runs.values():

@@ -26,7 +26,7 @@ optimum-intel a different torch); this is the same recipe with torch's exporter 
   0.04 with its batch-mates). Per channel because one scale per tensor costs accuracy: on the
   2-layer MiniLM student it moved pooled embeddings to cosine 0.971 with the fp32 ones (the
   lowest of 64 bbc-news texts), per channel 0.998. Static quantisation (``quantize_static``,
-  activation scales calibrated on training texts) was measured instead and kept 1.1-1.3x the
+  activation scales calibrated on training texts) was measured instead and kept 0.8-1.35x the
   torch encoder's speed only: its QDQ graph left the fused ops and activations in float;
 * our :class:`~embdistill.st_modules.OnnxEncoder` as the first module, followed by the fp32
   folder's own modules (Pooling, Normalize) and prompts, so the folder embeds as ``export/st``

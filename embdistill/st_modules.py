@@ -177,7 +177,7 @@ class OnnxEncoder(nn.Module):
     as the first module; see the module docstring. CPU only (onnxruntime's CPU provider), on as
     many threads as torch uses, so that its speed compares with a torch model's: each text is
     one run on one thread (its embedding is the same in any batch and at any thread count), a
-    batch's texts run side by side. On the 2-core CPU that was faster than the whole batch as
+    batch's texts run side by side. On the 2-core CPU (loaded) that was faster than the batch as
     one run on 2 threads (BENCHMARKS.md, "Fused graph")."""
 
     def __init__(self, model_dir: str | Path, max_seq_length: int = 512, n_parameters: int = 0):
