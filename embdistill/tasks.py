@@ -111,7 +111,7 @@ class Splits:
 class Task:
     name: str
     slug: str  # folder name under text_train/, work/, sense_dict/
-    kind: str  # "hub" | "local" | "file"
+    kind: str  # "hub" | "local" | "file" | "evaluation" (lee-sts: evaluation only, no stage 0)
     source: str  # mteb task, package or file path
     mteb_name: str | None = None  # the MTEB task it is, or stands in for (its prompt)
     index: int | None = None

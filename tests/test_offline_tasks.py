@@ -29,10 +29,6 @@ def _articles() -> list:
     return bbc_news_articles()
 
 
-def _article(headline: str):
-    return next(a for a in _articles() if a.headline == headline)
-
-
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
@@ -43,10 +39,13 @@ def test_retrieval_leaves_out_near_duplicates_of_training_and_of_each_other():
     from embdistill.evaluation.offline_tasks import headline_retrieval_data
 
     task = resolve_task("bbc-news")
-    trained, its_update = _article("Hewitt falls to Dent"), _article("Hewitt falls to Dent in Adelaide")
-    film, film_again = (a for a in _articles() if a.headline == "Russian film wins BBC world prize")
+    by_headline = {}
+    for article in _articles():
+        by_headline.setdefault(article.headline, []).append(article)
+    (trained,), (its_update,) = by_headline["Hewitt falls to Dent"], by_headline["Hewitt falls to Dent in Adelaide"]
+    film, film_again = by_headline["Russian film wins BBC world prize"]
     assert _words(trained.body)[:25] == _words(its_update.body)[:25] and film.body != film_again.body
-    other = _article("Ad sales boost Time Warner profit")
+    (other,) = by_headline["Ad sales boost Time Warner profit"]
     data = headline_retrieval_data(task, _eval_split([trained.text], [its_update.text, film.text, other.text,
                                                                       film_again.text]))
     assert data.headlines == [film.headline, other.headline] and data.bodies == [film.body, other.body]
@@ -109,10 +108,11 @@ def test_bbc_news_retrieval_equals_an_independent_ndcg(bbc, tiny_bert_dir, monke
                        "--task-types", "Retrieval", "--throughput-texts", "8", "--models", f"st:{tiny_bert_dir}")
     assert code == 0, err
     table = _table(bbc, "retrieval")
-    assert table["tasks"] == {"bbc-news-retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10",
-                                                     "eval_splits": ["test"]}}
     score = table["models"][0]["scores"]["bbc-news-retrieval"]["score"]
     data = headline_retrieval_data(resolve_task("bbc-news"), read_eval_split(Paths(bbc, "bbc-news")))
+    assert table["tasks"] == {"bbc-news-retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10",
+                                                     "eval_splits": ["test"], "queries": len(data.headlines),
+                                                     "left_out": data.left_out}}
     model = SentenceTransformer(str(tiny_bert_dir), device="cpu")
     expected = _ndcg_at_10(model.encode(data.headlines), model.encode(data.bodies))
     assert 0.1 < expected < 0.95 and len(data.headlines) > 40  # neither trivial nor empty

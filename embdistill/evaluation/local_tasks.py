@@ -58,8 +58,8 @@ from ..errors import UserError
 from ..paths import Paths
 from ..tasks import Task, load_mteb_task, resolve_task
 from ..texts import read_eval_split
-from .offline_tasks import (LEE_STS, RETRIEVAL_TASKS, headline_retrieval_task, lee_files, lee_sts_task,
-                            lee_task)
+from .offline_tasks import (LEE_STS, RETRIEVAL_TASKS, HeadlineRetrievalTask, headline_retrieval_task,
+                            lee_files, lee_sts_task, lee_task)
 
 log = logging.getLogger("embdistill.evaluation")
 
@@ -187,7 +187,7 @@ def _classification_task(task: Task, eval_split: dict, *, samples_per_label: int
         log.info("task %s: classes with fewer than %d training texts use all they have: %s",
                  task.name, samples_per_label, rare)
     mteb_task = task_class(LocalClassificationTask, task, eval_split, name=task.name,
-                            type="Classification", category="t2c", main_score="accuracy")(
+                           type="Classification", category="t2c", main_score="accuracy")(
         {"train": (train_texts, [index[y] for y in train_labels]),
          "test": (test_texts, [index[y] for y in test_labels])},
         seed=seed,
@@ -202,7 +202,7 @@ def _clustering_task(task: Task, eval_split: dict, *, n_experiments: int, seed: 
     texts, labels = _labelled(task, eval_split, "test")
     index = {label: i for i, label in enumerate(_classes(task, labels, "test"))}
     mteb_task = task_class(LocalClusteringTask, task, eval_split, name=f"{task.name}-clustering",
-                            type="Clustering", category="t2c", main_score="v_measure")(
+                           type="Clustering", category="t2c", main_score="v_measure")(
         {"test": (texts, [index[y] for y in labels])}, seed=seed)
     mteb_task.n_clusters = n_experiments  # mteb's name for its number of k-means experiments
     mteb_task.max_documents_per_cluster = len(texts)  # each bootstrap sample: the split's size
@@ -261,7 +261,8 @@ def set_experiments(mteb_task: AbsTask, *, samples_per_label: int | None, n_expe
 
 def protocol(mteb_task: AbsTask) -> dict:
     """What the table records of how a task is scored: its type, main score, splits and, for
-    the types that repeat an experiment, how."""
+    the types that repeat an experiment, how (headline retrieval: its queries, and the held-out
+    articles left out as near duplicates)."""
     metadata = mteb_task.metadata
     record = {"type": metadata.type, "main_score": metadata.main_score,
               "eval_splits": list(metadata.eval_splits)}
@@ -269,6 +270,8 @@ def protocol(mteb_task: AbsTask) -> dict:
         record |= {"samples_per_label": mteb_task.samples_per_label, "n_experiments": mteb_task.n_experiments}
     elif isinstance(mteb_task, AbsTaskClustering):
         record |= {"n_experiments": mteb_task.n_clusters}
+    elif isinstance(mteb_task, HeadlineRetrievalTask):  # what the near duplicates cost
+        record |= {"queries": len(mteb_task.data.headlines), "left_out": mteb_task.data.left_out}
     return record
 
 

@@ -12,8 +12,8 @@ then one model at a time: load, measure throughput, evaluate on each task, relea
 a later spec uses the same model). mteb re-runs every (model, task) pair of a run
 (``overwrite_strategy="always"``): whether the run as a whole is done is decided by the
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
-(eval.json files, lee-sts's files, model folders, dictionaries) and the dictionaries' sense rules (kept in their
-manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
+(eval.json files, lee-sts's files, model folders, dictionaries) and the dictionaries' sense
+rules (kept in their manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
 spec; the dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
