@@ -21,7 +21,10 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
   student:DIR            an exported student (runs/<task>/<run>/export/hf), plain mode
   untrained:MODEL@N      the first N layers of MODEL, untrained
   replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT
-  st:MODEL               a sentence-transformers folder or hub id, plain text, as published
+  st:MODEL               a sentence-transformers folder or hub id, plain text, as published, cut
+                         to --max-length; st:MODEL@own-length: at its own max_seq_length (for
+                         model2vec: the whole text), labelled apart (default label NAME-st-own-length)
+The table's "tokens" column gives what each row read of a text.
 """
 
 import argparse
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "clustering's k-means runs (default: mteb's, 10; other types have none)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="max tokens of our models' inputs, cut to each model's own limit (a "
-                        "student's: the length it was trained at); st: models keep their own")
+                        help="max tokens of every model's input, cut to each model's own limit (a "
+                        "student's: the length it was trained at); st: models too, unless the spec "
+                        "ends with @own-length (see below)")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="replace mode with a dictionary gathered with another --max-length")
     parser.add_argument("--throughput-texts", type=positive_int, default=256,

@@ -127,7 +127,7 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                                        loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch)
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
-                n_parameters, dictionary_values = encoder.n_parameters, encoder.dictionary_values
+                n_parameters, dictionary_values, tokens = encoder.n_parameters, encoder.dictionary_values, encoder.tokens
                 log.info("model %s: %.1f texts/s on %d texts of %s", spec.label,
                          texts_per_second, len(throughput_texts), tasks[0].name)
             task.reset_random_state()
@@ -140,7 +140,7 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                      task.mteb_task.metadata.main_score, result.task_results[0].main_score, path)
         rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
                              n_parameters=n_parameters, dictionary_values=dictionary_values,
-                             texts_per_second=texts_per_second, result_files=result_files))
+                             texts_per_second=texts_per_second, tokens=tokens, result_files=result_files))
         del encoder
     loaded.clear()
     _release_memory()

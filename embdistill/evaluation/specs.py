@@ -14,6 +14,8 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
                                replace mode is the dictionary's ceiling; ``replace:MODEL@N@DICT``:
                                the untrained first N layers of MODEL in replace mode
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
+                               but cut to the run's ``--max-length``; ``st:MODEL@own-length``:
+                               at its own max_seq_length (model2vec's: the whole text)
 =============================  ==================================================================
 
 MODEL and DICT may contain ``{task}``, replaced by each task's folder name: one row whose model
@@ -22,10 +24,13 @@ task it is evaluated on, as the paper's per-task SKD students are).
 
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
-through their own pipeline (pooling, normalisation, max_seq_length), as published.
+through their own pipeline (pooling, normalisation), as published. Every row reads at most the
+run's ``--max-length`` tokens, cut to the model's own limit (the table's "tokens" column), so
+that rows compare on the same input; ``@own-length`` is the one exception, to be asked for.
 Default labels: ``teacher:minilm`` -> ``minilm``; ``student:runs/bbc-news/skd/export/hf`` ->
 ``skd`` (the run); ``untrained:minilm@3`` -> ``minilm-first3``; ``replace:X@D`` -> X's label
-plus ``-replace``; ``st:X`` -> X's name plus ``-st``.
+plus ``-replace``; ``st:X`` -> X's name plus ``-st``; ``st:X@own-length`` -> X's name plus
+``-st-own-length``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..paths import slug
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
 TASK_PLACEHOLDER = "{task}"
+OWN_LENGTH = "@own-length"  # st:MODEL@own-length: the model's own max_seq_length, not the run's
 _LABEL = re.compile(r"[A-Za-z0-9._+-]+")
 
 
@@ -53,12 +59,14 @@ class ModelSpec:
     target: str  # the model: a load_teacher name or path, or a sentence-transformers id/path
     sense_dict: str | None = None  # replace mode: the dictionary file
     n_layers: int | None = None  # untrained: how many of the target's first layers
+    own_length: bool = False  # st: read as many tokens as the model itself does (not --max-length)
 
     @property
     def text(self) -> str:
         """The spec as written on the command line (with its label)."""
         layers = f"@{self.n_layers}" if self.n_layers else ""
-        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers}.get(self.kind, "")
+        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers,
+                  "st": OWN_LENGTH if self.own_length else ""}.get(self.kind, "")
         return f"{self.label}={self.kind}:{self.target}{suffix}"
 
     @property
@@ -93,6 +101,11 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise UserError(f"bad model spec '{text}': expected [LABEL=]KIND:TARGET with KIND one of "
                         f"{', '.join(KINDS)} (e.g. teacher:minilm, replace:runs/t/skd/export/hf@d.kmeanspkl)")
     sense_dict = n_layers = None
+    own_length = kind == "st" and target.endswith(OWN_LENGTH)
+    if own_length:
+        target = target.removesuffix(OWN_LENGTH)
+        if not target:
+            raise UserError(f"bad model spec '{text}': st:MODEL{OWN_LENGTH} needs a MODEL")
     if kind in ("replace", "untrained"):
         target, at, extra = target.rpartition("@")
         if not at or not target or not extra:
@@ -108,13 +121,14 @@ def parse_model_spec(text: str) -> ModelSpec:
         if n_layers is not None and (not str(n_layers).isdigit() or int(n_layers) < 1 or not target):
             raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
         n_layers = int(n_layers) if n_layers is not None else None
-    label = label or default_label(kind, target, n_layers)
+    label = label or default_label(kind, target, n_layers, own_length)
     if not _LABEL.fullmatch(label):
         raise UserError(f"bad model label '{label}': use letters, digits and . _ + -")
-    return ModelSpec(label=label, kind=kind, target=target, sense_dict=sense_dict, n_layers=n_layers)
+    return ModelSpec(label=label, kind=kind, target=target, sense_dict=sense_dict, n_layers=n_layers,
+                     own_length=own_length)
 
 
-def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
+def default_label(kind: str, target: str, n_layers: int | None = None, own_length: bool = False) -> str:
     parts = Path(target.rstrip("/")).parts
     if len(parts) > 2 and parts[-2] == "export" and parts[-1] in ("hf", "st"):
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
@@ -122,7 +136,7 @@ def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
         name = slug(target)
     first = f"-first{n_layers}" if n_layers else ""
     return {"untrained": f"{name}{first}", "replace": f"{name}{first}-replace",
-            "st": f"{name}-st"}.get(kind, name)
+            "st": f"{name}-st{'-own-length' if own_length else ''}"}.get(kind, name)
 
 
 def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> list[ModelSpec]:
