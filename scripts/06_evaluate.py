@@ -20,7 +20,8 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
   student:DIR            an exported student (runs/<task>/<run>/export/hf), plain mode
   untrained:MODEL@N      the first N layers of MODEL, untrained
-  replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT
+  replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT (for an exported student:
+                         the dictionary it learned, as its export manifest records it)
   st:MODEL               a sentence-transformers folder or hub id, plain text, as published, cut
                          to --max-length; st:MODEL@own-length: at its own max_seq_length (for
                          model2vec: the whole text), labelled apart (default label NAME-st-own-length)
@@ -32,7 +33,7 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
+from embdistill.evaluation.specs import check_replace_dictionaries, parse_model_specs
 from embdistill.paths import base_dir, check_run_name, results_dir
 
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-teacher-mismatch", action="store_true",
                         help="replace mode: accept a dictionary whose manifest names another teacher "
                         "than the model's (e.g. the same model under another name)")
+    parser.add_argument("--allow-dictionary-mismatch", action="store_true",
+                        help="replace mode: evaluate an exported student with another dictionary than "
+                        "the one its export manifest records it learned (another sense rule, k rule, "
+                        "teacher, max length or content)")
     return parser
 
 
@@ -80,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     select_task_types(resolved, args.task_types)
     task_slugs = [task.slug for task in resolved]
     specs = parse_model_specs(args.models, task_slugs)
-    if not args.allow_teacher_mismatch:
-        check_dictionary_teachers(specs, task_slugs)
+    check_replace_dictionaries(specs, task_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
+                               allow_dictionary_mismatch=args.allow_dictionary_mismatch)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
     check_run_name(args.run, "results/")

@@ -224,9 +224,12 @@ def test_finished_run_is_skipped_unless_overwrite(finished_run, workspace, monke
         run.evaluate(finished_run["config"], workspace["base"], device="cpu", overwrite=True)
 
 
-def test_a_finished_run_is_redone_when_a_dictionary_records_another_rule(finished_run, workspace, monkeypatch):
-    """The rule is in the dictionary's manifest, outside its fingerprint: the table's identity
-    names it, so a replace-mode result of a dot dictionary is not taken for an l2 one."""
+@pytest.mark.parametrize("made_with", [{"sense_rule": "l2"}, {"k_rule": "mcl"}])
+def test_a_finished_run_is_redone_when_a_dictionary_records_another_making(finished_run, workspace, monkeypatch,
+                                                                            made_with):
+    """How a dictionary was made is in its manifest, outside its fingerprint: the table's
+    identity holds it, so a replace-mode result of a dot dictionary is not taken for an l2 one,
+    nor one of a fixed-k dictionary for an mcl one of the same bytes."""
     from embdistill.artifacts import manifest_path, write_manifest
     from embdistill.evaluation import run
 
@@ -234,7 +237,7 @@ def test_a_finished_run_is_redone_when_a_dictionary_records_another_rule(finishe
         raise AssertionError("re-evaluated a finished run")
 
     monkeypatch.setattr(run, "evaluate_models", fail)
-    write_manifest(workspace["dict"], stage="cluster", config={"sense_rule": "l2"})
+    write_manifest(workspace["dict"], stage="cluster", config=made_with)
     try:
         with pytest.raises(AssertionError, match="re-evaluated"):
             run.evaluate(finished_run["config"], workspace["base"], device="cpu")
@@ -326,6 +329,35 @@ def test_dictionary_of_another_teacher_exits_2(workspace, tiny_bert_dir, monkeyp
                        workspace["task"], "--run", "bad", "--models", f"replace:{tiny_bert_dir}@{other}")
     assert code == 2
     assert "16-d but the model's hidden size is 32" in _single_line_error(err)
+
+
+def test_a_student_in_replace_mode_refuses_a_dictionary_re_clustered_with_another_rule(
+        workspace, tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    """Re-clustering writes the same pickle with another manifest: the student learned the
+    dot rule's senses, so its replace row with the l2 manifest is refused in one line (exit 2),
+    and evaluated only when --allow-dictionary-mismatch says so."""
+    from embdistill.artifacts import write_manifest
+    from test_train_stage import make_inputs, train_script
+
+    paths = make_inputs(tmp_path, tiny_bert_dir)  # train.json, a dictionary and its (dot) targets
+    made_with = {"teacher": paths.teacher, "k_rule": "fixed"}
+    write_manifest(paths.sense_dict, stage="cluster", config={**made_with, "sense_rule": "dot"})
+    assert run_stage("scripts/05_train.py", *train_script(tmp_path, tiny_bert_dir, "--max-length", "32",
+                                                          "--max-steps", "1", "--no-export-replace")) == 0
+    write_manifest(paths.sense_dict, stage="cluster", config={**made_with, "sense_rule": "l2"})
+    student = Paths(tmp_path, paths.task, paths.teacher, "skd").export_dir / "hf"
+    evaluate = ["--base-dir", str(workspace["base"]), "--task", workspace["task"], "--run", "bound",
+                "--max-length", "32", "--samples-per-label", "4", "--n-experiments", "2",
+                "--throughput-texts", "8", "--models", f"replace:{student}@{paths.sense_dict}"]
+    code, err = _stage(monkeypatch, capsys, *evaluate)
+    assert code == 2
+    error = _single_line_error(err)
+    assert f"{paths.sense_dict} is not the dictionary student {student} learned: sense_rule l2 (learned: dot)" in error
+    assert "--allow-dictionary-mismatch" in error
+    assert not (workspace["base"] / "results" / "bound").exists()
+    code, err = _stage(monkeypatch, capsys, *evaluate, "--allow-dictionary-mismatch")
+    assert code == 0, err[-2000:]
+    assert (workspace["base"] / "results" / "bound" / "table.json").is_file()
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -159,31 +159,40 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
     return specs
 
 
-def check_dictionary_teachers(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = ()) -> None:
-    """UserError when a replace-mode model's dictionary was built with another teacher than
-    the model's own: the teacher an exported student was distilled from (its training
-    manifest), else the model itself (``replace:minilm@...``: the teacher in replace mode)."""
-    from ..senses.dictionary import check_dictionary_teacher
+def check_replace_dictionaries(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = (), *,
+                               allow_teacher_mismatch: bool = False,
+                               allow_dictionary_mismatch: bool = False) -> None:
+    """UserError when a replace-mode model's dictionary is not the model's own:
+
+    * built with another teacher than the model's (unless ``allow_teacher_mismatch``): the
+      teacher an exported student was distilled from (its export manifest), else the model
+      itself (``replace:minilm@...``: the teacher in replace mode);
+    * for an exported student trained with the sense loss, not the dictionary it learned
+      (unless ``allow_dictionary_mismatch``): its export manifest records that dictionary's
+      identity, sense rule included (:func:`~embdistill.senses.dictionary.check_learned_dictionary`),
+      so a dictionary re-clustered since with another rule or k rule is refused."""
+    from ..senses.dictionary import check_dictionary_teacher, check_learned_dictionary
 
     for spec in specs:
         if spec.kind != "replace":
             continue
         for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
-            teacher = teacher_of(resolved.target)
-            if teacher is not None:
+            manifest = export_manifest(resolved.target)
+            teacher = (manifest.get("extra") or {}).get("teacher") if manifest else slug(resolved.target)
+            if teacher is not None and not allow_teacher_mismatch:
                 check_dictionary_teacher(resolved.sense_dict, teacher)
+            learned = ((manifest or {}).get("config") or {}).get("run") or {}
+            if "sense_dict" in learned and not spec.n_layers and not allow_dictionary_mismatch:
+                check_learned_dictionary(resolved.sense_dict, learned["sense_dict"], learned.get("sense_rule"),
+                                         f"student {resolved.target}")
 
 
-def teacher_of(target: str) -> str | None:
-    """The teacher slug behind a model target: for a student export
-    (``runs/<task>/<run>/export/hf``), the teacher its export manifest names (None for an
-    export that predates that record); else the target itself, named as ``load_teacher``
-    names it."""
+def export_manifest(target: str) -> dict | None:
+    """The export manifest of a student export target (``runs/<task>/<run>/export/hf``): what
+    it was trained from (``config.run``) and its teacher's slug (``extra.teacher``, absent in
+    exports that predate that record); None for any other target."""
     folder = Path(target).expanduser()
-    manifest = read_manifest(folder.parent) if folder.name in ("hf", "st") else None
-    if manifest is not None:
-        return (manifest.get("extra") or {}).get("teacher")
-    return slug(target)
+    return read_manifest(folder.parent) if folder.name in ("hf", "st") else None
 
 
 def looks_like_path(target: str) -> bool:
