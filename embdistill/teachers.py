@@ -415,17 +415,18 @@ def _max_seq_length(source: str, config) -> int:
 
 
 def sentence_transformers_length(source: str, config) -> int | None:
-    """The max_seq_length sentence-transformers reads a folder with; None when it is no
-    sentence-transformers folder (no ``modules.json``). Sentence-transformers 5 writes it in
-    ``sentence_bert_config.json``; 6 writes none there: its Transformer module keeps the length
-    as its tokenizer's ``model_max_length`` (``tokenizer_config.json``), which it caps at the
-    position limit when it loads (a tokenizer that sets no limit says 1e30). Version 6 still
-    reads the 5.x key first, as this does."""
-    if _model_file(source, "modules.json") is None:
-        return None
+    """The max_seq_length sentence-transformers reads a folder with, None when it records
+    none. Sentence-transformers 5 writes it in ``sentence_bert_config.json``; 6 writes none
+    there: its Transformer module keeps the length as its tokenizer's ``model_max_length``
+    (``tokenizer_config.json``), which it caps at the position limit when it loads (a tokenizer
+    that sets no limit says 1e30). Version 6 still reads the 5.x key first, as this does; the
+    tokenizer's is taken only in a sentence-transformers folder (``modules.json``): any
+    transformers folder has a tokenizer config."""
     saved = (_read_json(source, "sentence_bert_config.json") or {}).get("max_seq_length")
     if saved:
         return int(saved)
+    if _model_file(source, "modules.json") is None:
+        return None
     tokenizer_length = (_read_json(source, "tokenizer_config.json") or {}).get("model_max_length")
     if not isinstance(tokenizer_length, (int, float)) or tokenizer_length < 1:
         return None

@@ -23,8 +23,9 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
   replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT (for an exported student:
                          the dictionary it learned, as its export manifest records it)
   st:MODEL               a sentence-transformers folder or hub id, plain text, as published, cut
-                         to --max-length; st:MODEL@own-length: at its own max_seq_length (for
-                         model2vec: the whole text), labelled apart (default label NAME-st-own-length)
+                         to --max-length; st:MODEL@own-length: at its own length (model2vec: its
+                         tokenizer's cut, 512 as model2vec saves it), labelled apart (default
+                         label NAME-st-own-length)
 The table's "tokens" column gives what each row read of a text.
 """
 

@@ -11,11 +11,14 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 ``untrained:MODEL@N``          the first N layers of MODEL, untrained: the student SKD starts from
 ``replace:MODEL@DICT``         MODEL (student or teacher) in replace mode with the sense dictionary
                                DICT (``sense_dict/<task>/<teacher>.kmeanspkl``); the teacher in
-                               replace mode is the dictionary's ceiling; ``replace:MODEL@N@DICT``:
-                               the untrained first N layers of MODEL in replace mode
+                               replace mode is the dictionary's ceiling; an exported student's
+                               DICT must be the one it learned (:func:`check_replace_dictionaries`);
+                               ``replace:MODEL@N@DICT``: the untrained first N layers of MODEL in
+                               replace mode
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
                                but cut to the run's ``--max-length``; ``st:MODEL@own-length``:
-                               at its own max_seq_length (model2vec's: the whole text)
+                               at its own length (model2vec's: its tokenizer's cut, 512 as
+                               model2vec saves it; the whole text without one)
 =============================  ==================================================================
 
 MODEL and DICT may contain ``{task}``, replaced by each task's folder name: one row whose model
