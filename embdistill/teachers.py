@@ -415,13 +415,10 @@ def _max_seq_length(source: str, config) -> int:
 
 
 def sentence_transformers_length(source: str, config) -> int | None:
-    """The max_seq_length sentence-transformers reads a folder with, None when it records
-    none. Sentence-transformers 5 writes it in ``sentence_bert_config.json``; 6 writes none
-    there: its Transformer module keeps the length as its tokenizer's ``model_max_length``
-    (``tokenizer_config.json``), which it caps at the position limit when it loads (a tokenizer
-    that sets no limit says 1e30). Version 6 still reads the 5.x key first, as this does; the
-    tokenizer's is taken only in a sentence-transformers folder (``modules.json``): any
-    transformers folder has a tokenizer config."""
+    """The max_seq_length sentence-transformers reads a folder with (None: none recorded):
+    5.x's ``sentence_bert_config.json`` key, which 6 still reads first; else, in a
+    sentence-transformers folder (``modules.json``), 6's place for it, the tokenizer's
+    ``model_max_length``, capped at the position limit as 6 caps it (no limit: 1e30)."""
     saved = (_read_json(source, "sentence_bert_config.json") or {}).get("max_seq_length")
     if saved:
         return int(saved)
