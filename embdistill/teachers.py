@@ -408,10 +408,26 @@ def _input_format(source: str, base: str, config) -> InputFormat:
 
 def _max_seq_length(source: str, config) -> int:
     """The length saved with the model (an exported student's: what it was trained at), else
-    sentence-transformers' max_seq_length, else the model's position limit."""
+    sentence-transformers' max_seq_length (:func:`sentence_transformers_length`), else the
+    model's position limit."""
     saved = (_saved_reading(source) or {}).get("max_seq_length")
-    st_config = _read_json(source, "sentence_bert_config.json") or {}
-    return int(saved or st_config.get("max_seq_length") or position_limit(config))
+    return int(saved or sentence_transformers_length(source, config) or position_limit(config))
+
+
+def sentence_transformers_length(source: str, config) -> int | None:
+    """The max_seq_length sentence-transformers reads a folder with (None: none recorded):
+    5.x's ``sentence_bert_config.json`` key, which 6 still reads first; else, in a
+    sentence-transformers folder (``modules.json``), 6's place for it, the tokenizer's
+    ``model_max_length``, capped at the position limit as 6 caps it (no limit: 1e30)."""
+    saved = (_read_json(source, "sentence_bert_config.json") or {}).get("max_seq_length")
+    if saved:
+        return int(saved)
+    if _model_file(source, "modules.json") is None:
+        return None
+    tokenizer_length = (_read_json(source, "tokenizer_config.json") or {}).get("model_max_length")
+    if not isinstance(tokenizer_length, (int, float)) or tokenizer_length < 1:
+        return None
+    return int(min(tokenizer_length, position_limit(config)))
 
 
 def position_limit(config) -> int:

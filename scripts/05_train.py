@@ -26,7 +26,7 @@ from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, 
 from embdistill.errors import UserError
 from embdistill.input_format import effective_max_length
 from embdistill.paths import Paths, base_dir, check_run_name
-from embdistill.senses.dictionary import check_gathered_with, load_packed_senses
+from embdistill.senses.dictionary import check_gathered_with, dictionary_identity, load_packed_senses
 from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from embdistill.students import (SenseDistillation, StateMatching, build_student, default_student_layers,
                                  default_teacher_device, example_collator, export_student)
@@ -122,10 +122,10 @@ def train(args: argparse.Namespace) -> int:
     run_config = {
         "task": task.name, "teacher": tokenizer.name, "input_format": tokenizer.input_format.name,
         "student_layers": layers, "loss": args.loss, "max_length": max_length,
-        **{key: fingerprint(path) for key, path in inputs.items()},
+        **{key: fingerprint(path) for key, path in inputs.items() if key != "sense_dict"},
     }
-    if args.loss == "sense":  # in the dictionary's manifest, not in its fingerprint
-        run_config["sense_rule"] = targets_config.sense_rule
+    if args.loss == "sense":  # its manifest too (the sense rule is not in the pickle): what replace mode binds to
+        run_config["sense_dict"] = dictionary_identity(inputs["sense_dict"])
     resolved = resolved_config(run_config, config, env.world_size) | {
         "export_replace": args.loss == "sense" and args.export_replace}
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):

@@ -23,8 +23,13 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
   teacher:MODEL          a teacher (load_teacher name, hub id or folder), plain mode
   student:DIR            an exported student (runs/<task>/<run>/export/hf), plain mode
   untrained:MODEL@N      the first N layers of MODEL, untrained
-  replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT
-  st:MODEL               a sentence-transformers folder or hub id, plain text, as published
+  replace:MODEL@DICT     MODEL in replace mode with sense dictionary DICT (for an exported student:
+                         the dictionary it learned, as its export manifest records it)
+  st:MODEL               a sentence-transformers folder or hub id, plain text, as published, cut
+                         to --max-length; st:MODEL@own-length: at its own length (model2vec: its
+                         tokenizer's cut, 512 as model2vec saves it), labelled apart (default
+                         label NAME-st-own-length)
+The table's "tokens" column gives what each row read of a text.
 """
 
 import argparse
@@ -32,7 +37,7 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.evaluation.specs import check_dictionary_teachers, parse_model_specs
+from embdistill.evaluation.specs import check_replace_dictionaries, parse_model_specs
 from embdistill.paths import base_dir, check_run_name, results_dir
 
 
@@ -54,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "clustering's k-means runs (default: mteb's, 10; other types have none)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
-                        help="max tokens of our models' inputs, cut to each model's own limit (a "
-                        "student's: the length it was trained at); st: models keep their own")
+                        help="max tokens of every model's input, cut to each model's own limit (a "
+                        "student's: the length it was trained at); st: models too, unless the spec "
+                        "ends with @own-length (see below)")
     parser.add_argument("--allow-max-length-mismatch", action="store_true",
                         help="replace mode with a dictionary gathered with another --max-length")
     parser.add_argument("--throughput-texts", type=positive_int, default=256,
@@ -64,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-teacher-mismatch", action="store_true",
                         help="replace mode: accept a dictionary whose manifest names another teacher "
                         "than the model's (e.g. the same model under another name)")
+    parser.add_argument("--allow-dictionary-mismatch", action="store_true",
+                        help="replace mode: evaluate an exported student with another dictionary than "
+                        "the one its export manifest records it learned (another sense rule, k rule, "
+                        "teacher, max length or content)")
     return parser
 
 
@@ -79,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     select_task_types(resolved, args.task_types)
     task_slugs = [task.slug for task in resolved]
     specs = parse_model_specs(args.models, task_slugs)
-    if not args.allow_teacher_mismatch:
-        check_dictionary_teachers(specs, task_slugs)
+    check_replace_dictionaries(specs, task_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
+                               allow_dictionary_mismatch=args.allow_dictionary_mismatch)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
     check_run_name(args.run, "results/")

@@ -51,6 +51,31 @@ def test_static_model_loads_and_embeds(distilled, tiny_bert_dir):
     assert manifest["extra"]["seconds"] > 0 and manifest["inputs"]["teacher"]
 
 
+def test_static_model_is_cut_to_the_runs_length_unless_read_whole(distilled):
+    """model2vec reads up to its tokenizer's own cut (model2vec saves 512; whole texts without
+    one); as an st: row it reads the run's --max-length, its own length only as
+    st:MODEL@own-length."""
+    from sentence_transformers import SentenceTransformer
+
+    from embdistill.evaluation.models import WHOLE_TEXT, cut_to_length, load_encoder
+    from embdistill.evaluation.specs import parse_model_spec
+
+    _, folder = distilled
+    text, first_four_words = "the team won the match in the final minute", "the team won the"
+    reference = SentenceTransformer(str(folder), device="cpu")
+    own_cut = (reference[0].tokenizer.truncation or {}).get("max_length", WHOLE_TEXT)
+    cut = load_encoder(parse_model_spec(f"st:{folder}"), {}, device="cpu", batch_size=2, max_length=4)
+    own = load_encoder(parse_model_spec(f"st:{folder}@own-length"), {}, device="cpu", batch_size=2, max_length=4)
+    assert (cut.tokens, own.tokens) == (4, own_cut)
+    np.testing.assert_allclose(cut.embed([text], "t"), reference.encode([first_four_words]), atol=1e-6)
+    np.testing.assert_allclose(own.embed([text], "t"), reference.encode([text]), atol=1e-6)
+    assert not np.allclose(reference.encode([text]), reference.encode([first_four_words]))
+    reference[0].tokenizer.no_truncation()  # a static model without any cut reads whole texts
+    assert cut_to_length(reference, None, "m2v") == WHOLE_TEXT
+    assert cut_to_length(reference, 4, "m2v") == 4
+    np.testing.assert_allclose(reference.encode([text]), reference.encode([first_four_words]), atol=1e-6)
+
+
 def test_finished_work_is_skipped_and_changed_options_redo_it(distilled, tiny_bert_dir, capsys):
     base, folder = distilled
     written = read_manifest(folder)

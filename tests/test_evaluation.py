@@ -83,12 +83,14 @@ def workspace(tmp_path_factory, tiny_bert_dir):
     ("replace:minilm@2@d.kmeanspkl", "minilm-first2-replace", "replace", "minilm", "d.kmeanspkl"),
     ("st:sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers__all-MiniLM-L6-v2-st", "st",
      "sentence-transformers/all-MiniLM-L6-v2", None),
+    ("st:baselines/model2vec/minilm@own-length", "baselines__model2vec__minilm-st-own-length", "st", "baselines/model2vec/minilm", None),
 ])
 def test_model_spec_syntax(text, label, kind, target, extra):
     spec = parse_model_spec(text)
     assert (spec.label, spec.kind, spec.target) == (label, kind, target)
     assert (spec.n_layers if kind == "untrained" else spec.sense_dict) == extra
     assert spec.n_layers == (2 if label == "minilm-first2-replace" else 3 if kind == "untrained" else None)
+    assert spec.own_length == text.endswith("@own-length")
     assert parse_model_spec(spec.text) == spec  # the canonical text parses back
 
 
@@ -222,9 +224,12 @@ def test_finished_run_is_skipped_unless_overwrite(finished_run, workspace, monke
         run.evaluate(finished_run["config"], workspace["base"], device="cpu", overwrite=True)
 
 
-def test_a_finished_run_is_redone_when_a_dictionary_records_another_rule(finished_run, workspace, monkeypatch):
-    """The rule is in the dictionary's manifest, outside its fingerprint: the table's identity
-    names it, so a replace-mode result of a dot dictionary is not taken for an l2 one."""
+@pytest.mark.parametrize("made_with", [{"sense_rule": "l2"}, {"k_rule": "mcl"}])
+def test_a_finished_run_is_redone_when_a_dictionary_records_another_making(finished_run, workspace, monkeypatch,
+                                                                            made_with):
+    """How a dictionary was made is in its manifest, outside its fingerprint: the table's
+    identity holds it, so a replace-mode result of a dot dictionary is not taken for an l2 one,
+    nor one of a fixed-k dictionary for an mcl one of the same bytes."""
     from embdistill.artifacts import manifest_path, write_manifest
     from embdistill.evaluation import run
 
@@ -232,13 +237,40 @@ def test_a_finished_run_is_redone_when_a_dictionary_records_another_rule(finishe
         raise AssertionError("re-evaluated a finished run")
 
     monkeypatch.setattr(run, "evaluate_models", fail)
-    write_manifest(workspace["dict"], stage="cluster", config={"sense_rule": "l2"})
+    write_manifest(workspace["dict"], stage="cluster", config=made_with)
     try:
         with pytest.raises(AssertionError, match="re-evaluated"):
             run.evaluate(finished_run["config"], workspace["base"], device="cpu")
     finally:
         manifest_path(workspace["dict"]).unlink()
     assert run.evaluate(finished_run["config"], workspace["base"], device="cpu") == finished_run["table"]
+
+
+def test_st_rows_read_the_runs_max_length_unless_asked_for_their_own(workspace, tiny_bert_dir, tmp_path):
+    """An st: folder saved with a longer max_seq_length than the run's is cut to the run's (the
+    table says so, and scores it as the same folder saved at the run's length); @own-length
+    keeps its own, labelled apart."""
+    from sentence_transformers import SentenceTransformer
+
+    from embdistill.evaluation.run import EvaluationConfig, evaluate
+
+    saved_at_run_length = tmp_path / "st-8"
+    model = SentenceTransformer(str(tiny_bert_dir), device="cpu")
+    model.max_seq_length = 8  # the topic texts are 9 to 11 tokens: the cut shows
+    model.save(str(saved_at_run_length))
+    assert SentenceTransformer(str(tiny_bert_dir), device="cpu").max_seq_length == 128
+    config = EvaluationConfig(
+        run="cut", tasks=(workspace["task"],), samples_per_label=4, n_experiments=3, batch_size=8,
+        max_length=8, throughput_texts=8,
+        models=(f"long=st:{tiny_bert_dir}", f"short=st:{saved_at_run_length}", f"st:{tiny_bert_dir}@own-length"))
+    table = evaluate(config, workspace["base"], device="cpu")
+    long, short, own = table["models"]
+    assert own["label"] == f"{tiny_bert_dir.name}-st-own-length"
+    assert [long["tokens"], short["tokens"], own["tokens"]] == [8, 8, 128]
+    assert long["scores"]["topics"]["per_experiment"] == short["scores"]["topics"]["per_experiment"]
+    markdown = (workspace["base"] / "results" / "cut" / "table.md").read_text()
+    assert markdown.splitlines()[0].endswith("| params | tokens | texts/s |")
+    assert "| long | " in markdown and " | 8 | " in markdown.splitlines()[2]
 
 
 def _result_file(path: Path, experiments_per_entry: list[list[float]]) -> Path:
@@ -254,9 +286,9 @@ def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
     from embdistill.evaluation.table import ModelRow, build_table, format_markdown
 
     rows = [
-        ModelRow("zero", "teacher", "zero=teacher:x", 10, 0, 1.0,
+        ModelRow("zero", "teacher", "zero=teacher:x", 10, 0, 1.0, 128,
                  {"t": _result_file(tmp_path / "zero.json", [[0.0, 0.0]])}),
-        ModelRow("two", "student", "two=student:y", 5, 0, 2.0,
+        ModelRow("two", "student", "two=student:y", 5, 0, 2.0, "whole text",
                  {"t": _result_file(tmp_path / "two.json", [[0.5, 0.7], [0.9, 0.7]])}),
     ]
     table = build_table("r", rows, {"t": {"type": "Classification", "main_score": "accuracy",
@@ -267,7 +299,7 @@ def test_table_averages_entries_and_survives_a_zero_teacher(tmp_path):
     assert two["per_experiment"] == pytest.approx([0.7, 0.7])  # experiment i: mean over entries
     assert two["std"] == 0.0 and two["result_file"] == "two.json"
     assert table["models"][1]["relative_to_teacher"] is None
-    assert "| two | 70.0 ± 0.0 | 70.0 | n/a | 0.0M | 2.0 |" in format_markdown(table)
+    assert "| two | 70.0 ± 0.0 | 70.0 | n/a | 0.0M | whole text | 2.0 |" in format_markdown(table)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -297,6 +329,35 @@ def test_dictionary_of_another_teacher_exits_2(workspace, tiny_bert_dir, monkeyp
                        workspace["task"], "--run", "bad", "--models", f"replace:{tiny_bert_dir}@{other}")
     assert code == 2
     assert "16-d but the model's hidden size is 32" in _single_line_error(err)
+
+
+def test_a_student_in_replace_mode_refuses_a_dictionary_re_clustered_with_another_rule(
+        workspace, tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    """Re-clustering writes the same pickle with another manifest: the student learned the
+    dot rule's senses, so its replace row with the l2 manifest is refused in one line (exit 2),
+    and evaluated only when --allow-dictionary-mismatch says so."""
+    from embdistill.artifacts import write_manifest
+    from test_train_stage import make_inputs, train_script
+
+    paths = make_inputs(tmp_path, tiny_bert_dir)  # train.json, a dictionary and its (dot) targets
+    made_with = {"teacher": paths.teacher, "k_rule": "fixed"}
+    write_manifest(paths.sense_dict, stage="cluster", config={**made_with, "sense_rule": "dot"})
+    assert run_stage("scripts/05_train.py", *train_script(tmp_path, tiny_bert_dir, "--max-length", "32",
+                                                          "--max-steps", "1", "--no-export-replace")) == 0
+    write_manifest(paths.sense_dict, stage="cluster", config={**made_with, "sense_rule": "l2"})
+    student = Paths(tmp_path, paths.task, paths.teacher, "skd").export_dir / "hf"
+    evaluate = ["--base-dir", str(workspace["base"]), "--task", workspace["task"], "--run", "bound",
+                "--max-length", "32", "--samples-per-label", "4", "--n-experiments", "2",
+                "--throughput-texts", "8", "--models", f"replace:{student}@{paths.sense_dict}"]
+    code, err = _stage(monkeypatch, capsys, *evaluate)
+    assert code == 2
+    error = _single_line_error(err)
+    assert f"{paths.sense_dict} is not the dictionary student {student} learned: sense_rule l2 (learned: dot)" in error
+    assert "--allow-dictionary-mismatch" in error
+    assert not (workspace["base"] / "results" / "bound").exists()
+    code, err = _stage(monkeypatch, capsys, *evaluate, "--allow-dictionary-mismatch")
+    assert code == 0, err[-2000:]
+    assert (workspace["base"] / "results" / "bound" / "table.json").is_file()
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -201,3 +201,38 @@ def test_replace_spec_uses_the_rule_its_dictionary_records(tiny_bert_dir, tmp_pa
         np.testing.assert_allclose(embedded[rule], expected.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(embedded[None], embedded["dot"])
     assert not np.allclose(embedded["dot"], embedded["l2"], atol=1e-3)
+
+
+def test_under_l2_a_state_takes_the_sense_k_means_put_it_in():
+    """The dictionary's senses are k-means centroids, and k-means puts a state in the cluster
+    of its nearest centroid: l2 picks exactly that one. dot favours senses of large norm, so
+    states of a small-norm cluster move to another sense; every rule substitutes the centroid
+    itself (under cos too: not rescaled to the state's norm)."""
+    from embdistill.senses.kmeans import _assign, _sq_norms, kmeans
+
+    rng = np.random.default_rng(0)
+    tokens, k, per_cluster, dim = [3, 7, 11], 3, 40, 16
+    points = []
+    for _ in tokens:  # k clusters around centres of norm 1, 3 and 6 in random directions
+        directions = rng.normal(size=(k, dim))
+        centres = directions / np.linalg.norm(directions, axis=1, keepdims=True) * np.array([[1.0], [3.0], [6.0]])
+        points.append(np.concatenate([c + rng.normal(scale=0.15, size=(per_cluster, dim)) for c in centres]))
+    results = kmeans([p.astype(np.float32) for p in points], [k] * len(tokens), backend="torch", seed=0)
+    dictionary = {token: result.centroids for token, result in zip(tokens, results)}  # float32: no rounding
+    states = torch.from_numpy(np.concatenate(points)).float()
+    input_ids = torch.tensor([t for t, p in zip(tokens, points) for _ in p])
+    assigned = []
+    for p, result in zip(points, results):  # k-means's own assignment rule on its final centroids
+        x, centres = torch.from_numpy(p).float()[None], torch.from_numpy(result.centroids)[None]
+        assigned.append(_assign(x, _sq_norms(x), torch.ones(x.shape[:2], dtype=torch.bool), centres,
+                                torch.ones(1, k, dtype=torch.bool))[1][0])
+    assigned = torch.cat(assigned)
+    chosen = {}
+    for rule in SENSE_RULES:
+        senses = PackedSenses(dictionary, VOCAB, rule=rule)
+        chosen[rule] = senses.targets(states[None], input_ids[None], torch.ones(1, len(states)))[0]
+        replaced = senses.replace(states[None], input_ids[None], torch.ones(1, len(states)))[0]
+        centroids = torch.stack([torch.from_numpy(dictionary[int(t)][int(j)]) for t, j in zip(input_ids, chosen[rule])])
+        assert torch.equal(replaced, centroids), rule
+    assert torch.equal(chosen["l2"], assigned)
+    assert (chosen["dot"] != assigned).float().mean() > 0.1, {r: float((c != assigned).float().mean()) for r, c in chosen.items()}

@@ -224,6 +224,28 @@ def test_encoder_teacher_matches_sentence_transformers(tiny_bert_dir):
     assert not teacher.normalize and teacher.max_seq_length == 128
 
 
+def test_the_length_a_sentence_transformers_folder_saves_is_read_in_both_layouts(tiny_bert_dir, tmp_path):
+    """Sentence-transformers 6 keeps max_seq_length in the tokenizer's config, 5.x in
+    sentence_bert_config.json: either way the teacher reads what sentence-transformers reads."""
+    from sentence_transformers import SentenceTransformer
+
+    saved_by_installed = tmp_path / "installed"
+    model = SentenceTransformer(str(tiny_bert_dir), device="cpu")
+    model.max_seq_length = 8
+    model.save(str(saved_by_installed))
+    layout_5 = tmp_path / "layout-5"
+    shutil.copytree(tiny_bert_dir, layout_5)
+    (layout_5 / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12}))
+    texts = ["the team won the match in the final minute and the crowd cheered", "a cat"]
+    for folder, length in ((saved_by_installed, 8), (layout_5, 12)):
+        reference = SentenceTransformer(str(folder), device="cpu")
+        assert reference.max_seq_length == length
+        for teacher in (load_teacher(folder, device="cpu"), load_tokenizer(str(folder))):
+            assert teacher.max_seq_length == length, folder
+        np.testing.assert_allclose(load_teacher(folder, device="cpu").encode(texts), reference.encode(texts),
+                                   atol=1e-5)
+
+
 # ---- truncated copies (the student's starting point) ---------------------------------------
 
 def test_truncated_llama_copy_is_the_first_layers_and_stays_bidirectional(llm2vec):

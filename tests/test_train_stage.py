@@ -286,11 +286,11 @@ def test_a_finished_run_is_redone_for_a_dictionary_recorded_with_another_rule(st
     assert run_stage("scripts/04_targets.py", "--task", "bbc-news", "--base-dir", stage_inputs.base,
                      "--teacher", tiny_bert_dir, "--max-length", "32") == 0
     code, err = run_in_process(args, capsys)  # its checkpoint is of the dot run
-    assert code == 2 and "(targets: " in err and "sense_rule: 'dot' -> 'cos')" in err
+    assert code == 2 and "(targets: " in err and "'sense_rule': 'dot'" in err and "'sense_rule': 'cos'" in err
     code, err = run_in_process([*args, "--overwrite"], capsys)
     assert code == 0 and "sense rule cos" in err, err[-1500:]
     config = json.loads((stage_inputs.run_dir / "config.json").read_text())
-    assert config["run"]["sense_rule"] == "cos"
+    assert config["run"]["sense_dict"]["sense_rule"] == "cos"
 
 
 def test_lr_inf_is_refused_before_anything_runs(stage_inputs, tiny_bert_dir, capsys):

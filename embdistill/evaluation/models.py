@@ -2,7 +2,9 @@
 
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
-through their own pipeline (pooling, normalisation, max_seq_length), as published.
+through their own pipeline (pooling, normalisation), as published. Each encoder's ``tokens``
+is what its model reads: the run's max length cut to the model's own limit, for ``st`` models
+too unless the spec asks for their own length (:data:`WHOLE_TEXT` for a model without a limit).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,13 +26,16 @@ from mteb.models.model_meta import ScoringFunction
 from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
 from ..cli import logger_level
+from ..errors import UserError
 from ..teachers import Teacher, load_teacher, truncated_copy
 from ..input_format import effective_max_length, format_example
 from ..st_modules import SenseReplace, load_sentence_transformer
 from .replace import ReplaceModeModel
-from .specs import ModelSpec
+from .specs import OWN_LENGTH, ModelSpec
 
 log = logging.getLogger("embdistill.evaluation")
+
+WHOLE_TEXT = "whole text"  # the tokens a model without a length limit reads (model2vec's static embeddings)
 
 
 def _model_meta(spec: ModelSpec, *, n_parameters: int, embed_dim: int, max_tokens: int | None,
@@ -66,6 +72,7 @@ class TeacherEncoder(AbsEncoder):
         self.instructions = dict(instructions)
         self.batch_size = batch_size
         self.max_length = effective_max_length(max_length, model.max_seq_length)
+        self.tokens = self.max_length
         self.n_parameters = sum(p.numel() for p in model.model.parameters())
         self.dictionary_values = dictionary_values
         self.mteb_model_meta = _model_meta(spec, n_parameters=self.n_parameters,
@@ -83,9 +90,10 @@ class TeacherEncoder(AbsEncoder):
 
 
 class PlainTextEncoder(SentenceTransformerEncoderWrapper):
-    """A sentence-transformers model as mteb wraps it, renamed to its row label."""
+    """A sentence-transformers model as mteb wraps it, renamed to its row label, reading at
+    most ``max_length`` tokens (None: its own max_seq_length; :func:`cut_to_length`)."""
 
-    def __init__(self, spec: ModelSpec, model, *, batch_size: int):
+    def __init__(self, spec: ModelSpec, model, *, batch_size: int, max_length: int | None):
         # An exported student's default prompt is named "task", which is no mteb task or prompt
         # type: mteb warns (twice, with its list of every task type) that it ignores the name,
         # while the SentenceTransformer still applies its default prompt (tests/test_export.py:
@@ -98,6 +106,7 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
             super().__init__(model)
         self.spec = spec
         self.batch_size = batch_size
+        self.tokens = cut_to_length(model, max_length, spec.label)
         # a module whose weights are not torch parameters (the ONNX encoder) counts its own
         self.n_parameters = (sum(p.numel() for p in model.parameters())
                              + sum(getattr(module, "n_parameters", 0) for module in model))
@@ -105,10 +114,34 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
         self.dictionary_values = sum(module.senses.n_values for module in model if isinstance(module, SenseReplace))
         self.mteb_model_meta = _model_meta(
             spec, n_parameters=self.n_parameters, embed_dim=model.get_embedding_dimension(),
-            max_tokens=model.max_seq_length, base=self.mteb_model_meta)
+            max_tokens=None if self.tokens == WHOLE_TEXT else self.tokens, base=self.mteb_model_meta)
 
     def embed(self, texts: Sequence[str], task_name: str) -> np.ndarray:
         return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True)
+
+
+def cut_to_length(model, max_length: int | None, label: str) -> int | str:
+    """Make a SentenceTransformer read at most ``max_length`` tokens (None: as many as it reads
+    itself) and return how many it reads, :data:`WHOLE_TEXT` when it has no limit. A model with
+    a limit keeps the smaller of the two (its ``max_seq_length``); one without (model2vec's
+    static embeddings, whose max_seq_length is infinite) gets its tokenizer cut, which then
+    holds its limit."""
+    own = model.max_seq_length
+    if own is not None and own != math.inf:
+        if max_length is not None and max_length < own:
+            model.max_seq_length = max_length
+        return int(model.max_seq_length)
+    tokenizer = getattr(model[0], "tokenizer", None)
+    if not hasattr(tokenizer, "enable_truncation"):  # not a tokenizers.Tokenizer (StaticEmbedding's)
+        if max_length is None:
+            return WHOLE_TEXT
+        raise UserError(f"model {label}: {type(model[0]).__name__} has no length limit that can be set to "
+                        f"{max_length} tokens; read it whole with st:MODEL{OWN_LENGTH}")
+    own = (tokenizer.truncation or {}).get("max_length")
+    if max_length is not None and (own is None or max_length < own):
+        tokenizer.enable_truncation(max_length)
+        own = max_length
+    return WHOLE_TEXT if own is None else own
 
 
 Encoder = TeacherEncoder | PlainTextEncoder
@@ -123,8 +156,8 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
     model reads, ``max_length`` cut to its limit (unless ``allow_max_length_mismatch``), and the
     model's input format."""
     if spec.kind == "st":
-        return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device),
-                                batch_size=batch_size)
+        return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device), batch_size=batch_size,
+                                max_length=None if spec.own_length else max_length)
     loaded = {} if loaded is None else loaded
     if spec.target not in loaded:
         loaded[spec.target] = load_teacher(spec.target, device=device)

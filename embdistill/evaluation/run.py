@@ -12,8 +12,9 @@ then one model at a time: load, measure throughput, evaluate on each task, relea
 a later spec uses the same model). mteb re-runs every (model, task) pair of a run
 (``overwrite_strategy="always"``): whether the run as a whole is done is decided by the
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
-(eval.json files, lee-sts's files, model folders, dictionaries) and the dictionaries' sense
-rules (kept in their manifests, which the fingerprints do not cover). The revision folder is a hash of the model's
+(eval.json files, lee-sts's files, model folders) and the dictionaries' identities (their content and their
+manifests: the sense rule, k rule, teacher and max length they were made with,
+:func:`~embdistill.senses.dictionary.dictionary_identity`). The revision folder is a hash of the model's
 spec; the dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
@@ -31,7 +32,7 @@ from ..artifacts import is_done, load_json, write_manifest
 from ..distributed import print0
 from ..errors import UserError
 from ..paths import Paths, results_dir
-from ..senses.dictionary import sense_rule_of
+from ..senses.dictionary import dictionary_identity
 from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
                           select_task_types, task_inputs)
 from .models import load_encoder, measure_throughput
@@ -70,7 +71,7 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     for spec in specs:
         inputs.update(spec.local_inputs(task_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs],
-                       "sense_rules": {key: sense_rule_of(path) for key, path in inputs.items()
+                       "sense_dicts": {key: dictionary_identity(path) for key, path in inputs.items()
                                        if key.endswith(".sense_dict")}}
     if not overwrite and is_done(table_path, config=manifest_config, inputs=inputs):
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
@@ -127,7 +128,7 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                                        loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch)
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
-                n_parameters, dictionary_values = encoder.n_parameters, encoder.dictionary_values
+                n_parameters, dictionary_values, tokens = encoder.n_parameters, encoder.dictionary_values, encoder.tokens
                 log.info("model %s: %.1f texts/s on %d texts of %s", spec.label,
                          texts_per_second, len(throughput_texts), tasks[0].name)
             task.reset_random_state()
@@ -140,7 +141,7 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                      task.mteb_task.metadata.main_score, result.task_results[0].main_score, path)
         rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
                              n_parameters=n_parameters, dictionary_values=dictionary_values,
-                             texts_per_second=texts_per_second, result_files=result_files))
+                             texts_per_second=texts_per_second, tokens=tokens, result_files=result_files))
         del encoder
     loaded.clear()
     _release_memory()

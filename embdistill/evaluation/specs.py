@@ -11,9 +11,14 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 ``untrained:MODEL@N``          the first N layers of MODEL, untrained: the student SKD starts from
 ``replace:MODEL@DICT``         MODEL (student or teacher) in replace mode with the sense dictionary
                                DICT (``sense_dict/<task>/<teacher>.kmeanspkl``); the teacher in
-                               replace mode is the dictionary's ceiling; ``replace:MODEL@N@DICT``:
-                               the untrained first N layers of MODEL in replace mode
+                               replace mode is the dictionary's ceiling; an exported student's
+                               DICT must be the one it learned (:func:`check_replace_dictionaries`);
+                               ``replace:MODEL@N@DICT``: the untrained first N layers of MODEL in
+                               replace mode
 ``st:MODEL``                   a sentence-transformers model (folder or hub id), used as it is
+                               but cut to the run's ``--max-length``; ``st:MODEL@own-length``:
+                               at its own length (model2vec's: its tokenizer's cut, 512 as
+                               model2vec saves it; the whole text without one)
 =============================  ==================================================================
 
 MODEL and DICT may contain ``{task}``, replaced by each task's folder name: one row whose model
@@ -22,10 +27,13 @@ task it is evaluated on, as the paper's per-task SKD students are).
 
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
-through their own pipeline (pooling, normalisation, max_seq_length), as published.
+through their own pipeline (pooling, normalisation), as published. Every row reads at most the
+run's ``--max-length`` tokens, cut to the model's own limit (the table's "tokens" column), so
+that rows compare on the same input; ``@own-length`` is the one exception, to be asked for.
 Default labels: ``teacher:minilm`` -> ``minilm``; ``student:runs/bbc-news/skd/export/hf`` ->
 ``skd`` (the run); ``untrained:minilm@3`` -> ``minilm-first3``; ``replace:X@D`` -> X's label
-plus ``-replace``; ``st:X`` -> X's name plus ``-st``.
+plus ``-replace``; ``st:X`` -> X's name plus ``-st``; ``st:X@own-length`` -> X's name plus
+``-st-own-length``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ..paths import slug
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
 TASK_PLACEHOLDER = "{task}"
+OWN_LENGTH = "@own-length"  # st:MODEL@own-length: the model's own max_seq_length, not the run's
 _LABEL = re.compile(r"[A-Za-z0-9._+-]+")
 
 
@@ -53,12 +62,14 @@ class ModelSpec:
     target: str  # the model: a load_teacher name or path, or a sentence-transformers id/path
     sense_dict: str | None = None  # replace mode: the dictionary file
     n_layers: int | None = None  # untrained: how many of the target's first layers
+    own_length: bool = False  # st: read as many tokens as the model itself does (not --max-length)
 
     @property
     def text(self) -> str:
         """The spec as written on the command line (with its label)."""
         layers = f"@{self.n_layers}" if self.n_layers else ""
-        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers}.get(self.kind, "")
+        suffix = {"replace": f"{layers}@{self.sense_dict}", "untrained": layers,
+                  "st": OWN_LENGTH if self.own_length else ""}.get(self.kind, "")
         return f"{self.label}={self.kind}:{self.target}{suffix}"
 
     @property
@@ -93,6 +104,11 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise UserError(f"bad model spec '{text}': expected [LABEL=]KIND:TARGET with KIND one of "
                         f"{', '.join(KINDS)} (e.g. teacher:minilm, replace:runs/t/skd/export/hf@d.kmeanspkl)")
     sense_dict = n_layers = None
+    own_length = kind == "st" and target.endswith(OWN_LENGTH)
+    if own_length:
+        target = target.removesuffix(OWN_LENGTH)
+        if not target:
+            raise UserError(f"bad model spec '{text}': st:MODEL{OWN_LENGTH} needs a MODEL")
     if kind in ("replace", "untrained"):
         target, at, extra = target.rpartition("@")
         if not at or not target or not extra:
@@ -108,13 +124,14 @@ def parse_model_spec(text: str) -> ModelSpec:
         if n_layers is not None and (not str(n_layers).isdigit() or int(n_layers) < 1 or not target):
             raise UserError(f"bad model spec '{text}': the layer count after '@' must be a positive integer")
         n_layers = int(n_layers) if n_layers is not None else None
-    label = label or default_label(kind, target, n_layers)
+    label = label or default_label(kind, target, n_layers, own_length)
     if not _LABEL.fullmatch(label):
         raise UserError(f"bad model label '{label}': use letters, digits and . _ + -")
-    return ModelSpec(label=label, kind=kind, target=target, sense_dict=sense_dict, n_layers=n_layers)
+    return ModelSpec(label=label, kind=kind, target=target, sense_dict=sense_dict, n_layers=n_layers,
+                     own_length=own_length)
 
 
-def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
+def default_label(kind: str, target: str, n_layers: int | None = None, own_length: bool = False) -> str:
     parts = Path(target.rstrip("/")).parts
     if len(parts) > 2 and parts[-2] == "export" and parts[-1] in ("hf", "st"):
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
@@ -122,7 +139,7 @@ def default_label(kind: str, target: str, n_layers: int | None = None) -> str:
         name = slug(target)
     first = f"-first{n_layers}" if n_layers else ""
     return {"untrained": f"{name}{first}", "replace": f"{name}{first}-replace",
-            "st": f"{name}-st"}.get(kind, name)
+            "st": f"{name}-st{'-own-length' if own_length else ''}"}.get(kind, name)
 
 
 def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> list[ModelSpec]:
@@ -145,31 +162,40 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
     return specs
 
 
-def check_dictionary_teachers(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = ()) -> None:
-    """UserError when a replace-mode model's dictionary was built with another teacher than
-    the model's own: the teacher an exported student was distilled from (its training
-    manifest), else the model itself (``replace:minilm@...``: the teacher in replace mode)."""
-    from ..senses.dictionary import check_dictionary_teacher
+def check_replace_dictionaries(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = (), *,
+                               allow_teacher_mismatch: bool = False,
+                               allow_dictionary_mismatch: bool = False) -> None:
+    """UserError when a replace-mode model's dictionary is not the model's own:
+
+    * built with another teacher than the model's (unless ``allow_teacher_mismatch``): the
+      teacher an exported student was distilled from (its export manifest), else the model
+      itself (``replace:minilm@...``: the teacher in replace mode);
+    * for an exported student trained with the sense loss, not the dictionary it learned
+      (unless ``allow_dictionary_mismatch``): its export manifest records that dictionary's
+      identity, sense rule included (:func:`~embdistill.senses.dictionary.check_learned_dictionary`),
+      so a dictionary re-clustered since with another rule or k rule is refused."""
+    from ..senses.dictionary import check_dictionary_teacher, check_learned_dictionary
 
     for spec in specs:
         if spec.kind != "replace":
             continue
         for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
-            teacher = teacher_of(resolved.target)
-            if teacher is not None:
+            manifest = export_manifest(resolved.target)
+            teacher = (manifest.get("extra") or {}).get("teacher") if manifest else slug(resolved.target)
+            if teacher is not None and not allow_teacher_mismatch:
                 check_dictionary_teacher(resolved.sense_dict, teacher)
+            learned = ((manifest or {}).get("config") or {}).get("run") or {}
+            if "sense_dict" in learned and not spec.n_layers and not allow_dictionary_mismatch:
+                check_learned_dictionary(resolved.sense_dict, learned["sense_dict"], learned.get("sense_rule"),
+                                         f"student {resolved.target}")
 
 
-def teacher_of(target: str) -> str | None:
-    """The teacher slug behind a model target: for a student export
-    (``runs/<task>/<run>/export/hf``), the teacher its export manifest names (None for an
-    export that predates that record); else the target itself, named as ``load_teacher``
-    names it."""
+def export_manifest(target: str) -> dict | None:
+    """The export manifest of a student export target (``runs/<task>/<run>/export/hf``): what
+    it was trained from (``config.run``) and its teacher's slug (``extra.teacher``, absent in
+    exports that predate that record); None for any other target."""
     folder = Path(target).expanduser()
-    manifest = read_manifest(folder.parent) if folder.name in ("hf", "st") else None
-    if manifest is not None:
-        return (manifest.get("extra") or {}).get("teacher")
-    return slug(target)
+    return read_manifest(folder.parent) if folder.name in ("hf", "st") else None
 
 
 def looks_like_path(target: str) -> bool:

@@ -10,8 +10,9 @@ the types that repeat an experiment (classification's logistic-regression fits, 
 k-means runs) +- the sample standard deviation (ddof=1) of the per-experiment scores in the
 same file. Beside the tasks: the family means, the overall mean (over tasks, as MTEB's
 "Mean (Task)"), the overall mean relative to the first teacher row (when there is one), the
-parameter count (plus the sense dictionary's values in replace mode) and the encoding
-throughput measured in the same run.
+parameter count (plus the sense dictionary's values in replace mode), the tokens each text is
+cut to (what the row's model read: the run's max length cut to the model's own limit, or "whole
+text" for a model that reads it all) and the encoding throughput measured in the same run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ModelRow:
     n_parameters: int
     dictionary_values: int
     texts_per_second: float
+    tokens: int | str  # the tokens the model read per text, or "whole text"
     result_files: dict[str, Path] = field(default_factory=dict)  # mteb task name -> file
 
 
@@ -92,6 +94,7 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
             "n_parameters": row.n_parameters,
             "dictionary_values": row.dictionary_values,
             "texts_per_second": row.texts_per_second,
+            "tokens": row.tokens,
             "scores": scores,
             "family_means": {family: float(np.mean([scores[t]["score"] for t in names]))
                              for family, names in families.items()},
@@ -109,6 +112,7 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
         "std": "sample standard deviation (ddof=1) of the main score across mteb's experiments "
                "(null for task types without experiments)",
         "mean": "mean over tasks; family_means: mean over the tasks of each task type",
+        "tokens": "the tokens the model read per text (longer texts cut), or 'whole text'",
         "result_files_relative_to": "the folder of this file",
         "teacher": teacher,
         "tasks": tasks,
@@ -144,7 +148,7 @@ def format_markdown(table: dict) -> str:
               *(f"{family} mean" for family in families), "mean"]
     if has_teacher:
         header.append(f"vs {table['teacher']}")
-    header += ["params", "texts/s"]
+    header += ["params", "tokens", "texts/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in table["models"]:
         cells = [model["label"]]
@@ -159,11 +163,13 @@ def format_markdown(table: dict) -> str:
         params = _millions(model["n_parameters"])
         if model["dictionary_values"]:
             params += f" + {_millions(model['dictionary_values'])} dict"
-        cells += [params, f"{model['texts_per_second']:.1f}"]
+        cells += [params, str(model["tokens"]), f"{model['texts_per_second']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Main scores (%) as mteb computes them, mean ± std over experiments where the task "
               f"repeats one ({'; '.join(_protocol_text(name, p) for name, p in table['tasks'].items())}).",
-              "Scores are read from the mteb result files listed in table.json."]
+              "Scores are read from the mteb result files listed in table.json.",
+              "tokens: how many tokens of each text the row's model read (longer texts cut); "
+              "'whole text': all of it."]
     speed = table.get("throughput")
     if speed:
         lines.append(f"texts/s: {speed['texts']} texts of {speed['task']} embedded in batches of "

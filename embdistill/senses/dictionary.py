@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..artifacts import atomic_open, load_pickle, read_manifest, save_pickle, write_manifest
+from ..artifacts import atomic_open, fingerprint, load_pickle, read_manifest, save_pickle, write_manifest
 from ..errors import UserError
 from ..input_format import effective_max_length
 from .packed import DEFAULT_SENSE_RULE, PackedSenses, check_sense_rule
@@ -123,6 +123,39 @@ def sense_rule_of(path: str | Path) -> str:
         return check_sense_rule(recorded)
     except UserError as exc:
         raise UserError(f"{path}: its manifest has an {exc}") from None
+
+
+def dictionary_identity(path: str | Path) -> dict:
+    """What identifies the dictionary at ``path`` for whatever depends on it (targets, a
+    student's export, replace-mode results): its pickle's sha256 and what its manifest records
+    of how it was made (the cluster config: teacher, k rule, sense rule, seed, ...; the max
+    length and input format its states were gathered with). Re-clustering with another sense
+    rule writes the same pickle with another manifest: the bytes alone would not tell them
+    apart. A dictionary without a manifest (the original's) is its bytes and the ``dot`` rule."""
+    manifest = read_manifest(path) or {}
+    extra = manifest.get("extra") or {}
+    return {**(manifest.get("config") or {}), "sense_rule": sense_rule_of(path),
+            **{key: extra[key] for key in ("max_length", "input_format") if key in extra},
+            "sha256": fingerprint(path)}
+
+
+def check_learned_dictionary(path: str | Path, learned: dict | str, sense_rule: str | None, student: str) -> None:
+    """UserError (one line) when the dictionary at ``path`` is not the one ``student`` learned:
+    ``learned`` is the :func:`dictionary_identity` its export manifest records (exports from
+    before it was recorded hold the pickle's sha256 and, apart, ``sense_rule``). Only what the
+    record holds is compared."""
+    if isinstance(learned, str):
+        learned = {"sha256": learned, **({"sense_rule": sense_rule} if sense_rule else {})}
+    current = dictionary_identity(path)
+    differences = [f"{key} {_short(current.get(key))} (learned: {_short(value)})"
+                   for key, value in learned.items() if current.get(key) != value]
+    if differences:
+        raise UserError(f"{path} is not the dictionary {student} learned: {'; '.join(differences)}; use that "
+                        "dictionary, retrain the student, or pass --allow-dictionary-mismatch")
+
+
+def _short(value):
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value  # a sha256
 
 
 def load_packed_senses(path: str | Path, vocab_size: int, *, hidden_size: int | None = None,

@@ -15,6 +15,21 @@ The score is the dictionary's *sense rule*, chosen when the dictionary is built 
 
 A dictionary that records no rule (the original's files, or ours from before the option) is
 ``dot``. Argmaxes (targets, replace mode) do not depend on the temperature; the loss does.
+
+What replace mode substitutes (:meth:`PackedSenses.replace`, the evaluation's ``replace:`` rows
+and the exported ``st-replace`` folder alike) is, under every rule, the chosen sense's centroid
+itself: the mean of the teacher states k-means put in that cluster, as stored. Which centroid
+differs: under ``l2`` it is the cluster k-means put the state in (k-means assigns to the
+nearest centroid in distance: tests/test_replace.py); under ``dot`` a sense of larger norm often
+wins over the state's own cluster (43 % of 9,041 real MiniLM states of 40 tokens, issue 22);
+under ``cos`` the nearest in angle, which differs from the cluster where centroids of one
+direction have different norms (4.4 % of those states). Under ``cos`` the centroid is kept as
+it is, not normalised and rescaled to the state's norm: replace mode asks what the dictionary
+alone carries once the student has picked a sense, so the substituted vector must come from the
+dictionary only (the state's norm would be a second channel from the student, which the sense
+loss never trained), and the same vector for the same sense keeps the rows of the three rules
+and the teacher's ceiling row comparable. The centroid is also the vector closest, in squared
+distance, to the states of its cluster.
 Packed, the dictionary is one flat ``(sum_v k_v, d)`` matrix of centroids with
 per-entry ``offsets`` and ``sizes``, plus a vocabulary-sized ``entry_of_token`` (-1 for tokens
 without an entry). Tokens are scored in chunks ordered by k, each padded only to its own
