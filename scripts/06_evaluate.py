@@ -8,6 +8,8 @@
     python scripts/06_evaluate.py --task bbc-news --task-types Classification Clustering --models teacher:minilm
     python scripts/06_evaluate.py --tasks 2 STSBenchmark --task-types STS --models teacher:minilm
     python scripts/06_evaluate.py --tasks bbc-news lee-sts --task-types Retrieval STS --models teacher:minilm
+    python scripts/06_evaluate.py --tasks bbc-news lee-sts --student-of lee-sts=bbc-news
+        --models 'skd=st:runs/{task}/skd/export/st'
 
 Task types (mteb's names: Classification, Clustering, STS, PairClassification, ...): a hub task
 (1-16 or any MTEB task name) is of its own type; a local task (bbc-news, tweet-sentiment, a
@@ -29,6 +31,8 @@ Model specs, [LABEL=]KIND:TARGET (LABEL names the row; see embdistill/evaluation
                          to --max-length; st:MODEL@own-length: at its own length (model2vec: its
                          tokenizer's cut, 512 as model2vec saves it), labelled apart (default
                          label NAME-st-own-length)
+MODEL and DICT may hold {task}: one row, each task's own model (runs/{task}/...); a task with no
+runs of its own (lee-sts) takes another's with --student-of lee-sts=bbc-news.
 The table's "tokens" column gives what each row read of a text.
 """
 
@@ -37,7 +41,8 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.evaluation.specs import check_replace_dictionaries, parse_model_specs
+from embdistill.evaluation.specs import (check_replace_dictionaries, model_task_slugs, parse_model_specs,
+                                         parse_student_of)
 from embdistill.paths import base_dir, check_run_name, results_dir
 
 
@@ -51,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "type, local tasks as Classification)")
     parser.add_argument("--models", nargs="+", required=True, metavar="SPEC", help="models (see below)")
     parser.add_argument("--run", default="eval", help="results go to results/<run>/")
+    parser.add_argument("--student-of", nargs="+", default=[], metavar="TASK=SOURCE",
+                        help="model specs with {task} score TASK (one without runs of its own, e.g. "
+                        "lee-sts) with SOURCE's model and dictionary (e.g. lee-sts=bbc-news); the table "
+                        "says so")
     parser.add_argument("--samples-per-label", type=positive_int, default=None,
                         help="training texts per label in each experiment (default: 32 for local "
                              "tasks, mteb's own (8) for hub tasks, to compare with the leaderboard)")
@@ -87,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     # Task, type and spec mistakes (syntax, missing folders) fail here, before the models load.
     resolved = [resolve_evaluation_task(t, args.text_column, args.label_column) for t in tasks]
     select_task_types(resolved, args.task_types)
-    task_slugs = [task.slug for task in resolved]
-    specs = parse_model_specs(args.models, task_slugs)
-    check_replace_dictionaries(specs, task_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
+    student_of = parse_student_of(args.student_of, resolved)
+    model_slugs = model_task_slugs(resolved, student_of)
+    specs = parse_model_specs(args.models, model_slugs)
+    check_replace_dictionaries(specs, model_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
                                allow_dictionary_mismatch=args.allow_dictionary_mismatch)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_max_length_mismatch=args.allow_max_length_mismatch,
         throughput_texts=args.throughput_texts, seed=args.seed,
         text_column=args.text_column, label_column=args.label_column,
+        student_of=tuple(f"{task}={source}" for task, source in student_of.items()),
     )
     base = base_dir(args.base_dir)
     with output_lock(results_dir(base, args.run)):  # mteb writes its result files in place

@@ -5,6 +5,14 @@ text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed th
 through their own pipeline (pooling, normalisation), as published. Each encoder's ``tokens``
 is what its model reads: the run's max length cut to the model's own limit, for ``st`` models
 too unless the spec asks for their own length (:data:`WHOLE_TEXT` for a model without a limit).
+
+Each encoder embeds an input once (:class:`EmbeddingCache`) for every task it serves: the
+held-out texts of a task's classification and clustering, the documents of an STS task's
+pairs (the Lee corpus: 50 documents in 1,225 pairs). The key is the exact model input: the
+instruction-formatted example for our kinds; for ``st`` models the text with the prompt mteb
+picks for it (by task and query/document). An ``st`` model whose first module tokenizes with a
+fast Hugging Face tokenizer gets each text cut before tokenising, to the same tokens
+(:func:`embdistill.input_format.cut_long_texts`), as our kinds do.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +36,7 @@ from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderW
 from ..cli import logger_level
 from ..errors import UserError
 from ..teachers import Teacher, load_teacher, truncated_copy
-from ..input_format import effective_max_length, format_example
+from ..input_format import cut_long_texts, effective_max_length, format_example
 from ..st_modules import SenseReplace, load_sentence_transformer
 from .replace import ReplaceModeModel
 from .specs import OWN_LENGTH, ModelSpec
@@ -58,6 +66,24 @@ def _model_meta(spec: ModelSpec, *, n_parameters: int, embed_dim: int, max_token
     )
 
 
+class EmbeddingCache:
+    """One model's embeddings by the input they were computed from (see the module docstring);
+    ``computed``: how many inputs the model has embedded."""
+
+    def __init__(self):
+        self.vectors: dict[Hashable, np.ndarray] = {}
+        self.computed = 0
+
+    def embed(self, keys: Sequence[Hashable], compute: Callable[[list], np.ndarray]) -> np.ndarray:
+        """The embeddings of ``keys``, computing those of the keys not seen before (each once)
+        with ``compute(new keys)``."""
+        new = list(dict.fromkeys(key for key in keys if key not in self.vectors))
+        if new:
+            self.vectors.update(zip(new, np.asarray(compute(new))))
+            self.computed += len(new)
+        return np.stack([self.vectors[key] for key in keys])
+
+
 class TeacherEncoder(AbsEncoder):
     """One of our models (plain or replace mode) as an mteb encoder.
 
@@ -77,16 +103,23 @@ class TeacherEncoder(AbsEncoder):
         self.dictionary_values = dictionary_values
         self.mteb_model_meta = _model_meta(spec, n_parameters=self.n_parameters,
                                            embed_dim=model.hidden_size, max_tokens=self.max_length)
+        self.cache = EmbeddingCache()
+
+    def _examples(self, texts: Sequence[str], task_name: str) -> list[str]:
+        instruction = self.instructions[task_name]
+        return [format_example(instruction, text) for text in texts]
+
+    def _encode_examples(self, examples: Sequence[str]) -> np.ndarray:
+        return self.model.encode(examples, self.batch_size, self.max_length, progress=True)
 
     def embed(self, texts: Sequence[str], task_name: str) -> np.ndarray:
-        instruction = self.instructions[task_name]
-        examples = [format_example(instruction, text) for text in texts]
-        return self.model.encode(examples, self.batch_size, self.max_length, progress=True)
+        """Embed ``texts`` now (no cache: what throughput times)."""
+        return self._encode_examples(self._examples(texts, task_name))
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                **kwargs: Any) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
-        return self.embed(texts, task_metadata.name)
+        return self.cache.embed(self._examples(texts, task_metadata.name), self._encode_examples)
 
 
 class PlainTextEncoder(SentenceTransformerEncoderWrapper):
@@ -115,9 +148,38 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
         self.mteb_model_meta = _model_meta(
             spec, n_parameters=self.n_parameters, embed_dim=model.get_embedding_dimension(),
             max_tokens=None if self.tokens == WHOLE_TEXT else self.tokens, base=self.mteb_model_meta)
+        self.cache = EmbeddingCache()
+        tokenizer = getattr(model[0], "tokenizer", None)
+        # a tokenizer that reads a fixed number of tokens and gives character offsets can be
+        # handed a cut text (model2vec's tokenizers.Tokenizer gives none in this form)
+        self.cut_tokenizer = tokenizer if self.tokens != WHOLE_TEXT and getattr(tokenizer, "is_fast", False) else None
+
+    def cut(self, texts: Sequence[str]) -> list[str]:
+        """``texts`` cut to prefixes that give the model the same tokens (see the module docstring)."""
+        if self.cut_tokenizer is None:
+            return list(texts)
+        return cut_long_texts(self.cut_tokenizer, texts, self.tokens)
 
     def embed(self, texts: Sequence[str], task_name: str) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True)
+        """Embed ``texts`` now (no cache: what throughput times)."""
+        return self.model.encode(self.cut(texts), batch_size=self.batch_size, convert_to_numpy=True)
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
+               **kwargs: Any) -> np.ndarray:
+        """mteb's encoding of the texts not embedded before under the same prompt."""
+        from datasets import Dataset
+        from torch.utils.data import DataLoader
+
+        texts = [text for batch in inputs for text in batch["text"]]
+        prompt = (prompt_type, self.get_prompt_name(task_metadata, prompt_type))
+
+        def encode_new(keys: list) -> np.ndarray:
+            new = DataLoader(Dataset.from_dict({"text": self.cut([text for _, text in keys])}),
+                             batch_size=self.batch_size)
+            return super(PlainTextEncoder, self).encode(new, task_metadata=task_metadata, hf_split=hf_split,
+                                                        hf_subset=hf_subset, prompt_type=prompt_type, **kwargs)
+
+        return self.cache.embed([(prompt, text) for text in texts], encode_new)
 
 
 def cut_to_length(model, max_length: int | None, label: str) -> int | str:

@@ -14,8 +14,9 @@ a later spec uses the same model). mteb re-runs every (model, task) pair of a ru
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
 (eval.json files, lee-sts's files, model folders) and the dictionaries' identities (their content and their
 manifests: the sense rule, k rule, teacher and max length they were made with,
-:func:`~embdistill.senses.dictionary.dictionary_identity`). The revision folder is a hash of the model's
-spec; the dataset revision inside a local task's result file is a hash of its eval.json.
+:func:`~embdistill.senses.dictionary.dictionary_identity`), and which task's models a task
+without its own uses (``student_of``). The revision folder is a hash of the model's spec; the
+dataset revision inside a local task's result file is a hash of its eval.json.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..senses.dictionary import dictionary_identity
 from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
                           select_task_types, task_inputs)
 from .models import load_encoder, measure_throughput
-from .specs import ModelSpec, parse_model_specs
+from .specs import ModelSpec, model_task_slugs, parse_model_specs, parse_student_of
 from .table import ModelRow, build_table, format_markdown, write_table
 
 log = logging.getLogger("embdistill.evaluation")
@@ -57,6 +58,7 @@ class EvaluationConfig:
     seed: int = 0
     text_column: str = "text"
     label_column: str = "label"
+    student_of: tuple[str, ...] = ()  # TASK=SOURCE: per-task specs score TASK with SOURCE's models
 
 
 def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = False) -> dict:
@@ -65,11 +67,12 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     table_path = out_dir / "table.json"
     tasks = [resolve_evaluation_task(arg, config.text_column, config.label_column) for arg in config.tasks]
     selected = select_task_types(tasks, config.task_types)
-    task_slugs = [task.slug for task in tasks]
-    specs = parse_model_specs(config.models, task_slugs)
+    student_of = parse_student_of(config.student_of, tasks)
+    model_slugs = model_task_slugs(tasks, student_of)
+    specs = parse_model_specs(config.models, model_slugs)
     inputs = {key: path for task in tasks for key, path in task_inputs(task, base).items()}
     for spec in specs:
-        inputs.update(spec.local_inputs(task_slugs))
+        inputs.update(spec.local_inputs(model_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs],
                        "sense_dicts": {key: dictionary_identity(path) for key, path in inputs.items()
                                        if key.endswith(".sense_dict")}}
@@ -86,10 +89,12 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     for name in names:
         if names.count(name) > 1:
             raise UserError(f"task {name} is given twice (or a file is named like a task's variant)")
-    rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config)
+    rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config,
+                           student_of=student_of)
     throughput = {"task": eval_tasks[0].name, "texts": len(eval_tasks[0].texts(config.throughput_texts)),
                   "batch_size": config.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads()}
-    table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir, throughput)
+    table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir, throughput,
+                        student_of={t.name: student_of[t.task.slug] for t in eval_tasks if t.task.slug in student_of})
     files = write_table(table, out_dir)
     write_manifest(table_path, stage="evaluate", config=manifest_config, inputs=inputs,
                    extra={"files": {k: v.name for k, v in files.items()}})
@@ -97,11 +102,13 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
 
 
 def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_dir: Path, *,
-                    device, config: EvaluationConfig) -> list[ModelRow]:
+                    device, config: EvaluationConfig, student_of: dict[str, str] | None = None) -> list[ModelRow]:
     """Each model on each task, loading one model at a time; a model that later specs use
     again (plain and replace mode, an untrained student of it) stays loaded until then. A
-    per-task spec (``{task}``) loads its model for each task; its throughput and parameter
-    count are those of the first task's model."""
+    per-task spec (``{task}``, filled with the task's folder or the one ``student_of`` names)
+    loads each of its models once and scores with it every task it serves, in a row, so that
+    its embedding cache serves them all; its throughput and parameter count are those of the
+    first task's model."""
     import mteb
     from sklearn.exceptions import ConvergenceWarning
 
@@ -111,21 +118,26 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
     cache = mteb.ResultCache(cache_path=cache_dir)
     instructions = {t.name: t.instruction for t in tasks}
     throughput_texts = tasks[0].texts(config.throughput_texts)
+    student_of = student_of or {}
+    model_slug = {t.name: student_of.get(t.task.slug, t.task.slug) for t in tasks}
     loaded: dict = {}
     rows = []
     for i, spec in enumerate(specs):
-        result_files, encoder = {}, None
-        for task in tasks:
-            resolved = spec.for_task(task.task.slug)
-            if encoder is None or resolved is not spec:
-                still_needed = {s.for_task(t.task.slug).target for s in specs[i:] if s.kind != "st"
-                                for t in tasks}
+        result_files, encoder, encoder_spec = {}, None, None
+        resolved_for = {t.name: spec.for_task(model_slug[t.name]) for t in tasks}
+        first_use = list(dict.fromkeys(resolved_for.values()))
+        for task in sorted(tasks, key=lambda t: first_use.index(resolved_for[t.name])):  # stable
+            resolved = resolved_for[task.name]
+            if resolved != encoder_spec:
+                still_needed = {s.for_task(slug).target for s in specs[i:] if s.kind != "st"
+                                for slug in model_slug.values()}
                 for target in [t for t in loaded if t not in still_needed]:
                     del loaded[target]
                 _release_memory()
                 encoder = load_encoder(resolved, instructions, device=device,
                                        batch_size=config.batch_size, max_length=config.max_length,
                                        loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch)
+                encoder_spec = resolved
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)
                 n_parameters, dictionary_values, tokens = encoder.n_parameters, encoder.dictionary_values, encoder.tokens
@@ -141,7 +153,9 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                      task.mteb_task.metadata.main_score, result.task_results[0].main_score, path)
         rows.append(ModelRow(label=spec.label, kind=spec.kind, spec=spec.text,
                              n_parameters=n_parameters, dictionary_values=dictionary_values,
-                             texts_per_second=texts_per_second, tokens=tokens, result_files=result_files))
+                             texts_per_second=texts_per_second, tokens=tokens,
+                             result_files={t.name: result_files[t.name] for t in tasks},
+                             untrained=spec.kind == "untrained" or bool(spec.kind == "replace" and spec.n_layers)))
         del encoder
     loaded.clear()
     _release_memory()

@@ -23,7 +23,10 @@ result folder (letters, digits, ``. _ + -``), with a default derived from the ta
 
 MODEL and DICT may contain ``{task}``, replaced by each task's folder name: one row whose model
 differs per task, e.g. ``skd=student:runs/{task}/skd/export/hf`` (the student distilled on the
-task it is evaluated on, as the paper's per-task SKD students are).
+task it is evaluated on, as the paper's per-task SKD students are). A task without runs of its
+own (``lee-sts``, a hub task scored but not trained on) takes another task's: ``--student-of
+lee-sts=bbc-news`` fills ``{task}`` with ``bbc-news`` when a row is scored on ``lee-sts``
+(:func:`parse_student_of`).
 
 Our kinds (all but ``st``) embed ``format_example(task instruction, text)`` and mean-pool the
 text tokens (:meth:`embdistill.teachers.Teacher.encode`); ``st`` models embed the plain text
@@ -46,6 +49,7 @@ from pathlib import Path
 from ..artifacts import read_manifest
 from ..errors import UserError
 from ..paths import slug
+from ..tasks import Task, resolve_task
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
 TASK_PLACEHOLDER = "{task}"
@@ -156,7 +160,9 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
             raise UserError(f"model {spec.label}: '{TASK_PLACEHOLDER}' needs the tasks to fill it")
         for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
             if looks_like_path(resolved.target) and not Path(resolved.target).expanduser().exists():
-                raise UserError(f"model {spec.label}: no such folder {resolved.target}")
+                hint = (" (a task without runs of its own takes another task's: --student-of TASK=SOURCE)"
+                        if spec.per_task else "")
+                raise UserError(f"model {spec.label}: no such folder {resolved.target}{hint}")
             if resolved.sense_dict is not None and not Path(resolved.sense_dict).is_file():
                 raise UserError(f"model {spec.label}: no sense dictionary at {resolved.sense_dict}")
     return specs
@@ -201,3 +207,39 @@ def export_manifest(target: str) -> dict | None:
 def looks_like_path(target: str) -> bool:
     """A folder rather than a hub id (``owner/name``) or an alias."""
     return target.startswith(("/", ".", "~")) or target.count("/") > 1
+
+
+def parse_student_of(pairs: Sequence[str], tasks: Sequence[Task]) -> dict[str, str]:
+    """``--student-of TASK=SOURCE`` pairs -> {TASK's slug: SOURCE's slug}: a per-task spec
+    (``{task}``) scored on TASK, one of the evaluated ``tasks`` (by name or folder name), uses
+    the model and dictionary of SOURCE, a task stages 0-5 can run on (``lee-sts=bbc-news``: the
+    bbc-news students score the Lee corpus). UserError for a malformed pair, a TASK that is not
+    evaluated or named twice, an unknown SOURCE, or a SOURCE that itself takes another's."""
+    evaluated = {key: task.slug for task in tasks for key in (task.name, task.slug)}
+    student_of: dict[str, str] = {}
+    for pair in pairs:
+        task, sep, source = (part.strip() for part in pair.partition("="))
+        if not sep or not task or not source:
+            raise UserError(f"bad --student-of '{pair}': expected TASK=SOURCE, e.g. lee-sts=bbc-news")
+        if task not in evaluated:
+            raise UserError(f"--student-of {pair}: {task} is not one of the evaluated tasks "
+                            f"({', '.join(t.name for t in tasks)})")
+        if evaluated[task] in student_of:
+            raise UserError(f"--student-of names the task {task} twice")
+        try:
+            source_slug = resolve_task(source).slug
+        except UserError as error:
+            raise UserError(f"--student-of {pair}: {error}") from None
+        if source_slug == evaluated[task]:
+            raise UserError(f"--student-of {pair}: a task uses its own models without it")
+        student_of[evaluated[task]] = source_slug
+    chained = sorted(set(student_of) & set(student_of.values()))
+    if chained:
+        raise UserError(f"--student-of: {chained[0]} takes another task's models, so it cannot lend its own")
+    return student_of
+
+
+def model_task_slugs(tasks: Sequence[Task], student_of: dict[str, str]) -> list[str]:
+    """The task folders per-task specs are filled with over ``tasks`` (each task's own, or the
+    one ``student_of`` names), without repeats."""
+    return list(dict.fromkeys(student_of.get(task.slug, task.slug) for task in tasks))

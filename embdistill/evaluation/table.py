@@ -8,11 +8,15 @@ task's main score as mteb computed it (its ``main_score``: accuracy for classifi
 V-measure for clustering, cosine Spearman for STS, max AP for pair classification), and for
 the types that repeat an experiment (classification's logistic-regression fits, clustering's
 k-means runs) +- the sample standard deviation (ddof=1) of the per-experiment scores in the
-same file. Beside the tasks: the family means, the overall mean (over tasks, as MTEB's
-"Mean (Task)"), the overall mean relative to the first teacher row (when there is one), the
-parameter count (plus the sense dictionary's values in replace mode), the tokens each text is
-cut to (what the row's model read: the run's max length cut to the model's own limit, or "whole
-text" for a model that reads it all) and the encoding throughput measured in the same run.
+same file. Beside the tasks: the family means, the mean over tasks (as MTEB's "Mean (Task)")
+and the mean over families (each family counts once, as MTEB's "Mean (TaskType)"; with one
+family the two are the same and the table shows one), the mean over families relative to the
+first teacher row (when there is one), each other row's gain over the untrained row of its
+mode (plain, or replace: with a sense dictionary; issue 25: a student below the model it
+started from is marked), the parameter count (plus the sense dictionary's values in replace
+mode), the tokens each text is cut to (what the row's model read: the run's max length cut to
+the model's own limit, or "whole text" for a model that reads it all) and the encoding
+throughput measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class ModelRow:
     texts_per_second: float
     tokens: int | str  # the tokens the model read per text, or "whole text"
     result_files: dict[str, Path] = field(default_factory=dict)  # mteb task name -> file
+    untrained: bool = False  # the student before training (untrained:, replace:MODEL@N@DICT)
 
 
 def read_score(path: Path, eval_splits: list[str], main_score: str) -> dict:
@@ -70,12 +75,13 @@ def _experiments(entry: dict, main_score: str) -> list[float]:
 
 
 def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_dir: Path,
-                throughput: dict | None = None) -> dict:
+                throughput: dict | None = None, student_of: dict[str, str] | None = None) -> dict:
     """The table as a dict (the content of table.json).
 
     ``tasks``: mteb task name -> its protocol (``local_tasks.protocol``: at least ``type``,
     ``main_score`` and ``eval_splits``); ``throughput``: how texts/s was measured (``task``,
-    ``texts``, ``batch_size``, ``device``, ``cpu_threads``), the same for every row."""
+    ``texts``, ``batch_size``, ``device``, ``cpu_threads``), the same for every row;
+    ``student_of``: mteb task name -> the task whose models per-task rows used for it."""
     teacher = next((row.label for row in rows if row.kind == "teacher"), None)
     families = {}
     for name, protocol in tasks.items():
@@ -87,39 +93,63 @@ def build_table(run: str, rows: list[ModelRow], tasks: dict[str, dict], table_di
             path = Path(row.result_files[name])
             scores[name] = {**read_score(path, protocol["eval_splits"], protocol["main_score"]),
                             "result_file": os.path.relpath(path, table_dir)}
+        family_means = {family: float(np.mean([scores[t]["score"] for t in names]))
+                        for family, names in families.items()}
         models.append({
             "label": row.label,
             "kind": row.kind,
             "spec": row.spec,
+            "mode": "replace" if row.dictionary_values else "plain",
+            "untrained": row.untrained,
             "n_parameters": row.n_parameters,
             "dictionary_values": row.dictionary_values,
             "texts_per_second": row.texts_per_second,
             "tokens": row.tokens,
             "scores": scores,
-            "family_means": {family: float(np.mean([scores[t]["score"] for t in names]))
-                             for family, names in families.items()},
+            "family_means": family_means,
             "mean": float(np.mean([s["score"] for s in scores.values()])),
+            "mean_over_families": float(np.mean(list(family_means.values()))),
         })
     if teacher is not None:
         reference = next(model for model in models if model["label"] == teacher)
         for model in models:
             for name, score in model["scores"].items():
                 score["relative_to_teacher"] = _ratio(score["score"], reference["scores"][name]["score"])
-            model["relative_to_teacher"] = _ratio(model["mean"], reference["mean"])
+            model["relative_to_teacher"] = _ratio(model["mean_over_families"], reference["mean_over_families"])
+    _add_gains_over_untrained(models)
     return {
         "run": run,
         "score": "each task's mteb main score (tasks.<name>.main_score)",
         "std": "sample standard deviation (ddof=1) of the main score across mteb's experiments "
                "(null for task types without experiments)",
-        "mean": "mean over tasks; family_means: mean over the tasks of each task type",
+        "mean": "mean over tasks; family_means: mean over the tasks of each task type; mean_over_families: "
+                "mean of the family means (relative_to_teacher and vs_untrained compare it)",
+        "vs_untrained": "mean_over_families minus that of the first untrained row of the same mode (plain, "
+                        "or replace: with a sense dictionary); null for the teacher, untrained rows, and "
+                        "rows without an untrained row of their mode",
         "tokens": "the tokens the model read per text (longer texts cut), or 'whole text'",
         "result_files_relative_to": "the folder of this file",
         "teacher": teacher,
+        "student_of": student_of or {},
         "tasks": tasks,
         "families": families,
         "throughput": throughput,
         "models": models,
     }
+
+
+def _add_gains_over_untrained(models: list[dict]) -> None:
+    """Set each model's ``vs_untrained`` (see build_table's description of it)."""
+    untrained = {}
+    for model in models:
+        if model["untrained"]:
+            untrained.setdefault(model["mode"], model)
+    for model in models:
+        reference = untrained.get(model["mode"])
+        compared = reference is not None and not model["untrained"] and model["kind"] != "teacher"
+        model["vs_untrained"] = ({"row": reference["label"],
+                                  "gain": model["mean_over_families"] - reference["mean_over_families"]}
+                                 if compared else None)
 
 
 def _ratio(value: float, reference: float) -> float | None:
@@ -134,6 +164,14 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M"
 
 
+def _gain(vs_untrained: dict | None) -> str:
+    """'+5.6', or '-2.1 ▼' below the untrained row; '' where there is no comparison."""
+    if vs_untrained is None:
+        return ""
+    points = 100 * vs_untrained["gain"]
+    return f"{points:+.1f}" + (" ▼" if points < 0 else "")
+
+
 def _family_columns(table: dict) -> list[str]:
     """Family means are columns when the tasks span more than one family (else: the mean)."""
     return list(table["families"]) if len(table["families"]) > 1 else []
@@ -144,10 +182,14 @@ def format_markdown(table: dict) -> str:
     tasks = list(table["tasks"])
     families = _family_columns(table)
     has_teacher = table["teacher"] is not None
+    has_gains = any(model.get("vs_untrained") for model in table["models"])
+    means = ["mean over tasks", "mean over families"] if families else ["mean"]
     header = ["model", *(f"{t} ({table['tasks'][t]['main_score']})" for t in tasks),
-              *(f"{family} mean" for family in families), "mean"]
+              *(f"{family} mean" for family in families), *means]
     if has_teacher:
         header.append(f"vs {table['teacher']}")
+    if has_gains:
+        header.append("vs untrained")
     header += ["params", "tokens", "texts/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in table["models"]:
@@ -157,9 +199,13 @@ def format_markdown(table: dict) -> str:
             cells.append(_percent(score["score"]) + ("" if score["std"] is None else f" ± {_percent(score['std'])}"))
         cells += [_percent(model["family_means"][family]) for family in families]
         cells.append(_percent(model["mean"]))
+        if families:
+            cells.append(_percent(model["mean_over_families"]))
         if has_teacher:
             relative = model["relative_to_teacher"]
             cells.append("n/a" if relative is None else f"{_percent(relative)}%")
+        if has_gains:
+            cells.append(_gain(model["vs_untrained"]))
         params = _millions(model["n_parameters"])
         if model["dictionary_values"]:
             params += f" + {_millions(model['dictionary_values'])} dict"
@@ -167,9 +213,18 @@ def format_markdown(table: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Main scores (%) as mteb computes them, mean ± std over experiments where the task "
               f"repeats one ({'; '.join(_protocol_text(name, p) for name, p in table['tasks'].items())}).",
-              "Scores are read from the mteb result files listed in table.json.",
-              "tokens: how many tokens of each text the row's model read (longer texts cut); "
-              "'whole text': all of it."]
+              "Scores are read from the mteb result files listed in table.json."]
+    if families:
+        compared = f" (vs {table['teacher']} compares it)" if has_teacher else ""
+        lines.append("mean over tasks: each task counts once; mean over families: the mean of the family "
+                     f"means, each family counting once{compared}.")
+    if has_gains:
+        lines.append("vs untrained: the row's mean over families minus that of the untrained row of its mode "
+                     "(plain, or replace: with a sense dictionary), in points; ▼: below the model it started from.")
+    lines += [f"{task}: the per-task rows ({{task}} in the spec) used the models of {source} (--student-of)."
+              for task, source in table.get("student_of", {}).items()]
+    lines.append("tokens: how many tokens of each text the row's model read (longer texts cut); "
+                 "'whole text': all of it.")
     speed = table.get("throughput")
     if speed:
         lines.append(f"texts/s: {speed['texts']} texts of {speed['task']} embedded in batches of "
@@ -196,7 +251,8 @@ def plot_scores(table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks, families = list(table["tasks"]), _family_columns(table)
-    groups = [*tasks, *(f"{family} mean" for family in families), "mean"]
+    means = ["mean over tasks", "mean over families"] if families else ["mean"]
+    groups = [*tasks, *(f"{family} mean" for family in families), *means]
     models = table["models"]
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(models) + 2.0), 5.0))
@@ -204,7 +260,8 @@ def plot_scores(table: dict, path: Path) -> None:
         heights = [model["scores"][t]["score"] for t in tasks]
         errors = [model["scores"][t]["std"] or 0.0 for t in tasks]
         heights += [model["family_means"][family] for family in families] + [model["mean"]]
-        errors += [0.0] * (len(families) + 1)
+        heights += [model["mean_over_families"]] if families else []
+        errors += [0.0] * (len(heights) - len(errors))
         positions = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
         bars = ax.bar(positions, 100 * np.array(heights), width, yerr=100 * np.array(errors), capsize=2,
                       label=model["label"])
