@@ -238,3 +238,22 @@ def test_long_texts_are_cut_before_tokenising_with_the_same_tokens(which, bert_t
         assert torch.equal(ours["input_ids"], ids) and torch.equal(ours["embed_mask"], embed)
     assert cut_long_text(tokenizer, "short text", 64) == "short text"
     assert cut_long_text(tokenizer, "x" * 10_000, 4) == "x" * 10_000  # no space to cut at
+
+
+def test_real_bbc_articles_cut_before_tokenising_give_the_tokens_of_the_whole_article(bert_tokenizer):
+    """MiniLM's tokenizer, the demo's 128 tokens, real BBC articles (the longest included) and a
+    text of words longer than WordPiece reads (one [UNK] each: the first cut holds too few tokens and widens):
+    the ids equal those of the whole text truncated, while most articles are cut."""
+    from embdistill.input_format import cut_long_texts
+    from embdistill.tasks import bbc_news_articles
+
+    articles = sorted((article.text for article in bbc_news_articles()), key=len)
+    texts = articles[::20] + articles[-3:] + [" ".join(["x" * 120] * 300) + " and then some words"]
+    cut = cut_long_texts(bert_tokenizer, texts, 128)
+    assert sum(len(c) < len(t) for c, t in zip(cut, texts)) > len(texts) / 2
+    assert len(cut[-1]) > 128 * 6  # widened past the first guess
+    examples = [format_example("Classify the news", text) for text in texts]
+    ours = tokenize_with_embed_mask(bert_tokenizer, examples, 128)
+    whole = bert_tokenizer(["Classify the news " + text for text in texts], truncation=True, max_length=128,
+                           padding=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ours["input_ids"], whole)

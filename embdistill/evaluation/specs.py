@@ -212,8 +212,8 @@ def looks_like_path(target: str) -> bool:
 def parse_student_of(pairs: Sequence[str], tasks: Sequence[Task]) -> dict[str, str]:
     """``--student-of TASK=SOURCE`` pairs -> {TASK's slug: SOURCE's slug}: a per-task spec
     (``{task}``) scored on TASK, one of the evaluated ``tasks`` (by name or folder name), uses
-    the model and dictionary of SOURCE, a task stages 0-5 can run on (``lee-sts=bbc-news``: the
-    bbc-news students score the Lee corpus). UserError for a malformed pair, a TASK that is not
+    the model and dictionary of SOURCE, another of them or any task stages 0-5 run on
+    (``lee-sts=bbc-news``: the bbc-news students score the Lee corpus). UserError for a malformed pair, a TASK that is not
     evaluated or named twice, an unknown SOURCE, or a SOURCE that itself takes another's."""
     evaluated = {key: task.slug for task in tasks for key in (task.name, task.slug)}
     student_of: dict[str, str] = {}
@@ -227,7 +227,7 @@ def parse_student_of(pairs: Sequence[str], tasks: Sequence[Task]) -> dict[str, s
         if evaluated[task] in student_of:
             raise UserError(f"--student-of names the task {task} twice")
         try:
-            source_slug = resolve_task(source).slug
+            source_slug = evaluated.get(source) or resolve_task(source).slug
         except UserError as error:
             raise UserError(f"--student-of {pair}: {error}") from None
         if source_slug == evaluated[task]:
