@@ -43,7 +43,7 @@ from torch import nn
 
 from .artifacts import replacing_folder
 from .cli import logger_level
-from .errors import UserError, first_line
+from .errors import MODEL_LOAD_ERRORS, UserError, first_line
 
 log = logging.getLogger("embdistill.quantize")
 
@@ -142,7 +142,7 @@ def quantize_student(st_dir: str | Path, out_dir: str | Path, *, weight_type: st
         raise UserError(f"no SentenceTransformer folder at {st_dir} (no modules.json): train the student first")
     try:
         fp32 = SentenceTransformer(str(st_dir), device="cpu")
-    except (OSError, ValueError) as exc:
+    except MODEL_LOAD_ERRORS as exc:
         raise UserError(f"could not load {st_dir}: {first_line(exc)}") from None
     encoder = fp32[0]
     if not hasattr(encoder, "auto_model"):

@@ -8,7 +8,7 @@
 import argparse
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import fraction, log, positive_int, run_main, setup_logging, stage_parser
 from embdistill.paths import Paths, base_dir
 from embdistill.tasks import CONFLICTING_LABELS, resolve_task
 from embdistill.texts import write_texts
@@ -16,7 +16,7 @@ from embdistill.texts import write_texts
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
-    parser.add_argument("--test-fraction", type=finite_float, default=0.2,
+    parser.add_argument("--test-fraction", type=fraction, default=0.2,
                         help="share held out for evaluation when the task has no test split")
     parser.add_argument("--max-train", type=positive_int, default=None, help="cap on training texts")
     parser.add_argument("--max-test", type=positive_int, default=None, help="cap on held-out texts")
