@@ -411,7 +411,7 @@ def is_done(
         return False
     damage = output_damage(path, manifest.get("outputs"))
     if damage:
-        log.warning("%s is damaged (%s): redoing it", path, damage)
+        log.warning("damaged output, redoing it: %s", damage)
         return False
     recorded = manifest.get("inputs", {})
     for key, value in (inputs or {}).items():

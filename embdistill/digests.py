@@ -9,12 +9,12 @@ tells a damaged output from a finished one.
   checked before a stage skips its work as done (:func:`embdistill.artifacts.is_done`).
 
 A file whose size and modification time are still those recorded is taken as unchanged without
-reading it: sha256 runs at about 0.3 GB/s here (300 MB in 0.92 s on the 2-core CPU), so hashing
-every output again would add seconds to each rerun of a driver for a student's export and
-minutes for a large teacher's gathered states, while a stat costs microseconds. Truncation
-changes the size; a write in place (flipped bytes) changes the modification time, and then
-the file is hashed and compared. Only a change that keeps both (a write with the time set back
-on purpose) goes unseen.
+reading it. sha256 runs at about 0.6-1 GB/s here (a MiniLM student's 108 MB export folder in
+0.10-0.18 s on the shared 2-core CPU, where its stat check takes 0.2 ms): cheap for a small
+student, but every rerun of every stage would read again a Llama teacher's 16 GB export or
+tens of GB of gathered states, tens of seconds each. Truncation changes the size; a write in
+place (flipped bytes) changes the modification time, and then the file is hashed and compared.
+Only a change that keeps both (a write with the time set back on purpose) goes unseen.
 """
 
 from __future__ import annotations

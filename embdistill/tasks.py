@@ -177,7 +177,7 @@ class Task:
         train, test = kept[:max_train], test[:max_test]
         for reason, count in dropped.items():
             if count:
-                log.info("task %s: %d %s", self.name, count, DROP_REASONS[reason])
+                log.info("task %s: %s: %d", self.name, DROP_REASONS[reason], count)
         if not train:
             raise UserError(f"task {self.name}: no training texts left after splitting")
         labelled = data[self.train_split][1] is not None
@@ -213,7 +213,7 @@ class Task:
         if conflicts and conflicting_labels == "error":
             text, given = next(iter(conflicts.items()))
             raise UserError(
-                f"task {self.name}: {len(conflicts)} texts have rows with different labels (e.g. "
+                f"task {self.name}: texts given different labels: {len(conflicts)} (e.g. "
                 f"{text[:60]!r}: {', '.join(map(repr, dict.fromkeys(given)))}); choose --conflicting-labels "
                 "first (keep each text's first row) or drop (leave those texts out)")
         if conflicting_labels == "drop":

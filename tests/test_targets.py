@@ -189,7 +189,7 @@ def test_a_damaged_targets_file_is_one_line(setup, tmp_path):
                 flipped = bytes(255 - b for b in fh.read(64))
                 fh.seek(size // 2)
                 fh.write(flipped)
-        message = "is damaged" if recorded else "corrupt targets file"
+        message = "damaged targets file" if recorded else "corrupt targets file"
         with pytest.raises(UserError, match=message) as error:
             load_targets(copy, cfg, inputs, senses, len(examples))
         assert "\n" not in str(error.value)

@@ -250,7 +250,7 @@ def test_stage0_counts_what_it_leaves_out_and_refuses_a_text_with_two_labels(tmp
     base = ["--task", str(data), "--base-dir", str(tmp_path), "--test-fraction", "0.3"]
     assert run_stage("scripts/00_texts.py", *base) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: task rows: 1 texts have rows with different labels (e.g. 'shared text': 'a', 'b'); choose "
+        "error: task rows: texts given different labels: 1 (e.g. 'shared text': 'a', 'b'); choose "
         "--conflicting-labels first (keep each text's first row) or drop (leave those texts out)")
     assert not (tmp_path / "text_train").exists()
 
@@ -266,8 +266,8 @@ def test_stage0_counts_what_it_leaves_out_and_refuses_a_text_with_two_labels(tmp
     pairs, dropped, log = written("first")
     assert pairs["shared text"] == "a" and len(pairs) == 7
     assert dropped == {"empty_text": 2, "duplicate": 1, "conflicting_label": 1}
-    assert "task rows: 2 rows with an empty or null text left out" in log
-    assert "task rows: 1 rows repeating an earlier row's text and label merged into it" in log
+    assert "task rows: rows with an empty or null text left out: 2" in log
+    assert "task rows: rows repeating an earlier row's text and label merged into it: 1" in log
     pairs, dropped, _ = written("drop")
     assert "shared text" not in pairs and len(pairs) == 6 and dropped["conflicting_label"] == 2
 

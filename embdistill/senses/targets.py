@@ -177,7 +177,7 @@ def load_targets(path: Path, cfg: TargetsConfig, inputs: Mapping[str, Path], sen
                         "(--overwrite) or pass the matching options")
     damage = output_damage(path, manifest.get("outputs"))
     if damage:
-        raise UserError(f"{path} is damaged ({damage}); rerun scripts/04_targets.py (run_train.sh does)")
+        raise UserError(f"damaged targets file: {damage}; rerun scripts/04_targets.py (run_train.sh does)")
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = SenseTargets(data["offsets"], data["token_ids"], data["targets"])
