@@ -131,7 +131,6 @@ def whole_number(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return int(text)
 
-    parse.__name__ = f"whole_number_from_{low}"
     return parse
 
 
@@ -164,7 +163,6 @@ def bounded_float(low: float, high: float = math.inf, *, low_included: bool = Tr
             raise argparse.ArgumentTypeError(f"expected a number {wanted}, got {text!r}")
         return value
 
-    parse.__name__ = f"number_{wanted.replace(' ', '')}"
     return parse
 
 
