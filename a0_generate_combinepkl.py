@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import print0
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rank pkls, gather folders or task names (default: --task's gather folder)")
     parser.add_argument("--output", default=None, help="combined pickle (default: --task's combined.pkl; "
                         "required with --inputs)")
-    parser.add_argument("--cap", type=int, default=4000, help="most samples kept per token")
+    parser.add_argument("--cap", type=positive_int, default=4000, help="most samples kept per token")
     parser.add_argument("--teacher", default="minilm", help="teacher whose gathers task names refer to")
     return parser
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError, first_line
+from .errors import MODEL_LOAD_ERRORS, UserError, first_line
 from .input_format import effective_max_length
 
 SENSES_FILE = "senses.safetensors"
@@ -57,7 +57,7 @@ def load_sentence_transformer(target: str, device):
     source = str(Path(target).expanduser()) if looks_like_path(target) else target
     try:
         return SentenceTransformer(source, device=str(device), trust_remote_code=_only_known_modules(source))
-    except (OSError, ValueError) as exc:
+    except MODEL_LOAD_ERRORS as exc:
         raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
 
 

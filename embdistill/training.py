@@ -65,8 +65,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_open, normalise_config, output_lock, save_json, weights_only_refusal
-from .cli import finite_float
+from .artifacts import atomic_open, normalise_config, output_lock, save_json, save_torch, weights_only_refusal
+from .cli import non_negative_float, non_negative_int, positive_float, positive_int
 from .distributed import barrier, default_device, dist_env
 from .errors import UserError, first_line
 
@@ -127,31 +127,31 @@ def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning
     """The shared loop's options, with a method's reference run as their defaults
     (``schedule_help``: a method's note on --schedule, e.g. what its authors used)."""
     group = parser.add_argument_group("training loop")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    group.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="passes over the data")
+    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                        help="examples per process and micro-batch")
-    group.add_argument("--lr", type=finite_float, default=defaults.lr, help=lr_help)
-    group.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
+    group.add_argument("--lr", type=non_negative_float, default=defaults.lr, help=lr_help)
+    group.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
                        help="AdamW weight decay")
-    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+    group.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
                        help="steps of linear warm-up before the schedule")
     group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                        help="learning rate after the warm-up: cosine decay to 0 at the last step, "
                        "or constant" + (f"; {schedule_help}" if schedule_help else ""))
-    group.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
+    group.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
                        help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
-    group.add_argument("--max-grad-norm", type=finite_float, default=defaults.max_grad_norm,
+    group.add_argument("--max-grad-norm", type=non_negative_float, default=defaults.max_grad_norm,
                        help="gradient clipping (0: off)")
-    group.add_argument("--max-steps", type=int, default=defaults.max_steps,
+    group.add_argument("--max-steps", type=non_negative_int, default=defaults.max_steps,
                        help="stop after this many steps (0: epochs decide)")
-    group.add_argument("--save-every", type=int, default=defaults.save_every,
+    group.add_argument("--save-every", type=positive_int, default=defaults.save_every,
                        help="steps between checkpoints (and one at each epoch end)")
-    group.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept")
-    group.add_argument("--log-every", type=int, default=defaults.log_every,
+    group.add_argument("--keep-last", type=positive_int, default=defaults.keep_last, help="checkpoints kept")
+    group.add_argument("--log-every", type=positive_int, default=defaults.log_every,
                        help="steps between metrics rows")
     group.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from the latest checkpoint of this run")
-    group.add_argument("--dist-timeout", type=finite_float, default=defaults.dist_timeout_s,
+    group.add_argument("--dist-timeout", type=positive_float, default=defaults.dist_timeout_s,
                        help="seconds a process waits for the others before giving up")
     group.add_argument("--no-bf16", dest="bf16", action="store_false",
                        help="no bf16 autocast on CUDA")
@@ -571,8 +571,7 @@ class Trainer:
                 "global_step": self.global_step,
                 "config": self.saved_config,
             }
-            with atomic_open(path, "wb") as fh:
-                torch.save(state, fh)
+            save_torch(state, path)  # a full disk: one line, the previous checkpoints kept
             for old in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN))[: -self.config.keep_last]:
                 old.unlink()
             log.info("saved %s", path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import finite_float, log, run_main, setup_logging, stage_parser
+from embdistill.cli import log, non_negative_float, positive_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
@@ -32,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gathered states (default work/<task>/<teacher>/combined.pkl)")
     parser.add_argument("--output", default=None,
                         help="sense dictionary (default sense_dict/<task>/<teacher>.kmeanspkl)")
-    parser.add_argument("--hidden-size", type=int, default=None,
+    parser.add_argument("--hidden-size", type=positive_int, default=None,
                         help="refuse states that are not this wide (e.g. 4096 for Llama-3-8B)")
     parser.add_argument("--k-rule", choices=K_RULES, default="fixed",
                         help="senses per token: mcl = the original's rule (k from an MCL cluster "
                         "count; slow), fixed = --senses for every token (what mcl gives on MiniLM; "
                         "checked against MCL on a few tokens, see BENCHMARKS.md)")
-    parser.add_argument("--senses", type=int, default=5, help="k of the fixed rule")
+    parser.add_argument("--senses", type=positive_int, default=5, help="k of the fixed rule")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="k-means: torch (batched, any device), sklearn (the original's), faiss")
     parser.add_argument("--sense-rule", choices=SENSE_RULES, default=DEFAULT_SENSE_RULE,
@@ -48,16 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"largest cosine (loss logits cos / {COS_TEMPERATURE})")
     parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
                         help="stored sense vectors (bfloat16: torch tensors, as the original)")
-    parser.add_argument("--max-iter", type=int, default=300, help="Lloyd iterations, at most")
-    parser.add_argument("--tol", type=finite_float, default=1e-4,
+    parser.add_argument("--max-iter", type=positive_int, default=300, help="Lloyd iterations, at most")
+    parser.add_argument("--tol", type=non_negative_float, default=1e-4,
                         help="stop when the squared centre shift is below tol x mean variance")
-    parser.add_argument("--n-init", type=int, default=1, help="k-means++ seedings per token, best kept")
-    parser.add_argument("--batch-tokens", type=int, default=256, help="tokens clustered together, at most")
-    parser.add_argument("--batch-elements", type=int, default=1 << 26,
+    parser.add_argument("--n-init", type=positive_int, default=1, help="k-means++ seedings per token, best kept")
+    parser.add_argument("--batch-tokens", type=positive_int, default=256, help="tokens clustered together, at most")
+    parser.add_argument("--batch-elements", type=positive_int, default=1 << 26,
                         help="floats per working tensor of a batch, about (bounds memory)")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--timeout", type=finite_float, default=3600.0,
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--timeout", type=positive_float, default=3600.0,
                         help="seconds a process waits for the others at the barrier")
     return parser
 

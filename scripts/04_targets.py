@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import log, positive_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.input_format import effective_max_length
@@ -45,7 +45,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
-    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
+    parser.add_argument("--dist-timeout", type=positive_float, default=3600.0,
                         help="seconds a process waits for the others at the end")
     return parser
 

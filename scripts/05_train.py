@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. the same model under another name)")
     parser.add_argument("--targets", default=None,
                         help="sense targets of scripts/04_targets.py (default: work/<task>/<teacher>/targets.npz)")
-    parser.add_argument("--student-layers", type=int, default=None,
+    parser.add_argument("--student-layers", type=positive_int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="max tokens per example, cut to the teacher's own limit (MiniLM: 256)")

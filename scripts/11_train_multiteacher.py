@@ -24,11 +24,16 @@ checkpoint unless --no-resume/--overwrite.
 
 import argparse
 
-from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import (bounded_float, non_negative_float, non_negative_int, positive_int, run_main, setup_logging,
+                            stage_parser)
 from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
 from embdistill.multiteacher.train import train_student
 from embdistill.training import TrainConfig, add_training_args
+
+
+# the validation share: none (0) is allowed, the whole corpus is not
+VAL_FRACTION = bounded_float(0, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,30 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "the authors' raw targets, far below the kernel's scale for unit-norm teachers. "
                         "Default by loss: nll standardised, mse raw (standardised, the MSE would weigh each "
                         "dimension by 1/variance); config.json records the value in force")
-    parser.add_argument("--head-layers", type=int, default=KERNEL_HEAD_LAYERS,
+    parser.add_argument("--head-layers", type=positive_int, default=KERNEL_HEAD_LAYERS,
                         help="hidden layers of each teacher's kernel head, width int(1.4 d_teacher) "
                         "(the authors': 3)")
     parser.add_argument("--mse-head", choices=("shared", "separate"), default="separate",
                         help="--loss mse: the authors' separate head d_student -> d_student -> d_student -> "
                         "d_teacher, or the kernel head's mu (shared)")
-    parser.add_argument("--head-lr", type=finite_float, default=1e-3,
+    parser.add_argument("--head-lr", type=non_negative_float, default=1e-3,
                         help="the heads' learning rate, its own parameter group (the authors: --lr for all)")
-    parser.add_argument("--head-warmup-steps", type=int, default=100,
+    parser.add_argument("--head-warmup-steps", type=non_negative_int, default=100,
                         help="before training, fit the heads alone for N steps on cached embeddings of the "
                         "student (which does not move); 0: none (the authors)")
-    parser.add_argument("--val-every", type=int, default=100,
+    parser.add_argument("--val-every", type=non_negative_int, default=100,
                         help="steps between validation losses in metrics.jsonl (and at the end; 0: at the end)")
     parser.add_argument("--run", default=None, help="run name under runs/<corpus>/ (default mt-<loss>)")
     parser.add_argument("--student", default="minilm",
                         help="the encoder to distil into: alias, sentence-transformers/hub id or folder")
-    parser.add_argument("--student-layers", type=int, default=2,
+    parser.add_argument("--student-layers", type=non_negative_int, default=2,
                         help="keep the student's first N layers (0: all of them)")
     parser.add_argument("--pooling", choices=POOLING, default="mean",
                         help="student embedding (the authors' arctic-embed students: cls)")
     parser.add_argument("--export-normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="end the exported SentenceTransformer with Normalize (the authors export "
                         "arctic-embed students without it: --no-export-normalize)")
-    parser.add_argument("--val-fraction", type=finite_float, default=0.05,
+    parser.add_argument("--val-fraction", type=VAL_FRACTION, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
     parser.add_argument("--max-length", type=positive_int, default=256,
                         help="max tokens per text, cut to the student's own limit (the authors: 512)")

@@ -164,6 +164,37 @@ def test_a_targets_file_for_anything_else_is_refused(setup, tmp_path):
         TargetCollator(teacher.tokenize, examples, stored, 8)([0, 1])
 
 
+def test_a_damaged_targets_file_is_one_line(setup, tmp_path):
+    """On main: zipfile.BadZipFile and a traceback in stage 5 (issue 22, 6c). Cut short or with
+    bytes flipped, with the record of its bytes in the manifest (as written now) or without it."""
+    import json
+    import os
+    import shutil
+
+    paths, teacher, senses, examples = setup
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
+    manifest = json.loads(open(f"{paths.targets}.manifest.json").read())
+    size = paths.targets.stat().st_size
+    for damage, recorded in [("cut", True), ("cut", False), ("flipped", True), ("flipped", False)]:
+        copy = tmp_path / f"{damage}-{recorded}.npz"
+        shutil.copy2(paths.targets, copy)
+        kept = manifest if recorded else {key: value for key, value in manifest.items() if key != "outputs"}
+        open(f"{copy}.manifest.json", "w").write(json.dumps(kept))
+        if damage == "cut":
+            os.truncate(copy, size // 2)
+        else:
+            with open(copy, "r+b") as fh:
+                fh.seek(size // 2)
+                flipped = bytes(255 - b for b in fh.read(64))
+                fh.seek(size // 2)
+                fh.write(flipped)
+        message = "damaged targets file" if recorded else "corrupt targets file"
+        with pytest.raises(UserError, match=message) as error:
+            load_targets(copy, cfg, inputs, senses, len(examples))
+        assert "\n" not in str(error.value)
+
+
 def test_training_refuses_targets_of_another_max_length_in_one_line(setup, tmp_path):
     paths, teacher, senses, examples = setup
     result = subprocess.run(

@@ -307,7 +307,7 @@ def test_missing_inputs_are_one_line_errors(stage_inputs, tiny_bert_dir, capsys)
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir), capsys)
     assert code == 2 and "error: missing" in err and "00_texts.py" in err
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--batch-size", "0"), capsys)
-    assert code == 2 and "error: --batch-size must be at least 1" in err
+    assert code == 2 and "error: argument --batch-size: expected a positive integer, got '0'" in err
 
 
 def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_dir, capsys):

@@ -394,3 +394,39 @@ def _worker(out_dir: str, batch_size: str, grad_accum: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(*sys.argv[2:])
+
+
+def test_no_space_for_a_checkpoint_is_one_line_and_the_previous_one_is_kept(tmp_path, monkeypatch):
+    """On main: OSError 28, then torch's "unexpected pos" RuntimeError and a traceback (issue 22,
+    6d). The disk fills during the second checkpoint's write (a writer that refuses past 1 KB)."""
+    import errno
+
+    from embdistill.cli import describe_os_error
+
+    original, saves = torch.save, []
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def save(state, fh, *args, **kwargs):
+        saves.append(1)
+        return original(state, FullDisk(fh) if len(saves) == 2 else fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError) as error:
+        train(tmp_path, save_every=2)
+    line = f"error: {describe_os_error(error.value)}"
+    assert line.startswith(f"error: {tmp_path / 'checkpoints'}: no space left on device for step-00000004.pt: "
+                           "it needs about ") and "MB are free" in line and "\n" not in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "step-00000002.pt", weights_only=True)["global_step"] == 2
