@@ -27,8 +27,7 @@
 * **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
   ``log_every`` steps, and draws ``run_dir/loss.png`` at the end. ``on_step_end`` (rank 0,
   after every step and at step 0 of a fresh start) adds the caller's measurements (a probe
-  batch, a validation) to them; ``caller_state`` (e.g. the kept checkpoint) rides in every
-  checkpoint and comes back on resume.
+  batch, a validation) to them; ``caller_state`` (the kept checkpoint) rides in checkpoints.
 * **a fresh start**: ``on_fresh_start`` runs on every rank before the first step of a run that
   did not resume from a checkpoint (e.g. to fit some parts of the model before the rest).
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
@@ -290,11 +289,10 @@ class Trainer:
     every trainable parameter at ``config.lr``. ``on_fresh_start(model)``: see the module
     docstring; it gets the unwrapped model. ``on_step_end(model, step, finished) -> metrics``:
     rank 0, after every optimiser step, with the unwrapped model; a non-empty result goes into
-    that step's metrics row (a row of its own when the step logs nothing); it also runs once at
-    step 0 of a fresh start (the untrained model). It must leave the model as it found it
-    (training mode, no RNG draws), so that resumed runs stay identical. ``caller_state``: an
-    object with ``state_dict()``/``load_state_dict()`` saved in every checkpoint and restored
-    on resume (every rank).
+    that step's metrics row (a row of its own when the step logs nothing), and at step 0 of a
+    fresh start. It must leave the model as it found it (training mode, no RNG draws), so that
+    resumed runs stay identical. ``caller_state.state_dict()`` is saved in every checkpoint,
+    ``caller_state.load_state_dict`` gets it back on resume (every rank).
     ``cpu_autocast``: bf16 autocast on the CPU too (``config.bf16`` applies it on CUDA only
     otherwise), so that the CUDA precision path can be tested on a CPU.
     """
@@ -427,8 +425,7 @@ class Trainer:
         if self.env.is_main:
             save_json(self.saved_config, self.run_dir / "config.json")
             self._trim_metrics(fresh=resumed_from is None)
-            start = self.on_step_end(self.module, 0, False) if resumed_from is None and self.on_step_end else None
-            if start:
+            if resumed_from is None and self.on_step_end and (start := self.on_step_end(self.module, 0, False)):
                 self._write_row({"step": 0, **start})
         self.module.train()
         window: dict[str, float] = {}
