@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from embdistill.distributed import DistEnv
-from embdistill.multiteacher.corpus import read_corpus, validation_split
+from embdistill.multiteacher.corpus import read_corpus
+from embdistill.validation import validation_split
 from embdistill.multiteacher.model import Collator, MultiTeacherLoss, MultiTeacherStudent
 from embdistill.multiteacher.monitor import PROBE_TEXTS, probe_metrics
 from embdistill.multiteacher.shards import load_teacher_targets, target_statistics

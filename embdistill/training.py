@@ -26,7 +26,8 @@
   starts over. The run folder must be shared by all ranks.
 * **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
   ``log_every`` steps, and draws ``run_dir/loss.png`` at the end. ``on_step_end`` (rank 0,
-  after every step) adds the caller's measurements (a probe batch, a validation loss) to them.
+  after every step and at step 0 of a fresh start) adds the caller's measurements (a probe
+  batch, a validation) to them; ``caller_state`` (the kept checkpoint) rides in checkpoints.
 * **a fresh start**: ``on_fresh_start`` runs on every rank before the first step of a run that
   did not resume from a checkpoint (e.g. to fit some parts of the model before the rest).
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
@@ -288,8 +289,10 @@ class Trainer:
     every trainable parameter at ``config.lr``. ``on_fresh_start(model)``: see the module
     docstring; it gets the unwrapped model. ``on_step_end(model, step, finished) -> metrics``:
     rank 0, after every optimiser step, with the unwrapped model; a non-empty result goes into
-    that step's metrics row (a row of its own when the step logs nothing). It must leave the
-    model as it found it (training mode, no RNG draws), so that resumed runs stay identical.
+    that step's metrics row (a row of its own when the step logs nothing), and at step 0 of a
+    fresh start. It must leave the model as it found it (training mode, no RNG draws), so that
+    resumed runs stay identical. ``caller_state.state_dict()`` is saved in every checkpoint,
+    ``caller_state.load_state_dict`` gets it back on resume (every rank).
     ``cpu_autocast``: bf16 autocast on the CPU too (``config.bf16`` applies it on CUDA only
     otherwise), so that the CUDA precision path can be tested on a CPU.
     """
@@ -309,6 +312,7 @@ class Trainer:
         param_groups: Sequence[Mapping[str, Any]] | None = None,
         on_fresh_start: Callable[[nn.Module], None] | None = None,
         on_step_end: Callable[[nn.Module, int, bool], Mapping[str, float]] | None = None,
+        caller_state: Any = None,
         cpu_autocast: bool = False,
     ):
         if len(train_dataset) == 0:
@@ -331,6 +335,7 @@ class Trainer:
         self.resume = resume
         self.on_fresh_start = on_fresh_start
         self.on_step_end = on_step_end
+        self.caller_state = caller_state
 
         groups = [dict(group) for group in param_groups] if param_groups else [
             {"params": list(self.module.parameters())}]
@@ -419,7 +424,9 @@ class Trainer:
                 self.on_fresh_start(self.module)
         if self.env.is_main:
             save_json(self.saved_config, self.run_dir / "config.json")
-            self._trim_metrics()
+            self._trim_metrics(fresh=resumed_from is None)
+            if resumed_from is None and self.on_step_end and (start := self.on_step_end(self.module, 0, False)):
+                self._write_row({"step": 0, **start})
         self.module.train()
         window: dict[str, float] = {}
         last_logged: dict[str, float] = {}
@@ -527,7 +534,7 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self, fresh: bool) -> None:
         """Drop metric rows logged after the checkpoint we resume from (or all, when fresh),
         and a row torn by a writer killed while appending it."""
         if not self.metrics_path.is_file():
@@ -539,7 +546,7 @@ class Trainer:
             except json.JSONDecodeError:
                 log.warning("%s: dropped a torn row (%r)", self.metrics_path, line[:80])
                 continue
-            if isinstance(row, dict) and row.get("step", 0) <= self.global_step:
+            if not fresh and isinstance(row, dict) and row.get("step", 0) <= self.global_step:
                 rows.append(line)
         with atomic_open(self.metrics_path, "w") as fh:
             fh.write("".join(row + "\n" for row in rows))
@@ -570,6 +577,7 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step,
                 "config": self.saved_config,
+                "caller_state": self.caller_state.state_dict() if self.caller_state is not None else None,
             }
             save_torch(state, path)  # a full disk: one line, the previous checkpoints kept
             for old in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN))[: -self.config.keep_last]:
@@ -598,6 +606,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"][self.env.rank])
+            if self.caller_state is not None and state.get("caller_state") is not None:
+                self.caller_state.load_state_dict(state["caller_state"])
             self.epoch = state["epoch"]
             self.step_in_epoch = state["step_in_epoch"]
             self.global_step = state["global_step"]

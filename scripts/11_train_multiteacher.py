@@ -17,7 +17,8 @@ Reads embeddings/<corpus>/ (scripts/10_teacher_embeddings.py) and writes runs/<c
 config.json, checkpoints/, metrics.jsonl and loss.png (training loss and its parts, the heads'
 R2 and the embeddings' mean pairwise cosine on a probe batch, the validation loss every
 --val-every steps), head_warmup.json, validation.json (loss on held-out corpus texts, never
-trained on), initial/ (the student before distillation) and export/ (hf/ and st/:
+trained on), selection.json (the validated steps' scores and the one exported, by --keep-best:
+embdistill/validation.py), initial/ (the student before distillation) and export/ (hf/ and st/:
 scripts/06_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
 checkpoint unless --no-resume/--overwrite.
 """
@@ -30,6 +31,7 @@ from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
 from embdistill.multiteacher.train import train_student
 from embdistill.training import TrainConfig, add_training_args
+from embdistill.validation import add_selection_arg
 
 
 # the validation share: none (0) is allowed, the whole corpus is not
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="before training, fit the heads alone for N steps on cached embeddings of the "
                         "student (which does not move); 0: none (the authors)")
     parser.add_argument("--val-every", type=non_negative_int, default=100,
-                        help="steps between validation losses in metrics.jsonl (and at the end; 0: at the end)")
+                        help="steps between validations in metrics.jsonl (also at step 0 and the end; 0: only there)")
+    add_selection_arg(parser)
     parser.add_argument("--run", default=None, help="run name under runs/<corpus>/ (default mt-<loss>)")
     parser.add_argument("--student", default="minilm",
                         help="the encoder to distil into: alias, sentence-transformers/hub id or folder")

@@ -146,12 +146,12 @@ def test_param_groups_keep_their_own_lr_and_the_hooks_run_when_asked(tmp_path):
                       tmp_path, run_config={"model": "tiny"}, device="cpu",
                       param_groups=groups(model), on_fresh_start=fresh_starts.append, on_step_end=on_step_end)
     trainer.train()
-    assert fresh_starts == [model] and seen == list(range(1, 13))
+    assert fresh_starts == [model] and seen == list(range(0, 13))  # step 0: the untrained model
     assert torch.equal(model.embed.weight, frozen)  # lr 0: its group did not move
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0, 0.01]  # constant, per group
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(row["step"], "probe" in row, "loss" in row) for row in rows] == [
-        (2, False, True), (3, True, False), (4, False, True), (6, True, True), (8, False, True),
+        (0, True, False), (2, False, True), (3, True, False), (4, False, True), (6, True, True), (8, False, True),
         (9, True, False), (10, False, True), (12, True, True)]  # log_every 2: merged or a row of its own
     assert (tmp_path / "loss.png").is_file()
     # a resumed run does not start fresh

@@ -248,20 +248,3 @@ def batches(dataset, collate_fn, batch_size: int, device: torch.device, indices:
     indices = range(len(dataset)) if indices is None else indices
     for start in range(0, len(indices), batch_size):
         yield to_device(collate_fn(dataset.items(indices[start : start + batch_size])), device)
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, loss_fn, dataset, collate_fn, batch_size: int,
-                  device: torch.device) -> dict[str, float]:
-    """The loss and metrics averaged over every text of ``dataset`` (eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    total = 0
-    for batch in batches(dataset, collate_fn, batch_size, device):
-        loss, count, metrics = loss_fn(model, batch)
-        for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + float(value) * count
-        total += count
-    model.train(was_training)
-    return {name: value / max(total, 1) for name, value in sums.items()}
