@@ -18,6 +18,7 @@ from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, init_distr
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
+from embdistill.senses.combine import combined_artifact
 from embdistill.senses.dictionary import SENSE_DTYPES
 from embdistill.senses.kmeans import BACKENDS
 from embdistill.senses.packed import COS_TEMPERATURE, DEFAULT_SENSE_RULE, SENSE_RULES
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
     parser.add_argument("--input", default=None,
-                        help="gathered states (default work/<task>/<teacher>/combined.pkl)")
+                        help="gathered states (default work/<task>/<teacher>/combined.pkl, or its "
+                        "combined.rows.npy where the combine wrote no pickle)")
     parser.add_argument("--output", default=None,
                         help="sense dictionary (default sense_dict/<task>/<teacher>.kmeanspkl)")
     parser.add_argument("--hidden-size", type=positive_int, default=None,
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     task = resolve_task(args.task, args.text_column, args.label_column)
     teacher = slug(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, teacher)
-    input_path = paths.combined if args.input is None else Path(args.input).resolve()
+    input_path = combined_artifact(paths.combined if args.input is None else Path(args.input).resolve())
     if not input_path.is_file():
         raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
                         "and a0_generate_combinepkl.py first, or pass --input")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import read_manifest, save_pickle
+from embdistill.artifacts import fingerprint, read_manifest, save_pickle
 from embdistill.errors import UserError
 from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
@@ -248,6 +248,28 @@ def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     assert redo.returncode == 0 and output(tmp_path).stat().st_mtime_ns != written
     other = run_cluster(capsys, *args, "--seed", "1")  # another config is not "done"
     assert other.returncode == 0 and "skipping" not in other.stderr
+
+
+def test_clusters_the_row_file_where_the_combine_wrote_no_pickle(tmp_path, states_file, capsys):
+    """combined.pkl skipped (--combined-pickle never): the stage finds the row file at the
+    default input, clusters it as it clusters the pickle, skips a rerun, and refuses a row file
+    that is not the one its manifest describes."""
+    path, states = states_file
+    combined = tmp_path / "alone" / "work" / "bbc-news" / "minilm" / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": DIM, "dtype": "float16"}, combined,
+                   config={}, inputs={}, combined_pickle="never")
+    assert not combined.exists()
+    assert run_cluster(capsys, "--base-dir", str(tmp_path / "pickle"), "--input", str(path)).returncode == 0
+    alone = run_cluster(capsys, "--base-dir", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    assert_same_dictionary(output(tmp_path / "alone"), output(tmp_path / "pickle"))
+    assert read_manifest(output(tmp_path / "alone"))["inputs"]["states"] == fingerprint(rows_path(combined))
+    assert "up to date, skipping" in run_cluster(capsys, "--base-dir", str(tmp_path / "alone")).stderr
+    mapped = np.load(rows_path(combined), mmap_mode="r+")
+    mapped[0, 0] += 1
+    mapped.flush()
+    changed = run_cluster(capsys, "--base-dir", str(tmp_path / "alone"), "--overwrite")
+    assert changed.returncode == 2 and "is not the row file its manifest describes" in changed.stderr
 
 
 def test_the_sense_rule_is_recorded_and_changes_no_sense(tmp_path, states_file, capsys):

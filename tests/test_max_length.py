@@ -15,8 +15,9 @@ import pytest
 from embdistill.artifacts import read_manifest, save_json
 from embdistill.errors import UserError
 from embdistill.paths import slug
-from embdistill.senses.combine import combine, write_combined
+from embdistill.senses.combine import combine
 from embdistill.senses.dictionary import check_gathered_with
+from helpers import combine_to_dict
 from test_combine import write_rank
 from test_train_stage import REPO, subprocess_env
 
@@ -31,9 +32,8 @@ def dictionary(tmp_path_factory, tiny_bert_dir):
     teacher = slug(str(tiny_bert_dir))
     ranks = [write_rank(folder, 0, {5: list(range(1, 40, 2)), 7: [2]}, hidden_size=DIM, teacher=teacher),
              write_rank(folder, 1, {5: list(range(41, 80, 2)), 9: [10, 11]}, hidden_size=DIM, teacher=teacher)]
-    combined, meta = combine([ranks], cap=100, seed=0)
+    meta = combine([ranks], 100, 0, folder / "combined.pkl", {"cap": 100}, {})
     assert meta["max_length"] == 8 and meta["input_format"] == "plain"
-    write_combined(combined, meta, folder / "combined.pkl", {"cap": 100}, {})
     out = folder / "senses.kmeanspkl"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "03_cluster.py"), "--base-dir", str(folder),
                              "--teacher", str(tiny_bert_dir), "--input", str(folder / "combined.pkl"),
@@ -75,7 +75,7 @@ def test_inputs_that_disagree_record_no_max_length(tmp_path):
     manifest = read_manifest(other)
     manifest["config"]["max_length"] = 16
     save_json(manifest, str(other) + ".manifest.json")
-    _, meta = combine([[first], [other]], cap=100, seed=0)
+    _, meta = combine_to_dict([[first], [other]], cap=100, seed=0)
     assert meta["max_length"] is None and meta["input_format"] == "plain"
 
 
