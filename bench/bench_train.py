@@ -50,7 +50,8 @@ from embdistill.students import SenseDistillation, StateMatching, build_student
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher
 from embdistill.input_format import LLM2VEC
 from embdistill.texts import read_train_texts
-from embdistill.training import Trainer, TrainConfig
+from embdistill.train_config import TrainConfig
+from embdistill.training import Trainer
 
 LLAMA_SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,

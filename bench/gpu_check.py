@@ -376,7 +376,8 @@ def ddp_worker(out_dir: str, steps: int, hang: bool) -> None:
     """One rank: a few Trainer steps of a small bidirectional Llama under DDP, then its
     parameters to a file. With ``hang``, rank 1 never joins the first all-reduce."""
     from embdistill.distributed import bind_device, cleanup, dist_env, init_distributed, resolve_device
-    from embdistill.training import LossOutput, Trainer, TrainConfig
+    from embdistill.train_config import TrainConfig
+    from embdistill.training import LossOutput, Trainer
     from transformers import LlamaConfig
 
     from embdistill.teachers import BidirectionalLlamaModel

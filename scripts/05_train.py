@@ -40,7 +40,8 @@ from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher, load_tokenizer
 from embdistill.texts import instruction_of, read_train_texts
 from embdistill.teachers import mean_pool
-from embdistill.training import Trainer, TrainConfig, add_training_args, resolved_config, to_device
+from embdistill.train_config import TrainConfig, add_training_args, resolved_config
+from embdistill.training import Trainer, to_device
 from embdistill.validation import (BEST_NAME, CheckpointSelection, Validation, ValidationHook, add_selection_arg,
                                    evaluate_loss, indices_digest, validation_split, write_selection)
 

@@ -30,7 +30,7 @@ from embdistill.cli import (bounded_float, non_negative_float, non_negative_int,
 from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
 from embdistill.multiteacher.train import train_student
-from embdistill.training import TrainConfig, add_training_args
+from embdistill.train_config import TrainConfig, add_training_args
 from embdistill.validation import add_selection_arg
 
 

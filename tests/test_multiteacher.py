@@ -829,7 +829,8 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     from embdistill.distributed import dist_env
-    from embdistill.training import Trainer, TrainConfig
+    from embdistill.train_config import TrainConfig
+    from embdistill.training import Trainer
 
     dataset = toy_data(16)
     stats = {t.name: target_statistics(t) for t in dataset.targets}

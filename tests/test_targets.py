@@ -25,7 +25,9 @@ from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_ta
                                        text_targets)
 from embdistill.students import SenseDistillation, build_student
 from embdistill.teachers import load_teacher
-from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
+from embdistill.metrics_plot import read_metrics
+from embdistill.train_config import TrainConfig
+from embdistill.training import LossOutput, Trainer
 from helpers import free_port, run_stage, save_dictionary
 from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
 

@@ -30,7 +30,8 @@ from ..input_format import effective_max_length
 from ..paths import Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
 from ..teachers import load_teacher, load_tokenizer
-from ..training import Trainer, TrainConfig, resolved_config, to_device
+from ..train_config import TrainConfig, resolved_config
+from ..training import Trainer, to_device
 from ..validation import (BEST_NAME, STRUCTURE_TEXTS, CheckpointSelection, Validation, ValidationHook,
                           evaluate_loss, validation_split, write_selection)
 from .corpus import corpus_name, read_corpus
