@@ -288,7 +288,8 @@ def skd_step(ctx: Context) -> tuple[dict, list]:
     timing), and the targets stage's work (teacher forward + nearest senses) against a bare
     teacher forward over the same batches."""
     from embdistill.senses.packed import PackedSenses
-    from embdistill.students import SenseDistillation, build_student
+    from embdistill.objectives import SenseDistillation
+    from embdistill.students import build_student
 
     teacher, sizes, device = ctx.teacher, ctx.sizes, ctx.device
     texts = random_texts(sizes.skd_batch * sizes.skd_steps, sizes.max_length * 2, ctx.words, seed=1)

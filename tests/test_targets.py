@@ -23,7 +23,8 @@ from embdistill.senses.dictionary import load_sense_dict
 from embdistill.senses.packed import SENSE_RULES, PackedSenses
 from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_targets, load_targets,
                                        text_targets)
-from embdistill.students import SenseDistillation, build_student
+from embdistill.objectives import SenseDistillation
+from embdistill.students import build_student
 from embdistill.teachers import load_teacher
 from embdistill.metrics_plot import read_metrics
 from embdistill.train_config import TrainConfig

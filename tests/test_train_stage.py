@@ -24,7 +24,9 @@ from embdistill.artifacts import save_json, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
-from embdistill.students import StateMatching, build_student, default_teacher_device, example_collator, export_student
+from embdistill.objectives import StateMatching
+from embdistill.objectives.base import example_collator
+from embdistill.students import build_student, default_teacher_device, export_student
 from embdistill.teachers import load_teacher
 from embdistill.input_format import format_example
 from embdistill.metrics_plot import read_metrics
