@@ -88,8 +88,8 @@ class StudentObjective:
         return load_teacher(run.args.teacher, device="cpu", dtype=torch.float32)
 
     def release_teacher(self) -> None:
-        """Drop the teacher once the student is built, unless the loss runs it."""
-        self.teacher = None
+        """Called once the student is built: an objective whose loss does not run the teacher
+        drops it here (its memory)."""
 
     def export_extras(self) -> dict:
         return {}

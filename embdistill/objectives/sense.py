@@ -102,5 +102,8 @@ class SenseDistillation(StudentObjective):
         loss, accuracy, count = self.sense_loss(states, batch["input_ids"], batch["sense_targets"])
         return LossOutput(loss, count, {"sense_accuracy": accuracy})
 
+    def release_teacher(self) -> None:
+        self.teacher = None  # the student has its own copy of the layers; the loss needs none
+
     def export_extras(self) -> dict:
         return {"senses": self.senses} if self.export_replace else {}

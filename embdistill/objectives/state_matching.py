@@ -68,9 +68,6 @@ class StateMatching(StudentObjective):
     def reference_teacher(self, run: StudentRun) -> Teacher:
         return self.teacher
 
-    def release_teacher(self) -> None:
-        pass  # the loss runs it
-
     def report(self) -> None:
         log.info("teacher states kept in memory: %d of %d examples (%.0f MB); the teacher ran on %d examples",
                  len(self.kept), self.examples, self.kept_bytes / 2**20, self.teacher_examples)
