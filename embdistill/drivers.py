@@ -370,10 +370,11 @@ def run_multithread_cluster(cli: Invocation) -> None:
 
 
 def run_train(cli: Invocation) -> None:
+    from .objectives import STUDENT_OBJECTIVES
+
     task = ["--task", cli.one_task()]
     launch = cli.launch()
-    sense = cli.check("train", task).loss == "sense"
-    if sense:  # the MSE ablation runs its teacher on the fly: no targets
+    if "targets" in STUDENT_OBJECTIVES[cli.check("train", task).loss].needs:  # e.g. not mse's: its teacher runs
         cli.check("targets", task)
         cli.run("targets", task, launch=launch)
     cli.run("train", task, launch=launch)
@@ -422,10 +423,11 @@ def multiteacher_runs(standardize: bool | None) -> dict[str, str]:
     """The evaluation's label -> run of each loss: the run's default name, mt-<loss>; the label
     says which targets it trained on (``--standardize`` as given, else the loss's default), e.g.
     ``mse-student-raw-targets``."""
-    from .multiteacher.model import LOSSES, standardizes, targets_kind
+    from .multiteacher.model import targets_kind
+    from .objectives import MULTITEACHER_OBJECTIVES
 
-    return {f"{loss}-student-{targets_kind(standardizes(loss, standardize))}-targets": f"mt-{loss}"
-            for loss in LOSSES}
+    return {f"{loss}-student-{targets_kind(objective.standardizes(standardize))}-targets": f"mt-{loss}"
+            for loss, objective in MULTITEACHER_OBJECTIVES.items()}
 
 
 _CLUSTER = {"cluster": Stage("scripts/03_cluster.py", launched=True)}

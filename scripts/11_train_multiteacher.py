@@ -28,9 +28,10 @@ import argparse
 from embdistill.cli import (bounded_float, non_negative_float, non_negative_int, positive_int, run_main, setup_logging,
                             stage_parser)
 from embdistill.multiteacher.corpus import add_corpus_args
-from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
+from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, POOLING
+from embdistill.objectives import MULTITEACHER_OBJECTIVES
 from embdistill.multiteacher.train import train_student
-from embdistill.training import TrainConfig, add_training_args
+from embdistill.train_config import TrainConfig, add_training_args
 from embdistill.validation import add_selection_arg
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
                         help="teachers whose embeddings scripts/10_teacher_embeddings.py wrote")
-    parser.add_argument("--loss", choices=LOSSES, default="nll",
+    parser.add_argument("--loss", choices=tuple(MULTITEACHER_OBJECTIVES), default="nll",
                         help="nll: Gaussian-kernel negative log-likelihood; mse: the baseline")
     parser.add_argument("--normalize-by-dim", action="store_true",
                         help="divide each teacher's loss by its dimension (no wide teacher dominates)")

@@ -27,8 +27,9 @@ from embdistill.losses.gaussian_nll import GaussianKernelNLLLoss
 from embdistill.losses.mse import masked_mse
 from embdistill.multiteacher.corpus import build_corpus, unique_texts
 from embdistill.multiteacher.lsa import LsaModel, analyze, fit_lsa
-from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherLoss,
-                                           MultiTeacherStudent, kernel_head, regression_head)
+from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherStudent, kernel_head,
+                                           regression_head)
+from embdistill.objectives import MULTITEACHER_OBJECTIVES, KernelNLL, TeacherMSE, objective_named
 from embdistill.multiteacher.monitor import TrainingMonitor, mean_pairwise_cosine, probe_metrics
 from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_teacher,
                                             load_teacher_targets, shard_files, target_statistics,
@@ -372,23 +373,23 @@ def test_loss_functions_nll_and_mse_through_the_same_heads(tiny_bert_dir):
     scaled = {k: (batch["targets"][k] - torch.tensor(m, dtype=torch.float32)) / torch.tensor(s, dtype=torch.float32)
               for k, (m, s) in stats.items()}  # the heads learn the standardised targets
 
-    nll = MultiTeacherLoss("nll", normalize_by_dim=True)(model, batch)
+    nll = KernelNLL(normalize_by_dim=True)(model, batch)
     expected, _ = GaussianKernelNLLLoss(True)(predictions, scaled)
     assert nll.count == 4 and torch.allclose(nll.loss, expected)
     assert {"nll/a", "log_lambda/a", "sq_err/b"} <= set(nll.metrics)
 
-    mse = MultiTeacherLoss("mse")(model, batch)
+    mse = TeacherMSE()(model, batch)
     expected = sum(masked_mse(predictions[k][0], scaled[k])[0] for k in ("a", "b"))
     assert torch.allclose(mse.loss, expected)
     mse.loss.backward()
     last = model.heads[0].mlp[-1].weight.grad
     assert last[:6].abs().sum() > 0 and last[6:].abs().sum() == 0  # rho's rows: no gradient
     with pytest.raises(UserError, match="--loss"):
-        MultiTeacherLoss("cosine")
+        objective_named(MULTITEACHER_OBJECTIVES, "cosine")
     separate = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean", heads="regression")
-    assert MultiTeacherLoss("mse")(separate, batch).count == 4
+    assert TeacherMSE()(separate, batch).count == 4
     with pytest.raises(UserError, match="kernel heads"):
-        MultiTeacherLoss("nll")(separate, batch)
+        KernelNLL()(separate, batch)
 
 
 def toy_data(n: int, dims=(("a", 6), ("b", 3)), seed: int = 3):
@@ -407,7 +408,7 @@ def test_head_warmup_fits_the_heads_on_cached_embeddings_and_leaves_the_student_
     torch.manual_seed(0)
     model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = MultiTeacherLoss("nll")
+    loss = KernelNLL()
     summary = fit_heads(model, dataset, collator, loss, steps=30, batch_size=5, texts_per_step=8, lr=1e-2,
                         weight_decay=0.01, max_grad_norm=0.0, seed=1, device=torch.device("cpu"),
                         env=DistEnv())
@@ -829,7 +830,8 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     from embdistill.distributed import dist_env
-    from embdistill.training import Trainer, TrainConfig
+    from embdistill.train_config import TrainConfig
+    from embdistill.training import Trainer
 
     dataset = toy_data(16)
     stats = {t.name: target_statistics(t) for t in dataset.targets}
@@ -840,7 +842,7 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
     config = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, warmup_steps=0, max_steps=2,
                          max_grad_norm=0.5, save_every=100, log_every=1, schedule="constant")
     collator = Collator(AutoTokenizer.from_pretrained(tiny_bert_dir), ["a", "b"], 32)
-    loss = MultiTeacherLoss("nll")
+    loss = KernelNLL()
     env = dist_env()
 
     def warm_up(module):

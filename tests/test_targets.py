@@ -23,9 +23,12 @@ from embdistill.senses.dictionary import load_sense_dict
 from embdistill.senses.packed import SENSE_RULES, PackedSenses
 from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_targets, load_targets,
                                        text_targets)
-from embdistill.students import SenseDistillation, build_student
+from embdistill.objectives import SenseDistillation
+from embdistill.students import build_student
 from embdistill.teachers import load_teacher
-from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
+from embdistill.metrics_plot import read_metrics
+from embdistill.train_config import TrainConfig
+from embdistill.training import LossOutput, Trainer
 from helpers import free_port, run_stage, save_dictionary
 from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
 

@@ -24,10 +24,12 @@ from embdistill.artifacts import save_json, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
-from embdistill.students import StateMatching, build_student, default_teacher_device, example_collator, export_student
+from embdistill.objectives import StateMatching
+from embdistill.objectives.base import example_collator
+from embdistill.students import build_student, default_teacher_device, export_student
 from embdistill.teachers import load_teacher
 from embdistill.input_format import format_example
-from embdistill.training import read_metrics
+from embdistill.metrics_plot import read_metrics
 from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]

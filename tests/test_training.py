@@ -21,8 +21,10 @@ from torch import nn
 
 from embdistill.errors import UserError
 from embdistill.losses import masked_mse
-from embdistill.training import (LossOutput, Trainer, TrainConfig, cosine_with_warmup, lr_schedule,
-                                 read_metrics)
+from embdistill.metrics_plot import read_metrics
+from embdistill.schedules import cosine_with_warmup, lr_schedule
+from embdistill.train_config import TrainConfig
+from embdistill.training import LossOutput, Trainer
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,7 +292,7 @@ def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
 
 def test_training_options_must_be_finite_numbers():
     from embdistill.cli import stage_parser
-    from embdistill.training import add_training_args
+    from embdistill.train_config import add_training_args
 
     parser = stage_parser("a stage")
     add_training_args(parser, TrainConfig())

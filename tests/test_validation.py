@@ -12,7 +12,8 @@ import torch
 from embdistill.paths import Paths
 from embdistill.teachers import load_teacher
 from embdistill.students import build_student
-from embdistill.training import Trainer, read_metrics
+from embdistill.metrics_plot import read_metrics
+from embdistill.training import Trainer
 from embdistill.validation import indices_digest, linear_cka, similarity_agreement, validation_split
 from test_train_stage import make_inputs, run_in_process, train_script
 

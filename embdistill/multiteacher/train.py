@@ -30,12 +30,13 @@ from ..input_format import effective_max_length
 from ..paths import Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
 from ..teachers import load_teacher, load_tokenizer
-from ..training import Trainer, TrainConfig, resolved_config, to_device
+from ..train_config import TrainConfig, resolved_config
+from ..training import Trainer, to_device
 from ..validation import (BEST_NAME, STRUCTURE_TEXTS, CheckpointSelection, Validation, ValidationHook,
                           evaluate_loss, validation_split, write_selection)
 from .corpus import corpus_name, read_corpus
-from .model import (Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, batches,
-                    standardizes, targets_kind)
+from ..objectives import MULTITEACHER_OBJECTIVES, MultiTeacherObjective, objective_named
+from .model import Collator, DistillationDataset, MultiTeacherStudent, batches, targets_kind
 from .monitor import PROBE_TEXTS, TrainingMonitor
 from .shards import INDEX_NAME, TeacherTargets, load_teacher_targets, target_statistics
 from .warmup import fit_heads
@@ -65,27 +66,23 @@ def run_identity(args: argparse.Namespace, paths: Paths, folders: dict[str, Path
         "student": args.student, "student_layers": args.student_layers, "pooling": args.pooling,
         "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": max_length,
         "val_fraction": args.val_fraction, "standardize": args.standardize,
-        "target_stats": stats_record(stats), "heads": heads_kind(args), "head_layers": args.head_layers,
+        "target_stats": stats_record(stats), "heads": MULTITEACHER_OBJECTIVES[args.loss].heads(args),
+        "head_layers": args.head_layers,
         "head_lr": args.head_lr, "head_warmup_steps": args.head_warmup_steps,
         "export_normalize": args.export_normalize, "keep_best": args.keep_best if args.val_fraction else "last",
     }
 
 
-def heads_kind(args: argparse.Namespace) -> str:
-    """The kernel heads, except for the MSE loss with --mse-head separate (the authors' head)."""
-    return "regression" if args.loss == "mse" and args.mse_head == "separate" else "kernel"
-
-
 def check_options(args: argparse.Namespace) -> str:
-    """One-line errors for bad values; the run's name. Resolves --standardize's default (by
-    loss, :func:`~.model.standardizes`), so that config.json records what the run does."""
+    """One-line errors for bad values; the run's name. Resolves --standardize's default (the
+    objective's ``standardizes_targets``), so that config.json records what the run does."""
     if args.student_layers < 0:  # --max-length is checked by its parser type
         raise UserError("--student-layers must be at least 0")
     if args.head_warmup_steps < 0 or args.val_every < 0:
         raise UserError("--head-warmup-steps and --val-every must not be negative")
     if not args.head_lr >= 0:
         raise UserError(f"--head-lr must not be negative, got {args.head_lr}")
-    args.standardize = standardizes(args.loss, args.standardize)
+    args.standardize = objective_named(MULTITEACHER_OBJECTIVES, args.loss).standardizes(args.standardize)
     return check_run_name(args.run or f"mt-{args.loss}", "runs/<corpus>/")
 
 
@@ -110,13 +107,14 @@ def train_student(args: argparse.Namespace) -> None:
 
     device = default_device(env)
     source = load_teacher(args.student, device=device)
+    objective = MULTITEACHER_OBJECTIVES[args.loss]
     encoder = build_student(source, args.student_layers or source.model.config.num_hidden_layers)
     torch.manual_seed(args.seed)  # the heads' initialisation: reruns and resumed runs agree
     model = MultiTeacherStudent(encoder, {t.name: t.dim for t in targets}, args.pooling,
-                                heads=heads_kind(args), head_layers=args.head_layers, target_stats=stats)
+                                heads=objective.heads(args), head_layers=args.head_layers, target_stats=stats)
     export_initial(model, source.tokenizer, paths, run_config, args, env)
 
-    loss_fn = MultiTeacherLoss(args.loss, args.normalize_by_dim)
+    loss_fn = objective(args.normalize_by_dim)
     collator = Collator(source.tokenizer, teachers, max_length)
     train_set = split_dataset(texts, targets, train_index)
     val_set = split_dataset(texts, targets, val_index) if len(val_index) else None
@@ -172,7 +170,7 @@ def split_dataset(texts: list[str], targets: list[TeacherTargets], indices: np.n
     return DistillationDataset([texts[i] for i in indices], [t.subset(indices) for t in targets])
 
 
-def student_validation(val_set: DistillationDataset, collator: Collator, loss_fn: MultiTeacherLoss,
+def student_validation(val_set: DistillationDataset, collator: Collator, loss_fn: MultiTeacherObjective,
                        batch_size: int, device: torch.device, normalize: bool) -> Validation:
     """The student's scores on the validation split: its loss there, and the agreement of its
     embeddings (as the export pools and normalises them) with each teacher's stored vectors on
