@@ -30,9 +30,9 @@ from embdistill.cli import (bounded_float, log, non_negative_float, non_negative
 from embdistill.distributed import (DEVICE_HELP, DistEnv, bind_device, cleanup, dist_env, init_distributed,
                                     print0, resolve_device)
 from embdistill.errors import UserError
-from embdistill.input_format import effective_max_length
+from embdistill.input_format import MaxLength
 from embdistill.paths import Paths, base_dir, check_run_name
-from embdistill.senses.dictionary import check_gathered_with, dictionary_identity, load_packed_senses
+from embdistill.senses.dictionary import SenseDictionary
 from embdistill.senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from embdistill.students import (SenseDistillation, StateMatching, build_student, default_student_layers,
                                  default_teacher_device, example_collator, export_student)
@@ -146,7 +146,8 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run)
     examples = read_train_texts(paths)
-    max_length = effective_max_length(args.max_length, tokenizer.max_seq_length)
+    length = MaxLength.of(args.max_length, tokenizer.max_seq_length)
+    max_length = length.used
     if max_length < args.max_length:
         log.info("--max-length %d is cut to the teacher's %d", args.max_length, max_length)
 
@@ -157,10 +158,9 @@ def train(args: argparse.Namespace) -> int:
         if not inputs["sense_dict"].is_file():
             raise UserError(f"missing sense dictionary {inputs['sense_dict']}: run run_sep_cluster.sh "
                             f"{args.task} --teacher {args.teacher} first, or pass --sense-dict")
-        check_gathered_with(inputs["sense_dict"], max_length=args.max_length,
-                            model_limit=tokenizer.max_seq_length, input_format=tokenizer.input_format.name,
-                            allow_max_length_mismatch=args.allow_max_length_mismatch)
-        targets_config = TargetsConfig.of(tokenizer, max_length, inputs["sense_dict"])
+        dictionary = SenseDictionary.open(inputs["sense_dict"])
+        dictionary.check_gathered_with(length, tokenizer.input_format.name, args.allow_max_length_mismatch)
+        targets_config = TargetsConfig.of(tokenizer, max_length, dictionary)
         if not inputs["targets"].is_file():
             raise UserError(f"missing sense targets {inputs['targets']}: run scripts/04_targets.py "
                             f"--task {args.task} --teacher {args.teacher} first (run_train.sh does)")
@@ -176,7 +176,7 @@ def train(args: argparse.Namespace) -> int:
                        "every": args.val_every, "keep_best": criterion},
     }
     if args.loss == "sense":  # its manifest too (the sense rule is not in the pickle): what replace mode binds to
-        run_config["sense_dict"] = dictionary_identity(inputs["sense_dict"])
+        run_config["sense_dict"] = dictionary.identity
     resolved = resolved_config(run_config, config, env.world_size) | {
         "export_replace": args.loss == "sense" and args.export_replace}
     if skip_if_done(paths.export_dir, config=resolved, overwrite=args.overwrite, what="train"):
@@ -186,8 +186,8 @@ def train(args: argparse.Namespace) -> int:
     if args.loss == "sense":
         # the teacher only gives the student its first layers: those alone, on the CPU
         teacher = load_teacher(args.teacher, device="cpu", dtype=torch.float32, layers=layers)
-        senses = load_packed_senses(inputs["sense_dict"], teacher.vocab_size, hidden_size=teacher.hidden_size,
-                                    teacher=None if args.allow_teacher_mismatch else teacher.slug).to(device)
+        senses = dictionary.packed(teacher.vocab_size, hidden_size=teacher.hidden_size,
+                                   teacher=None if args.allow_teacher_mismatch else teacher.slug).to(device)
         stored = load_targets(inputs["targets"], targets_config,
                               {"sense_dict": inputs["sense_dict"], "texts": paths.train_json}, senses, len(examples))
         single, scored, target_stats["single_sense_share"] = single_sense_count(stored.token_ids, stored.targets,
