@@ -152,7 +152,7 @@ def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, f
     """One process on one machine runs a launched stage in the driver's process (no launcher,
     no second start-up); more processes or machines go through embdistill.torchrun."""
     calls = []
-    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: calls.append(("torchrun", command)) or 0)
+    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env, output: calls.append(("torchrun", command)) or 0)
     monkeypatch.setattr("embdistill.drivers.run_in_this_process", lambda script, args: calls.append(("here", [script, *args])) or 0)
     cli = Invocation(DRIVERS["train"], ["bbc-news", "--loss", "mse", *flags])
     cli.run("train", ["--task", "bbc-news"], launch=cli.launch())

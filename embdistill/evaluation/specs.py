@@ -45,7 +45,7 @@ from pathlib import Path
 
 from ..artifacts import read_manifest
 from ..errors import UserError
-from ..paths import slug
+from ..paths import EXPORT_FOLDER, HF_FOLDER, ST_FOLDER, looks_like_path, slug
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
 TASK_PLACEHOLDER = "{task}"
@@ -137,7 +137,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 def default_label(kind: str, target: str, n_layers: int | None = None, own_length: bool = False) -> str:
     parts = Path(target.rstrip("/")).parts
-    if len(parts) > 2 and parts[-2] == "export" and parts[-1] in ("hf", "st"):
+    if len(parts) > 2 and parts[-2] == EXPORT_FOLDER and parts[-1] in (HF_FOLDER, ST_FOLDER):
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
     else:
         name = slug(target)
@@ -209,9 +209,5 @@ def export_manifest(target: str) -> dict | None:
     it was trained from (``config.run``) and its teacher's slug (``extra.teacher``, absent in
     exports that predate that record); None for any other target."""
     folder = Path(target).expanduser()
-    return read_manifest(folder.parent) if folder.name in ("hf", "st") else None
+    return read_manifest(folder.parent) if folder.name in (HF_FOLDER, ST_FOLDER) else None
 
-
-def looks_like_path(target: str) -> bool:
-    """A folder rather than a hub id (``owner/name``) or an alias."""
-    return target.startswith(("/", ".", "~")) or target.count("/") > 1
