@@ -128,7 +128,8 @@ def main() -> int:
                 *shlex.split(args.train_args), *common, log_file=log_file)
             seconds[f"export {run}"] = export_points(runs / run, steps[1:-1])
 
-    models = [f"before=st:{Paths(base, CORPUS, run=run_name(args.name, args.arms[0], args.seeds[0])).initial_dir / ST_FOLDER}",
+    before = Paths(base, CORPUS, run=run_name(args.name, args.arms[0], args.seeds[0])).initial_dir / ST_FOLDER
+    models = [f"before=st:{before}",
               f"minilm=st:{minilm_folder()}",
               f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
     for arm in args.arms:

@@ -7,7 +7,7 @@ student stays bidirectional. It is trained on the sense targets stored by
 teacher's token states (:class:`StateMatching`), and exported:
 
 * ``export/hf/``: a transformers model folder with the tokenizer, which
-  ``embdistill.teachers.load_teacher(export/"hf")`` loads (token states, replace-mode
+  ``embdistill.teachers.load_teacher(export/hf)`` loads (token states, replace-mode
   evaluation, a later distillation);
 * ``export/st/``: a SentenceTransformer folder that embeds as the evaluation scored the
   student: the task's instruction as its default prompt, the text tokens mean-pooled,
@@ -213,4 +213,5 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
     SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / ST_FOLDER))
     if senses is not None:
         replace = SenseReplace(senses.cpu())
-        SentenceTransformer(modules=[first, replace, *tail], device="cpu", **prompts).save(str(building / ST_REPLACE_FOLDER))
+        SentenceTransformer(modules=[first, replace, *tail], device="cpu",
+                            **prompts).save(str(building / ST_REPLACE_FOLDER))

@@ -50,7 +50,8 @@ def test_the_dictionary_records_what_its_states_were_gathered_with(dictionary):
     SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "plain")
     with pytest.raises(UserError, match="gathered with --max-length 8, not 128 [(]--max-length 512 cut to the model's 128[)]"):
         SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain")
-    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain", allow_max_length_mismatch=True)
+    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain",
+                                                         allow_max_length_mismatch=True)
     with pytest.raises(UserError, match="input format plain, the teacher now reads llm2vec"):
         SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "llm2vec",
                                                          allow_max_length_mismatch=True)

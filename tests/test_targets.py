@@ -147,7 +147,8 @@ def test_a_targets_file_for_anything_else_is_refused(setup, tmp_path):
     cfg = TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict))
     inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
     with pytest.raises(UserError, match="max_length 32, not 64"):
-        load_targets(paths.targets, TargetsConfig.of(teacher, 64, SenseDictionary.open(paths.sense_dict)), inputs, senses, len(examples))
+        load_targets(paths.targets, TargetsConfig.of(teacher, 64, SenseDictionary.open(paths.sense_dict)), inputs,
+                     senses, len(examples))
     other = tmp_path / "other.kmeanspkl"
     save_pickle({int(t): np.ones((2, teacher.hidden_size), np.float16) for t in senses.token_ids[:5]}, other)
     with pytest.raises(UserError, match="another sense_dict"):
@@ -281,7 +282,8 @@ def test_targets_of_one_rule_are_not_reused_for_another(setup, tmp_path, capsys)
     write_manifest(dictionary, stage="cluster", config={"sense_rule": "l2"})  # the same file
     inputs = {"sense_dict": dictionary, "texts": paths.train_json}
     with pytest.raises(UserError, match="sense_rule 'dot', not 'l2'"):
-        load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(dictionary)), inputs, senses, len(examples))
+        load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(dictionary)), inputs, senses,
+                     len(examples))
     assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" not in capsys.readouterr().err
     assert read_manifest(out)["config"]["sense_rule"] == "l2" and fingerprint(dictionary) == before
     write_manifest(dictionary, stage="cluster", config={"sense_rule": "nearest"})
