@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import MODEL_LOAD_ERRORS, UserError, first_line
 from .input_format import effective_max_length
+from .paths import looks_like_path
 
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
@@ -51,8 +52,6 @@ def load_sentence_transformer(target: str, device):
     which sentence-transformers 6 asks for any module outside its package: the code is this
     installed package's, nothing is fetched. A failure to load is one line (UserError)."""
     from sentence_transformers import SentenceTransformer
-
-    from .evaluation.specs import looks_like_path
 
     source = str(Path(target).expanduser()) if looks_like_path(target) else target
     try:

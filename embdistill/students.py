@@ -7,7 +7,7 @@ student stays bidirectional. It is trained by an objective of :mod:`embdistill.o
 exported:
 
 * ``export/hf/``: a transformers model folder with the tokenizer, which
-  ``embdistill.teachers.load_teacher(export/"hf")`` loads (token states, replace-mode
+  ``embdistill.teachers.load_teacher(export/hf)`` loads (token states, replace-mode
   evaluation, a later distillation);
 * ``export/st/``: a SentenceTransformer folder that embeds as the evaluation scored the
   student: the task's instruction as its default prompt, the text tokens mean-pooled,
@@ -29,6 +29,7 @@ from torch import nn
 from .artifacts import replacing_folder
 from .distributed import DistEnv
 from .errors import UserError
+from .paths import HF_FOLDER, ST_FOLDER, ST_REPLACE_FOLDER
 from .senses.packed import PackedSenses
 from .teachers import Teacher, position_limit, save_reading, truncated_copy
 from .input_format import PLAIN, SEPARATOR, InputFormat, format_example
@@ -125,7 +126,7 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
 
     from .st_modules import Encoder, SenseReplace
 
-    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize,
+    hf_dir = save_hf(student, tokenizer, building / HF_FOLDER, input_format=input_format, normalize=normalize,
                      max_seq_length=max_seq_length)
     modules = sentence_transformer_modules()
     example_prompt = format_example(instruction, "") if instruction.strip() else ""
@@ -138,7 +139,8 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
         pool = modules.Pooling(student.config.hidden_size, pooling, include_prompt=False)
     tail = [pool, modules.Normalize()] if normalize else [pool]
     prompts = {"prompts": {"task": prompt}, "default_prompt_name": "task"} if prompt else {}
-    SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / "st"))
+    SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / ST_FOLDER))
     if senses is not None:
         replace = SenseReplace(senses.cpu())
-        SentenceTransformer(modules=[first, replace, *tail], device="cpu", **prompts).save(str(building / "st-replace"))
+        SentenceTransformer(modules=[first, replace, *tail], device="cpu",
+                            **prompts).save(str(building / ST_REPLACE_FOLDER))

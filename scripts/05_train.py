@@ -28,7 +28,7 @@ from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
 from embdistill.cli import (bounded_float, log, non_negative_int, positive_int, run_main, setup_logging,
                             stage_parser)
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
-from embdistill.input_format import effective_max_length
+from embdistill.input_format import MaxLength
 from embdistill.objectives import STUDENT_OBJECTIVES, StudentObjective, StudentRun
 from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.students import build_student, default_student_layers, export_student
@@ -118,10 +118,11 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run_name)
     examples = read_train_texts(paths)
-    max_length = effective_max_length(args.max_length, tokenizer.max_seq_length)
+    length = MaxLength.of(args.max_length, tokenizer.max_seq_length)
+    max_length = length.used
     if max_length < args.max_length:
         log.info("--max-length %d is cut to the teacher's %d", args.max_length, max_length)
-    run = StudentRun(args, paths, tokenizer, examples, max_length,
+    run = StudentRun(args, paths, tokenizer, examples, length,
                      args.student_layers or default_student_layers(tokenizer.model_type), device, env)
 
     inputs = objective_class.inputs(run)

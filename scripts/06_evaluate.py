@@ -37,7 +37,7 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.evaluation.specs import check_replace_dictionaries, parse_model_specs
+from embdistill.evaluation.specs import check_replace_dictionaries, open_dictionaries, parse_model_specs
 from embdistill.paths import base_dir, check_run_name, results_dir
 
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     select_task_types(resolved, args.task_types)
     task_slugs = [task.slug for task in resolved]
     specs = parse_model_specs(args.models, task_slugs)
-    check_replace_dictionaries(specs, task_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
+    dictionaries = open_dictionaries(specs, task_slugs)
+    check_replace_dictionaries(specs, dictionaries, task_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
                                allow_dictionary_mismatch=args.allow_dictionary_mismatch)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     base = base_dir(args.base_dir)
     with output_lock(results_dir(base, args.run)):  # mteb writes its result files in place
-        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
+        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite,
+                         dictionaries=dictionaries)
     print_table(table, results_dir(base, args.run))
     return 0
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 
 def run_stage(script: str, *args) -> int:
-    """A stage script's ``main([...])`` in this process, as the drivers run a one-process stage;
-    returns the exit status. ``script``: relative to the repository (``scripts/05_train.py``)."""
-    from embdistill.drivers import run_in_this_process
+    """:func:`embdistill.drivers.run_stage` (in this process, as the drivers run a one-process
+    stage); returns the exit status. ``script``: relative to the repository (``scripts/05_train.py``)."""
+    from embdistill.drivers import run_stage as run
 
-    return run_in_this_process(script, list(args))
+    return run(script, args)
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
 from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
 from embdistill.senses.combine import rows_path, write_combined
-from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, sense_rule_of, senses_histogram
+from embdistill.senses.dictionary import SenseDictionary, load_sense_dict, save_sense_dict, senses_histogram
 from bench.bench_cluster import mcl_count_reference
 from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 from helpers import free_port, killed_command, run_stage
@@ -283,12 +283,14 @@ def test_the_sense_rule_is_recorded_and_changes_no_sense(tmp_path, states_file, 
         proc = run_cluster(capsys, "--base-dir", str(base), "--input", str(path),
                            *(["--sense-rule", rule] if rule else []))
         assert proc.returncode == 0, proc.stderr
-        assert read_manifest(output(base))["config"]["sense_rule"] == (rule or "dot") == sense_rule_of(output(base))
+        recorded = read_manifest(output(base))["config"]["sense_rule"]
+        assert recorded == (rule or "dot") == SenseDictionary.open(output(base)).sense_rule
         assert f"sense rule {rule or 'dot'} " in (output(base).parent / "minilm.summary.txt").read_text()
         pickles[rule] = output(base).read_bytes()
     assert len(set(pickles.values())) == 1
     again = run_cluster(capsys, "--base-dir", str(tmp_path / "l2"), "--input", str(path), "--sense-rule", "cos")
-    assert again.returncode == 0 and "skipping" not in again.stderr and sense_rule_of(output(tmp_path / "l2")) == "cos"
+    assert again.returncode == 0 and "skipping" not in again.stderr
+    assert SenseDictionary.open(output(tmp_path / "l2")).sense_rule == "cos"
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option",
@@ -506,4 +508,4 @@ def test_the_sense_rule_passes_through_the_driver(tmp_path, states_file):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sense_rule_of(output(tmp_path)) == "l2"
+    assert SenseDictionary.open(output(tmp_path)).sense_rule == "l2"

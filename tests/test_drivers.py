@@ -152,7 +152,8 @@ def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, f
     """One process on one machine runs a launched stage in the driver's process (no launcher,
     no second start-up); more processes or machines go through embdistill.torchrun."""
     calls = []
-    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: calls.append(("torchrun", command)) or 0)
+    monkeypatch.setattr("embdistill.drivers.run_process",
+                        lambda command, env, output: calls.append(("torchrun", command)) or 0)
     monkeypatch.setattr("embdistill.drivers.run_in_this_process", lambda script, args: calls.append(("here", [script, *args])) or 0)
     cli = Invocation(DRIVERS["train"], ["bbc-news", "--loss", "mse", *flags])
     cli.run("train", ["--task", "bbc-news"], launch=cli.launch())
@@ -169,6 +170,19 @@ def test_a_stage_run_in_the_driver_s_process_gives_its_exit_status(tmp_path, cap
     assert run_in_this_process("scripts/00_texts.py", ["--task", "bbc-news", "--max-train", "8", "--max-test", "4",
                                                        "--base-dir", str(tmp_path)]) == 0
     assert (tmp_path / "text_train" / "bbc-news" / "train.json").is_file()
+
+
+def test_lib_sh_and_studies_run_a_stage_through_the_drivers_run_stage(tmp_path, capsys):
+    """lib.sh's run_stage (run_demo.sh's) is ``python -m embdistill.drivers stage``; a study runs a
+    stage in a process of its own with its output in a log file (``output``)."""
+    from embdistill.drivers import main, run_stage
+
+    args = ["--task", "bbc-news", "--base-dir", str(tmp_path)]
+    assert main(["stage", "scripts/08_quantize.py", *args]) == 2
+    assert capsys.readouterr().err.startswith("error: no SentenceTransformer folder")
+    with open(tmp_path / "stage.log", "w") as log:
+        assert run_stage("scripts/08_quantize.py", args, env={"PYTHONPATH": str(REPO)}, output=log) == 2
+    assert (tmp_path / "stage.log").read_text().strip().splitlines()[-1].startswith("error: no SentenceTransformer")
 
 
 def test_a_stage_in_the_driver_s_process_ends_on_sigterm_in_one_line_after_its_cleanup(tmp_path):

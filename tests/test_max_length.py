@@ -14,9 +14,10 @@ import pytest
 
 from embdistill.artifacts import read_manifest, save_json
 from embdistill.errors import UserError
+from embdistill.input_format import MaxLength
 from embdistill.paths import slug
 from embdistill.senses.combine import combine
-from embdistill.senses.dictionary import check_gathered_with
+from embdistill.senses.dictionary import SenseDictionary
 from helpers import combine_to_dict
 from test_combine import write_rank
 from test_train_stage import REPO, subprocess_env
@@ -46,13 +47,14 @@ def dictionary(tmp_path_factory, tiny_bert_dir):
 def test_the_dictionary_records_what_its_states_were_gathered_with(dictionary):
     extra = read_manifest(dictionary)["extra"]
     assert (extra["max_length"], extra["input_format"]) == (8, "plain")
-    check_gathered_with(dictionary, max_length=8, model_limit=128, input_format="plain")
+    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "plain")
     with pytest.raises(UserError, match="gathered with --max-length 8, not 128 [(]--max-length 512 cut to the model's 128[)]"):
-        check_gathered_with(dictionary, max_length=512, model_limit=128, input_format="plain")
-    check_gathered_with(dictionary, max_length=512, model_limit=128, input_format="plain", allow_max_length_mismatch=True)
+        SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain")
+    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain",
+                                                         allow_max_length_mismatch=True)
     with pytest.raises(UserError, match="input format plain, the teacher now reads llm2vec"):
-        check_gathered_with(dictionary, max_length=8, model_limit=128, input_format="llm2vec",
-                            allow_max_length_mismatch=True)
+        SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "llm2vec",
+                                                         allow_max_length_mismatch=True)
 
 
 @pytest.mark.parametrize("recorded", [256, 512])  # 512: a dictionary recording the --max-length asked for
@@ -62,9 +64,9 @@ def test_the_guard_compares_the_lengths_used(tmp_path, recorded):
     path = tmp_path / "senses.kmeanspkl"
     save_json({"extra": {"max_length": recorded, "input_format": "plain"}}, str(path) + ".manifest.json")
     for asked in (512, 300, 256):
-        check_gathered_with(path, max_length=asked, model_limit=256, input_format="plain")
+        SenseDictionary.open(path).check_gathered_with(MaxLength.of(asked, 256), "plain")
     with pytest.raises(UserError) as refused:
-        check_gathered_with(path, max_length=128, model_limit=256, input_format="plain")
+        SenseDictionary.open(path).check_gathered_with(MaxLength.of(128, 256), "plain")
     assert str(refused.value) == (f"{path} was gathered with --max-length 256, not 128; "
                                   "use --max-length 256, or --allow-max-length-mismatch")
 

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from ..paths import Paths, slug
+from ..paths import ST_FOLDER, Paths, slug
 
 
 def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
@@ -34,10 +34,10 @@ def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -
     from .lsa import LSA_TEACHER, lsa_dirs
     from .sentence_teacher import teacher_source
 
-    specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_dir / 'st'}"
+    specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_st}"
              for label, run in runs.items()]
     first_run = Paths(paths.base, paths.task, run=next(iter(runs.values())))
-    specs.append(f"student-before=st:{first_run.initial_dir / 'st'}")
+    specs.append(f"student-before=st:{first_run.initial_dir / ST_FOLDER}")
     for name in teachers:
         if name == LSA_TEACHER:  # a bag of words: its shards read whole texts, and so does its row
             specs.append(f"{slug(name)}=st:{lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1]}{OWN_LENGTH}")

@@ -27,7 +27,7 @@ from ..artifacts import fingerprint, is_done, save_json, skip_if_done, write_man
 from ..distributed import DistEnv, cleanup, default_device, init_distributed, print0
 from ..errors import UserError
 from ..input_format import effective_max_length
-from ..paths import Paths, base_dir, check_run_name, slug
+from ..paths import HF_FOLDER, Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
 from ..teachers import load_teacher, load_tokenizer
 from ..train_config import TrainConfig, resolved_config
@@ -222,7 +222,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     export settings, which the checkpoint records. Returns ``out_dir``."""
     from transformers import AutoModel, AutoTokenizer
 
-    initial = Path(checkpoint).parent.parent / "initial" / "hf"
+    initial = Paths.initial_of_checkpoint(checkpoint) / HF_FOLDER
     if not initial.is_dir():
         raise UserError(f"{checkpoint}: no {initial} beside it (not a stage 11 run?)")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)

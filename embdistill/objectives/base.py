@@ -14,6 +14,7 @@ from torch import nn
 from ..artifacts import fingerprint
 from ..distributed import DistEnv
 from ..errors import UserError
+from ..input_format import MaxLength
 from ..paths import Paths
 from ..teachers import Teacher, load_teacher
 from ..training import LossOutput
@@ -22,17 +23,23 @@ from ..training import LossOutput
 @dataclass
 class StudentRun:
     """What stage 5 knows of the run before an objective is built: its options, folders,
-    training texts, the tokens per example (``max_length``, cut to the teacher's limit), the
-    student's layers, this process's device and the process group."""
+    training texts, the tokens per example (``length``: --max-length, the teacher's limit and
+    the length used, computed once by the stage), the student's layers, this process's device
+    and the process group."""
 
     args: argparse.Namespace
     paths: Paths
     tokenizer: Any  # embdistill.teachers.Tokenizer
     examples: list
-    max_length: int
+    length: MaxLength
     layers: int
     device: torch.device
     env: DistEnv
+
+    @property
+    def max_length(self) -> int:
+        """The tokens each example is cut to."""
+        return self.length.used
 
 
 class StudentObjective:

@@ -15,7 +15,7 @@ from torch import nn
 from ..artifacts import fingerprint
 from ..errors import UserError
 from ..losses import SenseLoss
-from ..senses.dictionary import check_gathered_with, dictionary_identity, load_packed_senses
+from ..senses.dictionary import SenseDictionary
 from ..senses.packed import PackedSenses
 from ..senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from ..teachers import load_teacher
@@ -54,42 +54,43 @@ class SenseDistillation(StudentObjective):
                            help="sense loss: also export/st-replace, the student in replace mode")
 
     @classmethod
-    def inputs(cls, run: StudentRun) -> dict[str, Path]:
+    def inputs(cls, run: StudentRun) -> dict[str, Path | SenseDictionary]:
         args, paths = run.args, run.paths
         sense_dict = paths.sense_dict if args.sense_dict is None else Path(args.sense_dict)
         targets = paths.targets if args.targets is None else Path(args.targets)
         if not sense_dict.is_file():
             raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh "
                             f"{args.task} --teacher {args.teacher} first, or pass --sense-dict")
-        check_gathered_with(sense_dict, max_length=args.max_length, model_limit=run.tokenizer.max_seq_length,
-                            input_format=run.tokenizer.input_format.name,
-                            allow_max_length_mismatch=args.allow_max_length_mismatch)
+        # opened once (its manifest read once) and passed on to identity() and build()
+        dictionary = SenseDictionary.open(sense_dict)
+        dictionary.check_gathered_with(run.length, run.tokenizer.input_format.name, args.allow_max_length_mismatch)
         if not targets.is_file():
             raise UserError(f"missing sense targets {targets}: run scripts/04_targets.py "
                             f"--task {args.task} --teacher {args.teacher} first (run_train.sh does)")
-        return {"targets": targets, "sense_dict": sense_dict}
+        return {"targets": targets, "sense_dict": dictionary}
 
     @classmethod
-    def identity(cls, run: StudentRun, inputs: dict[str, Path]) -> dict:
+    def identity(cls, run: StudentRun, inputs: dict[str, Path | SenseDictionary]) -> dict:
         # the dictionary's manifest too (the sense rule is not in the pickle): what replace mode binds to
-        return {"targets": fingerprint(inputs["targets"]), "sense_dict": dictionary_identity(inputs["sense_dict"])}
+        return {"targets": fingerprint(inputs["targets"]), "sense_dict": inputs["sense_dict"].identity}
 
     @classmethod
     def export_identity(cls, run: StudentRun) -> dict:
         return {"export_replace": run.args.export_replace}
 
     @classmethod
-    def build(cls, run: StudentRun, inputs: dict[str, Path]) -> "SenseDistillation":
+    def build(cls, run: StudentRun, inputs: dict[str, Path | SenseDictionary]) -> "SenseDistillation":
         # the teacher only gives the student its first layers: those alone, on the CPU
         teacher = load_teacher(run.args.teacher, device="cpu", dtype=torch.float32, layers=run.layers)
-        senses = load_packed_senses(inputs["sense_dict"], teacher.vocab_size, hidden_size=teacher.hidden_size,
-                                    teacher=None if run.args.allow_teacher_mismatch else teacher.slug).to(run.device)
-        config = TargetsConfig.of(run.tokenizer, run.max_length, inputs["sense_dict"])
-        stored = load_targets(inputs["targets"], config, {"sense_dict": inputs["sense_dict"], "texts": run.paths.train_json},
+        dictionary = inputs["sense_dict"]
+        senses = dictionary.packed(teacher.vocab_size, hidden_size=teacher.hidden_size,
+                                   teacher=None if run.args.allow_teacher_mismatch else teacher.slug).to(run.device)
+        config = TargetsConfig.of(run.tokenizer, run.max_length, dictionary)
+        stored = load_targets(inputs["targets"], config, {"sense_dict": dictionary.path, "texts": run.paths.train_json},
                               senses, len(run.examples))
         single, scored, share = single_sense_count(stored.token_ids, stored.targets, senses)
         log.info("sense dictionary %s: %d tokens, %d senses, sense rule %s; targets %s: %d of %d scored "
-                 "tokens have a single sense and are left out of the loss", inputs["sense_dict"],
+                 "tokens have a single sense and are left out of the loss", dictionary.path,
                  len(senses.sizes), len(senses.centroids), senses.rule, inputs["targets"], single, scored)
         objective = cls(senses, export_replace=run.args.export_replace)
         objective.teacher = teacher

@@ -35,7 +35,7 @@ from ..artifacts import NPZ_ERRORS, PartFiles, atomic_open, fingerprint, read_ma
 from ..digests import output_damage
 from ..distributed import DistEnv, barrier
 from ..errors import UserError
-from .dictionary import sense_rule_of
+from .dictionary import SenseDictionary
 from .packed import PackedSenses
 
 log = logging.getLogger("embdistill.targets")
@@ -53,10 +53,10 @@ class TargetsConfig:
     sense_rule: str  # the dictionary's, from its manifest
 
     @classmethod
-    def of(cls, teacher, max_length: int, dictionary: Path) -> "TargetsConfig":
+    def of(cls, teacher, max_length: int, dictionary: SenseDictionary) -> "TargetsConfig":
         tokenizer = f"{teacher.tokenizer.name_or_path} ({len(teacher.tokenizer)} tokens)"
-        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary),
-                   sense_rule_of(dictionary))
+        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary.path),
+                   dictionary.sense_rule)
 
 
 def single_sense_count(token_ids: np.ndarray, targets: np.ndarray,
