@@ -8,7 +8,8 @@ script in a child process, as the drivers start a stage of its own process): tex
 N training texts and N/4 held-out), count, gather, combine, cluster, targets, a fixed number of
 training steps, evaluation of the exported student, and the multi-teacher teacher embeddings
 (stage 10, MiniLM and LSA of 64 dimensions). Each stage's wall seconds, peak host RSS (``ru_maxrss`` of that
-child, from ``os.wait4``) and disk written (growth of the base directory's bytes) are recorded,
+child, from ``os.wait4``), CPU seconds (user + system of that child: with one thread, the wall
+time of an idle machine, and far less disturbed by other jobs than the wall time) and disk written (growth of the base directory's bytes) are recorded,
 with what the plan (embdistill/plan.py) reads as the work: texts, text tokens and kept states
 (``sum(min(count, cap))`` over the token counts). Writes, under --out: ``scale.json``,
 ``scale.md`` (table and log-log slopes), ``scale.png`` (log-log, one line per stage) and the
@@ -22,6 +23,7 @@ them, and the recorded N is the count stage 0 wrote.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from embdistill.plan import STAGES  # noqa: E402
+from embdistill.torchrun import die_with_parent  # noqa: E402
 
 CAP = 500  # per-token cap of gather and combine: small, so that it binds at these N
 
@@ -73,13 +76,14 @@ def run_child(command: list[str], base: Path, log: Path, threads: int) -> dict:
     start = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen([sys.executable, str(REPO / command[0]), *command[1:], "--base-dir", str(base)],
-                                 cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=functools.partial(die_with_parent, os.getpid()))
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak RSS alone
         child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if child.returncode:
         raise SystemExit(f"error: {command[0]} failed (status {child.returncode}); see {log}")
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    return {"wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "disk_mb": round((tree_bytes(base) - before) / 2**20, 3)}
 
 
@@ -111,7 +115,7 @@ def slopes(records: list[dict]) -> dict:
     out = {}
     for stage in STAGES:
         out[stage] = {}
-        for metric in ("wall_s", "peak_rss_mb", "disk_mb"):
+        for metric in ("wall_s", "cpu_s", "peak_rss_mb", "disk_mb"):
             ys = [r["stages"][stage][metric] for r in records]
             if min(ys) <= 0.01:  # nothing written (or all of it deleted again): no slope
                 out[stage][metric] = {"all": None, "last": None}
@@ -126,24 +130,24 @@ def markdown(result: dict) -> str:
     lines = [f"N (training texts): {', '.join(map(str, ns))}; tokens: "
              f"{', '.join(str(r['work']['tokens']) for r in records)}; kept states (cap {result['settings']['cap']}): "
              f"{', '.join(str(r['work']['kept_states']) for r in records)}", "",
-             "| stage | wall s | peak RSS MB | disk MB | slope time | slope RSS | slope disk |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | wall s | CPU s | peak RSS MB | disk MB | slope wall | slope CPU | slope RSS | slope disk |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(s):
         return "-" if s["all"] is None else f"{s['all']:.2f} ({s['last']:.2f})"
 
     for stage in STAGES:
-        cells = [" / ".join(f"{r['stages'][stage][m]:g}" for r in records) for m in ("wall_s", "peak_rss_mb", "disk_mb")]
-        lines.append(f"| {stage} | {' | '.join(cells)} | {fmt(fitted[stage]['wall_s'])} | "
-                     f"{fmt(fitted[stage]['peak_rss_mb'])} | {fmt(fitted[stage]['disk_mb'])} |")
+        metrics = ("wall_s", "cpu_s", "peak_rss_mb", "disk_mb")
+        cells = [" / ".join(f"{r['stages'][stage][m]:.4g}" for r in records) for m in metrics]
+        lines.append(f"| {stage} | {' | '.join(cells)} | {' | '.join(fmt(fitted[stage][m]) for m in metrics)} |")
     lines += ["", "Each cell: the sizes in order; slope: log-log over all N (over the last doubling)."]
     if "validation" in result:
         lines += ["", f"Plan fitted at N <= {result['validation']['fit_max_n']}, predicting N = {ns[-1]}:", "",
-                  "| stage | time pred / meas | RSS pred / meas | disk pred / meas |", "|---|---|---|---|"]
+                  "| stage | CPU s pred / meas | RSS MB pred / meas | disk MB pred / meas |", "|---|---|---|---|"]
         for stage, row in result["validation"]["stages"].items():
             lines.append(f"| {stage} | " + " | ".join(
                 f"{row[m]['predicted']:.4g} / {row[m]['measured']:.4g} ({row[m]['error']:+.0%})"
-                for m in ("wall_s", "peak_rss_mb", "disk_mb")) + " |")
+                for m in ("cpu_s", "peak_rss_mb", "disk_mb")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +158,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ns = [r["work"]["texts"] for r in result["records"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (metric, label) in zip(axes, [("wall_s", "wall seconds"), ("peak_rss_mb", "peak host RSS (MB)"),
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    for ax, (metric, label) in zip(axes, [("wall_s", "wall seconds (shared machine)"), ("cpu_s", "CPU seconds"),
+                                           ("peak_rss_mb", "peak host RSS (MB)"),
                                            ("disk_mb", "disk written (MB)")]):
         for stage in STAGES:
             ys = [r["stages"][stage][metric] for r in result["records"]]
