@@ -4,7 +4,8 @@ unit costs we measured (``scripts/09_plan.py`` prints it).
 **The work.** ``texts`` training texts of ``mean_tokens`` text tokens each (cut to the max
 length), so ``tokens = texts x mean_tokens``. Which token ids occur how often follows Zipf's law
 over the teacher's vocabulary ``V``: the id of rank ``r`` occurs ``c_r = tokens x r^-s / sum
-r^-s`` times (``s`` fitted on our token counts, :func:`fit_zipf`). From it:
+r^-s`` times, over the share ``u`` of the vocabulary that occurs at all (``s`` and ``u`` fitted
+on our token counts, :func:`fit_zipf`; the same share assumed for another vocabulary). From it:
 
 * kept states ``S = sum_r min(c_r, per_token)`` (gather's rule: every occurrence of an id seen at
   most ``per_token`` times, about ``per_token`` of the others; combine's ``--cap`` on top);
@@ -167,6 +168,11 @@ def zipf_counts(tokens: float, vocab: int, exponent: float) -> np.ndarray:
     return tokens * weights / weights.sum()
 
 
+def law_counts(tokens: float, vocab: int, law: tuple[float, float]) -> np.ndarray:
+    exponent, share = law
+    return zipf_counts(tokens, max(int(vocab * share), 1), exponent)
+
+
 @dataclass(frozen=True)
 class Derived:
     kept_states: float
@@ -174,27 +180,30 @@ class Derived:
     token_ids: float
 
 
-def derive(work: Work, teacher: Teacher, options: Options, exponent: float) -> Derived:
-    counts = zipf_counts(work.tokens, teacher.vocab, exponent)
+def derive(work: Work, teacher: Teacher, options: Options, law: tuple[float, float]) -> Derived:
+    """The kept states, dictionary rows and distinct ids of Zipf's ``law``: (exponent, share of
+    the vocabulary that occurs at all)."""
+    counts = law_counts(work.tokens, teacher.vocab, law)
     return Derived(kept_states=float(np.minimum(counts, min(options.per_token, options.cap)).sum()),
                    dictionary_states=float(np.minimum(counts, options.k).sum()),
                    token_ids=float((1 - np.exp(-counts)).sum()))
 
 
-def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> float:
-    """The exponent whose kept states, dictionary rows and distinct ids best match the counts
-    (squared log error over the records)."""
-    def error(s):
+def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> tuple[float, float]:
+    """The exponent and the share of the vocabulary in use whose kept states, dictionary rows
+    and distinct ids best match the counts (squared log error over the records)."""
+    def error(law):
         total = 0.0
         for r in records:
             w = r["work"]
             d = derive(Work(w["texts"], w["tokens"], w["chars"], w["eval_texts"]), TEACHERS["minilm"],
-                       Options(per_token=cap, cap=cap, senses=senses), s)
+                       Options(per_token=cap, cap=cap, senses=senses), law)
             total += sum(math.log(p / w[key]) ** 2 for p, key in [(d.kept_states, "kept_states"),
                          (d.dictionary_states, "dictionary_states"), (d.token_ids, "token_ids")])
         return total
 
-    return min(np.arange(0.6, 1.6, 0.01), key=error).round(2).item()
+    grid = [(round(s, 2), share) for s in np.arange(0.6, 1.6, 0.02) for share in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)]
+    return min(grid, key=error)
 
 
 def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) -> dict[str, dict[str, float]]:
@@ -270,7 +279,7 @@ def fit_constants(records: list[dict], settings: dict, date: str, machine: str) 
             stages[stage][metric] = _fit_line(xs, ys)
     return {"date": date, "machine": machine, "fitted_on_texts": [r["work"]["texts"] for r in records],
             "settings": {key: settings[key] for key in BENCH_SETTINGS},
-            "zipf_exponent": fit_zipf(records, minilm.vocab, settings["cap"], settings["senses"]),
+            "zipf_law": fit_zipf(records, minilm.vocab, settings["cap"], settings["senses"]),
             "stages": stages}
 
 
@@ -293,7 +302,7 @@ def validate(constants: dict, record: dict) -> dict:
     and the relative error."""
     work, _, options = record_inputs(record, constants["settings"])
     minilm = TEACHERS["minilm"]
-    predicted = cpu_costs(constants, work, derive(work, minilm, options, constants["zipf_exponent"]), minilm, options)
+    predicted = cpu_costs(constants, work, derive(work, minilm, options, tuple(constants["zipf_law"])), minilm, options)
     return {stage: {m: {"predicted": predicted[stage][m], "measured": record["stages"][stage][m],
                         "error": predicted[stage][m] / max(record["stages"][stage][m], 1e-9) - 1} for m in METRICS}
             for stage in STAGES}
@@ -323,7 +332,7 @@ def device_memory_mb(stage: str, work: Work, derived: Derived, teacher: Teacher,
 
 def plan(work: Work, teacher: Teacher, options: Options, constants: dict) -> dict[str, dict]:
     """Per stage: disk MB, peak host MB, device MB, seconds and where the time comes from."""
-    derived = derive(work, teacher, options, constants["zipf_exponent"])
+    derived = derive(work, teacher, options, tuple(constants["zipf_law"]))
     costs = cpu_costs(constants, work, derived, teacher, options)
     cpu_source = f"CPU rate ({constants['date']}, {constants['settings']['threads']} thread)"
     rows = {}
@@ -345,7 +354,7 @@ def plan(work: Work, teacher: Teacher, options: Options, constants: dict) -> dic
             elif stage != "cluster":
                 row["time_from"] += ", host work: no GPU figure"
         if stage == "cluster" and options.k_rule == "mcl":
-            counts = np.minimum(zipf_counts(work.tokens, teacher.vocab, constants["zipf_exponent"]), options.per_token)
+            counts = np.minimum(law_counts(work.tokens, teacher.vocab, tuple(constants["zipf_law"])), options.per_token)
             row["seconds"] += _mcl_seconds(counts, options.device) / options.cluster_procs
             row["time_from"] = f"k-means: {cpu_source}; MCL: {GPU_SOURCE if options.device != 'cpu' else 'H100_FIGURES host (numpy, 16 cores)'}"
         elif stage == "cluster" and options.device != "cpu":

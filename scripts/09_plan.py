@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"--constants {args.constants}: cannot read it ({exc})") from None
     rows = plan(work, teacher, options, constants)
-    derived = derive(work, teacher, options, constants["zipf_exponent"])
+    derived = derive(work, teacher, options, tuple(constants["zipf_law"]))
     stages = ("texts", "teacher_embeddings") if args.pipeline == "multiteacher" else STAGES[:-1]
     print(f"teacher {teacher.name}: hidden {teacher.hidden}, {teacher.layers} layers, vocabulary {teacher.vocab:,}, "
           f"{teacher.params:.3g} parameters (student: {teacher.student_layers} layers, {teacher.student_params:.3g})")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{options.max_length}), {work.eval_texts:,} held-out texts")
     if args.pipeline == "skd":
         print(f"kept states {derived.kept_states:,.0f} (cap {min(options.per_token, options.cap)} per token id, Zipf "
-              f"s={constants['zipf_exponent']}), dictionary rows {derived.dictionary_states:,.0f} (k {options.k}), "
+              f"s={constants['zipf_law'][0]} over {constants['zipf_law'][1]:.0%} of the vocabulary), dictionary rows {derived.dictionary_states:,.0f} (k {options.k}), "
               f"{options.steps(work):,} training steps of {options.train_batch} texts x {options.train_gpus} rank(s)")
     else:
         print(f"{options.teachers} teacher(s) of this shape, {options.gather_gpus} rank(s)")

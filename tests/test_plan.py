@@ -36,7 +36,7 @@ def test_constants_fitted_on_two_sizes_predict_a_larger_one_within_a_quarter():
     small = [synthetic_record(n, rng) for n in (1000, 2000)]
     large = synthetic_record(4000, rng)
     constants = plan.fit_constants(small, SETTINGS, "today", "here")
-    assert abs(constants["zipf_exponent"] - 1.1) <= 0.1
+    assert abs(constants["zipf_law"][0] - 1.1) <= 0.1 and constants["zipf_law"][1] == 1.0
     checked = plan.validate(constants, large)
     errors = {(stage, m): row[m]["error"] for stage, row in checked.items() for m in METRICS}
     assert max(map(abs, errors.values())) < 0.25, errors
@@ -47,7 +47,7 @@ def test_constants_fitted_on_two_sizes_predict_a_larger_one_within_a_quarter():
 def test_kept_states_stop_growing_once_every_id_reaches_the_cap():
     llama = TEACHERS["llm2vec-llama3-8b"]
     options = Options(per_token=1000, cap=4000)
-    sizes = [plan.derive(Work(n, n * 500.0, n * 2000.0, 0), llama, options, 1.0).kept_states for n in (10**3, 10**5, 10**8)]
+    sizes = [plan.derive(Work(n, n * 500.0, n * 2000.0, 0), llama, options, (1.0, 1.0)).kept_states for n in (10**3, 10**5, 10**8)]
     assert sizes[0] < sizes[1] < sizes[2] <= llama.vocab * 1000 * 1.0001
     assert sizes[2] > 0.99 * llama.vocab * 1000
 
