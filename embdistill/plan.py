@@ -26,7 +26,8 @@ on our token counts, :func:`fit_zipf`; the same share assumed for another vocabu
   batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
 * host memory ``x``: texts, count: characters; gather: S x H x b / R (a rank merges its parts
   whole); combine: S x H x b (today's whole dict); cluster: S x H x b / R (the row file, mapped);
-  targets, train: D x H; evaluate: eval texts x H; teacher embeddings: texts x H;
+  targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the corpus is
+  held whole; embeddings go to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
   (combined.pkl and the row file); cluster: D x H; targets: tokens; train: D x H; evaluate:
   eval texts; teacher embeddings: texts x H x teachers;
@@ -221,9 +222,9 @@ def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) ->
         "targets": {"cpu_s": work.tokens * P / R, "peak_rss_mb": D * H, "disk_mb": work.tokens},
         "train": {"cpu_s": options.steps(work) * options.train_batch * work.mean_tokens * Ps,
                   "peak_rss_mb": D * H, "disk_mb": D * H},
-        "evaluate": {"cpu_s": eval_tokens * Ps, "peak_rss_mb": work.eval_texts * H, "disk_mb": work.eval_texts},
+        "evaluate": {"cpu_s": eval_tokens * Ps, "peak_rss_mb": work.eval_texts, "disk_mb": work.eval_texts},
         "teacher_embeddings": {"cpu_s": work.tokens * P * options.teachers / R,
-                               "peak_rss_mb": work.texts * H, "disk_mb": work.texts * H * options.teachers},
+                               "peak_rss_mb": work.chars, "disk_mb": work.texts * H * options.teachers},
     }
 
 
