@@ -5,20 +5,22 @@
     python a0_generate_combinepkl.py --inputs old/rank0.pkl old/rank1.pkl --output combined.pkl
 
 Inputs: rank<R>.pkl files, gather folders or task names (their gather folder under --base-dir),
-each checked: non-negative token ids to finite float rows. Beside combined.pkl go the same rows as
-one array, combined.rows.npy, and combined.tokens.npy (where each token's rows are), which the
-cluster stage maps so that each of its processes reads only its own tokens' rows.
+each checked: non-negative token ids to finite float rows. The rows go to one array,
+combined.rows.npy, and combined.tokens.npy says where each token's rows are; the cluster stage
+maps them, so that each of its processes reads only its own tokens' rows. combined.pkl, the same
+states in the original's format, is written from them unless --combined-pickle skips it. Host
+memory holds one rank file's states at a time, not all of them.
 """
 
 import argparse
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import run_main, setup_logging, stage_parser
+from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import print0
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
-from embdistill.senses.combine import combine, resolve_inputs, write_combined
+from embdistill.senses.combine import PICKLE_AUTO_BYTES, PICKLE_MODES, combine, done_markers, resolve_inputs
 from embdistill.tasks import resolve_task
 
 
@@ -28,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rank pkls, gather folders or task names (default: --task's gather folder)")
     parser.add_argument("--output", default=None, help="combined pickle (default: --task's combined.pkl; "
                         "required with --inputs)")
-    parser.add_argument("--cap", type=int, default=4000, help="most samples kept per token")
+    parser.add_argument("--cap", type=positive_int, default=4000, help="most samples kept per token")
     parser.add_argument("--teacher", default="minilm", help="teacher whose gathers task names refer to")
+    parser.add_argument("--combined-pickle", choices=PICKLE_MODES, default="auto",
+                        help="write combined.pkl (the original's format) beside the row file: auto = "
+                        f"when its rows take at most {PICKLE_AUTO_BYTES >> 30} GiB (its readers load it "
+                        "whole); the cluster stage needs only the row file")
     return parser
 
 
@@ -54,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     files = [path for group in groups for path in group]
     config = {"inputs": [str(p) for p in files], "cap": args.cap, "seed": args.seed}
     inputs = {f"input{i}": path for i, path in enumerate(files)}
-    if skip_if_done(output, config=config, inputs=inputs, overwrite=args.overwrite, what="combine"):
+    if any(skip_if_done(marker, config=config, inputs=inputs, overwrite=args.overwrite, what="combine")
+           for marker in done_markers(output, args.combined_pickle)):
         return 0
-    combined, meta = combine(groups, args.cap, args.seed)
-    write_combined(combined, meta, output, config, inputs)
+    meta = combine(groups, args.cap, args.seed, output, config, inputs, combined_pickle=args.combined_pickle)
     print0(f"combine: {len(groups)} gather(s), {len(files)} files -> {meta['token_ids']} token ids, "
            f"{meta['rows']} rows ({meta['capped']} capped at {args.cap}), {meta['hidden_size']}-d "
            f"{meta['dtype']} -> {output}")

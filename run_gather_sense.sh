@@ -17,6 +17,7 @@ Stage options (see each script's --help) go to the scripts that take them:
   --per-token N        ~samples per token (default 1000)                        gather
   --batch-size N  --dtype float16|float32  --flush-every N  --device D          gather
   --cap N              most samples per token after combining (default 4000)    combine
+  --combined-pickle M  auto|always|never: combined.pkl beside the row file      combine
   --base-dir DIR  --overwrite  --seed N  --log-level L                          all three
 With --nnodes > 1 the combine is left for one machine to run once all have finished
 (the command is printed).

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from embdistill.distributed import DistEnv
-from embdistill.multiteacher.corpus import read_corpus, validation_split
-from embdistill.multiteacher.model import Collator, MultiTeacherLoss, MultiTeacherStudent
+from embdistill.multiteacher.corpus import read_corpus
+from embdistill.validation import validation_split
+from embdistill.multiteacher.model import Collator, MultiTeacherStudent
+from embdistill.objectives import MULTITEACHER_OBJECTIVES
 from embdistill.multiteacher.monitor import PROBE_TEXTS, probe_metrics
 from embdistill.multiteacher.shards import load_teacher_targets, target_statistics
 from embdistill.multiteacher.train import split_dataset
@@ -59,7 +61,7 @@ def main() -> None:
     source = load_teacher("minilm", device="cpu")
     collator = Collator(source.tokenizer, ["minilm", "lsa"], args.max_length)
     probe = to_device(collator(val_set.items(range(min(PROBE_TEXTS, len(val_set))))), "cpu")
-    loss = MultiTeacherLoss(args.loss)
+    loss = MULTITEACHER_OBJECTIVES[args.loss]()
 
     def fresh_model() -> MultiTeacherStudent:
         torch.manual_seed(0)

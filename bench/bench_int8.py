@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, run as a script or imported
 from common import add_machine_args, machine  # noqa: E402
-from embdistill.paths import Paths, base_dir, baseline_dir  # noqa: E402
+from embdistill.paths import ST_FOLDER, ST_INT8_FOLDER, Paths, base_dir, baseline_dir  # noqa: E402
 from embdistill.tasks import resolve_task  # noqa: E402
 from embdistill.teachers import minilm_path  # noqa: E402
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
 def models(args) -> dict[str, Path]:
     """label -> SentenceTransformer folder, the fp32 student first (the ratios' reference)."""
     export = Paths(base_dir(args.base_dir), resolve_task(args.task).slug, run=args.run).export_dir
-    folders = {"student fp32": export / "st", "student int8": export / "st-int8", "teacher": minilm_path(),
+    folders = {"student fp32": export / ST_FOLDER, "student int8": export / ST_INT8_FOLDER, "teacher": minilm_path(),
                "model2vec": baseline_dir(base_dir(args.base_dir), "model2vec", "minilm")}
     missing = [f"{label} ({folder})" for label, folder in folders.items() if not (folder / "modules.json").is_file()]
     if "student fp32" in " ".join(missing):

@@ -46,11 +46,13 @@ from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import load_sense_dict
 from embdistill.senses.packed import PackedSenses
 from embdistill.senses.targets import SenseTargets, TargetCollator, text_targets
-from embdistill.students import SenseDistillation, StateMatching, build_student
+from embdistill.objectives import SenseDistillation, StateMatching
+from embdistill.students import build_student
 from embdistill.teachers import BidirectionalLlamaModel, Teacher, load_teacher
 from embdistill.input_format import LLM2VEC
 from embdistill.texts import read_train_texts
-from embdistill.training import Trainer, TrainConfig
+from embdistill.train_config import TrainConfig
+from embdistill.training import Trainer
 
 LLAMA_SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,

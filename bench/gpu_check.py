@@ -288,7 +288,8 @@ def skd_step(ctx: Context) -> tuple[dict, list]:
     timing), and the targets stage's work (teacher forward + nearest senses) against a bare
     teacher forward over the same batches."""
     from embdistill.senses.packed import PackedSenses
-    from embdistill.students import SenseDistillation, build_student
+    from embdistill.objectives import SenseDistillation
+    from embdistill.students import build_student
 
     teacher, sizes, device = ctx.teacher, ctx.sizes, ctx.device
     texts = random_texts(sizes.skd_batch * sizes.skd_steps, sizes.max_length * 2, ctx.words, seed=1)
@@ -376,7 +377,8 @@ def ddp_worker(out_dir: str, steps: int, hang: bool) -> None:
     """One rank: a few Trainer steps of a small bidirectional Llama under DDP, then its
     parameters to a file. With ``hang``, rank 1 never joins the first all-reduce."""
     from embdistill.distributed import bind_device, cleanup, dist_env, init_distributed, resolve_device
-    from embdistill.training import LossOutput, Trainer, TrainConfig
+    from embdistill.train_config import TrainConfig
+    from embdistill.training import LossOutput, Trainer
     from transformers import LlamaConfig
 
     from embdistill.teachers import BidirectionalLlamaModel

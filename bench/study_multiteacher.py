@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,11 @@ import numpy as np
 from common import study_parser
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from embdistill.drivers import run_stage  # noqa: E402
+from embdistill.paths import ST_FOLDER, Paths  # noqa: E402
+
 TASKS = ("bbc-news", "tweet-sentiment")
 TASK_NAMES = {"bbc-news": "bbc-news", "tweet-sentiment": "tweet-sentiment"}  # mteb task names
 CORPUS = "+".join(TASKS)
@@ -48,15 +52,15 @@ DEFAULT_TRAIN_ARGS = "--epochs 2 --batch-size 32 --max-length 128 --lr 1e-4 --va
 
 def stage(script: str, *args, log_file: Path) -> float:
     """Run a stage script (this repository first on the path); its seconds. Output to log_file."""
-    command = [sys.executable, str(REPO / "scripts" / script), *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
+    script, args = f"scripts/{script}", [str(arg) for arg in args]
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "30"}
     started = time.perf_counter()
     with open(log_file, "a") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
+        log.write(f"\n$ {shlex.join([script, *args])}\n")
         log.flush()
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        sys.exit(f"error: {script} failed (exit {done.returncode}); see {log_file}")
+        status = run_stage(script, args, env=env, output=log)
+    if status:
+        sys.exit(f"error: {script} failed (exit {status}); see {log_file}")
     return time.perf_counter() - started
 
 
@@ -109,13 +113,13 @@ def main() -> int:
 
     runs = base / "runs" / CORPUS
     first_run = run_name(args.name, next(iter(variants)), args.losses[0], args.seeds[0])
-    reference = [f"student-before=st:{runs / first_run / 'initial' / 'st'}",
+    reference = [f"student-before=st:{Paths(base, CORPUS, run=first_run).initial_dir / ST_FOLDER}",
                  f"minilm=st:{minilm_folder()}",
                  f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
     evaluations = {f"{args.name}-reference": reference}
     for variant in variants:
         evaluations[f"{args.name}-{variant}"] = [
-            f"{variant}-{loss}-s{seed}=st:{runs / run_name(args.name, variant, loss, seed) / 'export' / 'st'}"
+            f"{variant}-{loss}-s{seed}=st:{Paths(base, CORPUS, run=run_name(args.name, variant, loss, seed)).export_st}"
             for loss in variant_losses[variant] for seed in args.seeds]
     tables = {}
     for results, models in evaluations.items():
@@ -140,7 +144,6 @@ def main() -> int:
 
 
 def minilm_folder() -> Path:
-    sys.path.insert(0, str(REPO))
     from embdistill.teachers import minilm_path
 
     return minilm_path()
@@ -148,7 +151,6 @@ def minilm_folder() -> Path:
 
 def targets_of(run_dirs: list[Path]) -> str:
     """'standardised' or 'raw': the targets the runs trained on, as their config.json records."""
-    sys.path.insert(0, str(REPO))
     from embdistill.multiteacher.model import targets_kind
 
     kinds = {targets_kind(json.loads((d / "config.json").read_text())["run"]["standardize"]) for d in run_dirs}

@@ -65,6 +65,8 @@ import numpy as np
 from common import study_parser
 from study_multiteacher import REPO, minilm_folder, run_record, stage, training_summary
 
+from embdistill.paths import EXPORT_FOLDER, ST_FOLDER, Paths  # noqa: E402 (study_multiteacher puts REPO on the path)
+
 CORPUS = "tweet-sentiment"
 EVAL_TASK = "bbc-news"
 COLUMNS = {"bbc-news": "bbc-news accuracy", "bbc-news-clustering": "bbc-news V-measure",
@@ -126,7 +128,8 @@ def main() -> int:
                 *shlex.split(args.train_args), *common, log_file=log_file)
             seconds[f"export {run}"] = export_points(runs / run, steps[1:-1])
 
-    models = [f"before=st:{runs / run_name(args.name, args.arms[0], args.seeds[0]) / 'initial' / 'st'}",
+    before = Paths(base, CORPUS, run=run_name(args.name, args.arms[0], args.seeds[0])).initial_dir / ST_FOLDER
+    models = [f"before=st:{before}",
               f"minilm=st:{minilm_folder()}",
               f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
     for arm in args.arms:
@@ -157,18 +160,17 @@ def main() -> int:
 
 def student_folder(run_dir: Path, step: int, last: int) -> Path:
     """The st/ folder of the student at ``step``: the run's export/ at the end, else its curve/."""
-    return run_dir / ("export" if step == last else f"curve/step-{step}") / "st"
+    return run_dir / (EXPORT_FOLDER if step == last else f"curve/step-{step}") / ST_FOLDER
 
 
 def export_points(run_dir: Path, steps: list[int]) -> float:
     """Export the checkpoints at ``steps`` to curve/step-N (once); the seconds it took."""
-    sys.path.insert(0, str(REPO))
     from embdistill.multiteacher.train import export_checkpoint
 
     started = time.perf_counter()
     for step in steps:
         folder = run_dir / "curve" / f"step-{step}"
-        if not (folder / "st").is_dir():
+        if not (folder / ST_FOLDER).is_dir():
             checkpoint = run_dir / "checkpoints" / f"step-{step:08d}.pt"
             if not checkpoint.is_file():
                 sys.exit(f"error: no checkpoint {checkpoint} (was the run trained with --save-every {steps[0]}?)")

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from embdistill.artifacts import atomic_open  # noqa: E402
+from embdistill.drivers import run_stage  # noqa: E402
 from embdistill.evaluation.run import EvaluationConfig, evaluate  # noqa: E402
 from embdistill.paths import Paths  # noqa: E402
 from embdistill.students import build_student, save_hf  # noqa: E402
@@ -47,12 +47,11 @@ REFERENCES = ("teacher", "teacher-replace", "untrained", "untrained-replace")
 
 def stage(script: str, *args: str) -> None:
     """One stage script, as a user runs it (its own process, its own skip rules)."""
-    command = [sys.executable, str(REPO / script), *args]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as output:
+        if run_stage(script, args, env={"PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}, output=output):
+            output.seek(0)
+            raise SystemExit(f"{script} {' '.join(args)} failed:\n{output.read()[-3000:]}")
     print(f"  {Path(script).name} {' '.join(args[:2])}: {time.perf_counter() - started:.0f} s", flush=True)
 
 

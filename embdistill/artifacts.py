@@ -6,8 +6,10 @@
 * Every write is atomic (temp file in the same folder + ``os.replace``), so a killed stage
   never leaves a half-written file under the final name.
 * Each artefact gets a JSON manifest beside it (``<file>.manifest.json``): stage, resolved
-  config, input fingerprints, package versions, creation time. A stage is *done* when its
-  manifest exists with the same config and inputs; :func:`is_done` checks exactly that.
+  config, input fingerprints, its own files as written (:mod:`embdistill.digests`), package
+  versions, creation time. A stage is *done* when its manifest exists with the same config and
+  inputs and its files are those written; :func:`is_done` checks exactly that, so a damaged
+  output (a truncated export, flipped bytes) is redone, with a warning naming the file.
 * One writer per output: :func:`output_lock` holds ``<output>.lock`` (with the holder's pid)
   while a process writes an output that a second process would corrupt (appended metrics,
   an export folder built in place); a second one is refused in one line.
@@ -19,7 +21,6 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -29,16 +30,21 @@ import platform
 import shutil
 import socket
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .digests import fingerprint, output_damage, output_record
 from .errors import UserError
 
 log = logging.getLogger("embdistill.artifacts")
 
 MANIFEST_SUFFIX = ".manifest.json"
+# What np.load raises for a damaged .npz, a zip archive: cut short, bytes flipped (a CRC that
+# does not match), an array missing.
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -254,6 +260,44 @@ def save_pickle(obj: Any, path: str | os.PathLike) -> None:
         pickle.dump(obj, fh, protocol=5)
 
 
+def save_torch(state: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``state`` to ``path``, atomically. A full disk is one OSError naming
+    the folder, the space the file needs and the space free (torch reports a failed write as
+    "unexpected pos" after the OSError); ``path``'s previous version, and every other file, stay
+    as they were."""
+    import torch
+
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as fh:
+            torch.save(state, fh)
+    except (OSError, RuntimeError) as exc:
+        if not _no_space(exc):
+            raise
+        needed, free = _tensor_bytes(state), shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC, f"no space left on device for {path.name}: it needs about {needed / 2**20:.1f} "
+                      f"MB, {free / 2**20:.1f} MB are free (nothing in the folder was changed)",
+                      str(path.parent)) from None
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a full disk."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value`` (nested dicts, lists, tuples): about what torch.save writes."""
+    if isinstance(value, Mapping):
+        return sum(map(_tensor_bytes, value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(map(_tensor_bytes, value))
+    return value.element_size() * value.numel() if hasattr(value, "element_size") else 0
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically (indented, keys in insertion order)."""
     with atomic_open(path, "w") as fh:
@@ -283,37 +327,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file's content; for a folder, of its files' names and digests, in name order.
-
-    A file is hashed once per process while its inode, size and modification time stay the same (a
-    stage checks its inputs before it runs and records them after: a large combined.pkl is
-    read once, not twice)."""
-    path = Path(path)
-    if not path.is_dir():
-        return _file_digest(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(_file_digest(file).encode())
-    return digest.hexdigest()
-
-
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # an atomic replace: a new inode
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
 
 
 def package_version(name: str) -> str | None:
@@ -362,6 +375,7 @@ def write_manifest(
         "stage": stage,
         "config": normalise_config(dict(config)),
         "inputs": {k: fingerprint(v) for k, v in (inputs or {}).items()},
+        "outputs": output_record(path),
         "versions": package_versions(),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -388,12 +402,16 @@ def is_done(
     config: Mapping[str, Any],
     inputs: Mapping[str, str | os.PathLike] | None = None,
 ) -> bool:
-    """True when ``path`` exists and its manifest records the same config and inputs."""
+    """True when ``path`` exists as its manifest records it, with the same config and inputs."""
     path = Path(path)
     manifest = read_manifest(path)
     if not path.exists() or manifest is None:
         return False
     if manifest.get("config") != normalise_config(dict(config)):
+        return False
+    damage = output_damage(path, manifest.get("outputs"))
+    if damage:
+        log.warning("damaged output, redoing it: %s", damage)
         return False
     recorded = manifest.get("inputs", {})
     for key, value in (inputs or {}).items():
@@ -457,7 +475,7 @@ class PartFiles:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {name: data[name] for name in (data.files if names is None else names)}
-        except (OSError, ValueError, EOFError, KeyError) as exc:
+        except NPZ_ERRORS as exc:
             raise UserError(f"{path}: corrupt part file ({exc}); rerun with --overwrite") from None
 
     def clear(self) -> None:

@@ -81,23 +81,65 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in the option help; the epilog's examples kept as written."""
 
 
+class ListOnce(argparse._StoreAction):
+    """A list option (``nargs`` "+" or "*") given once, each value once: argparse keeps only the
+    last of ``--teachers a --teachers b``, and a value named twice (``--teachers a a``) would
+    train or evaluate the same thing twice; both are refused when parsed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        # argparse sets every default before the first option: anything else was given already
+        if getattr(namespace, self.dest, None) is not self.default:
+            raise argparse.ArgumentError(self, "given twice: give its values once, after one "
+                                         f"{option_string}")
+        repeated = [value for i, value in enumerate(values) if value in values[:i]]
+        if repeated:
+            raise argparse.ArgumentError(self, f"{repeated[0]!r} given twice")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class StageArgumentParser(argparse.ArgumentParser):
     """A parser whose errors (unknown option, bad value) are a :class:`UserError`: one line
-    ``error: ...`` and exit status 2 under :func:`run_main`, not argparse's usage block."""
+    ``error: ...`` and exit status 2 under :func:`run_main`, not argparse's usage block. Its list
+    options are :class:`ListOnce`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _store_action)  # argument groups share the registry
+        self.register("action", "store", _store_action)
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a negative cap would drop texts from the end)."""
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+def _store_action(option_strings, dest, nargs=None, **kwargs) -> argparse.Action:
+    """argparse's store action, or :class:`ListOnce` for a list option."""
+    action = ListOnce if nargs in ("+", "*") else argparse._StoreAction
+    return action(option_strings, dest, nargs=nargs, **kwargs)
+
+
+# Every numeric option's type states its range, so that a stage's parser (which the drivers
+# run on each stage's options before the first stage) refuses a value the stage cannot use; a
+# bare int or float would let --batch-size 0 through to the stage, after hours of earlier ones.
+
+
+def whole_number(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low`` (ASCII digits: int() also reads '٣')."""
+
+    def parse(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or int(text) < low:
+            wanted = "a positive integer" if low == 1 else f"a whole number >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+positive_int = whole_number(1)  # (a negative cap would drop texts from the end)
+non_negative_int = whole_number(0)
 
 
 def finite_float(text: str) -> float:
-    """An argparse type: a float that is a number (not inf or nan)."""
+    """A float that is a number (not inf or nan): the base of :func:`bounded_float`."""
     try:
         value = float(text)
     except ValueError:
@@ -107,12 +149,26 @@ def finite_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite float >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+def bounded_float(low: float, high: float = math.inf, *, low_included: bool = True,
+                  high_included: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float from ``low`` to ``high`` (each end included or not)."""
+    if high == math.inf:
+        wanted = f"{'>=' if low_included else '>'} {low:g}"
+    else:
+        wanted = f"in {'[' if low_included else '('}{low:g}, {high:g}{']' if high_included else ')'}"
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low or value > high or (value == low and not low_included) or (value == high and not high_included):
+            raise argparse.ArgumentTypeError(f"expected a number {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+non_negative_float = bounded_float(0)
+positive_float = bounded_float(0, low_included=False)
+fraction = bounded_float(0, 1, low_included=False)  # a share of the texts: neither none nor all
 
 
 def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
@@ -143,7 +199,7 @@ def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
         "default $EMBDISTILL_HOME or the current directory",
     )
     parser.add_argument("--overwrite", action="store_true", help="redo work that is already done")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
                         help="logging level (default INFO)")
     return parser

@@ -36,7 +36,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import IO, Callable, Mapping, Sequence
 
 from .cli import run_main
 from .errors import UserError
@@ -243,22 +243,10 @@ class Invocation:
 
     def run(self, stage_name: str, fixed: list[str] = (), *, launch: Launch | None = None,
             env: Mapping[str, str] | None = None) -> None:
-        """Run a stage (after :meth:`check`) with ``fixed`` and its options."""
+        """Run a stage (after :meth:`check`) with ``fixed`` and its options (:func:`run_stage`)."""
         stage = self.driver.stages[stage_name]
-        args = [*fixed, *self.stage_args[stage_name]]
-        torchrun = stage.launched and not launch.one_process
-        # a stage that needs its own environment (thread counts are read at start-up) runs in a
-        # process of its own too
-        if torchrun or env:
-            launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if torchrun else [sys.executable]
-            status = run_process([*launcher, str(REPO_ROOT / stage.script), *args], env={**os.environ, **(env or {})})
-        else:
-            # this process has imported the stage already (its parser): run it here rather than
-            # pay the imports again in a process of its own (5-6 s per stage on the 2-core CPU)
-            status = run_in_this_process(stage.script, args)
-        if status < 0:  # a one-process stage ended by a signal says nothing itself
-            print(f"error: {stage.script}: ended with signal {signal.Signals(-status).name}", file=sys.stderr)
-            raise StageFailed(128 - status)
+        status = run_stage(stage.script, [*fixed, *self.stage_args[stage_name]],
+                           launch=launch if stage.launched else None, env=env)
         if status:
             raise StageFailed(status)
 
@@ -310,11 +298,35 @@ def _is_option(token: str) -> bool:
     return token.startswith("-") and token != "-" and not _NEGATIVE_NUMBER.fullmatch(token)
 
 
-def run_process(command: list[str], env: Mapping[str, str]) -> int:
+def run_stage(script: str, args: Sequence, *, launch: Launch | None = None, env: Mapping[str, str] | None = None,
+              output: IO | None = None) -> int:
+    """Run a stage script, the one way drivers, lib.sh's ``run_stage``, studies and tests run
+    one; returns its exit status (128 + the signal for a stage ended by one). ``script``:
+    relative to the repository (``scripts/05_train.py``). Under torchrun when ``launch`` is
+    more than one process (:mod:`embdistill.torchrun`); in a process of its own when it needs
+    its own environment ``env`` (thread counts are read at start-up) or its output goes to
+    ``output`` (a file); otherwise in this process (:func:`run_in_this_process`), which has
+    often imported the stage already (its parser) and so skips a start-up (5-6 s per stage on
+    the 2-core CPU)."""
+    args = [str(arg) for arg in args]
+    torchrun = launch is not None and not launch.one_process
+    if not (torchrun or env or output):
+        return run_in_this_process(script, args)
+    launcher = [sys.executable, "-m", "embdistill.torchrun", *launch.torchrun_args()] if torchrun else [sys.executable]
+    status = run_process([*launcher, str(REPO_ROOT / script), *args], env={**os.environ, **(env or {})}, output=output)
+    if status < 0:  # a one-process stage ended by a signal says nothing itself
+        print(f"error: {script}: ended with signal {signal.Signals(-status).name}", file=sys.stderr)
+        return 128 - status
+    return status
+
+
+def run_process(command: list[str], env: Mapping[str, str], output: IO | None = None) -> int:
     """Run ``command`` to its end and return its status; it dies when this process dies, and a
     SIGINT, SIGTERM or SIGHUP sent here is passed to it (it runs in its own session, so a
-    Ctrl-C in the terminal reaches it once, through us)."""
-    process = subprocess.Popen(command, env=dict(env), start_new_session=True,
+    Ctrl-C in the terminal reaches it once, through us). ``output``: a file for its stdout and
+    stderr (default: ours)."""
+    process = subprocess.Popen(command, env=dict(env), start_new_session=True, stdout=output,
+                               stderr=subprocess.STDOUT if output else None,
                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
     def forward(signum, frame):
@@ -370,10 +382,11 @@ def run_multithread_cluster(cli: Invocation) -> None:
 
 
 def run_train(cli: Invocation) -> None:
+    from .objectives import STUDENT_OBJECTIVES
+
     task = ["--task", cli.one_task()]
     launch = cli.launch()
-    sense = cli.check("train", task).loss == "sense"
-    if sense:  # the MSE ablation runs its teacher on the fly: no targets
+    if "targets" in STUDENT_OBJECTIVES[cli.check("train", task).loss].needs:  # e.g. not mse's: its teacher runs
         cli.check("targets", task)
         cli.run("targets", task, launch=launch)
     cli.run("train", task, launch=launch)
@@ -422,10 +435,11 @@ def multiteacher_runs(standardize: bool | None) -> dict[str, str]:
     """The evaluation's label -> run of each loss: the run's default name, mt-<loss>; the label
     says which targets it trained on (``--standardize`` as given, else the loss's default), e.g.
     ``mse-student-raw-targets``."""
-    from .multiteacher.model import LOSSES, standardizes, targets_kind
+    from .multiteacher.model import targets_kind
+    from .objectives import MULTITEACHER_OBJECTIVES
 
-    return {f"{loss}-student-{targets_kind(standardizes(loss, standardize))}-targets": f"mt-{loss}"
-            for loss in LOSSES}
+    return {f"{loss}-student-{targets_kind(objective.standardizes(standardize))}-targets": f"mt-{loss}"
+            for loss, objective in MULTITEACHER_OBJECTIVES.items()}
 
 
 _CLUSTER = {"cluster": Stage("scripts/03_cluster.py", launched=True)}
@@ -457,9 +471,15 @@ DRIVERS = {driver.name: driver for driver in [
 ]}
 
 
+STAGE_COMMAND = "stage"  # python -m embdistill.drivers stage SCRIPT ARGS: one stage (lib.sh's run_stage)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == [STAGE_COMMAND] and len(argv) > 1:
+        return run_stage(argv[1], argv[2:])
     if not argv or argv[0] not in DRIVERS:
-        raise UserError(f"usage: python -m embdistill.drivers {{{','.join(DRIVERS)}}} ARGS")
+        raise UserError(f"usage: python -m embdistill.drivers {{{','.join(DRIVERS)}}} ARGS, "
+                        f"or {STAGE_COMMAND} SCRIPT ARGS")
     driver = DRIVERS[argv[0]]
     try:
         driver.run(Invocation(driver, argv[1:]))

@@ -4,6 +4,12 @@ Stage scripts run under :func:`embdistill.cli.run_main`, which prints a ``UserEr
 single line (``error: ...``) and exits with status 2: no traceback from deep inside.
 """
 
+from safetensors import SafetensorError
+
+# What loading a model folder raises for a missing, truncated or damaged file: safetensors'
+# error (a truncated model.safetensors) is neither an OSError nor a ValueError.
+MODEL_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
 
 class UserError(Exception):
     """Bad input (task, file, model, artefact, option): reported as one line, exit status 2."""

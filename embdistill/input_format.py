@@ -195,6 +195,21 @@ def effective_max_length(requested: int, model_limit: int) -> int:
     return min(requested, model_limit)
 
 
+@dataclass(frozen=True)
+class MaxLength:
+    """A run's tokens per example, computed once where a stage resolves its model and carried to
+    whatever reads, checks or records a length: ``requested`` (its --max-length), ``limit`` (the
+    model's ``max_seq_length``) and ``used`` (:func:`effective_max_length` of the two)."""
+
+    requested: int
+    limit: int
+    used: int
+
+    @classmethod
+    def of(cls, requested: int, limit: int) -> "MaxLength":
+        return cls(requested, limit, effective_max_length(requested, limit))
+
+
 def tokenize_with_embed_mask(
     tokenizer, examples: list[str], max_length: int = 512, input_format: InputFormat = PLAIN,
 ) -> dict[str, torch.Tensor]:

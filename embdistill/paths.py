@@ -27,6 +27,16 @@ from pathlib import Path
 
 from .errors import UserError
 
+# An export folder (a run's export/ and, multi-teacher, initial/) holds these
+# (embdistill.students.export_student, scripts/08_quantize.py):
+HF_FOLDER = "hf"  # the transformers model folder, with its tokenizer
+ST_FOLDER = "st"  # the SentenceTransformer folder
+ST_REPLACE_FOLDER = "st-replace"  # SKD: the SentenceTransformer in replace mode
+ST_INT8_FOLDER = "st-int8"  # stage 8: int8 weights (ONNX)
+ST_ONNX_FOLDER = "st-onnx"  # stage 8 --weight-type none: the fp32 ONNX graph
+EXPORT_FOLDER = "export"
+INITIAL_FOLDER = "initial"
+
 
 def base_dir(arg: str | os.PathLike | None = None) -> Path:
     """The base directory: the flag, else $EMBDISTILL_HOME, else the current directory."""
@@ -101,12 +111,21 @@ class Paths:
 
     @property
     def export_dir(self) -> Path:
-        return self.run_dir / "export"
+        return self.run_dir / EXPORT_FOLDER
+
+    @property
+    def export_st(self) -> Path:
+        return self.export_dir / ST_FOLDER
 
     @property
     def initial_dir(self) -> Path:
         """Multi-teacher: the student before distillation, exported like the trained one."""
-        return self.run_dir / "initial"
+        return self.run_dir / INITIAL_FOLDER
+
+    @staticmethod
+    def initial_of_checkpoint(checkpoint: Path) -> Path:
+        """Multi-teacher: the ``initial/`` of the run whose ``checkpoints/`` holds ``checkpoint``."""
+        return Path(checkpoint).parent.parent / INITIAL_FOLDER
 
     @property
     def corpus_file(self) -> Path:
@@ -134,3 +153,8 @@ def baseline_dir(base: Path, method: str, teacher: str) -> Path:
 def results_dir(base: Path, run: str) -> Path:
     """Evaluation outputs of one run, across tasks (a table's columns are tasks)."""
     return base / "results" / run
+
+
+def looks_like_path(target: str) -> bool:
+    """A folder rather than a hub id (``owner/name``) or an alias."""
+    return target.startswith(("/", ".", "~")) or target.count("/") > 1

@@ -51,7 +51,7 @@ from torch import nn
 
 from .artifacts import replacing_folder
 from .cli import logger_level
-from .errors import UserError, first_line
+from .errors import MODEL_LOAD_ERRORS, UserError, first_line
 
 log = logging.getLogger("embdistill.quantize")
 
@@ -161,7 +161,7 @@ def load_student(st_dir: str | Path):
         raise UserError(f"no SentenceTransformer folder at {st_dir} (no modules.json): train the student first")
     try:
         fp32 = SentenceTransformer(str(st_dir), device="cpu")
-    except (OSError, ValueError) as exc:
+    except MODEL_LOAD_ERRORS as exc:
         raise UserError(f"could not load {st_dir}: {first_line(exc)}") from None
     if not hasattr(fp32[0], "auto_model"):
         raise UserError(f"{st_dir}: its first module is {type(fp32[0]).__name__}; the int8 export takes "

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError, first_line
+from .errors import MODEL_LOAD_ERRORS, UserError, first_line
 from .input_format import effective_max_length
+from .paths import looks_like_path
 
 SENSES_FILE = "senses.safetensors"
 CONFIG_FILE = "embdistill_module.json"
@@ -52,12 +53,10 @@ def load_sentence_transformer(target: str, device):
     installed package's, nothing is fetched. A failure to load is one line (UserError)."""
     from sentence_transformers import SentenceTransformer
 
-    from .evaluation.specs import looks_like_path
-
     source = str(Path(target).expanduser()) if looks_like_path(target) else target
     try:
         return SentenceTransformer(source, device=str(device), trust_remote_code=_only_known_modules(source))
-    except (OSError, ValueError) as exc:
+    except MODEL_LOAD_ERRORS as exc:
         raise UserError(f"could not load sentence-transformers model {target}: {first_line(exc)}") from None
 
 

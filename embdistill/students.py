@@ -1,13 +1,13 @@
-"""The SKD student: the teacher's first layers, its training objective, and its export.
+"""The SKD student: the teacher's first layers, and its export.
 
 As in the paper (arXiv 2504.06036) the student is the teacher's first L layers (embeddings,
 layers 0..L-1 and the final norm), initialised from the teacher and fully trained; an LLM2Vec
-student stays bidirectional. It is trained on the sense targets stored by
-:mod:`embdistill.senses.targets` (:class:`SenseDistillation`) or, as the MSE ablation, on the
-teacher's token states (:class:`StateMatching`), and exported:
+student stays bidirectional. It is trained by an objective of :mod:`embdistill.objectives`
+(SKD's sense loss on stored targets, or the MSE ablation on the teacher's token states), and
+exported:
 
 * ``export/hf/``: a transformers model folder with the tokenizer, which
-  ``embdistill.teachers.load_teacher(export/"hf")`` loads (token states, replace-mode
+  ``embdistill.teachers.load_teacher(export/hf)`` loads (token states, replace-mode
   evaluation, a later distillation);
 * ``export/st/``: a SentenceTransformer folder that embeds as the evaluation scored the
   student: the task's instruction as its default prompt, the text tokens mean-pooled,
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,11 +29,11 @@ from torch import nn
 from .artifacts import replacing_folder
 from .distributed import DistEnv
 from .errors import UserError
-from .losses import SenseLoss, masked_mse
+from .paths import HF_FOLDER, ST_FOLDER, ST_REPLACE_FOLDER
 from .senses.packed import PackedSenses
 from .teachers import Teacher, position_limit, save_reading, truncated_copy
 from .input_format import PLAIN, SEPARATOR, InputFormat, format_example
-from .training import LossOutput, non_finite_parameters
+from .training import non_finite_parameters
 
 log = logging.getLogger("embdistill.students")
 
@@ -65,75 +64,6 @@ def default_teacher_device(student_device: torch.device, env: DistEnv, local_wor
         if spare < torch.cuda.device_count():
             return torch.device("cuda", spare)
     return student_device
-
-
-class SenseDistillation:
-    """SKD's objective, a ``loss_fn`` for :class:`embdistill.training.Trainer`: the sense loss
-    of the student's final token states against the stored targets (``batch["sense_targets"]``,
-    from :class:`embdistill.senses.targets.TargetCollator`); no teacher runs."""
-
-    def __init__(self, senses: PackedSenses):
-        self.sense_loss = SenseLoss(senses)
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss, accuracy, count = self.sense_loss(states, batch["input_ids"], batch["sense_targets"])
-        return LossOutput(loss, count, {"sense_accuracy": accuracy})
-
-
-class StateMatching:
-    """The MSE ablation, a ``loss_fn``: the student's final token states against the frozen
-    teacher's at the text tokens (the embed mask).
-
-    The teacher runs on the fly (storing its states for a whole corpus would take 8 KB per
-    token for a 4096-d fp16 teacher), but an example's states are kept in memory (on the CPU)
-    after its first batch while they fit in ``cache_bytes``, when ``batch`` carries
-    ``example_ids`` (:func:`example_collator`): the teacher then runs only on a batch's examples
-    that are not kept. The teacher is frozen and deterministic, so kept states are the ones it
-    would compute again (up to float rounding: another batch pads differently)."""
-
-    def __init__(self, teacher: Teacher, cache_bytes: int = 0):
-        self.teacher = teacher
-        self.cache_bytes = cache_bytes
-        self.kept: dict[int, torch.Tensor] = {}  # example id -> its states at attended tokens
-        self.kept_bytes = 0
-        self.teacher_examples = 0  # examples the teacher ran on
-
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss, count = masked_mse(states, self.teacher_states(batch).to(states.device), batch["embed_mask"])
-        return LossOutput(loss, count, {})
-
-    def teacher_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's (B, T, d) states of ``batch`` (zeros at the padding of kept rows)."""
-        if not self.cache_bytes or "example_ids" not in batch:
-            self.teacher_examples += len(batch["input_ids"])
-            return self.teacher.token_states(batch)
-        ids, attended = batch["example_ids"].tolist(), batch["attention_mask"].bool().cpu()
-        missing = [row for row, i in enumerate(ids) if i not in self.kept]
-        computed = None
-        if missing:
-            rows = torch.tensor(missing)
-            computed = self.teacher.token_states({key: batch[key][rows] for key in ("input_ids", "attention_mask")}).cpu()
-            self.teacher_examples += len(missing)
-        reference = computed if computed is not None else self.kept[ids[0]]
-        states = reference.new_zeros(*attended.shape, reference.shape[-1])
-        for row, i in enumerate(ids):
-            if i in self.kept:
-                states[row, attended[row]] = self.kept[i]
-        for position, row in enumerate(missing):
-            states[row] = computed[position]
-            example = computed[position, attended[row]]  # a copy (mask indexing), not a view
-            if self.kept_bytes + example.nbytes <= self.cache_bytes:
-                self.kept[ids[row]], self.kept_bytes = example, self.kept_bytes + example.nbytes
-        return states
-
-
-def example_collator(tokenize: Callable, examples: Sequence, max_length: int) -> Callable[[list[int]], dict]:
-    """Dataset indices -> the tokenized batch of those examples, with their ``example_ids``."""
-    def collate(ids: list[int]) -> dict[str, torch.Tensor]:
-        return {**tokenize([examples[i] for i in ids], max_length=max_length), "example_ids": torch.tensor(ids)}
-    return collate
 
 
 def sentence_transformer_modules():
@@ -196,7 +126,7 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
 
     from .st_modules import Encoder, SenseReplace
 
-    hf_dir = save_hf(student, tokenizer, building / "hf", input_format=input_format, normalize=normalize,
+    hf_dir = save_hf(student, tokenizer, building / HF_FOLDER, input_format=input_format, normalize=normalize,
                      max_seq_length=max_seq_length)
     modules = sentence_transformer_modules()
     example_prompt = format_example(instruction, "") if instruction.strip() else ""
@@ -209,7 +139,8 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
         pool = modules.Pooling(student.config.hidden_size, pooling, include_prompt=False)
     tail = [pool, modules.Normalize()] if normalize else [pool]
     prompts = {"prompts": {"task": prompt}, "default_prompt_name": "task"} if prompt else {}
-    SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / "st"))
+    SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / ST_FOLDER))
     if senses is not None:
         replace = SenseReplace(senses.cpu())
-        SentenceTransformer(modules=[first, replace, *tail], device="cpu", **prompts).save(str(building / "st-replace"))
+        SentenceTransformer(modules=[first, replace, *tail], device="cpu",
+                            **prompts).save(str(building / ST_REPLACE_FOLDER))

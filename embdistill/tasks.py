@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -99,12 +100,28 @@ class LabelledData:
 
 @dataclass
 class Splits:
-    """The split every stage uses: ``train`` feeds distillation, ``test`` only evaluation."""
+    """The split every stage uses: ``train`` feeds distillation, ``test`` only evaluation;
+    ``dropped``: rows of the source left out, by why (:data:`DROP_REASONS`)."""
 
     train_texts: list[str]
     train_labels: list | None
     test_texts: list[str]
     test_labels: list | None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+# What --conflicting-labels does with a text given two labels: refuse the task, keep the
+# text's first row, or leave the text out altogether. A user's file is refused by default; the
+# shipped tasks keep the first row, as their published texts have a few such tweets or
+# sentences (tweet-sentiment: 46) and mteb evaluates them as they are.
+CONFLICTING_LABELS = ("error", "first", "drop")
+# Why a source row is not a row of the splits -> the log line that says so.
+DROP_REASONS = {
+    "empty_text": "rows with an empty or null text left out",
+    "duplicate": "rows repeating an earlier row's text and label merged into it",
+    "conflicting_label": "rows of texts with two labels left out, as --conflicting-labels says",
+    "in_test_split": "training rows whose text is in the test split left out of training",
+}
 
 
 @dataclass
@@ -119,6 +136,11 @@ class Task:
     train_split: str = "train"
     eval_split: str | None = None
 
+    @property
+    def conflicting_labels(self) -> str:
+        """The default rule for a text given two labels (see :data:`CONFLICTING_LABELS`)."""
+        return "error" if self.kind == "file" else "first"
+
     @functools.cached_property
     def instruction(self) -> str:
         """The instruction of its examples: mteb's prompt for the task (:func:`mteb_instruction`)."""
@@ -130,25 +152,32 @@ class Task:
         test_fraction: float = 0.2,
         max_train: int | None = None,
         max_test: int | None = None,
+        conflicting_labels: str | None = None,
     ) -> Splits:
-        """Deterministic, disjoint train/test splits (texts stripped and de-duplicated)."""
+        """Deterministic, disjoint train/test splits (texts stripped and de-duplicated; what
+        is left out is counted in ``Splits.dropped`` and logged, one line per reason).
+        ``conflicting_labels``: one of :data:`CONFLICTING_LABELS` (None: the task's default)."""
         if not 0 < test_fraction < 1:
             raise UserError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+        conflicting_labels = conflicting_labels or self.conflicting_labels
         data = self._load().splits
+        dropped: Counter = Counter()
         if self.eval_split and self.eval_split != self.train_split:
-            train = _dedupe(*data[self.train_split])
-            test = _dedupe(*data[self.eval_split])
-            train = _shuffled(train, seed)
-            test = _shuffled(test, seed + 1)
+            train = _shuffled(self._unique(data[self.train_split], conflicting_labels, dropped), seed)
+            test = _shuffled(self._unique(data[self.eval_split], conflicting_labels, dropped), seed + 1)
         else:
-            pairs = _shuffled(_dedupe(*data[self.train_split]), seed)
+            pairs = _shuffled(self._unique(data[self.train_split], conflicting_labels, dropped), seed)
             n_test = max(1, int(round(len(pairs) * test_fraction)))
             if len(pairs) < 2:
                 raise UserError(f"task {self.name}: needs at least 2 distinct texts, found {len(pairs)}")
             test, train = pairs[:n_test], pairs[n_test:]
         test_texts = {text for text, _ in test}
-        train = [(t, y) for t, y in train if t not in test_texts]
-        train, test = train[:max_train], test[:max_test]
+        kept = [(t, y) for t, y in train if t not in test_texts]
+        dropped["in_test_split"] += len(train) - len(kept)
+        train, test = kept[:max_train], test[:max_test]
+        for reason, count in dropped.items():
+            if count:
+                log.info("task %s: %s: %d", self.name, DROP_REASONS[reason], count)
         if not train:
             raise UserError(f"task {self.name}: no training texts left after splitting")
         labelled = data[self.train_split][1] is not None
@@ -157,20 +186,43 @@ class Task:
             train_labels=[y for _, y in train] if labelled else None,
             test_texts=[t for t, _ in test],
             test_labels=[y for _, y in test] if labelled else None,
+            dropped={reason: count for reason, count in dropped.items() if count},
         )
 
-
-def _dedupe(texts: list[str], labels: list | None) -> list[tuple[str, object]]:
-    """(text, label) pairs with empty texts dropped and each text kept once (first label)."""
-    seen: set[str] = set()
-    pairs = []
-    for i, text in enumerate(texts):
-        text = (text or "").strip()
-        if not text or text in seen:
-            continue
-        seen.add(text)
-        pairs.append((text, labels[i] if labels is not None else None))
-    return pairs
+    def _unique(self, split: tuple[list[str], list | None], conflicting_labels: str,
+                dropped: Counter) -> list[tuple[str, object]]:
+        """(text, label) pairs, each text once: empty texts and repeated rows left out (counted
+        in ``dropped``); a text given two labels as ``conflicting_labels`` says."""
+        if conflicting_labels not in CONFLICTING_LABELS:
+            raise UserError(f"--conflicting-labels must be one of {', '.join(CONFLICTING_LABELS)}, "
+                            f"got '{conflicting_labels}'")
+        texts, labels = split
+        first: dict[str, object] = {}
+        conflicts: dict[str, list] = {}
+        for i, text in enumerate(texts):
+            text = (text or "").strip()
+            label = labels[i] if labels is not None else None
+            if not text:
+                dropped["empty_text"] += 1
+            elif text not in first:
+                first[text] = label
+            elif label == first[text]:
+                dropped["duplicate"] += 1
+            else:
+                conflicts.setdefault(text, [first[text]]).append(label)
+        if conflicts and conflicting_labels == "error":
+            text, given = next(iter(conflicts.items()))
+            raise UserError(
+                f"task {self.name}: texts given different labels: {len(conflicts)} (e.g. "
+                f"{text[:60]!r}: {', '.join(map(repr, dict.fromkeys(given)))}); choose --conflicting-labels "
+                "first (keep each text's first row) or drop (leave those texts out)")
+        if conflicting_labels == "drop":
+            # every row of such a text goes: the first one too
+            dropped["conflicting_label"] += sum(map(len, conflicts.values()))
+            first = {text: label for text, label in first.items() if text not in conflicts}
+        else:
+            dropped["conflicting_label"] += sum(len(given) - 1 for given in conflicts.values())
+        return list(first.items())
 
 
 def _shuffled(pairs: list, seed: int) -> list:
@@ -309,14 +361,14 @@ def _read_rows(path: Path) -> list[dict]:
     try:
         if path.suffix == ".csv":
             csv.field_size_limit(CSV_FIELD_LIMIT)
-            with open(path, encoding="utf-8", newline="") as fh:
+            with open(path, encoding="utf-8-sig", newline="") as fh:
                 reader = csv.DictReader(fh)
                 try:
                     return list(reader)
                 except csv.Error as exc:
                     raise UserError(f"{path}: not valid CSV after line {reader.line_num} ({exc})") from None
         rows = []
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for line_no, line in enumerate(fh, 1):
                 if not line.strip():
                     continue

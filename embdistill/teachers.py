@@ -34,7 +34,7 @@ from . import paths
 from .artifacts import load_json, save_json
 from .cli import logger_level
 from .distributed import default_device
-from .errors import UserError
+from .errors import MODEL_LOAD_ERRORS, UserError
 from .input_format import InputFormat, effective_max_length, input_format_for, tokenize_with_embed_mask
 
 log = logging.getLogger("embdistill.teachers")
@@ -201,7 +201,7 @@ def _load_errors(name: str):
     """Loading failures (missing folder, unknown or unreachable hub id, bad files) -> one line."""
     try:
         yield
-    except (OSError, ValueError) as exc:
+    except MODEL_LOAD_ERRORS as exc:
         lines = str(exc).strip().splitlines()
         raise UserError(f"could not load model {name}: {lines[0] if lines else type(exc).__name__}") from None
 

@@ -24,7 +24,8 @@ log = logging.getLogger("embdistill.texts")
 def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
                 sources: Mapping[str, str | Path] | None = None) -> dict:
     """Write train.json then eval.json (each atomically, each with a manifest recording
-    ``config`` and the fingerprints of ``sources``, the files read); return counts."""
+    ``config``, the fingerprints of ``sources``, the files read, and the source rows left
+    out, by why); return counts."""
     examples = [format_example(task.instruction, text) for text in splits.train_texts]
     overlap = set(splits.train_texts) & set(splits.test_texts)
     if overlap:  # guarded by Task.load_splits; checked again where the files are written
@@ -35,7 +36,8 @@ def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
                     "not evaluated (the evaluation's classifier needs at least 2 classes)",
                     task.name, classes.pop())
     save_json(examples, paths.train_json)
-    write_manifest(paths.train_json, stage="texts", config=config, inputs=sources)
+    dropped = {"dropped_rows": splits.dropped}
+    write_manifest(paths.train_json, stage="texts", config=config, inputs=sources, extra=dropped)
     eval_split = {
         "task": task.name,
         "instruction": task.instruction,
@@ -44,7 +46,7 @@ def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
     }
     save_json(eval_split, paths.eval_json)
     write_manifest(paths.eval_json, stage="texts", config=config,
-                   inputs={"train.json": paths.train_json, **(sources or {})})
+                   inputs={"train.json": paths.train_json, **(sources or {})}, extra=dropped)
     return {"train": len(examples), "test": len(splits.test_texts)}
 
 

@@ -13,20 +13,21 @@
 * **data**: each epoch shuffles the dataset with ``DistributedSampler`` (seed + epoch), each
   rank takes its share, in batches of ``batch_size``; ``collate_fn`` turns a list of items into
   a batch (tensors are moved to the device here).
-* **optimisation**: AdamW (one parameter group, or the caller's ``param_groups`` with their
-  own learning rates), linear warm-up then a cosine decay or a constant rate (``schedule``),
-  gradient accumulation, gradient clipping, bf16 autocast on CUDA (float32 weights and
+* **optimisation** (:class:`~embdistill.train_config.TrainConfig`): AdamW (one parameter group,
+  or the caller's ``param_groups`` with their own learning rates), linear warm-up then a cosine
+  decay or a constant rate (:mod:`embdistill.schedules`), gradient accumulation, gradient clipping, bf16 autocast on CUDA (float32 weights and
   optimiser state).
-* **checkpoints** (``run_dir/checkpoints/step-NNNNNNNN.pt``, written atomically every
-  ``save_every`` steps, at each epoch end and at the end): model, optimiser, scheduler, the RNG
+* **checkpoints** (:mod:`embdistill.checkpoints`: ``run_dir/checkpoints/step-NNNNNNNN.pt``,
+  written atomically every ``save_every`` steps, at each epoch end and at the end): model, optimiser, scheduler, the RNG
   states of every rank, epoch and step within it, config; the last ``keep_last`` are kept.
   ``resume=True`` continues from the latest readable checkpoint, skipping the batches that
   epoch already trained on, and refuses one written for a different run (model, data, batch
   layout, optimiser settings, world size); ``resume=False`` deletes the old checkpoints and
   starts over. The run folder must be shared by all ranks.
 * **metrics**: rank 0 shows tqdm, logs and appends to ``run_dir/metrics.jsonl`` every
-  ``log_every`` steps, and draws ``run_dir/loss.png`` at the end. ``on_step_end`` (rank 0,
-  after every step) adds the caller's measurements (a probe batch, a validation loss) to them.
+  ``log_every`` steps, and draws ``run_dir/loss.png`` at the end (:mod:`embdistill.metrics_plot`). ``on_step_end`` (rank 0,
+  after every step and at step 0 of a fresh start) adds the caller's measurements (a probe
+  batch, a validation) to them; ``caller_state`` (the kept checkpoint) rides in checkpoints.
 * **a fresh start**: ``on_fresh_start`` runs on every rank before the first step of a run that
   did not resume from a checkpoint (e.g. to fit some parts of the model before the rest).
 * **failures**: a non-finite loss or gradient stops training with a :class:`UserError` naming
@@ -42,14 +43,10 @@
 
 from __future__ import annotations
 
-import argparse
-
 import contextlib
-import dataclasses
 import json
 import logging
 import math
-import pickle
 import random
 import re
 import time
@@ -65,101 +62,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_open, normalise_config, output_lock, save_json, weights_only_refusal
-from .cli import finite_float
+from .artifacts import atomic_open, output_lock, save_json
+from .checkpoints import (check_resumable, checkpoint_path, discard_checkpoints, latest_readable, rng_state, set_rng_state,
+                          write_checkpoint)
 from .distributed import barrier, default_device, dist_env
 from .errors import UserError, first_line
+from .metrics_plot import plot_metrics
+from .schedules import lr_schedule
+from .train_config import TrainConfig, resolved_config
 
 log = logging.getLogger("embdistill.training")
-
-CHECKPOINT_PATTERN = "step-*.pt"
-SCHEDULES = ("cosine", "constant")
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "step_in_epoch", "global_step", "config")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; defaults are the SKD paper's reference run (per rank)."""
-
-    epochs: int = 5
-    batch_size: int = 3  # per rank and micro-batch
-    lr: float = 5e-6  # as used: scale it by the world size before, if wanted
-    weight_decay: float = 1e-4
-    warmup_steps: int = 300
-    schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0 or "constant"
-    grad_accum: int = 1  # micro-batches per optimiser step
-    max_grad_norm: float = 0.0  # 0: no clipping
-    max_steps: int = 0  # 0: as many as the epochs give; else stop (and end the schedule) there
-    save_every: int = 1000  # optimiser steps between checkpoints (and at each epoch end)
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    bf16: bool = True  # autocast on CUDA; ignored on the CPU
-    dist_timeout_s: float = 1800.0
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "max_steps"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.dist_timeout_s <= 0:
-            raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout_s}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
-
-    @classmethod
-    def from_args(cls, args, *, lr_scale: float = 1.0) -> "TrainConfig":
-        """From the options of :func:`add_training_args` (``lr_scale``: e.g. the world size)."""
-        return cls(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr * lr_scale,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
-            grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-            max_steps=args.max_steps, save_every=args.save_every, keep_last=args.keep_last,
-            log_every=args.log_every, seed=args.seed, bf16=args.bf16,
-            dist_timeout_s=args.dist_timeout,
-        )
-
-
-def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning rate",
-                      schedule_help: str = "") -> None:
-    """The shared loop's options, with a method's reference run as their defaults
-    (``schedule_help``: a method's note on --schedule, e.g. what its authors used)."""
-    group = parser.add_argument_group("training loop")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="examples per process and micro-batch")
-    group.add_argument("--lr", type=finite_float, default=defaults.lr, help=lr_help)
-    group.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay,
-                       help="AdamW weight decay")
-    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                       help="steps of linear warm-up before the schedule")
-    group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
-                       help="learning rate after the warm-up: cosine decay to 0 at the last step, "
-                       "or constant" + (f"; {schedule_help}" if schedule_help else ""))
-    group.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
-                       help="micro-batches per optimiser step (effective batch = batch x accum x processes)")
-    group.add_argument("--max-grad-norm", type=finite_float, default=defaults.max_grad_norm,
-                       help="gradient clipping (0: off)")
-    group.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                       help="stop after this many steps (0: epochs decide)")
-    group.add_argument("--save-every", type=int, default=defaults.save_every,
-                       help="steps between checkpoints (and one at each epoch end)")
-    group.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept")
-    group.add_argument("--log-every", type=int, default=defaults.log_every,
-                       help="steps between metrics rows")
-    group.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                       help="continue from the latest checkpoint of this run")
-    group.add_argument("--dist-timeout", type=finite_float, default=defaults.dist_timeout_s,
-                       help="seconds a process waits for the others before giving up")
-    group.add_argument("--no-bf16", dest="bf16", action="store_false",
-                       help="no bf16 autocast on CUDA")
-
-
-# Settings that may change between a checkpoint and its resumption: they set how long to train
-# and what to write, not what a step does.
-RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "keep_last", "log_every", "dist_timeout_s")
 
 
 class LossOutput(NamedTuple):
@@ -178,34 +90,6 @@ class TrainResult:
     resumed_from: Path | None
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor: linear 0 -> 1 over ``warmup_steps``, then cosine 1 -> 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def constant_with_warmup(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor: linear 0 -> 1 over ``warmup_steps``, then 1."""
-
-    def factor(step: int) -> float:
-        return (step + 1) / (warmup_steps + 1) if step < warmup_steps else 1.0
-
-    return factor
-
-
-def lr_schedule(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The LR factor of ``TrainConfig.schedule``."""
-    if schedule == "constant":
-        return constant_with_warmup(warmup_steps)
-    return cosine_with_warmup(warmup_steps, total_steps)
-
-
 def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
@@ -221,15 +105,6 @@ def non_finite_parameters(module: nn.Module) -> list[str]:
     return [name for name, parameter in module.named_parameters() if not torch.isfinite(parameter).all()]
 
 
-def resolved_config(run_config: Mapping[str, Any], config: TrainConfig, world_size: int) -> dict:
-    """What identifies a training run: the caller's ``run_config`` (model, data, loss), the
-    optimisation settings and the number of processes. The Trainer's checkpoints and config.json
-    hold it; the stages' export manifests hold it too, so that a finished run is skipped only
-    when all of it is unchanged."""
-    return {"run": normalise_config(dict(run_config)),
-            "train": dataclasses.asdict(config) | {"world_size": world_size}}
-
-
 _PEER_FAILURE = re.compile(
     r"gloo|nccl|connection (closed|reset|refused)|timed? ?out|broken pipe|peer|socket", re.IGNORECASE
 )
@@ -240,41 +115,6 @@ def _peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (
         isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc)) is not None
     )
-
-
-def _rng_state() -> dict:
-    """This process's RNG states, as tensors and plain values (``torch.load(weights_only=True)``
-    reads them back without extra safe globals)."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        # One state per GPU visible when the checkpoint was written; the number may differ now
-        # (another machine, CUDA_VISIBLE_DEVICES): restore those that exist. Only the resumed
-        # run's random draws on the other GPUs then differ from an uninterrupted run's.
-        saved, visible = state["cuda"], torch.cuda.device_count()
-        for index, device_state in enumerate(saved[:visible]):
-            torch.cuda.set_rng_state(device_state, index)
-        if len(saved) != visible:
-            log.warning("the checkpoint holds CUDA RNG states of %d GPU(s), %d are visible: restored "
-                        "%d; random draws on the others are not those of an uninterrupted run",
-                        len(saved), visible, min(len(saved), visible))
 
 
 class Trainer:
@@ -288,8 +128,10 @@ class Trainer:
     every trainable parameter at ``config.lr``. ``on_fresh_start(model)``: see the module
     docstring; it gets the unwrapped model. ``on_step_end(model, step, finished) -> metrics``:
     rank 0, after every optimiser step, with the unwrapped model; a non-empty result goes into
-    that step's metrics row (a row of its own when the step logs nothing). It must leave the
-    model as it found it (training mode, no RNG draws), so that resumed runs stay identical.
+    that step's metrics row (a row of its own when the step logs nothing), and at step 0 of a
+    fresh start. It must leave the model as it found it (training mode, no RNG draws), so that
+    resumed runs stay identical. ``caller_state.state_dict()`` is saved in every checkpoint,
+    ``caller_state.load_state_dict`` gets it back on resume (every rank).
     ``cpu_autocast``: bf16 autocast on the CPU too (``config.bf16`` applies it on CUDA only
     otherwise), so that the CUDA precision path can be tested on a CPU.
     """
@@ -309,6 +151,7 @@ class Trainer:
         param_groups: Sequence[Mapping[str, Any]] | None = None,
         on_fresh_start: Callable[[nn.Module], None] | None = None,
         on_step_end: Callable[[nn.Module, int, bool], Mapping[str, float]] | None = None,
+        caller_state: Any = None,
         cpu_autocast: bool = False,
     ):
         if len(train_dataset) == 0:
@@ -331,6 +174,7 @@ class Trainer:
         self.resume = resume
         self.on_fresh_start = on_fresh_start
         self.on_step_end = on_step_end
+        self.caller_state = caller_state
 
         groups = [dict(group) for group in param_groups] if param_groups else [
             {"params": list(self.module.parameters())}]
@@ -419,7 +263,9 @@ class Trainer:
                 self.on_fresh_start(self.module)
         if self.env.is_main:
             save_json(self.saved_config, self.run_dir / "config.json")
-            self._trim_metrics()
+            self._trim_metrics(fresh=resumed_from is None)
+            if resumed_from is None and self.on_step_end and (start := self.on_step_end(self.module, 0, False)):
+                self._write_row({"step": 0, **start})
         self.module.train()
         window: dict[str, float] = {}
         last_logged: dict[str, float] = {}
@@ -527,7 +373,7 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self, fresh: bool) -> None:
         """Drop metric rows logged after the checkpoint we resume from (or all, when fresh),
         and a row torn by a writer killed while appending it."""
         if not self.metrics_path.is_file():
@@ -539,7 +385,7 @@ class Trainer:
             except json.JSONDecodeError:
                 log.warning("%s: dropped a torn row (%r)", self.metrics_path, line[:80])
                 continue
-            if isinstance(row, dict) and row.get("step", 0) <= self.global_step:
+            if not fresh and isinstance(row, dict) and row.get("step", 0) <= self.global_step:
                 rows.append(line)
         with atomic_open(self.metrics_path, "w") as fh:
             fh.write("".join(row + "\n" for row in rows))
@@ -556,12 +402,11 @@ class Trainer:
                 "try a lower --lr or --max-grad-norm")
         rng_states = [None] * self.env.world_size
         if self.env.distributed:
-            dist.all_gather_object(rng_states, _rng_state())
+            dist.all_gather_object(rng_states, rng_state())
         else:
-            rng_states = [_rng_state()]
-        path = self.checkpoint_dir / f"step-{self.global_step:08d}.pt"
+            rng_states = [rng_state()]
         if self.env.is_main:
-            state = {
+            write_checkpoint({
                 "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -570,51 +415,36 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step,
                 "config": self.saved_config,
-            }
-            with atomic_open(path, "wb") as fh:
-                torch.save(state, fh)
-            for old in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN))[: -self.config.keep_last]:
-                old.unlink()
-            log.info("saved %s", path)
-        self.last_checkpoint = path
+                "caller_state": self.caller_state.state_dict() if self.caller_state is not None else None,
+            }, self.checkpoint_dir, self.config.keep_last)
+        self.last_checkpoint = checkpoint_path(self.checkpoint_dir, self.global_step)
         barrier()
 
     def _resume(self) -> Path | None:
-        """Load the latest readable checkpoint, if any; return its path. UserError when there
-        are checkpoints but none is readable: starting over would discard them silently."""
-        unreadable = []
-        for path in sorted(self.checkpoint_dir.glob(CHECKPOINT_PATTERN), reverse=True):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-                if missing:
-                    raise ValueError(f"not a checkpoint of this trainer: no {', '.join(map(repr, missing))}")
-            except Exception as exc:  # a damaged file of any kind: fall back to the one before
-                reason = weights_only_refusal(exc) if isinstance(exc, pickle.UnpicklingError) else first_line(exc)
-                log.warning("skipping unreadable checkpoint %s (%s)", path, reason)
-                unreadable.append(path.name)
-                continue
-            self._check_resumable(path, state["config"])
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"][self.env.rank])
-            self.epoch = state["epoch"]
-            self.step_in_epoch = state["step_in_epoch"]
-            self.global_step = state["global_step"]
-            self.last_checkpoint = path
-            log.info("resumed from %s (step %d, epoch %d)", path, self.global_step, self.epoch)
-            return path
-        if unreadable:
-            raise UserError(f"no readable checkpoint in {self.checkpoint_dir} ({', '.join(unreadable)}); "
-                            "pass --no-resume (or --overwrite) to start over")
-        return None
+        """Load the latest readable checkpoint, if any (:func:`~.checkpoints.latest_readable`);
+        return its path."""
+        latest = latest_readable(self.checkpoint_dir)
+        if latest is None:
+            return None
+        path, state = latest
+        check_resumable(path, state["config"], self.saved_config)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][self.env.rank])
+        if self.caller_state is not None and state.get("caller_state") is not None:
+            self.caller_state.load_state_dict(state["caller_state"])
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.last_checkpoint = path
+        log.info("resumed from %s (step %d, epoch %d)", path, self.global_step, self.epoch)
+        return path
 
     def _discard_checkpoints(self) -> None:
         """Starting over: old checkpoints would otherwise be resumed from later."""
         if self.env.is_main:
-            for old in self.checkpoint_dir.glob(CHECKPOINT_PATTERN):
-                old.unlink()
+            discard_checkpoints(self.checkpoint_dir)
         barrier()
 
     def _check_ranks_agree(self) -> None:
@@ -628,24 +458,6 @@ class Trainer:
                 f"the ranks found different checkpoints to resume from (steps {steps}); "
                 f"{self.checkpoint_dir} must be on a file system shared by every node"
             )
-
-    def _check_resumable(self, path: Path, saved: dict) -> None:
-        current = normalise_config(self.saved_config)
-        differences = [f"{key}: {saved['run'].get(key)!r} -> {value!r}"
-                       for key, value in current["run"].items() if saved["run"].get(key) != value]
-        differences += [f"{key}: {saved['run'][key]!r} -> (none)" for key in saved["run"]
-                        if key not in current["run"]]
-        differences += [f"{key}: {saved['train'].get(key)!r} -> {value!r}"
-                        for key, value in current["train"].items()
-                        if key not in RESUMABLE_CHANGES and saved["train"].get(key) != value]
-        if differences:
-            raise UserError(
-                f"{path} belongs to a different run ({'; '.join(differences)}); pass --overwrite "
-                "(or --no-resume) to start over, or choose another --run"
-            )
-        changed = [key for key in RESUMABLE_CHANGES if saved["train"].get(key) != current["train"][key]]
-        if changed:
-            log.info("resuming with changed %s", ", ".join(changed))
 
 
 def _accumulate(window: dict[str, float], stats: dict[str, float]) -> None:
@@ -666,41 +478,3 @@ def _window_means(window: dict[str, float]) -> dict[str, float]:
     row.update(lr=window.get("lr", 0.0), grad_norm=window.get("grad_norm", 0.0),
                units_per_step=window.get("count", 0.0) / max(window.get("steps", 1.0), 1.0))
     return row
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing file: {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
-    """One panel per logged quantity against the step (matplotlib, no display needed); a
-    validation quantity ``val/<name>`` shares the panel of ``<name>``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    # every quantity of any row (some are measured less often than others), in order of appearance
-    names = list(dict.fromkeys(k for row in rows for k in row if k not in ("step", "epoch", "elapsed_s")))
-    panels = [name for name in names if not (name.startswith("val/") and name[4:] in names)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * max(len(panels), 1)), sharex=True,
-                             squeeze=False)
-    for axis, name in zip(axes[:, 0], panels):
-        for shown, label in ((name, "train"), (f"val/{name}", "validation")):
-            points = [(row["step"], row[shown]) for row in rows if shown in row]
-            if points:
-                axis.plot(*zip(*points), marker=".", label=label)
-        if f"val/{name}" in names:
-            axis.legend(fontsize=8)
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("optimiser step")
-    fig.suptitle(Path(metrics_path).parent.name)
-    fig.tight_layout()
-    with atomic_open(png_path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)

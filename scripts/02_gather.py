@@ -26,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="tokens per text, longer texts are cut (at most to the teacher's own limit, "
                         "which is what is recorded); the same as 01_count.py's")
-    parser.add_argument("--per-token", type=int, default=1000,
+    parser.add_argument("--per-token", type=positive_int, default=1000,
                         help="keep an occurrence when randint(0, count) < this: ~this many per token")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
     parser.add_argument("--dtype", default="float16", choices=sorted(OUT_DTYPES), help="stored states")
-    parser.add_argument("--flush-every", type=int, default=256,
+    parser.add_argument("--flush-every", type=positive_int, default=256,
                         help="texts per part file (bounds memory; a killed run resumes from parts)")
-    parser.add_argument("--buffer-rows", type=int, default=16384,
+    parser.add_argument("--buffer-rows", type=positive_int, default=16384,
                         help="selected rows kept on the device before one copy to the CPU")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import finite_float, log, run_main, setup_logging, stage_parser
+from embdistill.cli import log, non_negative_float, positive_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.cluster import Batching, ClusterConfig, load_states, run
+from embdistill.senses.combine import combined_artifact
 from embdistill.senses.dictionary import SENSE_DTYPES
 from embdistill.senses.kmeans import BACKENDS
 from embdistill.senses.packed import COS_TEMPERATURE, DEFAULT_SENSE_RULE, SENSE_RULES
@@ -29,16 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
     parser.add_argument("--input", default=None,
-                        help="gathered states (default work/<task>/<teacher>/combined.pkl)")
+                        help="gathered states (default work/<task>/<teacher>/combined.pkl, or its "
+                        "combined.rows.npy where the combine wrote no pickle)")
     parser.add_argument("--output", default=None,
                         help="sense dictionary (default sense_dict/<task>/<teacher>.kmeanspkl)")
-    parser.add_argument("--hidden-size", type=int, default=None,
+    parser.add_argument("--hidden-size", type=positive_int, default=None,
                         help="refuse states that are not this wide (e.g. 4096 for Llama-3-8B)")
     parser.add_argument("--k-rule", choices=K_RULES, default="fixed",
                         help="senses per token: mcl = the original's rule (k from an MCL cluster "
                         "count; slow), fixed = --senses for every token (what mcl gives on MiniLM; "
                         "checked against MCL on a few tokens, see BENCHMARKS.md)")
-    parser.add_argument("--senses", type=int, default=5, help="k of the fixed rule")
+    parser.add_argument("--senses", type=positive_int, default=5, help="k of the fixed rule")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="k-means: torch (batched, any device), sklearn (the original's), faiss")
     parser.add_argument("--sense-rule", choices=SENSE_RULES, default=DEFAULT_SENSE_RULE,
@@ -48,16 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"largest cosine (loss logits cos / {COS_TEMPERATURE})")
     parser.add_argument("--dtype", choices=SENSE_DTYPES, default="float16",
                         help="stored sense vectors (bfloat16: torch tensors, as the original)")
-    parser.add_argument("--max-iter", type=int, default=300, help="Lloyd iterations, at most")
-    parser.add_argument("--tol", type=finite_float, default=1e-4,
+    parser.add_argument("--max-iter", type=positive_int, default=300, help="Lloyd iterations, at most")
+    parser.add_argument("--tol", type=non_negative_float, default=1e-4,
                         help="stop when the squared centre shift is below tol x mean variance")
-    parser.add_argument("--n-init", type=int, default=1, help="k-means++ seedings per token, best kept")
-    parser.add_argument("--batch-tokens", type=int, default=256, help="tokens clustered together, at most")
-    parser.add_argument("--batch-elements", type=int, default=1 << 26,
+    parser.add_argument("--n-init", type=positive_int, default=1, help="k-means++ seedings per token, best kept")
+    parser.add_argument("--batch-tokens", type=positive_int, default=256, help="tokens clustered together, at most")
+    parser.add_argument("--batch-elements", type=positive_int, default=1 << 26,
                         help="floats per working tensor of a batch, about (bounds memory)")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--timeout", type=finite_float, default=3600.0,
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--timeout", type=positive_float, default=3600.0,
                         help="seconds a process waits for the others at the barrier")
     return parser
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     task = resolve_task(args.task, args.text_column, args.label_column)
     teacher = slug(args.teacher)
     paths = Paths(base_dir(args.base_dir), task.slug, teacher)
-    input_path = paths.combined if args.input is None else Path(args.input).resolve()
+    input_path = combined_artifact(paths.combined if args.input is None else Path(args.input).resolve())
     if not input_path.is_file():
         raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
                         "and a0_generate_combinepkl.py first, or pass --input")

@@ -13,12 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from embdistill.artifacts import skip_if_done
-from embdistill.cli import finite_float, log, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import log, positive_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.errors import UserError
-from embdistill.input_format import effective_max_length
+from embdistill.input_format import MaxLength
 from embdistill.paths import Paths, base_dir
-from embdistill.senses.dictionary import check_gathered_with, load_packed_senses
+from embdistill.senses.dictionary import SenseDictionary
 from embdistill.senses.targets import TargetsConfig, compute_targets
 from embdistill.tasks import resolve_task
 from embdistill.teachers import load_teacher, load_tokenizer
@@ -45,7 +45,7 @@ def build_parser():
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--teacher-dtype", default=None,
                         help="default: bfloat16 for decoders on GPU, else float32")
-    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
+    parser.add_argument("--dist-timeout", type=positive_float, default=3600.0,
                         help="seconds a process waits for the others at the end")
     return parser
 
@@ -69,11 +69,11 @@ def targets(args) -> int:
     if not sense_dict.is_file():
         raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh {args.task} "
                         "first, or pass --sense-dict")
-    check_gathered_with(sense_dict, max_length=args.max_length, model_limit=tokenizer.max_seq_length,
-                        input_format=tokenizer.input_format.name,
-                        allow_max_length_mismatch=args.allow_max_length_mismatch)
+    dictionary = SenseDictionary.open(sense_dict)
+    max_length = MaxLength.of(args.max_length, tokenizer.max_seq_length)
+    dictionary.check_gathered_with(max_length, tokenizer.input_format.name, args.allow_max_length_mismatch)
     out = paths.targets if args.output is None else Path(args.output)
-    cfg = TargetsConfig.of(tokenizer, effective_max_length(args.max_length, tokenizer.max_seq_length), sense_dict)
+    cfg = TargetsConfig.of(tokenizer, max_length.used, dictionary)
     inputs = {"sense_dict": sense_dict, "texts": paths.train_json}
     examples = read_train_texts(paths)
     if skip_if_done(out, config=asdict(cfg), inputs=inputs, overwrite=args.overwrite, what="targets"):
@@ -81,8 +81,8 @@ def targets(args) -> int:
     device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = init_distributed(timeout_s=args.dist_timeout)
     teacher = load_teacher(args.teacher, device=device, dtype=args.teacher_dtype)
-    senses = load_packed_senses(sense_dict, teacher.vocab_size, hidden_size=teacher.hidden_size,
-                                teacher=None if args.allow_teacher_mismatch else teacher.slug).to(teacher.device)
+    senses = dictionary.packed(teacher.vocab_size, hidden_size=teacher.hidden_size,
+                               teacher=None if args.allow_teacher_mismatch else teacher.slug).to(teacher.device)
     log.info("targets: %d texts, dictionary %s (%d tokens, %d senses, sense rule %s), teacher %r",
              len(examples), sense_dict, len(senses.sizes), len(senses.centroids), senses.rule, teacher)
     summary = compute_targets(teacher, senses, examples, out, cfg, env, inputs=inputs,

@@ -41,8 +41,8 @@ import argparse
 from embdistill.artifacts import output_lock
 from embdistill.cli import positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
-from embdistill.evaluation.specs import (check_replace_dictionaries, model_task_slugs, parse_model_specs,
-                                         parse_student_of)
+from embdistill.evaluation.specs import (check_replace_dictionaries, model_task_slugs, open_dictionaries,
+                                         parse_model_specs, parse_student_of)
 from embdistill.paths import base_dir, check_run_name, results_dir
 
 
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     student_of = parse_student_of(args.student_of, resolved)
     model_slugs = model_task_slugs(resolved, student_of)
     specs = parse_model_specs(args.models, model_slugs)
-    check_replace_dictionaries(specs, model_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
+    dictionaries = open_dictionaries(specs, model_slugs)
+    check_replace_dictionaries(specs, dictionaries, model_slugs, allow_teacher_mismatch=args.allow_teacher_mismatch,
                                allow_dictionary_mismatch=args.allow_dictionary_mismatch)
     from embdistill.evaluation.run import EvaluationConfig, evaluate, print_table
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     base = base_dir(args.base_dir)
     with output_lock(results_dir(base, args.run)):  # mteb writes its result files in place
-        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite)
+        table = evaluate(config, base, device=resolve_device(args.device), overwrite=args.overwrite,
+                         dictionaries=dictionaries)
     print_table(table, results_dir(base, args.run))
     return 0
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from embdistill.artifacts import package_version, skip_if_done, write_manifest
-from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import fraction, positive_int, run_main, setup_logging, stage_parser
 from embdistill.distributed import resolve_device
 from embdistill.paths import base_dir, baseline_dir
 from embdistill.teachers import load_tokenizer
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
     parser.add_argument("--pca-dims", type=positive_int, default=256,
                         help="dimensions the token vectors keep (model2vec's default)")
-    parser.add_argument("--sif-coefficient", type=finite_float, default=1e-4,
+    parser.add_argument("--sif-coefficient", type=fraction, default=1e-4,
                         help="SIF weighting a / (a + p(token)), 0 < a < 1 (model2vec's default)")
     parser.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
     return parser

@@ -16,7 +16,7 @@ import argparse
 
 from embdistill.artifacts import package_version, skip_if_done, write_manifest
 from embdistill.cli import finite_float, run_main, setup_logging, stage_parser
-from embdistill.paths import Paths, base_dir, check_run_name
+from embdistill.paths import ST_INT8_FOLDER, ST_ONNX_FOLDER, Paths, base_dir, check_run_name
 from embdistill.quantize import CHECK_TEXTS, MIN_COSINE, WEIGHT_TYPES
 from embdistill.tasks import resolve_task
 from embdistill.texts import read_train_texts, texts_only
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     task = resolve_task(args.task, args.text_column, args.label_column)
     paths = Paths(base_dir(args.base_dir), task.slug, run=check_run_name(args.run, "runs/<task>/"))
-    st_dir = paths.export_dir / "st"
-    out = paths.export_dir / ("st-onnx" if args.weight_type == "none" else "st-int8")
+    st_dir = paths.export_st
+    out = paths.export_dir / (ST_ONNX_FOLDER if args.weight_type == "none" else ST_INT8_FOLDER)
     # the recipe (embdistill/quantize.py) is part of the identity: a folder from another recipe is
     # redone; so is the export check's (its texts, train.json an input, and its threshold)
     config = {"task": task.name, "run": args.run, "weight_type": args.weight_type, "per_channel": True,

@@ -14,7 +14,7 @@ encodes only what is missing (shards made with another pipeline or length limit 
 
 import argparse
 
-from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import positive_float, positive_int, run_main, setup_logging, stage_parser
 from embdistill.multiteacher.corpus import add_corpus_args
 from embdistill.multiteacher.lsa import LSA_TEACHER
 from embdistill.multiteacher.teacher_embeddings import build_teacher_embeddings
@@ -27,15 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'minilm', 'lsa' (TF-IDF + SVD fitted on the corpus), or any sentence-transformers "
                         "hub id or folder; each encodes through its own pipeline (SentenceTransformer.encode: its "
                         "pooling, Dense layers, normalisation)")
-    parser.add_argument("--shard-size", type=int, default=100_000, help="texts per shard")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward pass")
+    parser.add_argument("--shard-size", type=positive_int, default=100_000, help="texts per shard")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="texts per teacher forward pass")
     parser.add_argument("--max-length", type=positive_int, default=512,
                         help="token limit per text, where the teacher's own max_seq_length is longer (the limit "
                         "in force is recorded in the shards' manifests)")
-    parser.add_argument("--lsa-dim", type=int, default=256, help="LSA teacher: SVD components")
-    parser.add_argument("--lsa-min-df", type=int, default=2, help="LSA teacher: least documents per term")
-    parser.add_argument("--lsa-max-features", type=int, default=30_000, help="LSA teacher: vocabulary cap")
-    parser.add_argument("--dist-timeout", type=finite_float, default=3600.0,
+    parser.add_argument("--lsa-dim", type=positive_int, default=256, help="LSA teacher: SVD components")
+    parser.add_argument("--lsa-min-df", type=positive_int, default=2, help="LSA teacher: least documents per term")
+    parser.add_argument("--lsa-max-features", type=positive_int, default=30_000, help="LSA teacher: vocabulary cap")
+    parser.add_argument("--dist-timeout", type=positive_float, default=3600.0,
                         help="seconds the other ranks wait while rank 0 builds the corpus and fits LSA")
     return parser
 

@@ -17,18 +17,26 @@ Reads embeddings/<corpus>/ (scripts/10_teacher_embeddings.py) and writes runs/<c
 config.json, checkpoints/, metrics.jsonl and loss.png (training loss and its parts, the heads'
 R2 and the embeddings' mean pairwise cosine on a probe batch, the validation loss every
 --val-every steps), head_warmup.json, validation.json (loss on held-out corpus texts, never
-trained on), initial/ (the student before distillation) and export/ (hf/ and st/:
+trained on), selection.json (the validated steps' scores and the one exported, by --keep-best:
+embdistill/validation.py), initial/ (the student before distillation) and export/ (hf/ and st/:
 scripts/06_evaluate.py reads st:runs/<corpus>/<run>/export/st). Resumes from the latest
 checkpoint unless --no-resume/--overwrite.
 """
 
 import argparse
 
-from embdistill.cli import finite_float, positive_int, run_main, setup_logging, stage_parser
+from embdistill.cli import (bounded_float, non_negative_float, non_negative_int, positive_int, run_main, setup_logging,
+                            stage_parser)
 from embdistill.multiteacher.corpus import add_corpus_args
-from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, LOSSES, POOLING
+from embdistill.multiteacher.model import KERNEL_HEAD_LAYERS, POOLING
+from embdistill.objectives import MULTITEACHER_OBJECTIVES
 from embdistill.multiteacher.train import train_student
-from embdistill.training import TrainConfig, add_training_args
+from embdistill.train_config import TrainConfig, add_training_args
+from embdistill.validation import add_selection_arg
+
+
+# the validation share: none (0) is allowed, the whole corpus is not
+VAL_FRACTION = bounded_float(0, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corpus_args(parser, building=False)
     parser.add_argument("--teachers", nargs="+", default=["minilm", "lsa"],
                         help="teachers whose embeddings scripts/10_teacher_embeddings.py wrote")
-    parser.add_argument("--loss", choices=LOSSES, default="nll",
+    parser.add_argument("--loss", choices=tuple(MULTITEACHER_OBJECTIVES), default="nll",
                         help="nll: Gaussian-kernel negative log-likelihood; mse: the baseline")
     parser.add_argument("--normalize-by-dim", action="store_true",
                         help="divide each teacher's loss by its dimension (no wide teacher dominates)")
@@ -46,30 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "the authors' raw targets, far below the kernel's scale for unit-norm teachers. "
                         "Default by loss: nll standardised, mse raw (standardised, the MSE would weigh each "
                         "dimension by 1/variance); config.json records the value in force")
-    parser.add_argument("--head-layers", type=int, default=KERNEL_HEAD_LAYERS,
+    parser.add_argument("--head-layers", type=positive_int, default=KERNEL_HEAD_LAYERS,
                         help="hidden layers of each teacher's kernel head, width int(1.4 d_teacher) "
                         "(the authors': 3)")
     parser.add_argument("--mse-head", choices=("shared", "separate"), default="separate",
                         help="--loss mse: the authors' separate head d_student -> d_student -> d_student -> "
                         "d_teacher, or the kernel head's mu (shared)")
-    parser.add_argument("--head-lr", type=finite_float, default=1e-3,
+    parser.add_argument("--head-lr", type=non_negative_float, default=1e-3,
                         help="the heads' learning rate, its own parameter group (the authors: --lr for all)")
-    parser.add_argument("--head-warmup-steps", type=int, default=100,
+    parser.add_argument("--head-warmup-steps", type=non_negative_int, default=100,
                         help="before training, fit the heads alone for N steps on cached embeddings of the "
                         "student (which does not move); 0: none (the authors)")
-    parser.add_argument("--val-every", type=int, default=100,
-                        help="steps between validation losses in metrics.jsonl (and at the end; 0: at the end)")
+    parser.add_argument("--val-every", type=non_negative_int, default=100,
+                        help="steps between validations in metrics.jsonl (also at step 0 and the end; 0: only there)")
+    add_selection_arg(parser)
     parser.add_argument("--run", default=None, help="run name under runs/<corpus>/ (default mt-<loss>)")
     parser.add_argument("--student", default="minilm",
                         help="the encoder to distil into: alias, sentence-transformers/hub id or folder")
-    parser.add_argument("--student-layers", type=int, default=2,
+    parser.add_argument("--student-layers", type=non_negative_int, default=2,
                         help="keep the student's first N layers (0: all of them)")
     parser.add_argument("--pooling", choices=POOLING, default="mean",
                         help="student embedding (the authors' arctic-embed students: cls)")
     parser.add_argument("--export-normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="end the exported SentenceTransformer with Normalize (the authors export "
                         "arctic-embed students without it: --no-export-normalize)")
-    parser.add_argument("--val-fraction", type=finite_float, default=0.05,
+    parser.add_argument("--val-fraction", type=VAL_FRACTION, default=0.05,
                         help="corpus share held out for the validation loss (never trained on)")
     parser.add_argument("--max-length", type=positive_int, default=256,
                         help="max tokens per text, cut to the student's own limit (the authors: 512)")

@@ -45,8 +45,8 @@ drive() {
   exec "$PYTHON" -m embdistill.drivers "$name" "$@"
 }
 
-# run_stage SCRIPT [ARGS...]: a stage script in one process.
+# run_stage SCRIPT [ARGS...]: a stage script (relative to the repository) in one process, as
+# the drivers run one (embdistill.drivers.run_stage).
 run_stage() {
-  local script="$1"; shift
-  "$PYTHON" "$REPO_ROOT/$script" "$@"
+  "$PYTHON" -m embdistill.drivers stage "$@"
 }

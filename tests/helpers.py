@@ -5,11 +5,11 @@ from pathlib import Path
 
 
 def run_stage(script: str, *args) -> int:
-    """A stage script's ``main([...])`` in this process, as the drivers run a one-process stage;
-    returns the exit status. ``script``: relative to the repository (``scripts/05_train.py``)."""
-    from embdistill.drivers import run_in_this_process
+    """:func:`embdistill.drivers.run_stage` (in this process, as the drivers run a one-process
+    stage); returns the exit status. ``script``: relative to the repository (``scripts/05_train.py``)."""
+    from embdistill.drivers import run_stage as run
 
-    return run_in_this_process(script, list(args))
+    return run(script, args)
 
 
 def free_port() -> int:
@@ -54,3 +54,20 @@ def save_dictionary(dictionary, path: Path, sense_rule: str | None = None) -> Pa
     if sense_rule is not None:
         write_manifest(path, stage="cluster", config={"sense_rule": sense_rule})
     return path
+
+
+def combine_to_dict(groups, cap: int, seed: int, pickle: str = "always"):
+    """Run the combine into a throw-away folder: (combined.pkl as a dict, the metadata); the
+    dict is read back from the row file where ``pickle`` writes no pickle."""
+    import tempfile
+
+    from embdistill.artifacts import fingerprint, load_pickle
+    from embdistill.senses.combine import combine, combined_artifact, open_combined
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "combined.pkl"
+        meta = combine(groups, cap, seed, output, config={}, inputs={}, combined_pickle=pickle)
+        if output.exists():
+            return load_pickle(output), meta
+        rows = combined_artifact(output)
+        return {t: v.copy() for t, v in open_combined(rows, fingerprint(rows)).items()}, meta

@@ -214,12 +214,12 @@ def test_fingerprints_are_content_hashes_computed_once_per_version(tmp_path, mon
     import hashlib
     import os
 
-    from embdistill import artifacts
+    from embdistill import artifacts, digests
 
     path = tmp_path / "states.bin"
     path.write_bytes(b"x" * 3000)
     opened = []
-    monkeypatch.setattr(artifacts, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    monkeypatch.setattr(digests, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
     first = artifacts.fingerprint(path)
     assert first == hashlib.sha256(b"x" * 3000).hexdigest()
     assert artifacts.fingerprint(path) == first and len(opened) == 1  # the second call reads nothing
@@ -233,3 +233,32 @@ def test_fingerprints_are_content_hashes_computed_once_per_version(tmp_path, mon
     before = artifacts.fingerprint(folder)
     (folder / "sub" / "b.bin").rename(folder / "sub" / "c.bin")  # a renamed file changes the folder's
     assert artifacts.fingerprint(folder) != before
+
+
+def test_a_damaged_output_is_redone_not_skipped(tmp_path, caplog):
+    """On main a truncated export/st/model.safetensors was 'up to date, skipping' (issue 22, 6b):
+    the manifest records each output file's size, time and sha256, and is_done checks them."""
+    out = tmp_path / "export"
+    weights = out / "st" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w" * 1000)
+    (out / "config.json").write_text("{}")
+    artifacts.write_manifest(out, stage="train", config={})
+    assert artifacts.is_done(out, config={})
+    os.truncate(weights, 500)
+    assert not artifacts.is_done(out, config={})
+    assert f"damaged output, redoing it: {weights} has 500 bytes, 1000 were written" in caplog.text
+    weights.write_bytes(b"w" * 1000)
+    os.utime(weights, ns=(1, 1))  # the same bytes at another time (a copy): hashed, and found the same
+    assert artifacts.is_done(out, config={})
+    with open(weights, "r+b") as fh:
+        fh.write(b"x")  # a flipped byte in place (a new modification time, set here to be sure)
+    os.utime(weights, ns=(2, 2))
+    assert not artifacts.is_done(out, config={}) and "changed since it was written" in caplog.text
+    weights.unlink()
+    assert not artifacts.is_done(out, config={}) and f"{weights} is missing" in caplog.text
+    (out / "st" / "model.safetensors").write_bytes(b"w" * 1000)
+    (out / "st-int8").mkdir()  # a later stage's folder inside: not this output's
+    (out / "st-int8" / "model.onnx").write_bytes(b"int8")
+    os.utime(weights, ns=(3, 3))
+    assert artifacts.is_done(out, config={})

@@ -89,7 +89,7 @@ def test_finished_work_is_skipped_and_changed_options_redo_it(distilled, tiny_be
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--sif-coefficient", "1.5"], "--sif-coefficient must be between 0 and 1"),
+    (["--sif-coefficient", "1.5"], "argument --sif-coefficient: expected a number in (0, 1), got '1.5'"),
     (["--pca-dims", "64"], "--pca-dims 64 is more than the teacher's 32 dimensions"),
 ])
 def test_bad_options_are_one_line(tmp_path, tiny_bert_dir, capsys, options, message):

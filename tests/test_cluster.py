@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from embdistill.artifacts import read_manifest, save_pickle
+from embdistill.artifacts import fingerprint, read_manifest, save_pickle
 from embdistill.errors import UserError
 from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
 from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
 from embdistill.senses.combine import rows_path, write_combined
-from embdistill.senses.dictionary import load_sense_dict, save_sense_dict, sense_rule_of, senses_histogram
+from embdistill.senses.dictionary import SenseDictionary, load_sense_dict, save_sense_dict, senses_histogram
 from bench.bench_cluster import mcl_count_reference
 from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
 from helpers import free_port, killed_command, run_stage
@@ -250,6 +250,28 @@ def test_rerun_skips_unless_overwrite(tmp_path, states_file, capsys):
     assert other.returncode == 0 and "skipping" not in other.stderr
 
 
+def test_clusters_the_row_file_where_the_combine_wrote_no_pickle(tmp_path, states_file, capsys):
+    """combined.pkl skipped (--combined-pickle never): the stage finds the row file at the
+    default input, clusters it as it clusters the pickle, skips a rerun, and refuses a row file
+    that is not the one its manifest describes."""
+    path, states = states_file
+    combined = tmp_path / "alone" / "work" / "bbc-news" / "minilm" / "combined.pkl"
+    write_combined(states, {"teacher": "minilm", "hidden_size": DIM, "dtype": "float16"}, combined,
+                   config={}, inputs={}, combined_pickle="never")
+    assert not combined.exists()
+    assert run_cluster(capsys, "--base-dir", str(tmp_path / "pickle"), "--input", str(path)).returncode == 0
+    alone = run_cluster(capsys, "--base-dir", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    assert_same_dictionary(output(tmp_path / "alone"), output(tmp_path / "pickle"))
+    assert read_manifest(output(tmp_path / "alone"))["inputs"]["states"] == fingerprint(rows_path(combined))
+    assert "up to date, skipping" in run_cluster(capsys, "--base-dir", str(tmp_path / "alone")).stderr
+    mapped = np.load(rows_path(combined), mmap_mode="r+")
+    mapped[0, 0] += 1
+    mapped.flush()
+    changed = run_cluster(capsys, "--base-dir", str(tmp_path / "alone"), "--overwrite")
+    assert changed.returncode == 2 and "is not the row file its manifest describes" in changed.stderr
+
+
 def test_the_sense_rule_is_recorded_and_changes_no_sense(tmp_path, states_file, capsys):
     """--sense-rule goes into the manifest (what targets, training and replace mode read) and
     the summary; the senses themselves are the same file byte for byte; another rule at the
@@ -261,12 +283,14 @@ def test_the_sense_rule_is_recorded_and_changes_no_sense(tmp_path, states_file, 
         proc = run_cluster(capsys, "--base-dir", str(base), "--input", str(path),
                            *(["--sense-rule", rule] if rule else []))
         assert proc.returncode == 0, proc.stderr
-        assert read_manifest(output(base))["config"]["sense_rule"] == (rule or "dot") == sense_rule_of(output(base))
+        recorded = read_manifest(output(base))["config"]["sense_rule"]
+        assert recorded == (rule or "dot") == SenseDictionary.open(output(base)).sense_rule
         assert f"sense rule {rule or 'dot'} " in (output(base).parent / "minilm.summary.txt").read_text()
         pickles[rule] = output(base).read_bytes()
     assert len(set(pickles.values())) == 1
     again = run_cluster(capsys, "--base-dir", str(tmp_path / "l2"), "--input", str(path), "--sense-rule", "cos")
-    assert again.returncode == 0 and "skipping" not in again.stderr and sense_rule_of(output(tmp_path / "l2")) == "cos"
+    assert again.returncode == 0 and "skipping" not in again.stderr
+    assert SenseDictionary.open(output(tmp_path / "l2")).sense_rule == "cos"
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other-teacher", "hidden-size", "empty", "bad-option",
@@ -484,4 +508,4 @@ def test_the_sense_rule_passes_through_the_driver(tmp_path, states_file):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sense_rule_of(output(tmp_path)) == "l2"
+    assert SenseDictionary.open(output(tmp_path)).sense_rule == "l2"

@@ -132,7 +132,7 @@ def test_bbc_news_clustering_equals_an_independent_computation(tmp_path, minilm_
     classes = sorted(set(test["label"]))
     assert len(classes) == 5 and len(test["text"]) == 60
     model = SentenceTransformer(str(minilm_dir), device="cpu")
-    model.max_seq_length = 128  # what the stage's st: row reads (--max-length)
+    model.max_seq_length = 128  # an st: row reads the run's --max-length (issue 22 item 2)
     embeddings = model.encode(test["text"], batch_size=32)
     expected = _independent_v_measure(embeddings, [classes.index(y) for y in test["label"]], n_experiments=4, seed=0)
     assert score["score"] == pytest.approx(expected, abs=1e-6)

@@ -167,9 +167,9 @@ def test_cluster_runs_on_each_processs_own_gpu(tmp_path, second_of_two, monkeypa
 ])
 def test_training_binds_the_student_and_gives_the_teacher_a_gpu_per_process(
         tmp_path, second_of_two, monkeypatch, teacher_device, expected):
-    import embdistill.teachers
+    import embdistill.objectives.state_matching  # --loss mse's objective loads the teacher
 
-    devices = record_teacher_device(monkeypatch, embdistill.teachers)
+    devices = record_teacher_device(monkeypatch, embdistill.objectives.state_matching)
     paths = Paths(tmp_path, "bbc-news", "minilm")
     paths.text_dir.mkdir(parents=True)
     paths.train_json.write_text(json.dumps(["a text !@#$%^&*()the cat sat"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from embdistill.drivers import DRIVERS, Invocation, multiteacher_runs
+from embdistill.drivers import DRIVERS, Invocation, multiteacher_runs, stage_parser_of
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 
@@ -94,13 +95,65 @@ def test_each_stage_checks_its_own_options_before_anything_runs():
         Invocation(DRIVERS["train"], ["bbc-news", "--nproc_per_node", "0"]).launch()
 
 
+# issue 22, 6f: on main each of these ran the stages before the one that refused the value
+@pytest.mark.parametrize("driver, args, message", [
+    ("gather_sense", ["--batch-size", "0"], "scripts/02_gather.py: argument --batch-size: expected a positive integer"),
+    ("sep_cluster", ["--senses", "0"], "scripts/03_cluster.py: argument --senses: expected a positive integer"),
+    ("train", ["--batch-size", "0"], "scripts/05_train.py: argument --batch-size: expected a positive integer"),
+    ("train", ["--dist-timeout", "0"], "scripts/05_train.py: argument --dist-timeout: expected a number > 0"),
+    ("multiteacher", ["--val-fraction", "1"], "argument --val-fraction: expected a number in [0, 1), got '1'"),
+    ("multiteacher", ["--lsa-dim", "0"], "scripts/10_teacher_embeddings.py: argument --lsa-dim: expected a positive"),
+])
+def test_every_stage_s_value_ranges_are_checked_before_the_first_stage(monkeypatch, driver, args, message):
+    ran = []
+    monkeypatch.setattr(Invocation, "run", lambda self, stage, *rest, **kwargs: ran.append(stage))
+    with pytest.raises(UserError, match=re.escape(message)):
+        DRIVERS[driver].run(Invocation(DRIVERS[driver], ["bbc-news", *args]))
+    assert ran == []
+
+
+def test_every_numeric_option_of_every_stage_states_its_range():
+    """What the drivers check before the first stage is what each stage's parser checks: a bare
+    int or float type lets a value through that the stage refuses only when it runs."""
+    from embdistill.cli import finite_float
+
+    unbounded = [f"{stage.script} {action.option_strings[0]}" for driver in DRIVERS.values()
+                 for stage in driver.stages.values() for action in stage.parser._actions
+                 if action.type in (int, float, finite_float)]
+    assert unbounded == []
+
+
+# issue 22, 6e: on main the first list was dropped without a word, and a teacher named twice
+# trained both students before the evaluation failed
+@pytest.mark.parametrize("args, message", [
+    (["--teachers", "minilm", "--teachers", "lsa"], "argument --teachers: given twice: give its values once"),
+    (["--teachers", "minilm", "minilm"], "argument --teachers: 'minilm' given twice"),
+])
+def test_a_list_option_is_given_once_with_each_value_once(monkeypatch, args, message):
+    ran = []
+    monkeypatch.setattr(Invocation, "run", lambda self, stage, *rest, **kwargs: ran.append(stage))
+    with pytest.raises(UserError, match=re.escape(message)):
+        DRIVERS["multiteacher"].run(Invocation(DRIVERS["multiteacher"], ["bbc-news", *args]))
+    assert ran == []
+
+
+def test_a_stage_run_by_hand_refuses_a_repeated_list_option_too():
+    evaluate = stage_parser_of("scripts/06_evaluate.py")
+    with pytest.raises(UserError, match="argument --models: given twice"):
+        evaluate.parse_args(["--models", "minilm", "--models", "lsa"])
+    with pytest.raises(UserError, match="argument --tasks: 'bbc-news' given twice"):
+        evaluate.parse_args(["--models", "minilm", "--tasks", "bbc-news", "bbc-news"])
+    assert evaluate.parse_args(["--models", "minilm", "lsa"]).models == ["minilm", "lsa"]
+
+
 @pytest.mark.parametrize("flags, how", [([], "here"), (["--nproc_per_node", "2"], "torchrun"),
                                        (["--nnodes", "2", "--node_rank", "1"], "torchrun")])
 def test_only_a_launch_of_several_processes_goes_through_torchrun(monkeypatch, flags, how):
     """One process on one machine runs a launched stage in the driver's process (no launcher,
     no second start-up); more processes or machines go through embdistill.torchrun."""
     calls = []
-    monkeypatch.setattr("embdistill.drivers.run_process", lambda command, env: calls.append(("torchrun", command)) or 0)
+    monkeypatch.setattr("embdistill.drivers.run_process",
+                        lambda command, env, output: calls.append(("torchrun", command)) or 0)
     monkeypatch.setattr("embdistill.drivers.run_in_this_process", lambda script, args: calls.append(("here", [script, *args])) or 0)
     cli = Invocation(DRIVERS["train"], ["bbc-news", "--loss", "mse", *flags])
     cli.run("train", ["--task", "bbc-news"], launch=cli.launch())
@@ -117,6 +170,19 @@ def test_a_stage_run_in_the_driver_s_process_gives_its_exit_status(tmp_path, cap
     assert run_in_this_process("scripts/00_texts.py", ["--task", "bbc-news", "--max-train", "8", "--max-test", "4",
                                                        "--base-dir", str(tmp_path)]) == 0
     assert (tmp_path / "text_train" / "bbc-news" / "train.json").is_file()
+
+
+def test_lib_sh_and_studies_run_a_stage_through_the_drivers_run_stage(tmp_path, capsys):
+    """lib.sh's run_stage (run_demo.sh's) is ``python -m embdistill.drivers stage``; a study runs a
+    stage in a process of its own with its output in a log file (``output``)."""
+    from embdistill.drivers import main, run_stage
+
+    args = ["--task", "bbc-news", "--base-dir", str(tmp_path)]
+    assert main(["stage", "scripts/08_quantize.py", *args]) == 2
+    assert capsys.readouterr().err.startswith("error: no SentenceTransformer folder")
+    with open(tmp_path / "stage.log", "w") as log:
+        assert run_stage("scripts/08_quantize.py", args, env={"PYTHONPATH": str(REPO)}, output=log) == 2
+    assert (tmp_path / "stage.log").read_text().strip().splitlines()[-1].startswith("error: no SentenceTransformer")
 
 
 def test_a_stage_in_the_driver_s_process_ends_on_sigterm_in_one_line_after_its_cleanup(tmp_path):
@@ -162,7 +228,7 @@ def test_an_unknown_option_is_named_before_the_first_stage(tmp_path):
     assert line.startswith("error: unknown option --bogus")
     line = one_error_line(drive("run_multiteacher.sh", "bbc-news", "--base-dir", str(tmp_path / "w"),
                                 "--epochs", "x"))
-    assert line.startswith("error: scripts/11_train_multiteacher.py: argument --epochs: invalid int value")
+    assert line.startswith("error: scripts/11_train_multiteacher.py: argument --epochs: expected a positive integer, got 'x'")
     assert not (tmp_path / "w").exists()  # no stage ran
 
 

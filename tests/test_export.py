@@ -186,3 +186,24 @@ def test_the_hf_folder_reads_the_length_it_was_exported_at(minilm_export, tmp_pa
     (folder / "embdistill.json").write_text(json.dumps({**reading, "max_seq_length": "long"}))
     with pytest.raises(UserError, match="max_seq_length must be a positive integer, got 'long'"):
         load_teacher(str(folder), device="cpu")
+
+
+def test_a_model_folder_with_a_truncated_weights_file_is_one_line(tmp_path, tiny_bert_dir):
+    """On main stage 6 and stage 8 ended in a SafetensorError traceback (issue 22, 6b)."""
+    import os
+    import shutil
+
+    from embdistill.quantize import load_student
+    from embdistill.st_modules import load_sentence_transformer
+    from embdistill.teachers import load_teacher
+
+    folder = tmp_path / "st"
+    shutil.copytree(tiny_bert_dir, folder)
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    for load, message in [(lambda: load_sentence_transformer(str(folder), "cpu"), "could not load sentence-transformers"),
+                          (lambda: load_teacher(str(folder), device="cpu"), "could not load model"),
+                          (lambda: load_student(folder), "could not load")]:
+        with pytest.raises(UserError, match=message) as error:
+            load()
+        assert "\n" not in str(error.value)

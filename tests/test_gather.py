@@ -23,7 +23,6 @@ from embdistill.artifacts import load_pickle, save_pickle, write_manifest
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.paths import Paths, slug
-from embdistill.senses.combine import combine
 from embdistill.senses.gather import (
     GatherConfig,
     count_config,
@@ -34,7 +33,7 @@ from embdistill.senses.gather import (
     load_counts,
 )
 from embdistill.teachers import load_teacher
-from helpers import free_port, killed_command, run_stage
+from helpers import combine_to_dict, free_port, killed_command, run_stage
 
 
 def part_path(rank_file: Path, part: int) -> Path:
@@ -189,8 +188,8 @@ def test_two_ranks_in_process_equal_one(tmp_path, teacher, texts, counts):
     for rank, rank_file in enumerate(two):  # rank r gathered texts r, r+2, ...
         occurrences = np.concatenate(list(load_pickle(index_path(rank_file)).values()))
         assert len(occurrences) and np.all(occurrences // MAX_LENGTH % 2 == rank)
-    combined_one, _ = combine([[one]], cap=10_000, seed=0)
-    combined_two, _ = combine([two], cap=10_000, seed=0)
+    combined_one, _ = combine_to_dict([[one]], cap=10_000, seed=0)
+    combined_two, _ = combine_to_dict([two], cap=10_000, seed=0)
     assert_same_combined(combined_one, combined_two, atol=1e-5)
 
 

@@ -14,9 +14,11 @@ import pytest
 
 from embdistill.artifacts import read_manifest, save_json
 from embdistill.errors import UserError
+from embdistill.input_format import MaxLength
 from embdistill.paths import slug
-from embdistill.senses.combine import combine, write_combined
-from embdistill.senses.dictionary import check_gathered_with
+from embdistill.senses.combine import combine
+from embdistill.senses.dictionary import SenseDictionary
+from helpers import combine_to_dict
 from test_combine import write_rank
 from test_train_stage import REPO, subprocess_env
 
@@ -31,9 +33,8 @@ def dictionary(tmp_path_factory, tiny_bert_dir):
     teacher = slug(str(tiny_bert_dir))
     ranks = [write_rank(folder, 0, {5: list(range(1, 40, 2)), 7: [2]}, hidden_size=DIM, teacher=teacher),
              write_rank(folder, 1, {5: list(range(41, 80, 2)), 9: [10, 11]}, hidden_size=DIM, teacher=teacher)]
-    combined, meta = combine([ranks], cap=100, seed=0)
+    meta = combine([ranks], 100, 0, folder / "combined.pkl", {"cap": 100}, {})
     assert meta["max_length"] == 8 and meta["input_format"] == "plain"
-    write_combined(combined, meta, folder / "combined.pkl", {"cap": 100}, {})
     out = folder / "senses.kmeanspkl"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "03_cluster.py"), "--base-dir", str(folder),
                              "--teacher", str(tiny_bert_dir), "--input", str(folder / "combined.pkl"),
@@ -46,13 +47,14 @@ def dictionary(tmp_path_factory, tiny_bert_dir):
 def test_the_dictionary_records_what_its_states_were_gathered_with(dictionary):
     extra = read_manifest(dictionary)["extra"]
     assert (extra["max_length"], extra["input_format"]) == (8, "plain")
-    check_gathered_with(dictionary, max_length=8, model_limit=128, input_format="plain")
+    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "plain")
     with pytest.raises(UserError, match="gathered with --max-length 8, not 128 [(]--max-length 512 cut to the model's 128[)]"):
-        check_gathered_with(dictionary, max_length=512, model_limit=128, input_format="plain")
-    check_gathered_with(dictionary, max_length=512, model_limit=128, input_format="plain", allow_max_length_mismatch=True)
+        SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain")
+    SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(512, 128), "plain",
+                                                         allow_max_length_mismatch=True)
     with pytest.raises(UserError, match="input format plain, the teacher now reads llm2vec"):
-        check_gathered_with(dictionary, max_length=8, model_limit=128, input_format="llm2vec",
-                            allow_max_length_mismatch=True)
+        SenseDictionary.open(dictionary).check_gathered_with(MaxLength.of(8, 128), "llm2vec",
+                                                         allow_max_length_mismatch=True)
 
 
 @pytest.mark.parametrize("recorded", [256, 512])  # 512: a dictionary recording the --max-length asked for
@@ -62,9 +64,9 @@ def test_the_guard_compares_the_lengths_used(tmp_path, recorded):
     path = tmp_path / "senses.kmeanspkl"
     save_json({"extra": {"max_length": recorded, "input_format": "plain"}}, str(path) + ".manifest.json")
     for asked in (512, 300, 256):
-        check_gathered_with(path, max_length=asked, model_limit=256, input_format="plain")
+        SenseDictionary.open(path).check_gathered_with(MaxLength.of(asked, 256), "plain")
     with pytest.raises(UserError) as refused:
-        check_gathered_with(path, max_length=128, model_limit=256, input_format="plain")
+        SenseDictionary.open(path).check_gathered_with(MaxLength.of(128, 256), "plain")
     assert str(refused.value) == (f"{path} was gathered with --max-length 256, not 128; "
                                   "use --max-length 256, or --allow-max-length-mismatch")
 
@@ -75,7 +77,7 @@ def test_inputs_that_disagree_record_no_max_length(tmp_path):
     manifest = read_manifest(other)
     manifest["config"]["max_length"] = 16
     save_json(manifest, str(other) + ".manifest.json")
-    _, meta = combine([[first], [other]], cap=100, seed=0)
+    _, meta = combine_to_dict([[first], [other]], cap=100, seed=0)
     assert meta["max_length"] is None and meta["input_format"] == "plain"
 
 

@@ -25,16 +25,18 @@ from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.losses.gaussian_nll import GaussianKernelNLLLoss
 from embdistill.losses.mse import masked_mse
-from embdistill.multiteacher.corpus import build_corpus, unique_texts, validation_split
+from embdistill.multiteacher.corpus import build_corpus, unique_texts
 from embdistill.multiteacher.lsa import LsaModel, analyze, fit_lsa
-from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherLoss,
-                                           MultiTeacherStudent, kernel_head, regression_head)
+from embdistill.multiteacher.model import (Collator, DistillationDataset, MultiTeacherStudent, kernel_head,
+                                           regression_head)
+from embdistill.objectives import MULTITEACHER_OBJECTIVES, KernelNLL, TeacherMSE, objective_named
 from embdistill.multiteacher.monitor import TrainingMonitor, mean_pairwise_cosine, probe_metrics
 from embdistill.multiteacher.shards import (INDEX_NAME, TeacherTargets, finish_teacher,
                                             load_teacher_targets, shard_files, target_statistics,
                                             text_id, write_teacher_shards)
 from embdistill.multiteacher.train import export_checkpoint
 from embdistill.multiteacher.warmup import fit_heads
+from embdistill.validation import CheckpointSelection, ValidationHook, validation_split
 from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,7 +314,8 @@ def test_evaluation_specs_name_every_exported_model(tmp_path, minilm_dir):
                      f"mse-student=st:{runs / 'mt-mse' / 'export' / 'st'}",
                      f"student-before=st:{runs / 'mt-nll' / 'initial' / 'st'}",
                      f"minilm=st:{minilm_dir}",
-                     f"lsa=st:{tmp_path / 'embeddings' / 'a+b' / 'lsa' / 'sentence-transformer'}",
+                     # a bag of words reads whole texts (its shards did): no length to cut it to
+                     f"lsa=st:{tmp_path / 'embeddings' / 'a+b' / 'lsa' / 'sentence-transformer'}@own-length",
                      "BAAI__bge-small-en-v1.5=st:BAAI/bge-small-en-v1.5"]
 
 
@@ -371,23 +374,23 @@ def test_loss_functions_nll_and_mse_through_the_same_heads(tiny_bert_dir):
     scaled = {k: (batch["targets"][k] - torch.tensor(m, dtype=torch.float32)) / torch.tensor(s, dtype=torch.float32)
               for k, (m, s) in stats.items()}  # the heads learn the standardised targets
 
-    nll = MultiTeacherLoss("nll", normalize_by_dim=True)(model, batch)
+    nll = KernelNLL(normalize_by_dim=True)(model, batch)
     expected, _ = GaussianKernelNLLLoss(True)(predictions, scaled)
     assert nll.count == 4 and torch.allclose(nll.loss, expected)
     assert {"nll/a", "log_lambda/a", "sq_err/b"} <= set(nll.metrics)
 
-    mse = MultiTeacherLoss("mse")(model, batch)
+    mse = TeacherMSE()(model, batch)
     expected = sum(masked_mse(predictions[k][0], scaled[k])[0] for k in ("a", "b"))
     assert torch.allclose(mse.loss, expected)
     mse.loss.backward()
     last = model.heads[0].mlp[-1].weight.grad
     assert last[:6].abs().sum() > 0 and last[6:].abs().sum() == 0  # rho's rows: no gradient
     with pytest.raises(UserError, match="--loss"):
-        MultiTeacherLoss("cosine")
+        objective_named(MULTITEACHER_OBJECTIVES, "cosine")
     separate = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean", heads="regression")
-    assert MultiTeacherLoss("mse")(separate, batch).count == 4
+    assert TeacherMSE()(separate, batch).count == 4
     with pytest.raises(UserError, match="kernel heads"):
-        MultiTeacherLoss("nll")(separate, batch)
+        KernelNLL()(separate, batch)
 
 
 def toy_data(n: int, dims=(("a", 6), ("b", 3)), seed: int = 3):
@@ -406,7 +409,7 @@ def test_head_warmup_fits_the_heads_on_cached_embeddings_and_leaves_the_student_
     torch.manual_seed(0)
     model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {"a": 6, "b": 3}, "mean")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = MultiTeacherLoss("nll")
+    loss = KernelNLL()
     summary = fit_heads(model, dataset, collator, loss, steps=30, batch_size=5, texts_per_step=8, lr=1e-2,
                         weight_decay=0.01, max_grad_norm=0.0, seed=1, device=torch.device("cpu"),
                         env=DistEnv())
@@ -481,13 +484,14 @@ def test_the_monitor_warns_once_when_the_embeddings_collapse_and_validates_every
              "targets": {"a": torch.randn(4, 2)}}
     model = StubStudent(torch.eye(4))  # orthogonal: cosine 0
     validations = []
-    monitor = TrainingMonitor(batch, log_every=2, validate=lambda m: validations.append(1) or {"loss": 1.5},
-                              val_every=3)
+    selection = CheckpointSelection("last", None)
+    hook = ValidationHook(lambda m: validations.append(1) or {"loss": 1.5}, selection, val_every=3)
+    monitor = TrainingMonitor(batch, log_every=2, validation=hook)
     with caplog.at_level("WARNING", logger="embdistill.multiteacher.monitor"):
         rows = {step: monitor(model, step, finished=step == 7) for step in range(1, 8)}
         assert [s for s, row in rows.items() if "cosine" in row] == [2, 4, 6, 7]
         assert [s for s, row in rows.items() if "val/loss" in row] == [3, 6, 7] and len(validations) == 3
-        assert monitor.last_validation == (7, {"loss": 1.5}) and rows[2]["cosine"] == pytest.approx(0.0)
+        assert selection.history[-1] == {"step": 7, "loss": 1.5} and rows[2]["cosine"] == pytest.approx(0.0)
         model.vectors = torch.ones(4, 4) + 0.01 * torch.eye(4)  # all one direction
         for step in (8, 10):
             assert monitor(model, step, finished=False)["cosine"] > 0.95
@@ -662,7 +666,7 @@ def train_args(base, task_file, tiny_bert_dir, run):
     return ["--task", task_file, "--base-dir", base, "--teachers", tiny_bert_dir, "lsa", "--run", run,
             "--student", tiny_bert_dir, "--student-layers", 0, "--max-steps", 6, "--batch-size", 8,
             "--save-every", 2, "--log-every", 1, "--warmup-steps", 1, "--lr", 1e-3, "--max-length", 32,
-            "--head-warmup-steps", 3, "--val-every", 4]
+            "--head-warmup-steps", 3, "--val-every", 4, "--keep-best", "loss"]
 
 
 def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, task_file, tiny_bert_dir):
@@ -690,12 +694,19 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
     validation = json.loads((runs / "reference" / "validation.json").read_text())
     assert validation["texts"] == 3 and validation["global_step"] == 6  # round(0.05 * 64) held out
     assert validation == json.loads((runs / "resumed" / "validation.json").read_text())
+    # the validated steps (the untrained start included) and the kept one survive the kill
+    selection = json.loads((runs / "reference" / "selection.json").read_text())
+    assert selection == json.loads((runs / "resumed" / "selection.json").read_text())
+    scores = {row["step"]: row["loss"] for row in selection["scores"]}
+    assert list(scores) == [0, 4, 6] and selection["kept_step"] == min(scores, key=scores.get)
+    kept = selection["kept_step"]
     metrics = [json.loads(line) for line in (runs / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in metrics] == [0, 1, 2, 3, 4, 5, 6]
     teacher = Path(tiny_bert_dir).name
-    for row in metrics:  # the loss's parts, the heads' fit and the embeddings' spread, every row
+    for row in metrics[1:]:  # the loss's parts, the heads' fit and the embeddings' spread, every row
         assert {f"log_lambda/{teacher}", "sq_err/lsa", f"r2/{teacher}", "r2/lsa", "cosine"} <= set(row)
-    assert [row["step"] for row in metrics if "val/loss" in row] == [4, 6]
+    assert [row["step"] for row in metrics if "val/loss" in row] == [0, 4, 6]
+    assert {"val/similarity", "val/cka"} <= set(metrics[0])
     assert metrics[-1]["val/loss"] == pytest.approx(validation["loss"])
     warmup = json.loads((runs / "reference" / "head_warmup.json").read_text())
     assert warmup["steps"] == 3 and warmup["texts"] == 3 * 8  # what 3 steps of 8 texts need (of 61)
@@ -712,9 +723,11 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
             np.testing.assert_allclose(state_at(runs / "resumed", 6)[f"scalers.{k}.{field}"].numpy(),
                                        expected, rtol=1e-6, atol=1e-7)
 
-    # the exported SentenceTransformer is the trained student: same embeddings as the checkpoint's
+    # the exported SentenceTransformer is the kept student: same embeddings as its weights'
     model = MultiTeacherStudent(tiny_encoder(tiny_bert_dir), {Path(tiny_bert_dir).name: 32, "lsa": 8}, "mean")
-    model.load_state_dict(state_at(runs / "reference", 6))
+    best = torch.load(runs / "reference" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == kept
+    model.load_state_dict(best["model"])
     texts = make_texts(3, seed=9)
     batch = AutoTokenizer.from_pretrained(tiny_bert_dir)(texts, padding=True, truncation=True,
                                                           max_length=32, return_tensors="pt")
@@ -722,12 +735,12 @@ def test_training_killed_then_rerun_matches_an_uninterrupted_run(teacher_base, t
         expected = F.normalize(model.eval().embed(batch["input_ids"], batch["attention_mask"]), dim=-1)
     exported = SentenceTransformer(str(runs / "reference" / "export" / "st"), device="cpu")
     assert np.allclose(exported.encode(texts), expected.numpy(), atol=1e-5)
-    # a checkpoint exported afterwards: the last one is the export, an earlier one another model
+    # a checkpoint exported afterwards: the kept one is the export, another one another model
     for step in (6, 4):
         folder = export_checkpoint(runs / "reference" / "checkpoints" / f"step-{step:08d}.pt",
                                    teacher_base / "curve" / f"step-{step}")
         embedded = SentenceTransformer(str(folder / "st"), device="cpu").encode(texts)
-        assert np.allclose(embedded, expected.numpy(), atol=1e-5) == (step == 6)
+        assert np.allclose(embedded, expected.numpy(), atol=1e-5) == (step == kept)
 
     # done: a rerun skips; bad input is one line
     run_script("11_train_multiteacher.py", *train_args(teacher_base, task_file, tiny_bert_dir, "reference"))
@@ -818,7 +831,8 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     from embdistill.distributed import dist_env
-    from embdistill.training import Trainer, TrainConfig
+    from embdistill.train_config import TrainConfig
+    from embdistill.training import Trainer
 
     dataset = toy_data(16)
     stats = {t.name: target_statistics(t) for t in dataset.targets}
@@ -829,7 +843,7 @@ def _train_toy(out_dir, tiny_bert_dir, batch_size: int) -> dict:
     config = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, warmup_steps=0, max_steps=2,
                          max_grad_norm=0.5, save_every=100, log_every=1, schedule="constant")
     collator = Collator(AutoTokenizer.from_pretrained(tiny_bert_dir), ["a", "b"], 32)
-    loss = MultiTeacherLoss("nll")
+    loss = KernelNLL()
     env = dist_env()
 
     def warm_up(module):

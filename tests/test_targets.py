@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +20,16 @@ from embdistill.artifacts import PartFiles, fingerprint, read_manifest, save_pic
 from embdistill.distributed import DistEnv
 from embdistill.errors import UserError
 from embdistill.losses import SenseLoss
-from embdistill.senses.dictionary import load_sense_dict
+from embdistill.senses.dictionary import SenseDictionary, load_sense_dict
 from embdistill.senses.packed import SENSE_RULES, PackedSenses
 from embdistill.senses.targets import (TargetCollator, TargetsConfig, compute_targets, load_targets,
                                        text_targets)
-from embdistill.students import SenseDistillation, build_student
+from embdistill.objectives import SenseDistillation
+from embdistill.students import build_student
 from embdistill.teachers import load_teacher
-from embdistill.training import LossOutput, Trainer, TrainConfig, read_metrics
+from embdistill.metrics_plot import read_metrics
+from embdistill.train_config import TrainConfig
+from embdistill.training import LossOutput, Trainer
 from helpers import free_port, run_stage, save_dictionary
 from test_train_stage import REPO, SENTENCES, make_inputs, subprocess_env
 
@@ -56,7 +60,7 @@ def on_the_fly(teacher, senses):
 
 def test_stored_targets_train_exactly_like_targets_on_the_fly(setup, tmp_path):
     paths, teacher, senses, examples = setup
-    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict))
     stored = load_targets(paths.targets, cfg, {"sense_dict": paths.sense_dict, "texts": paths.train_json},
                           senses, len(examples))
     assert (stored.targets >= 0).sum() > 20
@@ -83,7 +87,7 @@ def test_trainer_autocast_on_cpu_keeps_sense_logits_float32(setup, tmp_path):
     """The CUDA precision path (bf16 autocast) switched on for the CPU: the student runs in
     bf16, the sense logits and loss stay float32 and training proceeds."""
     paths, teacher, senses, examples = setup
-    stored = load_targets(paths.targets, TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict),
+    stored = load_targets(paths.targets, TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict)),
                           {"sense_dict": paths.sense_dict, "texts": paths.train_json}, senses, len(examples))
     seen = {}
 
@@ -117,7 +121,7 @@ def test_targets_are_the_nearest_senses_of_the_teacher_states(setup):
 
 def test_an_interrupted_stage_resumes_to_the_same_file(setup, tmp_path, monkeypatch):
     paths, teacher, senses, examples = setup
-    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict))
     inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
     whole = tmp_path / "whole.npz"
     compute_targets(teacher, senses, examples, whole, cfg, DistEnv(), inputs=inputs, flush_every=3)
@@ -143,10 +147,11 @@ def test_an_interrupted_stage_resumes_to_the_same_file(setup, tmp_path, monkeypa
 
 def test_a_targets_file_for_anything_else_is_refused(setup, tmp_path):
     paths, teacher, senses, examples = setup
-    cfg = TargetsConfig.of(teacher, MAX_LENGTH, paths.sense_dict)
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict))
     inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
     with pytest.raises(UserError, match="max_length 32, not 64"):
-        load_targets(paths.targets, TargetsConfig.of(teacher, 64, paths.sense_dict), inputs, senses, len(examples))
+        load_targets(paths.targets, TargetsConfig.of(teacher, 64, SenseDictionary.open(paths.sense_dict)), inputs,
+                     senses, len(examples))
     other = tmp_path / "other.kmeanspkl"
     save_pickle({int(t): np.ones((2, teacher.hidden_size), np.float16) for t in senses.token_ids[:5]}, other)
     with pytest.raises(UserError, match="another sense_dict"):
@@ -162,6 +167,37 @@ def test_a_targets_file_for_anything_else_is_refused(setup, tmp_path):
     stored = load_targets(paths.targets, cfg, inputs, senses, len(examples))
     with pytest.raises(UserError, match="tokens differ"):
         TargetCollator(teacher.tokenize, examples, stored, 8)([0, 1])
+
+
+def test_a_damaged_targets_file_is_one_line(setup, tmp_path):
+    """On main: zipfile.BadZipFile and a traceback in stage 5 (issue 22, 6c). Cut short or with
+    bytes flipped, with the record of its bytes in the manifest (as written now) or without it."""
+    import json
+    import os
+    import shutil
+
+    paths, teacher, senses, examples = setup
+    cfg = TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(paths.sense_dict))
+    inputs = {"sense_dict": paths.sense_dict, "texts": paths.train_json}
+    manifest = json.loads(open(f"{paths.targets}.manifest.json").read())
+    size = paths.targets.stat().st_size
+    for damage, recorded in [("cut", True), ("cut", False), ("flipped", True), ("flipped", False)]:
+        copy = tmp_path / f"{damage}-{recorded}.npz"
+        shutil.copy2(paths.targets, copy)
+        kept = manifest if recorded else {key: value for key, value in manifest.items() if key != "outputs"}
+        open(f"{copy}.manifest.json", "w").write(json.dumps(kept))
+        if damage == "cut":
+            os.truncate(copy, size // 2)
+        else:
+            with open(copy, "r+b") as fh:
+                fh.seek(size // 2)
+                flipped = bytes(255 - b for b in fh.read(64))
+                fh.seek(size // 2)
+                fh.write(flipped)
+        message = "damaged targets file" if recorded else "corrupt targets file"
+        with pytest.raises(UserError, match=message) as error:
+            load_targets(copy, cfg, inputs, senses, len(examples))
+        assert "\n" not in str(error.value)
 
 
 def test_training_refuses_targets_of_another_max_length_in_one_line(setup, tmp_path):
@@ -249,10 +285,46 @@ def test_targets_of_one_rule_are_not_reused_for_another(setup, tmp_path, capsys)
     write_manifest(dictionary, stage="cluster", config={"sense_rule": "l2"})  # the same file
     inputs = {"sense_dict": dictionary, "texts": paths.train_json}
     with pytest.raises(UserError, match="sense_rule 'dot', not 'l2'"):
-        load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, dictionary), inputs, senses, len(examples))
+        load_targets(out, TargetsConfig.of(teacher, MAX_LENGTH, SenseDictionary.open(dictionary)), inputs, senses,
+                     len(examples))
     assert run_stage("scripts/04_targets.py", *args) == 0 and "up to date" not in capsys.readouterr().err
     assert read_manifest(out)["config"]["sense_rule"] == "l2" and fingerprint(dictionary) == before
     write_manifest(dictionary, stage="cluster", config={"sense_rule": "nearest"})
     assert run_stage("scripts/04_targets.py", *args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {dictionary}: its manifest has an unknown sense rule 'nearest': choose one of dot, l2, cos")
+
+
+def _count_reads(monkeypatch, module, names: tuple[str, ...], reads: list) -> None:
+    """Record (function name, path) in ``reads`` for each call of ``module``'s ``names``."""
+    for name in names:
+        def counted(path, *args, _name=name, _original=getattr(module, name), **kwargs):
+            reads.append((_name, Path(path)))
+            return _original(path, *args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+
+
+def test_stages_4_and_5_read_the_dictionary_and_its_manifest_once(setup, tmp_path, monkeypatch):
+    """The dictionary is opened once per stage (SenseDictionary) and passed on: each check, the
+    targets' config, the run's identity and the packed senses use that one manifest read."""
+    import embdistill.senses.dictionary as dictionary_module
+
+    paths, teacher, _, _ = setup
+    reads: list = []
+    _count_reads(monkeypatch, dictionary_module, ("read_manifest", "load_pickle"), reads)
+    common = ["--task", "bbc-news", "--base-dir", paths.base, "--teacher", teacher.name, "--max-length", MAX_LENGTH,
+              "--sense-dict", paths.sense_dict, "--targets", tmp_path / "targets.npz"]
+    assert run_stage("scripts/04_targets.py", *common) == 0
+    assert sorted(reads) == [("load_pickle", paths.sense_dict), ("read_manifest", paths.sense_dict)]
+    reads.clear()
+    assert run_stage("scripts/05_train.py", *common, "--run", "read-once", "--max-steps", "1",
+                     "--student-layers", "1", "--val-fraction", "0") == 0
+    assert sorted(reads) == [("load_pickle", paths.sense_dict), ("read_manifest", paths.sense_dict)]
+
+
+def test_the_dictionary_identity_changes_with_its_manifest_alone(tmp_path):
+    path = save_dictionary({5: np.ones((2, 4), np.float16)}, tmp_path / "d.kmeanspkl")
+    original = SenseDictionary.open(path).identity
+    write_manifest(path, stage="cluster", config={"sense_rule": "dot", "k_rule": "sqrt"})  # the same bytes
+    recorded = SenseDictionary.open(path).identity
+    assert recorded["sha256"] == original["sha256"] and recorded != original

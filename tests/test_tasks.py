@@ -231,3 +231,56 @@ def test_stage0_warns_about_a_one_class_file(tmp_path, caplog):
     write_texts(task, Paths(tmp_path, task.slug), task.load_splits(), config={})
     assert "every training text has the label 'only'" in caplog.text
     assert Paths(tmp_path, task.slug).train_json.is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# rows left out are counted and said; a text with two labels is refused (issue 22, 6a, 6g)
+
+
+def test_stage0_counts_what_it_leaves_out_and_refuses_a_text_with_two_labels(tmp_path, capsys):
+    """On main the file below became 6 texts without a word: the repeated row merged, the
+    empty and null texts gone, and 'shared text' kept with one of its two labels."""
+    from helpers import run_stage
+
+    rows = [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(6)]
+    rows += [{"text": "text number 0", "label": "a"}, {"text": "  ", "label": "b"}, {"text": None, "label": "a"},
+             {"text": "shared text", "label": "a"}, {"text": "shared text", "label": "b"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = ["--task", str(data), "--base-dir", str(tmp_path), "--test-fraction", "0.3"]
+    assert run_stage("scripts/00_texts.py", *base) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: task rows: texts given different labels: 1 (e.g. 'shared text': 'a', 'b'); choose "
+        "--conflicting-labels first (keep each text's first row) or drop (leave those texts out)")
+    assert not (tmp_path / "text_train").exists()
+
+    def written(rule):
+        assert run_stage("scripts/00_texts.py", *base, "--conflicting-labels", rule) == 0
+        paths = Paths(tmp_path, "rows")
+        evaluation = json.loads(paths.eval_json.read_text())
+        pairs = dict(zip(evaluation["train"]["text"] + evaluation["test"]["text"],
+                         evaluation["train"]["label"] + evaluation["test"]["label"]))
+        manifest = json.loads(Path(str(paths.eval_json) + ".manifest.json").read_text())
+        return pairs, manifest["extra"]["dropped_rows"], capsys.readouterr().err
+
+    pairs, dropped, log = written("first")
+    assert pairs["shared text"] == "a" and len(pairs) == 7
+    assert dropped == {"empty_text": 2, "duplicate": 1, "conflicting_label": 1}
+    assert "task rows: rows with an empty or null text left out: 2" in log
+    assert "task rows: rows repeating an earlier row's text and label merged into it: 1" in log
+    pairs, dropped, _ = written("drop")
+    assert "shared text" not in pairs and len(pairs) == 6 and dropped["conflicting_label"] == 2
+
+
+@pytest.mark.parametrize("suffix, content", [
+    (".csv", "text,label\nalpha one,a\nbeta two,b\ngamma three,a\n"),
+    (".jsonl", "".join(json.dumps({"text": t, "label": y}) + "\n"
+                       for t, y in [("alpha one", "a"), ("beta two", "b"), ("gamma three", "a")])),
+])
+def test_a_utf8_file_with_a_byte_order_mark_reads_its_first_column(tmp_path, suffix, content):
+    """On main the CSV's column was '\\ufefftext' ("no text column 'text'") and the JSONL's first
+    line 'not valid JSON' (a BOM where JSON begins)."""
+    data = tmp_path / f"bom{suffix}"
+    data.write_text(content, encoding="utf-8-sig")
+    splits = resolve_task(str(data)).load_splits(seed=0, test_fraction=0.34)
+    assert sorted(splits.train_texts + splits.test_texts) == ["alpha one", "beta two", "gamma three"]

@@ -24,10 +24,12 @@ from embdistill.artifacts import save_json, save_pickle, write_manifest
 from embdistill.errors import UserError
 from embdistill.paths import Paths
 from embdistill.distributed import DistEnv
-from embdistill.students import StateMatching, build_student, default_teacher_device, example_collator, export_student
+from embdistill.objectives import StateMatching
+from embdistill.objectives.base import example_collator
+from embdistill.students import build_student, default_teacher_device, export_student
 from embdistill.teachers import load_teacher
 from embdistill.input_format import format_example
-from embdistill.training import read_metrics
+from embdistill.metrics_plot import read_metrics
 from helpers import free_port, killed_command, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,7 +309,7 @@ def test_missing_inputs_are_one_line_errors(stage_inputs, tiny_bert_dir, capsys)
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir), capsys)
     assert code == 2 and "error: missing" in err and "00_texts.py" in err
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--batch-size", "0"), capsys)
-    assert code == 2 and "error: --batch-size must be at least 1" in err
+    assert code == 2 and "error: argument --batch-size: expected a positive integer, got '0'" in err
 
 
 def test_resuming_with_other_student_layers_is_refused(stage_inputs, tiny_bert_dir, capsys):

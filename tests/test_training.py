@@ -21,8 +21,10 @@ from torch import nn
 
 from embdistill.errors import UserError
 from embdistill.losses import masked_mse
-from embdistill.training import (LossOutput, Trainer, TrainConfig, cosine_with_warmup, lr_schedule,
-                                 read_metrics)
+from embdistill.metrics_plot import read_metrics
+from embdistill.schedules import cosine_with_warmup, lr_schedule
+from embdistill.train_config import TrainConfig
+from embdistill.training import LossOutput, Trainer
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,12 +148,12 @@ def test_param_groups_keep_their_own_lr_and_the_hooks_run_when_asked(tmp_path):
                       tmp_path, run_config={"model": "tiny"}, device="cpu",
                       param_groups=groups(model), on_fresh_start=fresh_starts.append, on_step_end=on_step_end)
     trainer.train()
-    assert fresh_starts == [model] and seen == list(range(1, 13))
+    assert fresh_starts == [model] and seen == list(range(0, 13))  # step 0: the untrained model
     assert torch.equal(model.embed.weight, frozen)  # lr 0: its group did not move
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0, 0.01]  # constant, per group
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(row["step"], "probe" in row, "loss" in row) for row in rows] == [
-        (2, False, True), (3, True, False), (4, False, True), (6, True, True), (8, False, True),
+        (0, True, False), (2, False, True), (3, True, False), (4, False, True), (6, True, True), (8, False, True),
         (9, True, False), (10, False, True), (12, True, True)]  # log_every 2: merged or a row of its own
     assert (tmp_path / "loss.png").is_file()
     # a resumed run does not start fresh
@@ -290,7 +292,7 @@ def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
 
 def test_training_options_must_be_finite_numbers():
     from embdistill.cli import stage_parser
-    from embdistill.training import add_training_args
+    from embdistill.train_config import add_training_args
 
     parser = stage_parser("a stage")
     add_training_args(parser, TrainConfig())
@@ -394,3 +396,39 @@ def _worker(out_dir: str, batch_size: str, grad_accum: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(*sys.argv[2:])
+
+
+def test_no_space_for_a_checkpoint_is_one_line_and_the_previous_one_is_kept(tmp_path, monkeypatch):
+    """On main: OSError 28, then torch's "unexpected pos" RuntimeError and a traceback (issue 22,
+    6d). The disk fills during the second checkpoint's write (a writer that refuses past 1 KB)."""
+    import errno
+
+    from embdistill.cli import describe_os_error
+
+    original, saves = torch.save, []
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def save(state, fh, *args, **kwargs):
+        saves.append(1)
+        return original(state, FullDisk(fh) if len(saves) == 2 else fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError) as error:
+        train(tmp_path, save_every=2)
+    line = f"error: {describe_os_error(error.value)}"
+    assert line.startswith(f"error: {tmp_path / 'checkpoints'}: no space left on device for step-00000004.pt: "
+                           "it needs about ") and "MB are free" in line and "\n" not in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "step-00000002.pt", weights_only=True)["global_step"] == 2

@@ -36,7 +36,7 @@ from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderW
 from ..cli import logger_level
 from ..errors import UserError
 from ..teachers import Teacher, load_teacher, truncated_copy
-from ..input_format import cut_long_texts, effective_max_length, format_example
+from ..input_format import MaxLength, cut_long_texts, format_example
 from ..st_modules import SenseReplace, load_sentence_transformer
 from .replace import ReplaceModeModel
 from .specs import OWN_LENGTH, ModelSpec
@@ -88,8 +88,8 @@ class TeacherEncoder(AbsEncoder):
     """One of our models (plain or replace mode) as an mteb encoder.
 
     ``instructions`` maps an mteb task name to the instruction its texts are formatted with.
-    ``max_length`` is cut to the model's own limit (an exported student's: the length it was
-    trained at), which is what the model reads and what ``max_length`` then holds."""
+    ``max_length`` is what the model reads: the run's cut to the model's own limit (an exported
+    student's: the length it was trained at), by :func:`load_encoder`."""
 
     def __init__(self, spec: ModelSpec, model: Teacher, instructions: Mapping[str, str], *,
                  batch_size: int, max_length: int, dictionary_values: int = 0):
@@ -97,7 +97,7 @@ class TeacherEncoder(AbsEncoder):
         self.model = model
         self.instructions = dict(instructions)
         self.batch_size = batch_size
-        self.max_length = effective_max_length(max_length, model.max_seq_length)
+        self.max_length = max_length
         self.tokens = self.max_length
         self.n_parameters = sum(p.numel() for p in model.model.parameters())
         self.dictionary_values = dictionary_values
@@ -211,12 +211,13 @@ Encoder = TeacherEncoder | PlainTextEncoder
 
 def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, batch_size: int,
                  max_length: int, loaded: dict[str, Teacher] | None = None,
-                 allow_max_length_mismatch: bool = False) -> Encoder:
+                 allow_max_length_mismatch: bool = False, dictionary=None) -> Encoder:
     """Load the model of ``spec`` and wrap it for mteb. ``loaded`` caches models by target,
     so that a model in plain and in replace mode loads once. A replace-mode dictionary picks
     senses by the rule its manifest records, and must have been gathered with the length the
     model reads, ``max_length`` cut to its limit (unless ``allow_max_length_mismatch``), and the
-    model's input format."""
+    model's input format. ``dictionary``: the spec's, opened by the caller
+    (:class:`~embdistill.senses.dictionary.SenseDictionary`), else opened here."""
     if spec.kind == "st":
         return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device), batch_size=batch_size,
                                 max_length=None if spec.own_length else max_length)
@@ -227,16 +228,15 @@ def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, ba
     dictionary_values = 0
     if spec.n_layers:  # untrained:MODEL@N, replace:MODEL@N@DICT
         model = untrained_student(model, spec.n_layers)
+    length = MaxLength.of(max_length, model.max_seq_length)
     if spec.kind == "replace":
-        from ..senses.dictionary import check_gathered_with, load_packed_senses
+        from ..senses.dictionary import SenseDictionary
 
-        check_gathered_with(spec.sense_dict, max_length=max_length, model_limit=model.max_seq_length,
-                            input_format=model.input_format.name,
-                            allow_max_length_mismatch=allow_max_length_mismatch)
-        senses = load_packed_senses(spec.sense_dict, model.vocab_size, hidden_size=model.hidden_size)
-        model = ReplaceModeModel(model, senses)
+        dictionary = dictionary or SenseDictionary.open(spec.sense_dict)
+        dictionary.check_gathered_with(length, model.input_format.name, allow_max_length_mismatch)
+        model = ReplaceModeModel(model, dictionary.packed(model.vocab_size, hidden_size=model.hidden_size))
         dictionary_values = model.senses.n_values
-    return TeacherEncoder(spec, model, instructions, batch_size=batch_size, max_length=max_length,
+    return TeacherEncoder(spec, model, instructions, batch_size=batch_size, max_length=length.used,
                           dictionary_values=dictionary_values)
 
 

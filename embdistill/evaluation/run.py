@@ -14,7 +14,7 @@ a later spec uses the same model). mteb re-runs every (model, task) pair of a ru
 table's manifest, which records the specs, the protocol and fingerprints of the local inputs
 (eval.json files, lee-sts's files, model folders) and the dictionaries' identities (their content and their
 manifests: the sense rule, k rule, teacher and max length they were made with,
-:func:`~embdistill.senses.dictionary.dictionary_identity`), and which task's models a task
+:attr:`~embdistill.senses.dictionary.SenseDictionary.identity`), and which task's models a task
 without its own uses (``student_of``). The revision folder is a hash of the model's spec; the
 dataset revision inside a local task's result file is a hash of its eval.json.
 """
@@ -33,11 +33,10 @@ from ..artifacts import is_done, load_json, write_manifest
 from ..distributed import print0
 from ..errors import UserError
 from ..paths import Paths, results_dir
-from ..senses.dictionary import dictionary_identity
 from .local_tasks import (EvaluationTask, load_evaluation_task, protocol, resolve_evaluation_task,
                           select_task_types, task_inputs)
 from .models import load_encoder, measure_throughput
-from .specs import ModelSpec, model_task_slugs, parse_model_specs, parse_student_of
+from .specs import ModelSpec, model_task_slugs, open_dictionaries, parse_model_specs, parse_student_of
 from .table import ModelRow, build_table, format_markdown, write_table
 
 log = logging.getLogger("embdistill.evaluation")
@@ -61,8 +60,10 @@ class EvaluationConfig:
     student_of: tuple[str, ...] = ()  # TASK=SOURCE: per-task specs score TASK with SOURCE's models
 
 
-def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = False) -> dict:
-    """Run the evaluation (or reuse a finished one) and return the table."""
+def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = False,
+             dictionaries: dict | None = None) -> dict:
+    """Run the evaluation (or reuse a finished one) and return the table. ``dictionaries``: the
+    replace-mode dictionaries the caller opened (:func:`.specs.open_dictionaries`), else opened here."""
     out_dir = results_dir(base, config.run)
     table_path = out_dir / "table.json"
     tasks = [resolve_evaluation_task(arg, config.text_column, config.label_column) for arg in config.tasks]
@@ -70,11 +71,12 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
     student_of = parse_student_of(config.student_of, tasks)
     model_slugs = model_task_slugs(tasks, student_of)
     specs = parse_model_specs(config.models, model_slugs)
+    dictionaries = open_dictionaries(specs, model_slugs) if dictionaries is None else dictionaries
     inputs = {key: path for task in tasks for key, path in task_inputs(task, base).items()}
     for spec in specs:
         inputs.update(spec.local_inputs(model_slugs))
     manifest_config = {**vars(config), "models": [spec.text for spec in specs],
-                       "sense_dicts": {key: dictionary_identity(path) for key, path in inputs.items()
+                       "sense_dicts": {key: dictionaries[path].identity for key, path in inputs.items()
                                        if key.endswith(".sense_dict")}}
     if not overwrite and is_done(table_path, config=manifest_config, inputs=inputs):
         log.info("evaluation: %s is up to date, skipping (--overwrite to redo)", table_path)
@@ -90,7 +92,7 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
         if names.count(name) > 1:
             raise UserError(f"task {name} is given twice (or a file is named like a task's variant)")
     rows = evaluate_models(specs, eval_tasks, out_dir / "mteb", device=device, config=config,
-                           student_of=student_of)
+                           dictionaries=dictionaries, student_of=student_of)
     throughput = {"task": eval_tasks[0].name, "texts": len(eval_tasks[0].texts(config.throughput_texts)),
                   "batch_size": config.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads()}
     table = build_table(config.run, rows, {t.name: protocol(t.mteb_task) for t in eval_tasks}, out_dir, throughput,
@@ -102,7 +104,8 @@ def evaluate(config: EvaluationConfig, base: Path, *, device, overwrite: bool = 
 
 
 def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_dir: Path, *,
-                    device, config: EvaluationConfig, student_of: dict[str, str] | None = None) -> list[ModelRow]:
+                    device, config: EvaluationConfig, dictionaries: dict,
+                    student_of: dict[str, str] | None = None) -> list[ModelRow]:
     """Each model on each task, loading one model at a time; a model that later specs use
     again (plain and replace mode, an untrained student of it) stays loaded until then. A
     per-task spec (``{task}``, filled with the task's folder or the one ``student_of`` names)
@@ -136,7 +139,8 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                 _release_memory()
                 encoder = load_encoder(resolved, instructions, device=device,
                                        batch_size=config.batch_size, max_length=config.max_length,
-                                       loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch)
+                                       loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch,
+                                       dictionary=dictionaries.get(resolved.sense_dict))
                 encoder_spec = resolved
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)

@@ -42,13 +42,13 @@ plus ``-replace``; ``st:X`` -> X's name plus ``-st``; ``st:X@own-length`` -> X's
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..artifacts import read_manifest
 from ..errors import UserError
-from ..paths import slug
+from ..paths import EXPORT_FOLDER, HF_FOLDER, ST_FOLDER, looks_like_path, slug
 from ..tasks import Task, resolve_task
 
 KINDS = ("teacher", "student", "untrained", "replace", "st")
@@ -88,6 +88,10 @@ class ModelSpec:
         sense_dict = self.sense_dict.replace(TASK_PLACEHOLDER, task_slug) if self.sense_dict else None
         return replace(self, target=self.target.replace(TASK_PLACEHOLDER, task_slug),
                        sense_dict=sense_dict)
+
+    def for_tasks(self, task_slugs: Sequence[str]) -> set["ModelSpec"]:
+        """This spec for each task (itself when no tasks are given)."""
+        return {self.for_task(task_slug) for task_slug in task_slugs} or {self}
 
     def local_inputs(self, task_slugs: Sequence[str]) -> dict[str, str]:
         """The files behind this model that exist locally (fingerprinted by the manifest)."""
@@ -137,7 +141,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 def default_label(kind: str, target: str, n_layers: int | None = None, own_length: bool = False) -> str:
     parts = Path(target.rstrip("/")).parts
-    if len(parts) > 2 and parts[-2] == "export" and parts[-1] in ("hf", "st"):
+    if len(parts) > 2 and parts[-2] == EXPORT_FOLDER and parts[-1] in (HF_FOLDER, ST_FOLDER):
         name = parts[-3]  # runs/<task>/<run>/export/{hf,st}: the run's name
     else:
         name = slug(target)
@@ -158,7 +162,7 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
         seen.add(spec.label)
         if spec.per_task and not task_slugs:
             raise UserError(f"model {spec.label}: '{TASK_PLACEHOLDER}' needs the tasks to fill it")
-        for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
+        for resolved in spec.for_tasks(task_slugs):
             if looks_like_path(resolved.target) and not Path(resolved.target).expanduser().exists():
                 hint = (" (a task without runs of its own takes another task's: --student-of TASK=SOURCE)"
                         if spec.per_task else "")
@@ -168,7 +172,17 @@ def parse_model_specs(texts: Sequence[str], task_slugs: Sequence[str] = ()) -> l
     return specs
 
 
-def check_replace_dictionaries(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = (), *,
+def open_dictionaries(specs: Sequence[ModelSpec], task_slugs: Sequence[str] = ()) -> dict:
+    """Each replace-mode dictionary of ``specs`` (for every task), opened once, by its path as
+    the spec names it: the checks, the run's identity and the encoders read this one manifest
+    (:class:`~embdistill.senses.dictionary.SenseDictionary`)."""
+    from ..senses.dictionary import SenseDictionary
+
+    return {resolved.sense_dict: SenseDictionary.open(resolved.sense_dict)
+            for spec in specs if spec.kind == "replace" for resolved in spec.for_tasks(task_slugs)}
+
+
+def check_replace_dictionaries(specs: Sequence[ModelSpec], dictionaries: Mapping, task_slugs: Sequence[str] = (), *,
                                allow_teacher_mismatch: bool = False,
                                allow_dictionary_mismatch: bool = False) -> None:
     """UserError when a replace-mode model's dictionary is not the model's own:
@@ -178,22 +192,22 @@ def check_replace_dictionaries(specs: Sequence[ModelSpec], task_slugs: Sequence[
       itself (``replace:minilm@...``: the teacher in replace mode);
     * for an exported student trained with the sense loss, not the dictionary it learned
       (unless ``allow_dictionary_mismatch``): its export manifest records that dictionary's
-      identity, sense rule included (:func:`~embdistill.senses.dictionary.check_learned_dictionary`),
-      so a dictionary re-clustered since with another rule or k rule is refused."""
-    from ..senses.dictionary import check_dictionary_teacher, check_learned_dictionary
+      identity, sense rule included (:meth:`~embdistill.senses.dictionary.SenseDictionary.check_learned`),
+      so a dictionary re-clustered since with another rule or k rule is refused.
 
+    ``dictionaries``: :func:`open_dictionaries` of the same specs and tasks."""
     for spec in specs:
         if spec.kind != "replace":
             continue
-        for resolved in {spec.for_task(task_slug) for task_slug in task_slugs} or {spec}:
+        for resolved in spec.for_tasks(task_slugs):
+            dictionary = dictionaries[resolved.sense_dict]
             manifest = export_manifest(resolved.target)
             teacher = (manifest.get("extra") or {}).get("teacher") if manifest else slug(resolved.target)
             if teacher is not None and not allow_teacher_mismatch:
-                check_dictionary_teacher(resolved.sense_dict, teacher)
+                dictionary.check_teacher(teacher)
             learned = ((manifest or {}).get("config") or {}).get("run") or {}
             if "sense_dict" in learned and not spec.n_layers and not allow_dictionary_mismatch:
-                check_learned_dictionary(resolved.sense_dict, learned["sense_dict"], learned.get("sense_rule"),
-                                         f"student {resolved.target}")
+                dictionary.check_learned(learned["sense_dict"], learned.get("sense_rule"), f"student {resolved.target}")
 
 
 def export_manifest(target: str) -> dict | None:
@@ -201,20 +215,16 @@ def export_manifest(target: str) -> dict | None:
     it was trained from (``config.run``) and its teacher's slug (``extra.teacher``, absent in
     exports that predate that record); None for any other target."""
     folder = Path(target).expanduser()
-    return read_manifest(folder.parent) if folder.name in ("hf", "st") else None
-
-
-def looks_like_path(target: str) -> bool:
-    """A folder rather than a hub id (``owner/name``) or an alias."""
-    return target.startswith(("/", ".", "~")) or target.count("/") > 1
+    return read_manifest(folder.parent) if folder.name in (HF_FOLDER, ST_FOLDER) else None
 
 
 def parse_student_of(pairs: Sequence[str], tasks: Sequence[Task]) -> dict[str, str]:
     """``--student-of TASK=SOURCE`` pairs -> {TASK's slug: SOURCE's slug}: a per-task spec
     (``{task}``) scored on TASK, one of the evaluated ``tasks`` (by name or folder name), uses
     the model and dictionary of SOURCE, another of them or any task stages 0-5 run on
-    (``lee-sts=bbc-news``: the bbc-news students score the Lee corpus). UserError for a malformed pair, a TASK that is not
-    evaluated or named twice, an unknown SOURCE, or a SOURCE that itself takes another's."""
+    (``lee-sts=bbc-news``: the bbc-news students score the Lee corpus). UserError for a
+    malformed pair, a TASK that is not evaluated or named twice, an unknown SOURCE, or a SOURCE
+    that itself takes another's."""
     evaluated = {key: task.slug for task in tasks for key in (task.name, task.slug)}
     student_of: dict[str, str] = {}
     for pair in pairs:

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from ..paths import Paths, slug
+from ..paths import ST_FOLDER, Paths, slug
 
 
 def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -> list[str]:
@@ -30,14 +30,17 @@ def evaluation_models(paths: Paths, teachers: list[str], runs: dict[str, str]) -
     the student before distillation (that of the first run) and each teacher, all embedding
     plain text through their SentenceTransformer pipelines, the teachers' the very pipelines
     that made the shards (:mod:`.sentence_teacher`)."""
+    from ..evaluation.specs import OWN_LENGTH
     from .lsa import LSA_TEACHER, lsa_dirs
     from .sentence_teacher import teacher_source
 
-    specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_dir / 'st'}"
+    specs = [f"{label}=st:{Paths(paths.base, paths.task, run=run).export_st}"
              for label, run in runs.items()]
     first_run = Paths(paths.base, paths.task, run=next(iter(runs.values())))
-    specs.append(f"student-before=st:{first_run.initial_dir / 'st'}")
+    specs.append(f"student-before=st:{first_run.initial_dir / ST_FOLDER}")
     for name in teachers:
-        source = lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1] if name == LSA_TEACHER else teacher_source(name)
-        specs.append(f"{slug(name)}=st:{source}")
+        if name == LSA_TEACHER:  # a bag of words: its shards read whole texts, and so does its row
+            specs.append(f"{slug(name)}=st:{lsa_dirs(paths.embeddings_dir(LSA_TEACHER))[1]}{OWN_LENGTH}")
+        else:
+            specs.append(f"{slug(name)}=st:{teacher_source(name)}")
     return specs

@@ -21,8 +21,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from ..artifacts import load_json, save_json, write_manifest
 from ..cli import positive_int
 from ..errors import UserError, first_line
@@ -120,17 +118,6 @@ def hub_texts(dataset_id: str, split: str, columns: list[str] | None) -> list[st
                 texts += [item for item in cell if isinstance(item, str)]
     log.info("corpus %s: %d text cells from columns %s", dataset_id, len(texts), ", ".join(columns))
     return texts
-
-
-def validation_split(n_texts: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices of a corpus: disjoint, seeded, validation sorted."""
-    if not 0 <= fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {fraction}")
-    n_val = int(round(n_texts * fraction)) if fraction else 0
-    if fraction and not 1 <= n_val < n_texts:
-        raise UserError(f"--val-fraction {fraction} of {n_texts} texts leaves no training or validation text")
-    order = np.random.default_rng(seed).permutation(n_texts)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def write_corpus(paths: Paths, texts: list[str], config: dict, inputs: dict) -> None:

@@ -17,7 +17,7 @@ checkpoints carry them. Raw unit-norm teacher vectors (per-dimension std about 0
 below the kernel's scale (lambda in [1/e, e]): the loss is then almost all log-lambda, which
 does not depend on the text, and the student collapses. The MSE baseline keeps the authors' raw
 targets by default: standardised, its squared error would weigh each dimension by 1/std^2, a
-loss the authors did not compare with (:func:`standardizes`). Without statistics the buffers are
+loss the authors did not compare with (``standardizes_targets`` of :mod:`embdistill.objectives`). Without statistics the buffers are
 0 and 1 (raw targets).
 
 Only the encoder and pooling are exported; the heads exist for training.
@@ -35,24 +35,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..losses.gaussian_nll import GaussianKernelNLLLoss
-from ..losses.mse import masked_mse
 from ..teachers import mean_pool
 from ..training import LossOutput, to_device
 from .shards import TeacherTargets
 
 POOLING = ("cls", "mean")
-LOSSES = ("nll", "mse")
 HEADS = ("kernel", "regression")
 HEAD_WIDTH_FACTOR = 1.4
 KERNEL_HEAD_LAYERS = 3  # the authors' ff_layers
-
-
-def standardizes(loss: str, standardize: bool | None) -> bool:
-    """Whether a run standardises its targets: ``standardize`` when given (--standardize or
-    --no-standardize), else by loss: the NLL standardised (the kernel's scale), the MSE on the
-    authors' raw targets (a plain MSE, not one reweighted by each dimension's variance)."""
-    return loss == "nll" if standardize is None else standardize
 
 
 def targets_kind(standardize: bool) -> str:
@@ -171,36 +161,6 @@ def unwrap(model: nn.Module) -> MultiTeacherStudent:
     return getattr(model, "module", model)
 
 
-class MultiTeacherLoss:
-    """The Trainer's ``loss_fn`` for ``nll`` (Gaussian kernel) or ``mse`` (mu only) on the
-    scaled targets; the unit of the mean is the text. ``of_predictions`` is the same loss on
-    predictions already made (the heads' warm-up on cached embeddings)."""
-
-    def __init__(self, kind: str, normalize_by_dim: bool = False):
-        if kind not in LOSSES:
-            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{kind}'")
-        self.kind = kind
-        self.nll = GaussianKernelNLLLoss(normalize_by_dim)
-
-    def of_predictions(self, predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]],
-                       targets: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.kind == "nll":
-            if any(rho is None for _, rho in predictions.values()):
-                raise UserError("the NLL loss needs the kernel heads (mu and rho)")
-            return self.nll(predictions, targets)
-        loss, metrics = 0.0, {}
-        for name, target in targets.items():
-            mse, _ = masked_mse(predictions[name][0], target)
-            loss = loss + mse
-            metrics[f"mse/{name}"] = float(mse.detach())
-        return loss, metrics
-
-    def __call__(self, model: nn.Module, batch: dict) -> LossOutput:
-        predictions = model(batch["input_ids"], batch["attention_mask"])
-        loss, metrics = self.of_predictions(predictions, unwrap(model).scale_targets(batch["targets"]))
-        return LossOutput(loss, int(batch["input_ids"].shape[0]), metrics)
-
-
 class DistillationDataset:
     """Item i: (text i, [its vector from each teacher]); every teacher has a row per text."""
 
@@ -248,20 +208,3 @@ def batches(dataset, collate_fn, batch_size: int, device: torch.device, indices:
     indices = range(len(dataset)) if indices is None else indices
     for start in range(0, len(indices), batch_size):
         yield to_device(collate_fn(dataset.items(indices[start : start + batch_size])), device)
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, loss_fn, dataset, collate_fn, batch_size: int,
-                  device: torch.device) -> dict[str, float]:
-    """The loss and metrics averaged over every text of ``dataset`` (eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    total = 0
-    for batch in batches(dataset, collate_fn, batch_size, device):
-        loss, count, metrics = loss_fn(model, batch)
-        for name, value in {"loss": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + float(value) * count
-        total += count
-    model.train(was_training)
-    return {name: value / max(total, 1) for name, value in sums.items()}

@@ -11,21 +11,20 @@ texts), with the model in eval mode:
   all point one way (the collapse the issue measured: 0.62 -> 0.99), and a warning says so
   when it passes ``COSINE_WARNING``;
 
-and every ``val_every`` steps and at the last step, the loss and its parts on the validation
-split (``val/loss``, ``val/nll/<teacher>``, ...), which is never trained on. All of it goes
-into metrics.jsonl beside the training loss (and its log-lambda and squared-error parts), and
-into loss.png.
+and, through :class:`embdistill.validation.ValidationHook` (at step 0, every ``val_every``
+steps and at the last step), the validation scores on the held-out split (``val/similarity``,
+``val/cka``, ``val/loss``, ``val/nll/<teacher>``, ...), which is never trained on, and the kept
+checkpoint. All of it goes into metrics.jsonl beside the training loss (and its log-lambda and
+squared-error parts), and into loss.png.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..validation import ValidationHook
 from .model import MultiTeacherStudent
 
 log = logging.getLogger("embdistill.multiteacher.monitor")
@@ -60,29 +59,24 @@ def mean_pairwise_cosine(embedding: torch.Tensor) -> float:
 
 
 class TrainingMonitor:
-    """The Trainer's ``on_step_end``: probe metrics every ``log_every`` steps, ``validate(model)``
-    every ``val_every`` steps (0: at the last step only); both at the last step."""
+    """The Trainer's ``on_step_end``: probe metrics every ``log_every`` steps and at the last
+    step, and the ``validation`` hook's scores when it has any."""
 
-    def __init__(self, probe_batch: dict, log_every: int,
-                 validate: Callable[[nn.Module], dict[str, float]] | None = None, val_every: int = 0):
+    def __init__(self, probe_batch: dict, log_every: int, validation: ValidationHook | None = None):
         if len(probe_batch["input_ids"]) < 2:
             raise ValueError("the probe batch needs at least 2 texts (a pairwise cosine)")
         self.probe_batch = probe_batch
         self.log_every = log_every
-        self.validate = validate
-        self.val_every = val_every
+        self.validation = validation
         self.collapsing = False
-        self.last_validation: tuple[int, dict[str, float]] | None = None
 
     def __call__(self, model: MultiTeacherStudent, step: int, finished: bool) -> dict[str, float]:
         metrics = {}
         if finished or step % self.log_every == 0:
             metrics.update(probe_metrics(model, self.probe_batch))
             self._warn_on_collapse(step, metrics["cosine"])
-        if self.validate is not None and (finished or (self.val_every and step % self.val_every == 0)):
-            validation = self.validate(model)
-            self.last_validation = (step, validation)
-            metrics.update({f"val/{name}": value for name, value in validation.items()})
+        if self.validation is not None:
+            metrics.update(self.validation(model, step, finished))
         return metrics
 
     def _warn_on_collapse(self, step: int, cosine: float) -> None:

@@ -3,7 +3,8 @@
 
     targets (shards) -> per-teacher statistics (standardisation) -> student + heads
     -> initial/ (the student before distillation) -> heads fitted on cached embeddings
-    -> Trainer (probe metrics, validation every --val-every steps) -> validation.json, export/
+    -> Trainer (probe metrics, validation at step 0 and every --val-every steps, the kept step
+    by --keep-best) -> validation.json, selection.json, export/ (the kept step's student)
 
 :func:`export_checkpoint` exports the student of one of the run's checkpoints as export/ is
 (to follow a quality along training).
@@ -15,7 +16,6 @@ the export's manifest: a resumed run must match it, and a finished one is skippe
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -27,13 +27,16 @@ from ..artifacts import fingerprint, is_done, save_json, skip_if_done, write_man
 from ..distributed import DistEnv, cleanup, default_device, init_distributed, print0
 from ..errors import UserError
 from ..input_format import effective_max_length
-from ..paths import Paths, base_dir, check_run_name, slug
+from ..paths import HF_FOLDER, Paths, base_dir, check_run_name, slug
 from ..students import build_student, export_student
 from ..teachers import load_teacher, load_tokenizer
-from ..training import Trainer, TrainConfig, resolved_config, to_device
-from .corpus import corpus_name, read_corpus, validation_split
-from .model import (Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, evaluate_loss,
-                    standardizes, targets_kind)
+from ..train_config import TrainConfig, resolved_config
+from ..training import Trainer, to_device
+from ..validation import (BEST_NAME, STRUCTURE_TEXTS, CheckpointSelection, Validation, ValidationHook,
+                          evaluate_loss, validation_split, write_selection)
+from .corpus import corpus_name, read_corpus
+from ..objectives import MULTITEACHER_OBJECTIVES, MultiTeacherObjective, objective_named
+from .model import Collator, DistillationDataset, MultiTeacherStudent, batches, targets_kind
 from .monitor import PROBE_TEXTS, TrainingMonitor
 from .shards import INDEX_NAME, TeacherTargets, load_teacher_targets, target_statistics
 from .warmup import fit_heads
@@ -63,27 +66,23 @@ def run_identity(args: argparse.Namespace, paths: Paths, folders: dict[str, Path
         "student": args.student, "student_layers": args.student_layers, "pooling": args.pooling,
         "loss": args.loss, "normalize_by_dim": args.normalize_by_dim, "max_length": max_length,
         "val_fraction": args.val_fraction, "standardize": args.standardize,
-        "target_stats": stats_record(stats), "heads": heads_kind(args), "head_layers": args.head_layers,
+        "target_stats": stats_record(stats), "heads": MULTITEACHER_OBJECTIVES[args.loss].heads(args),
+        "head_layers": args.head_layers,
         "head_lr": args.head_lr, "head_warmup_steps": args.head_warmup_steps,
-        "export_normalize": args.export_normalize,
+        "export_normalize": args.export_normalize, "keep_best": args.keep_best if args.val_fraction else "last",
     }
 
 
-def heads_kind(args: argparse.Namespace) -> str:
-    """The kernel heads, except for the MSE loss with --mse-head separate (the authors' head)."""
-    return "regression" if args.loss == "mse" and args.mse_head == "separate" else "kernel"
-
-
 def check_options(args: argparse.Namespace) -> str:
-    """One-line errors for bad values; the run's name. Resolves --standardize's default (by
-    loss, :func:`~.model.standardizes`), so that config.json records what the run does."""
+    """One-line errors for bad values; the run's name. Resolves --standardize's default (the
+    objective's ``standardizes_targets``), so that config.json records what the run does."""
     if args.student_layers < 0:  # --max-length is checked by its parser type
         raise UserError("--student-layers must be at least 0")
     if args.head_warmup_steps < 0 or args.val_every < 0:
         raise UserError("--head-warmup-steps and --val-every must not be negative")
     if not args.head_lr >= 0:
         raise UserError(f"--head-lr must not be negative, got {args.head_lr}")
-    args.standardize = standardizes(args.loss, args.standardize)
+    args.standardize = objective_named(MULTITEACHER_OBJECTIVES, args.loss).standardizes(args.standardize)
     return check_run_name(args.run or f"mt-{args.loss}", "runs/<corpus>/")
 
 
@@ -108,21 +107,26 @@ def train_student(args: argparse.Namespace) -> None:
 
     device = default_device(env)
     source = load_teacher(args.student, device=device)
+    objective = MULTITEACHER_OBJECTIVES[args.loss]
     encoder = build_student(source, args.student_layers or source.model.config.num_hidden_layers)
     torch.manual_seed(args.seed)  # the heads' initialisation: reruns and resumed runs agree
     model = MultiTeacherStudent(encoder, {t.name: t.dim for t in targets}, args.pooling,
-                                heads=heads_kind(args), head_layers=args.head_layers, target_stats=stats)
+                                heads=objective.heads(args), head_layers=args.head_layers, target_stats=stats)
     export_initial(model, source.tokenizer, paths, run_config, args, env)
 
-    loss_fn = MultiTeacherLoss(args.loss, args.normalize_by_dim)
+    loss_fn = objective(args.normalize_by_dim)
     collator = Collator(source.tokenizer, teachers, max_length)
     train_set = split_dataset(texts, targets, train_index)
     val_set = split_dataset(texts, targets, val_index) if len(val_index) else None
-    validate = (functools.partial(evaluate_loss, loss_fn=loss_fn, dataset=val_set, collate_fn=collator,
-                                  batch_size=args.batch_size, device=device) if val_set else None)
+    selection = CheckpointSelection(run_config["keep_best"], paths.checkpoint_dir / BEST_NAME if env.is_main else None)
+    hook = None
+    if val_set and env.is_main:
+        validation = student_validation(val_set, collator, loss_fn, args.batch_size, device,
+                                        normalize=args.export_normalize)
+        hook = ValidationHook(validation, selection, args.val_every)
     probe_source = val_set or train_set
     probe = to_device(collator(probe_source.items(range(min(PROBE_TEXTS, len(probe_source))))), device)
-    monitor = TrainingMonitor(probe, config.log_every, validate, args.val_every)
+    monitor = TrainingMonitor(probe, config.log_every, hook)
     log.info("student: %d layers of %s (%s pooling), %.1fM parameters with heads; %d training texts, "
              "%d validation texts, teachers %s, loss %s, targets %s", encoder.config.num_hidden_layers,
              args.student, args.pooling, sum(p.numel() for p in model.parameters()) / 1e6, len(train_index),
@@ -141,15 +145,21 @@ def train_student(args: argparse.Namespace) -> None:
     trainer = Trainer(model, loss_fn, train_set, collator, config, paths.run_dir, run_config=run_config,
                       device=device, resume=args.resume and not args.overwrite,
                       param_groups=model.param_groups(config.lr, args.head_lr),
-                      on_fresh_start=warm_up if args.head_warmup_steps else None, on_step_end=monitor)
+                      on_fresh_start=warm_up if args.head_warmup_steps else None, on_step_end=monitor,
+                      caller_state=selection)
     result = trainer.train()
     if env.is_main:
-        validation = final_validation(monitor, validate, trainer, result.global_step, len(val_index))
+        validation = final_validation(selection, result.global_step, len(val_index))
         save_json(validation, paths.run_dir / "validation.json")
+        kept = selection.restore_kept(trainer.module, result.global_step)
+        summary = selection.summary(kept, result.global_step, {
+            "texts": len(val_index), "fraction": args.val_fraction, "seed": args.seed, "every": args.val_every})
         export(trainer.module.encoder, source.tokenizer, paths.export_dir, run_config)
+        write_selection(summary, paths.run_dir)
         write_manifest(paths.export_dir, stage="train_multiteacher", config=resolved,
                        extra={"global_step": result.global_step, "train_metrics": result.metrics,
-                              "validation": validation})
+                              "validation": validation,
+                              "selection": {k: summary[k] for k in ("criterion", "kept_step", "kept_score")}})
     print0(f"train: {paths.task} {run} ({args.loss}, {targets_kind(args.standardize)} targets): "
            f"{result.global_step} steps, train loss "
            f"{result.metrics.get('loss', float('nan')):.4f} -> {paths.export_dir}")
@@ -160,16 +170,29 @@ def split_dataset(texts: list[str], targets: list[TeacherTargets], indices: np.n
     return DistillationDataset([texts[i] for i in indices], [t.subset(indices) for t in targets])
 
 
-def final_validation(monitor: TrainingMonitor, validate, trainer: Trainer, step: int, n_texts: int) -> dict:
-    """validation.json: the loss on the validation split after the last step (the monitor's,
-    when it measured it at that step)."""
+def student_validation(val_set: DistillationDataset, collator: Collator, loss_fn: MultiTeacherObjective,
+                       batch_size: int, device: torch.device, normalize: bool) -> Validation:
+    """The student's scores on the validation split: its loss there, and the agreement of its
+    embeddings (as the export pools and normalises them) with each teacher's stored vectors on
+    the first STRUCTURE_TEXTS texts."""
+    structure = range(min(len(val_set), STRUCTURE_TEXTS))
+
+    def embed(model: MultiTeacherStudent) -> torch.Tensor:
+        embedding = torch.cat([model.embed(batch["input_ids"], batch["attention_mask"]).float()
+                               for batch in batches(val_set, collator, batch_size, device, structure)])
+        return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
+
+    return Validation(embed, val_set.target_rows(structure),
+                      lambda model: evaluate_loss(model, loss_fn, batches(val_set, collator, batch_size, device)))
+
+
+def final_validation(selection: CheckpointSelection, step: int, n_texts: int) -> dict:
+    """validation.json: the scores on the validation split after the last step (always
+    validated; restored with the selection when the run resumed at its end)."""
     validation = {"global_step": step, "texts": n_texts}
-    if validate is None:
+    if not selection.history:
         return validation
-    if monitor.last_validation is not None and monitor.last_validation[0] == step:
-        measured = monitor.last_validation[1]
-    else:  # resumed at the end: no step ran in this process
-        measured = validate(trainer.module)
+    measured = {k: v for k, v in selection.history[-1].items() if k != "step"}
     log.info("validation loss %.4f on %d held-out texts", measured["loss"], n_texts)
     return validation | measured
 
@@ -199,7 +222,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     export settings, which the checkpoint records. Returns ``out_dir``."""
     from transformers import AutoModel, AutoTokenizer
 
-    initial = Path(checkpoint).parent.parent / "initial" / "hf"
+    initial = Paths.initial_of_checkpoint(checkpoint) / HF_FOLDER
     if not initial.is_dir():
         raise UserError(f"{checkpoint}: no {initial} beside it (not a stage 11 run?)")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)

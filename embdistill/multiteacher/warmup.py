@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistEnv
-from .model import Collator, DistillationDataset, MultiTeacherLoss, MultiTeacherStudent, batches
+from ..objectives.teacher_heads import MultiTeacherObjective
+from .model import Collator, DistillationDataset, MultiTeacherStudent, batches
 
 log = logging.getLogger("embdistill.multiteacher.warmup")
 
@@ -60,7 +61,7 @@ def _gather_cache(indices: np.ndarray, embeddings: torch.Tensor, env: DistEnv) -
 
 
 def fit_heads(model: MultiTeacherStudent, dataset: DistillationDataset, collate_fn: Collator,
-              loss: MultiTeacherLoss, *, steps: int, batch_size: int, texts_per_step: int, lr: float,
+              loss: MultiTeacherObjective, *, steps: int, batch_size: int, texts_per_step: int, lr: float,
               weight_decay: float, max_grad_norm: float, seed: int, device: torch.device,
               env: DistEnv) -> dict:
     """Fit ``model``'s heads for ``steps`` steps on cached embeddings (module docstring);

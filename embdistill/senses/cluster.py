@@ -6,9 +6,10 @@ a token with n < 5 or n <= k keeps its raw vectors; the others are clustered by 
 centroids (:mod:`.kmeans`).
 
 Input: combined.pkl's rows are read through its memory-mapped row file
-(:func:`.combine.open_combined`), so each rank reads only the rows of its own tokens and host
-memory per process is about 1/P of the states plus a constant; files without a row file (the
-original's, rank files) are loaded whole, in every process. Every row a rank clusters is checked
+(:func:`.combine.open_combined`; where the combine wrote no pickle, the row file alone), so each
+rank reads only the rows of its own tokens and host memory per process is about 1/P of the
+states plus a constant; files without a row file (the original's, rank files) are loaded whole,
+in every process. Every row a rank clusters is checked
 to be finite first, and the dictionary is checked before it is written.
 
 Work is planned once, the same way on every rank: the tokens that need work (n > 5) are sorted
@@ -88,9 +89,10 @@ class Batching:
 
 
 def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[Mapping[int, np.ndarray], int, str]:
-    """combined.pkl (or a rank file) checked against the teacher: (states, hidden size, the
-    file's fingerprint). The states come from the row file beside combined.pkl when it matches
-    (memory-mapped: nothing is read until a token is used), else from the whole pickle."""
+    """combined.pkl, its row file (:func:`.combine.combined_artifact`) or a rank file, checked
+    against the teacher: (states, hidden size, the file's fingerprint). The states come from the
+    row file when it matches (memory-mapped: nothing is read until a token is used), else from
+    the whole pickle."""
     input_print = fingerprint(path)
     states = open_combined(path, input_print)
     if states is not None:
@@ -101,8 +103,8 @@ def load_states(path: Path, teacher: str, hidden_size: int | None) -> tuple[Mapp
             log.warning("%s has no row file of its own (written by another tool or an older "
                         "a0_generate_combinepkl.py; --overwrite it to get one): every process loads "
                         "all of it", path)
-        source = read_source(path)
-        states, source_teacher, width = source.states, source.teacher, source.hidden_size
+        source, states = read_source(path)
+        source_teacher, width = source.teacher, source.hidden_size
     if source_teacher is not None and source_teacher != teacher:
         raise UserError(f"{path} holds states of teacher '{source_teacher}', not '{teacher}' "
                         "(--teacher); cluster it with --teacher " + source_teacher)

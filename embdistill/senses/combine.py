@@ -11,18 +11,27 @@ file order, their hidden size and dtype come from the arrays. Inputs whose teach
 or dtype differ are refused, and so is every input that is not a dict of non-negative token ids
 to finite (n >= 1, d) float arrays (:func:`check_states`): one line naming the file and token.
 
-Output: ``combined.pkl`` (``{token_id: (n, d) array}``, the original's format) and beside it the
-same rows for reading per token without loading the whole file: ``combined.rows.npy`` (every
-row, token after token in id order, one contiguous array that ``np.load(mmap_mode="r")`` maps)
-and ``combined.tokens.npy`` ((T, 3) int64: token id, first row, end row). The manifest of
-combined.pkl records the pickle's sha256 and the two files' shapes; :func:`open_combined` uses
-them only while the pickle still matches, so each clustering process reads just its tokens' rows
+Output: ``combined.rows.npy`` (every row, token after token in id order, one contiguous array
+that ``np.load(mmap_mode="r")`` maps), ``combined.tokens.npy`` ((T, 3) int64: token id, first
+row, end row) and, unless skipped (``combined_pickle``: :data:`PICKLE_MODES`), ``combined.pkl``
+(``{token_id: (n, d) array}``, the original's format, written from the mapped row file). The
+manifest of combined.pkl records the pickle's sha256 and the two files' shapes; without a
+pickle the manifest sits beside the row file and records its sha256 instead
+(:func:`combined_artifact` names the file that stands for the states). :func:`open_combined`
+uses the row file only while it matches, so each clustering process reads just its tokens' rows
 and host memory does not grow with the number of processes.
+
+Host memory does not grow with the states either (:func:`combine`): a first pass reads the
+gathers' occurrence ids (the original's files: their states, one file at a time) and places
+every input row in the row file; a second loads one rank file at a time and writes its rows to
+their places. Held at once: one rank file's states, and 8 bytes per input row.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_open, fingerprint, load_pickle, read_manifest, save_pickle, write_manifest
+from ..artifacts import atomic_open, fingerprint, load_pickle, manifest_path, read_manifest, write_manifest
 from ..errors import UserError
 from .gather import index_path
 
@@ -75,10 +84,11 @@ def resolve_inputs(inputs: Sequence[str], task_gather_dir: Callable[[str], Path]
 
 @dataclass
 class Source:
-    """One input file, its states and (when gathered by us) its rows' occurrence ids."""
+    """One input file as the first pass sees it: its rows per token, their occurrence ids (when
+    gathered by us), and the teacher, hidden size, dtype and gather config it was made with."""
 
     path: Path
-    states: dict[int, np.ndarray]
+    counts: dict[int, int]
     occurrences: dict[int, np.ndarray] | None
     teacher: str | None
     hidden_size: int
@@ -87,6 +97,10 @@ class Source:
 
 
 STATE_DTYPES = ("float16", "float32", "float64")
+PICKLE_MODES = ("auto", "always", "never")
+# --combined-pickle auto writes combined.pkl up to this size: its readers (the original's
+# clustering, other tools) load it whole, and it doubles the disk the states take.
+PICKLE_AUTO_BYTES = 16 << 30
 
 
 def check_rows(path: Path, token, rows) -> None:
@@ -128,8 +142,9 @@ def check_states(path: Path, states) -> tuple[set[int], set[str]]:
     return widths, dtypes
 
 
-def read_source(path: Path) -> Source:
-    """Load one gathered file and check it (:func:`check_states`); UserError naming the file
+def read_source(path: Path) -> tuple[Source, dict[int, np.ndarray]]:
+    """Load one gathered file whole and check it (:func:`check_states`; a rank file of ours
+    against its manifest and index): (what it is, its states); UserError naming the file
     otherwise."""
     states = load_pickle(path)
     widths, dtypes = check_states(path, states)
@@ -142,16 +157,40 @@ def read_source(path: Path) -> Source:
                         f"{hidden_size}-d {dtype}")
     if hidden_size is None:
         raise UserError(f"{path}: empty and without a manifest; its hidden size is unknown")
+    states = {int(t): rows for t, rows in states.items()}
+    counts = {t: len(rows) for t, rows in states.items()}
     gather = manifest.get("config") if manifest.get("stage") == "gather" else None
     occurrences = None
     if gather is not None:
-        occurrences = load_pickle(index_path(path))
-        if not isinstance(occurrences, dict) or any(
-            len(occurrences.get(t, ())) != len(rows) for t, rows in states.items()
-        ):
+        occurrences = read_index(path)
+        if {t: len(o) for t, o in occurrences.items()} != counts:
             raise UserError(f"{index_path(path)} does not match {path}; rerun the gather with --overwrite")
-    return Source(path, {int(t): rows for t, rows in states.items()}, occurrences,
-                  extra.get("teacher"), int(hidden_size), str(dtype), gather)
+    return Source(path, counts, occurrences, extra.get("teacher"), int(hidden_size), str(dtype), gather), states
+
+
+def read_index(path: Path) -> dict[int, np.ndarray]:
+    """The occurrence ids of a rank file's rows, ``{token_id: (n,) integers}``."""
+    occurrences = load_pickle(index_path(path))
+    if not isinstance(occurrences, dict) or not all(
+        isinstance(o, np.ndarray) and o.ndim == 1 and o.dtype.kind in "iu" for o in occurrences.values()
+    ):
+        raise UserError(f"{index_path(path)} does not match {path}; rerun the gather with --overwrite")
+    return {int(t): o for t, o in occurrences.items()}
+
+
+def describe_source(path: Path) -> Source:
+    """The first pass's view of one file: a rank file of ours from its manifest and index (its
+    states are read in the second pass); any other file from its states, read whole, checked
+    and dropped."""
+    manifest = read_manifest(path) or {}
+    extra = manifest.get("extra", {})
+    if manifest.get("stage") != "gather" or "hidden_size" not in extra or "dtype" not in extra:
+        return read_source(path)[0]
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    occurrences = read_index(path)
+    return Source(path, {t: len(o) for t, o in occurrences.items()}, occurrences, extra.get("teacher"),
+                  int(extra["hidden_size"]), str(extra["dtype"]), manifest["config"])
 
 
 def check_compatible(sources: Sequence[Source]) -> None:
@@ -184,45 +223,85 @@ def check_complete(group: Sequence[Source]) -> None:
                         "gather with --overwrite")
 
 
-def token_rows(group: Sequence[Source], token: int) -> np.ndarray | None:
-    """One gather's rows of ``token`` in occurrence order (file order for the original's
-    files); None when the gather never kept it."""
-    parts = [s for s in group if token in s.states]
-    if not parts:
-        return None
-    rows = np.concatenate([s.states[token] for s in parts])
-    if all(s.occurrences is not None for s in parts):
-        rows = rows[np.argsort(np.concatenate([s.occurrences[token] for s in parts]), kind="stable")]
-    return rows
+def token_positions(group: Sequence[Source], token: int) -> list[tuple[int, np.ndarray]]:
+    """Where each file's rows of ``token`` fall among the gather's rows of it, which are in
+    occurrence order (file order for the original's files): (file's place in the group,
+    positions)."""
+    having = [f for f, s in enumerate(group) if token in s.counts]
+    sizes = [group[f].counts[token] for f in having]
+    positions = np.arange(sum(sizes))
+    if having and all(group[f].occurrences is not None for f in having):
+        order = np.argsort(np.concatenate([group[f].occurrences[token] for f in having]), kind="stable")
+        positions[order] = np.arange(len(order))
+    return list(zip(having, np.split(positions, np.cumsum(sizes)[:-1]) if having else []))
 
 
-def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int) -> tuple[dict, dict]:
-    """Merge gathers (each a list of rank files) into {token_id: (<= cap, d) array}; returns
-    (combined, metadata: teacher, hidden_size, dtype, rows, token_ids, capped)."""
+def place_rows(groups: Sequence[Sequence[Source]], cap: int, seed: int) -> tuple[np.ndarray, list, int]:
+    """The row file's layout: its token table ((T, 3): id, first row, end row), each input
+    file's ``{token: row of each of its rows}`` (-1: dropped by the cap), tokens capped."""
+    places = [[{} for _ in group] for group in groups]
+    table, start, capped = [], 0, 0
+    for token in sorted({t for group in groups for s in group for t in s.counts}):
+        parts, n = [], 0  # gathers follow each other in input order
+        for g, group in enumerate(groups):
+            for f, positions in token_positions(group, token):
+                parts.append((places[g][f], positions + n))
+            n += sum(s.counts.get(token, 0) for s in group)
+        slot = np.arange(n)
+        if n > cap:
+            keep = np.sort(np.random.default_rng([seed, token]).choice(n, cap, replace=False))
+            slot = np.full(n, -1)
+            slot[keep], capped = np.arange(cap), capped + 1
+        for file_places, positions in parts:
+            file_places[token] = np.where(slot[positions] >= 0, slot[positions] + start, -1)
+        table.append((token, start, start + min(n, cap)))
+        start += min(n, cap)
+    return np.array(table, dtype=np.int64).reshape(-1, 3), places, capped
+
+
+def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int, output: Path, config: Mapping,
+            inputs: Mapping[str, Path], combined_pickle: str = "auto") -> dict:
+    """Merge gathers (each a list of rank files) into ``output``'s files, each token capped at
+    ``cap`` rows (module docstring); returns the metadata: teacher, hidden_size, dtype, rows,
+    token_ids, capped, and how the states were gathered."""
     if cap < 1:
         raise UserError(f"--cap must be >= 1, got {cap}")
-    sources = [[read_source(path) for path in group] for group in groups]
+    sources = [[describe_source(path) for path in group] for group in groups]
     check_compatible([s for group in sources for s in group])
     for group in sources:
         check_complete(group)
         log.info("combine: %s: %d file(s), %d rows", group[0].path.parent, len(group),
-                 sum(len(rows) for s in group for rows in s.states.values()))
-    combined, capped = {}, 0
-    for token in sorted({t for group in sources for s in group for t in s.states}):
-        rows = np.concatenate([r for group in sources if (r := token_rows(group, token)) is not None])
-        if len(rows) > cap:
-            keep = np.sort(np.random.default_rng([seed, token]).choice(len(rows), cap, replace=False))
-            rows, capped = rows[keep], capped + 1
-        combined[token] = rows
-        for source in (s for group in sources for s in group):  # free inputs as we go: peak
-            source.states.pop(token, None)                     # memory stays near one copy
+                 sum(n for s in group for n in s.counts.values()))
+    table, places, capped = place_rows(sources, cap, seed)
     first = sources[0][0]
     teachers = {s.teacher for group in sources for s in group} - {None}
     meta = {"teacher": next(iter(teachers), None), "hidden_size": first.hidden_size,
-            "dtype": first.dtype, "rows": sum(len(r) for r in combined.values()),
-            "token_ids": len(combined), "capped": capped,
+            "dtype": first.dtype, "rows": int(table[-1, 2]) if len(table) else 0,
+            "token_ids": len(table), "capped": capped,
             **gathered_with([s.gather for group in sources for s in group])}
-    return combined, meta
+
+    def fill(fh, header: int) -> None:  # one input file's states in memory at a time
+        for source, file_places in ((s, p) for group, ps in zip(sources, places) for s, p in zip(group, ps)):
+            loaded, states = read_source(source.path)
+            if loaded.counts != source.counts:
+                raise UserError(f"{source.path} changed while it was being combined; run the combine again")
+            for token, rows in states.items():
+                kept = file_places[token] >= 0
+                write_rows(fh, header, np.asarray(rows[kept], dtype=meta["dtype"]), file_places[token][kept])
+            del states
+
+    write_outputs(output, table, meta, fill, config, inputs, combined_pickle)
+    return meta
+
+
+def write_rows(fh, header: int, rows: np.ndarray, places: np.ndarray) -> None:
+    """Write ``rows`` as rows ``places`` (ascending) of the row file ``fh``, whose data start
+    at byte ``header``: one write per run of consecutive places."""
+    row_bytes = rows.dtype.itemsize * rows.shape[1]
+    runs = np.flatnonzero(np.diff(places) != 1) + 1
+    for a, b in zip([0, *runs], [*runs, len(places)]) if len(places) else ():  # all capped away
+        fh.seek(header + int(places[a]) * row_bytes)
+        fh.write(np.ascontiguousarray(rows[a:b]).tobytes())
 
 
 def gathered_with(gather_configs: Sequence[Mapping | None]) -> dict:
@@ -245,29 +324,101 @@ def tokens_path(combined: Path) -> Path:
     return combined.with_suffix(".tokens.npy")
 
 
-def write_combined(combined: dict, meta: dict, output: Path, config: Mapping,
-                   inputs: Mapping[str, Path]) -> None:
-    """The row file and token table, combined.pkl, then its manifest (teacher, hidden size,
-    dtype, and what ties the three files together, in ``extra``). Rows are written token by
-    token: no second copy of the states is made."""
+def combined_artifact(path: Path) -> Path:
+    """The file that stands for combined.pkl's states: the pickle, or where the combine wrote
+    none (``--combined-pickle``), its row file, whose manifest then says what it holds."""
+    if not path.exists() and (read_manifest(rows_path(path)) or {}).get("stage") == "combine":
+        return rows_path(path)
+    return path
+
+
+def done_markers(output: Path, combined_pickle: str) -> list[Path]:
+    """The files whose manifest can tell that the combine into ``output`` is done under
+    ``--combined-pickle combined_pickle``: combined.pkl where it is wanted, the row file where not."""
+    return {"always": [output], "never": [rows_path(output)], "auto": [output, rows_path(output)]}[combined_pickle]
+
+
+def write_combined(combined: Mapping[int, np.ndarray], meta: dict, output: Path, config: Mapping,
+                   inputs: Mapping[str, Path], combined_pickle: str = "always") -> None:
+    """``output``'s files (:func:`write_outputs`) of states already in memory
+    ``{token_id: (n, d) array}`` (e.g. synthetic ones)."""
     tokens = sorted(combined)
     sizes = np.array([len(combined[t]) for t in tokens], dtype=np.int64)
     ends = np.cumsum(sizes)
-    table = np.column_stack([np.array(tokens, dtype=np.int64), ends - sizes, ends])
+    table = np.column_stack([np.array(tokens, dtype=np.int64), ends - sizes, ends]).reshape(-1, 3)
+
+    def fill(fh, header: int) -> None:
+        for token, start in zip(tokens, ends - sizes):
+            write_rows(fh, header, np.asarray(combined[token], dtype=meta["dtype"]),
+                       np.arange(start, start + len(combined[token])))
+
+    write_outputs(output, table, meta, fill, config, inputs, combined_pickle)
+
+
+def write_outputs(output: Path, table: np.ndarray, meta: dict, fill: Callable, config: Mapping,
+                  inputs: Mapping[str, Path], combined_pickle: str) -> None:
+    """The row file (``fill(fh, header)`` writes its rows), the token table, combined.pkl unless
+    ``combined_pickle`` skips it, then the manifest (teacher, hidden size, dtype, and what ties the files
+    together, in ``extra``) beside combined.pkl, or beside the row file without a pickle."""
+    if combined_pickle not in PICKLE_MODES:
+        raise UserError(f"--combined-pickle must be one of {', '.join(PICKLE_MODES)}, got {combined_pickle!r}")
     dtype = np.dtype(meta["dtype"])
-    shape = (int(sizes.sum()), int(meta["hidden_size"]))
+    shape = (int(table[-1, 2]) if len(table) else 0, int(meta["hidden_size"]))
+    size = shape[0] * shape[1] * dtype.itemsize
+    with_pickle = combined_pickle == "always" or (combined_pickle == "auto" and size <= PICKLE_AUTO_BYTES)
     with atomic_open(rows_path(output), "wb") as fh:
         np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                   "fortran_order": False, "shape": shape})
-        for token in tokens:
-            fh.write(np.ascontiguousarray(combined[token], dtype=dtype).tobytes())
+        header = fh.tell()
+        fh.truncate(header + size)
+        fill(fh, header)  # a bad input file stops it here: the previous outputs stay as they were
+        for marker in (output, rows_path(output)):  # no manifest says "done" while the files change
+            manifest_path(marker).unlink(missing_ok=True)
     with atomic_open(tokens_path(output), "wb") as fh:
         np.save(fh, table, allow_pickle=False)
-    save_pickle(combined, output)
-    files = {"pickle_sha256": fingerprint(output), "rows_file": rows_path(output).name,
-             "rows_shape": list(shape), "tokens_file": tokens_path(output).name,
-             "tokens_sha256": fingerprint(tokens_path(output))}
-    write_manifest(output, stage="combine", config=config, inputs=inputs, extra={**meta, "files": files})
+    files = {"rows_file": rows_path(output).name, "rows_shape": list(shape),
+             "tokens_file": tokens_path(output).name, "tokens_sha256": fingerprint(tokens_path(output))}
+    if with_pickle:
+        save_mapped_pickle(output, rows_path(output), header, shape, dtype, table)
+        files["pickle_sha256"], marker = fingerprint(output), output
+    else:
+        why = "--combined-pickle never" if combined_pickle == "never" else \
+            f"over --combined-pickle auto's {PICKLE_AUTO_BYTES >> 30} GiB"
+        log.info("combine: no %s (%.1f GiB of rows, %s; --combined-pickle always writes it): the "
+                 "cluster stage reads %s", output.name, size / (1 << 30), why, rows_path(output).name)
+        output.unlink(missing_ok=True)
+        files["rows_sha256"], marker = fingerprint(rows_path(output)), rows_path(output)
+    write_manifest(marker, stage="combine", config=config, inputs=inputs, extra={**meta, "files": files})
+
+
+def save_mapped_pickle(output: Path, rows_file: Path, header: int, shape: tuple, dtype: np.dtype,
+                       table: np.ndarray) -> None:
+    """combined.pkl, ``{token_id: its rows}``, pickled from views of the mapped row file: the
+    rows are never all in memory. Mapped copy-on-write, the views are writable arrays, which
+    pickle exactly as the arrays of a dict in memory (read-only ones pickle as other opcodes);
+    the pages the pickler has read are dropped from this process as it goes (they stay in the
+    page cache), so resident memory stays bounded too."""
+    with open(rows_file, "rb") as fh:
+        mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if shape[0] else None
+    rows = np.frombuffer(mapping, dtype, shape[0] * shape[1], offset=header).reshape(shape) if mapping else None
+    with atomic_open(output, "wb") as fh:  # save_pickle's protocol
+        pickle.dump({int(t): rows[a:b] for t, a, b in table}, ReleasingWriter(fh, mapping), protocol=5)
+
+
+class ReleasingWriter:
+    """A file to pickle into that drops ``mapping``'s pages from this process after every
+    ``every`` bytes written (the pickler has copied them to the file by then)."""
+
+    def __init__(self, fh, mapping: mmap.mmap | None, every: int = 16 << 20):
+        self.fh, self.mapping, self.every, self.pending = fh, mapping, every, 0
+
+    def write(self, data) -> int:
+        written = self.fh.write(data)
+        self.pending += written
+        if self.mapping is not None and self.pending >= self.every:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
+            self.pending = 0
+        return written
 
 
 class TokenRows(Mapping):
@@ -290,12 +441,18 @@ class TokenRows(Mapping):
         return len(self.where)
 
 
-def open_combined(path: Path, pickle_sha256: str) -> TokenRows | None:
-    """combined.pkl's rows per token from its row file, when its manifest names the row file
-    and token table, the pickle is the one they were written with (``pickle_sha256``, its
-    fingerprint) and the files agree; else None (read the pickle instead)."""
+def open_combined(path: Path, fingerprint_of_path: str) -> TokenRows | None:
+    """The states of combined.pkl (``path``) per token from its row file, when its manifest
+    names the row file and token table, the pickle is the one they were written with (its
+    fingerprint) and the files agree; else None (read the pickle instead). ``path`` may be the
+    row file of a combine that wrote no pickle (:func:`combined_artifact`): it must be the one
+    its manifest describes."""
     files = ((read_manifest(path) or {}).get("extra") or {}).get("files")
-    if not files or files.get("pickle_sha256") != pickle_sha256:
+    rows_only = bool(files) and path.name == files.get("rows_file")
+    if rows_only and files.get("rows_sha256") != fingerprint_of_path:
+        raise UserError(f"{path} is not the row file its manifest describes (replaced?); rerun "
+                        "a0_generate_combinepkl.py with --overwrite")
+    if not files or (not rows_only and files.get("pickle_sha256") != fingerprint_of_path):
         return None
     rows_file, table_file = path.with_name(files["rows_file"]), path.with_name(files["tokens_file"])
     if not rows_file.is_file() or not table_file.is_file() or fingerprint(table_file) != files["tokens_sha256"]:

@@ -10,13 +10,16 @@ Beside
 them: ``<teacher>.summary.txt`` (counts, a histogram of senses per token, time) and
 ``<teacher>.senses.png`` (senses per token against samples per token).
 
-:func:`load_sense_dict` reads ours and the original's files and returns NumPy arrays (float16
-or float32 as stored; bf16 tensors become float32, which holds them exactly).
+:class:`SenseDictionary` is the file with its manifest, read once and passed on (its sense rule,
+teacher, identity, checks); its :meth:`~SenseDictionary.load` reads ours and the original's files
+and returns NumPy arrays (float16 or float32 as stored; bf16 tensors become float32, which holds
+them exactly).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +28,7 @@ import torch
 
 from ..artifacts import atomic_open, fingerprint, load_pickle, read_manifest, save_pickle, write_manifest
 from ..errors import UserError
-from ..input_format import effective_max_length
+from ..input_format import MaxLength, effective_max_length
 from .packed import DEFAULT_SENSE_RULE, PackedSenses, check_sense_rule
 
 log = logging.getLogger("embdistill.dictionary")
@@ -68,101 +71,150 @@ def _as_array(value) -> np.ndarray | None:
     return value if isinstance(value, np.ndarray) else None
 
 
-def check_dictionary_teacher(path: str | Path, teacher: str) -> None:
-    """UserError when the manifest of the dictionary at ``path`` names another teacher than
-    ``teacher`` (a teacher slug, as ``Teacher.slug``): a teacher of the same hidden size would
-    pass every other check and give silently wrong targets. The original's files (no
-    manifest) name no teacher and pass."""
-    recorded = ((read_manifest(path) or {}).get("config") or {}).get("teacher")
-    if recorded is not None and recorded != teacher:
-        raise UserError(f"{path} was built with teacher '{recorded}', not '{teacher}': use a dictionary "
-                        f"of '{teacher}', or pass --allow-teacher-mismatch if both name the same model")
-
-
 def load_sense_dict(path: str | Path, hidden_size: int | None = None,
                     teacher: str | None = None) -> dict[int, np.ndarray]:
-    """Read a sense dictionary (ours or the original's); UserError if it is not one, if its
-    vectors are not ``hidden_size``-d, or if its manifest names another ``teacher`` (a
-    dictionary built with another teacher)."""
-    path = Path(path)
-    if teacher is not None:
-        check_dictionary_teacher(path, teacher)
-    raw = load_pickle(path)
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{path}: expected a non-empty dict token_id -> (k, d) sense vectors")
-    senses: dict[int, np.ndarray] = {}
-    for token, value in raw.items():
-        array = _as_array(value)
-        if not isinstance(token, (int, np.integer)) or array is None or array.ndim != 2 or not len(array):
-            raise UserError(f"{path}: expected a dict token_id -> (k, d) sense vectors; entry {token!r} is not")
-        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-            raise UserError(f"{path}: the senses of token {token} are not finite floats")
-        senses[int(token)] = array
-    widths = {a.shape[1] for a in senses.values()}
-    if len(widths) > 1:
-        raise UserError(f"{path}: sense vectors of several widths {sorted(widths)}")
-    width = widths.pop()
-    recorded = ((read_manifest(path) or {}).get("extra") or {}).get("hidden_size")
-    if recorded is not None and recorded != width:
-        raise UserError(f"{path}: vectors are {width}-d, its manifest says {recorded}; the file was replaced")
-    if hidden_size is not None and width != hidden_size:
-        raise UserError(f"{path}: sense vectors are {width}-d but the model's hidden size is "
-                        f"{hidden_size}; was the dictionary built with another teacher?")
-    return senses
+    """:meth:`SenseDictionary.load` of the dictionary at ``path``."""
+    return SenseDictionary.open(path).load(hidden_size=hidden_size, teacher=teacher)
 
 
-def sense_rule_of(path: str | Path) -> str:
-    """The sense rule recorded in the manifest of the dictionary at ``path``; ``dot`` when it
-    records none (the original's files, ours from before the rule was an option). Whatever
-    depends on the chosen senses (targets, training, replace-mode results) must name this rule
-    in its identity: the pickle, and so its fingerprint, is the same for every rule."""
-    recorded = ((read_manifest(path) or {}).get("config") or {}).get("sense_rule")
-    if recorded is None:
-        return DEFAULT_SENSE_RULE
-    try:
-        return check_sense_rule(recorded)
-    except UserError as exc:
-        raise UserError(f"{path}: its manifest has an {exc}") from None
+@dataclass(frozen=True)
+class SenseDictionary:
+    """A sense dictionary file with its manifest, read once (:meth:`open`) and passed on: what
+    depends on how it was made (its teacher, k rule, sense rule, the max length and input format
+    its states were gathered with) is read from ``manifest``, never again from the path. The
+    original's files have no manifest (``{}``): no teacher, the ``dot`` rule."""
 
+    path: Path
+    manifest: Mapping = field(default_factory=dict)
 
-def dictionary_identity(path: str | Path) -> dict:
-    """What identifies the dictionary at ``path`` for whatever depends on it (targets, a
-    student's export, replace-mode results): its pickle's sha256 and what its manifest records
-    of how it was made (the cluster config: teacher, k rule, sense rule, seed, ...; the max
-    length and input format its states were gathered with). Re-clustering with another sense
-    rule writes the same pickle with another manifest: the bytes alone would not tell them
-    apart. A dictionary without a manifest (the original's) is its bytes and the ``dot`` rule."""
-    manifest = read_manifest(path) or {}
-    extra = manifest.get("extra") or {}
-    return {**(manifest.get("config") or {}), "sense_rule": sense_rule_of(path),
-            **{key: extra[key] for key in ("max_length", "input_format") if key in extra},
-            "sha256": fingerprint(path)}
+    @classmethod
+    def open(cls, path: str | Path) -> "SenseDictionary":
+        return cls(Path(path), read_manifest(path) or {})
 
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config") or {}
 
-def check_learned_dictionary(path: str | Path, learned: dict | str, sense_rule: str | None, student: str) -> None:
-    """UserError (one line) when the dictionary at ``path`` is not the one ``student`` learned:
-    ``learned`` is the :func:`dictionary_identity` its export manifest records (exports from
-    before it was recorded hold the pickle's sha256 and, apart, ``sense_rule``). Only what the
-    record holds is compared."""
-    if isinstance(learned, str):
-        learned = {"sha256": learned, **({"sense_rule": sense_rule} if sense_rule else {})}
-    current = dictionary_identity(path)
-    differences = [f"{key} {_short(current.get(key))} (learned: {_short(value)})"
-                   for key, value in learned.items() if current.get(key) != value]
-    if differences:
-        raise UserError(f"{path} is not the dictionary {student} learned: {'; '.join(differences)}; use that "
-                        "dictionary, retrain the student, or pass --allow-dictionary-mismatch")
+    @property
+    def extra(self) -> dict:
+        return self.manifest.get("extra") or {}
+
+    @property
+    def sense_rule(self) -> str:
+        """The sense rule the manifest records; ``dot`` when it records none (the original's
+        files, ours from before the rule was an option). Whatever depends on the chosen senses
+        (targets, training, replace-mode results) must name this rule in its identity: the
+        pickle, and so its fingerprint, is the same for every rule."""
+        recorded = self.config.get("sense_rule")
+        if recorded is None:
+            return DEFAULT_SENSE_RULE
+        try:
+            return check_sense_rule(recorded)
+        except UserError as exc:
+            raise UserError(f"{self.path}: its manifest has an {exc}") from None
+
+    @property
+    def identity(self) -> dict:
+        """What identifies the dictionary for whatever depends on it (targets, a student's
+        export, replace-mode results): its pickle's sha256 and what its manifest records of how
+        it was made (the cluster config: teacher, k rule, sense rule, seed, ...; the max length
+        and input format its states were gathered with). Re-clustering with another sense rule
+        writes the same pickle with another manifest: the bytes alone would not tell them apart.
+        A dictionary without a manifest (the original's) is its bytes and the ``dot`` rule."""
+        return {**self.config, "sense_rule": self.sense_rule,
+                **{key: self.extra[key] for key in ("max_length", "input_format") if key in self.extra},
+                "sha256": fingerprint(self.path)}
+
+    def check_teacher(self, teacher: str) -> None:
+        """UserError when the manifest names another teacher than ``teacher`` (a teacher slug,
+        as ``Teacher.slug``): a teacher of the same hidden size would pass every other check and
+        give silently wrong targets. The original's files (no manifest) name no teacher and pass."""
+        recorded = self.config.get("teacher")
+        if recorded is not None and recorded != teacher:
+            raise UserError(f"{self.path} was built with teacher '{recorded}', not '{teacher}': use a dictionary "
+                            f"of '{teacher}', or pass --allow-teacher-mismatch if both name the same model")
+
+    def check_learned(self, learned: dict | str, sense_rule: str | None, student: str) -> None:
+        """UserError (one line) when this is not the dictionary ``student`` learned: ``learned``
+        is the :attr:`identity` its export manifest records (exports from before it was recorded
+        hold the pickle's sha256 and, apart, ``sense_rule``). Only what the record holds is
+        compared."""
+        if isinstance(learned, str):
+            learned = {"sha256": learned, **({"sense_rule": sense_rule} if sense_rule else {})}
+        current = self.identity
+        differences = [f"{key} {_short(current.get(key))} (learned: {_short(value)})"
+                       for key, value in learned.items() if current.get(key) != value]
+        if differences:
+            raise UserError(f"{self.path} is not the dictionary {student} learned: {'; '.join(differences)}; use "
+                            "that dictionary, retrain the student, or pass --allow-dictionary-mismatch")
+
+    def load(self, hidden_size: int | None = None, teacher: str | None = None) -> dict[int, np.ndarray]:
+        """The vectors (ours or the original's file); UserError if it is not a dictionary, if
+        its vectors are not ``hidden_size``-d, or if its manifest names another ``teacher``."""
+        path = self.path
+        if teacher is not None:
+            self.check_teacher(teacher)
+        raw = load_pickle(path)
+        if not isinstance(raw, dict) or not raw:
+            raise UserError(f"{path}: expected a non-empty dict token_id -> (k, d) sense vectors")
+        senses: dict[int, np.ndarray] = {}
+        for token, value in raw.items():
+            array = _as_array(value)
+            if not isinstance(token, (int, np.integer)) or array is None or array.ndim != 2 or not len(array):
+                raise UserError(f"{path}: expected a dict token_id -> (k, d) sense vectors; entry {token!r} is not")
+            if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+                raise UserError(f"{path}: the senses of token {token} are not finite floats")
+            senses[int(token)] = array
+        widths = {a.shape[1] for a in senses.values()}
+        if len(widths) > 1:
+            raise UserError(f"{path}: sense vectors of several widths {sorted(widths)}")
+        width = widths.pop()
+        recorded = self.extra.get("hidden_size")
+        if recorded is not None and recorded != width:
+            raise UserError(f"{path}: vectors are {width}-d, its manifest says {recorded}; the file was replaced")
+        if hidden_size is not None and width != hidden_size:
+            raise UserError(f"{path}: sense vectors are {width}-d but the model's hidden size is "
+                            f"{hidden_size}; was the dictionary built with another teacher?")
+        return senses
+
+    def packed(self, vocab_size: int, *, hidden_size: int | None = None,
+               teacher: str | None = None) -> PackedSenses:
+        """:meth:`load` packed for lookup, with the dictionary's own sense rule."""
+        return PackedSenses(self.load(hidden_size=hidden_size, teacher=teacher), vocab_size, rule=self.sense_rule)
+
+    def check_gathered_with(self, max_length: MaxLength, input_format: str,
+                            allow_max_length_mismatch: bool = False) -> None:
+        """Refuse (one line) a dictionary whose states were gathered with another input format,
+        or another max length unless ``allow_max_length_mismatch``: with a bidirectional teacher
+        every token state depends on the whole input, so centroids of other contexts are not the
+        senses of these. The lengths compared are those used (``max_length.used``, cut to the
+        model's limit): on MiniLM (256) --max-length 512 and 300 are the same. A dictionary that
+        does not record them (the original's) is used with a warning."""
+        gathered_length, gathered_format = self.extra.get("max_length"), self.extra.get("input_format")
+        used = max_length.used
+        if gathered_length is None or gathered_format is None:
+            log.warning("%s does not record the max length and input format its states were gathered "
+                        "with; make sure they were %d and %s", self.path, used, input_format)
+        if gathered_format is not None and gathered_format != input_format:
+            raise UserError(f"{self.path} was gathered with input format {gathered_format}, the teacher now "
+                            f"reads {input_format}; rebuild the dictionary (run_gather_sense.sh, run_sep_cluster.sh)")
+        if gathered_length is None or allow_max_length_mismatch:
+            return
+        # Dictionaries gathered before the length used was recorded hold the --max-length asked
+        # for (512 for MiniLM, which read 256): cut to the limit too, they compare as what their
+        # gather used, since the limit is their teacher's (check_teacher) or that of a student
+        # of it, trained at most at that length. A recorded length used is within the limit
+        # already, and the cut leaves it as it is.
+        gathered = effective_max_length(gathered_length, max_length.limit)
+        if gathered != used:
+            cut = (f" (--max-length {max_length.requested} cut to the model's {max_length.limit})"
+                   if used < max_length.requested else "")
+            raise UserError(f"{self.path} was gathered with --max-length {gathered}, not {used}{cut}; "
+                            f"use --max-length {gathered}, or --allow-max-length-mismatch")
 
 
 def _short(value):
     return value[:12] if isinstance(value, str) and len(value) == 64 else value  # a sha256
-
-
-def load_packed_senses(path: str | Path, vocab_size: int, *, hidden_size: int | None = None,
-                       teacher: str | None = None) -> PackedSenses:
-    """:func:`load_sense_dict` packed for lookup, with the dictionary's own sense rule."""
-    return PackedSenses(load_sense_dict(path, hidden_size=hidden_size, teacher=teacher), vocab_size,
-                        rule=sense_rule_of(path))
 
 
 # ------------------------------------------------------------------------------ report
@@ -209,38 +261,3 @@ def plot_senses(path: str | Path, samples: list[int], senses: list[int], title: 
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ provenance
-
-
-def check_gathered_with(path: str | Path, *, max_length: int, model_limit: int, input_format: str,
-                        allow_max_length_mismatch: bool = False) -> None:
-    """Refuse (one line) a dictionary whose states were gathered with another input format, or
-    another max length unless ``allow_max_length_mismatch``: with a bidirectional teacher every
-    token state depends on the whole input, so centroids of other contexts are not the senses
-    of these. The lengths compared are those used, cut to ``model_limit`` (the model's
-    ``max_seq_length``, :func:`~embdistill.input_format.effective_max_length`): on MiniLM (256)
-    --max-length 512 and 300 are the same. A dictionary that does not record them (the
-    original's) is used with a warning."""
-    extra = (read_manifest(path) or {}).get("extra") or {}
-    gathered_length, gathered_format = extra.get("max_length"), extra.get("input_format")
-    used = effective_max_length(max_length, model_limit)
-    if gathered_length is None or gathered_format is None:
-        log.warning("%s does not record the max length and input format its states were gathered "
-                    "with; make sure they were %d and %s", path, used, input_format)
-    if gathered_format is not None and gathered_format != input_format:
-        raise UserError(f"{path} was gathered with input format {gathered_format}, the teacher now "
-                        f"reads {input_format}; rebuild the dictionary (run_gather_sense.sh, run_sep_cluster.sh)")
-    if gathered_length is None or allow_max_length_mismatch:
-        return
-    # Dictionaries gathered before the length used was recorded hold the --max-length asked
-    # for (512 for MiniLM, which read 256): cut to the limit too, they compare as what their
-    # gather used, since the limit is their teacher's (check_dictionary_teacher) or that of a
-    # student of it, trained at most at that length. A recorded length used is within the
-    # limit already, and the cut leaves it as it is.
-    gathered = effective_max_length(gathered_length, model_limit)
-    if gathered != used:
-        cut = f" (--max-length {max_length} cut to the model's {model_limit})" if used < max_length else ""
-        raise UserError(f"{path} was gathered with --max-length {gathered}, not {used}{cut}; "
-                        f"use --max-length {gathered}, or --allow-max-length-mismatch")

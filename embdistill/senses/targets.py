@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import PartFiles, atomic_open, fingerprint, read_manifest, write_manifest
+from ..artifacts import NPZ_ERRORS, PartFiles, atomic_open, fingerprint, read_manifest, write_manifest
+from ..digests import output_damage
 from ..distributed import DistEnv, barrier
 from ..errors import UserError
-from .dictionary import sense_rule_of
+from .dictionary import SenseDictionary
 from .packed import PackedSenses
 
 log = logging.getLogger("embdistill.targets")
@@ -52,10 +53,10 @@ class TargetsConfig:
     sense_rule: str  # the dictionary's, from its manifest
 
     @classmethod
-    def of(cls, teacher, max_length: int, dictionary: Path) -> "TargetsConfig":
+    def of(cls, teacher, max_length: int, dictionary: SenseDictionary) -> "TargetsConfig":
         tokenizer = f"{teacher.tokenizer.name_or_path} ({len(teacher.tokenizer)} tokens)"
-        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary),
-                   sense_rule_of(dictionary))
+        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary.path),
+                   dictionary.sense_rule)
 
 
 def single_sense_count(token_ids: np.ndarray, targets: np.ndarray,
@@ -174,10 +175,13 @@ def load_targets(path: Path, cfg: TargetsConfig, inputs: Mapping[str, Path], sen
     if differences:
         raise UserError(f"{path} was made for {'; '.join(differences)}; rerun scripts/04_targets.py "
                         "(--overwrite) or pass the matching options")
+    damage = output_damage(path, manifest.get("outputs"))
+    if damage:
+        raise UserError(f"damaged targets file: {damage}; rerun scripts/04_targets.py (run_train.sh does)")
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = SenseTargets(data["offsets"], data["token_ids"], data["targets"])
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except NPZ_ERRORS as exc:
         raise UserError(f"{path}: corrupt targets file ({exc}); rerun scripts/04_targets.py --overwrite") from None
     if len(stored) != n_texts or stored.offsets[-1] != len(stored.targets) or len(stored.token_ids) != len(stored.targets):
         raise UserError(f"{path}: holds {len(stored)} texts' targets, train.json has {n_texts}; "
