@@ -85,7 +85,10 @@ def workspace(tmp_path_factory, tiny_bert_dir):
      "sentence-transformers/all-MiniLM-L6-v2", None),
     ("st:baselines/model2vec/minilm@own-length", "baselines__model2vec__minilm-st-own-length", "st", "baselines/model2vec/minilm", None),
 ])
-def test_model_spec_syntax(text, label, kind, target, extra):
+def test_model_spec_syntax(text, label, kind, target, extra, tmp_path, monkeypatch):
+    # a label names an existing local folder by its own name (slug): none of these may exist
+    # here, as baselines/model2vec/minilm does in a checkout where the demo has run
+    monkeypatch.chdir(tmp_path)
     spec = parse_model_spec(text)
     assert (spec.label, spec.kind, spec.target) == (label, kind, target)
     assert (spec.n_layers if kind == "untrained" else spec.sense_dict) == extra
