@@ -13,7 +13,8 @@ usage: bash run_gather_sense.sh TASK [launch flags] [stage options]
 Runs scripts/01_count.py, scripts/02_gather.py (under torchrun) and a0_generate_combinepkl.py.
 Stage options (see each script's --help) go to the scripts that take them:
   --teacher NAME       teacher alias, folder or hub id (default minilm)        all three
-  --max-length N       tokens per text (default 256)                            count, gather
+  --max-length N       tokens per text (default 512, the paper's; cut to the     count, gather
+                       teacher's own limit: MiniLM reads 256)
   --per-token N        ~samples per token (default 1000)                        gather
   --batch-size N  --dtype float16|float32  --flush-every N  --device D          gather
   --cap N              most samples per token after combining (default 4000)    combine

@@ -16,8 +16,8 @@
 * :mod:`.monitor`: probe metrics (heads' R2, pairwise cosine) and the periodic validation loss;
 * :mod:`.teacher_embeddings`, :mod:`.train`: the logic of stages 10 and 11.
 
-``python -m embdistill.multiteacher`` prints the evaluation stage's model specs of a pipeline
-(``run_multiteacher.sh`` uses it).
+:func:`evaluation_models` gives the evaluation stage's model specs of a pipeline (the
+multi-teacher driver in :mod:`embdistill.drivers` passes them to stage 6).
 """
 
 from __future__ import annotations
