@@ -98,12 +98,16 @@ class TeacherEncoder(AbsEncoder):
         self.instructions = dict(instructions)
         self.batch_size = batch_size
         self.max_length = max_length
-        self.tokens = self.max_length
         self.n_parameters = sum(p.numel() for p in model.model.parameters())
         self.dictionary_values = dictionary_values
         self.mteb_model_meta = _model_meta(spec, n_parameters=self.n_parameters,
                                            embed_dim=model.hidden_size, max_tokens=self.max_length)
         self.cache = EmbeddingCache()
+
+    @property
+    def tokens(self) -> int:
+        """The tokens each text is cut to (the table's column; ``PlainTextEncoder`` has its own)."""
+        return self.max_length
 
     def _examples(self, texts: Sequence[str], task_name: str) -> list[str]:
         instruction = self.instructions[task_name]
