@@ -1,48 +1,108 @@
-"""Quality study: what SKD's training adds, against the MSE ablation, the untrained student and the
-teacher, plain and replace mode, over training, seeds and both offline tasks.
+"""Quality study: what each stage-5 objective (and sense rule) gives the student users ship, on
+four task families, over training and seeds, on the demo's bbc-news and on a user file of short
+texts nobody tuned for; and which validation criterion picks the checkpoint mteb prefers.
 
-    PYTHONPATH=. python bench/study_skd.py                    # 39 min on 2 CPU cores (2026-11-29)
-    PYTHONPATH=. python bench/study_skd.py --train 200 400 --test 100 --seeds 0 --epochs 1   # a quick look
+    pip install --no-deps chatterbot-corpus     # the user file's source (once)
+    PYTHONPATH=. python bench/study_skd.py --out /work/studies/quality      # the study (times in BENCHMARKS.md)
+    PYTHONPATH=. python bench/study_skd.py --out /tmp/q --datasets bbc-news --variants skd mse \\
+        --train 120 --test 60 --seeds 0 --epochs 1                          # a quick look
 
-For each task (bbc-news, tweet-sentiment): the training texts (more than the demo's), the MiniLM
-teacher's token states, the sense dictionary and the sense targets, by the stage scripts
-themselves (00 -> 04), once. Then, for each seed and each loss (sense = SKD, mse = the ablation),
-one training run (scripts/05_train.py with the demo's optimiser settings) keeping a checkpoint
-every half epoch; each is saved as a student folder. One evaluation (embdistill.evaluation, the
-project's own mteb protocol: 32 samples per label, 10 experiments) scores every checkpoint in
-plain mode and the last one in replace mode too, with the teacher, the teacher in replace mode
-(the dictionary's ceiling), the untrained 2-layer student and the untrained student in replace
-mode as reference lines. Writes, under --out: the evaluation's results/study_skd/ (table.md and
-table.json, with the mteb result file behind every number), study.md (mean +- std over seeds of
-each point, per task and their mean), study.json and study.png (the learning curves).
+Datasets (``--datasets``): ``bbc-news`` (the demo's: 800 training texts, 300 held out, max
+length 128), its students scored on four families (bbc-news classification and clustering,
+bbc-news headline -> body retrieval, Lee STS, and tweet-sentiment classification: short texts
+the students never saw, ``--student-of``); ``chatterbot``, a user data file of short texts with 21
+labels (the chatterbot-corpus wheel's English conversations, one label per topic file; texts
+deduplicated, a text under two topics left out, at most 150 per topic; stage 0 holds out 20 %),
+scored on its own classification and clustering.
+
+Per dataset, once: stages 00-02 and the combine (the MiniLM teacher's token states), then per
+sense rule a variant needs, its dictionary (03 --sense-rule) and targets (04). Per variant
+(``--variants``: an objective and sense rule, :data:`VARIANTS`) and seed: one stage-5 run with the
+demo's optimiser (2 epochs, batch 16, lr 3e-4, 10 warm-up steps), validated and checkpointed
+every half epoch (``--val-every`` = ``--save-every``); each validated step's weights are saved
+as a student folder (``curve/step-<s>``; step 0 is the untrained student). One evaluation per
+dataset (embdistill.evaluation, what scripts/06_evaluate.py runs) scores every point in plain
+mode, the last in replace mode for sense variants, and the references: the teacher, the teacher
+and the untrained student with the dictionary (replace mode), the untrained student and
+model2vec at the same 128 tokens.
+
+Writes, under --out: results/study_skd-<dataset>/ (the evaluation's tables with the mteb result
+files), study_skd.md / .json / .png:
+* per dataset, model and family: the mean +- std over seeds of the last step, of the step each
+  validation criterion keeps (similarity, cka, loss: what the export would ship), and of replace
+  mode; the gain over the untrained student;
+* per criterion: Spearman's rank correlation, within each run, between the criterion at the
+  validated steps and the mteb mean over families at the same steps (mean +- std over runs),
+  and the regret of its pick (the best step's mteb mean minus the picked step's);
+* the learning curves (mean over families against epochs).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from embdistill.artifacts import atomic_open  # noqa: E402
+from embdistill.artifacts import atomic_open, load_json  # noqa: E402
 from embdistill.drivers import run_stage  # noqa: E402
 from embdistill.evaluation.run import EvaluationConfig, evaluate  # noqa: E402
+from embdistill.input_format import effective_max_length  # noqa: E402
 from embdistill.paths import Paths  # noqa: E402
 from embdistill.students import build_student, save_hf  # noqa: E402
-from embdistill.input_format import effective_max_length  # noqa: E402
+from embdistill.tasks import resolve_task  # noqa: E402
 from embdistill.teachers import load_teacher  # noqa: E402
+from embdistill.validation import HIGHER_IS_BETTER  # noqa: E402
 
-TASKS = ("bbc-news", "tweet-sentiment")
-LOSSES = {"sense": "skd", "mse": "mse"}
-REFERENCES = ("teacher", "teacher-replace", "untrained", "untrained-replace")
+CRITERIA = tuple(HIGHER_IS_BETTER)
+
+
+@dataclass(frozen=True)
+class Variant:
+    loss: str  # scripts/05_train.py --loss
+    rule: str | None = None  # the sense rule of its dictionary and targets (sense objectives)
+
+
+VARIANTS = {
+    "skd": Variant("sense", "dot"),  # the paper's objective and rule
+    "mse": Variant("mse"),  # token states to the teacher's (the ablation)
+    "pooled-mse": Variant("pooled-mse"),  # the pooled sentence embedding to the teacher's
+    "skd-pooled": Variant("sense-pooled", "dot"),  # sense + the pooled term
+    "skd-l2": Variant("sense", "l2"),
+    "skd-cos": Variant("sense", "cos"),
+}
+DEFAULT_VARIANTS = ("skd", "mse", "pooled-mse", "skd-pooled")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: int | None  # training texts (None: all stage 0 keeps)
+    test: int | None  # held-out texts (None: stage 0's 20 %)
+    scored_on: tuple[str, ...]  # evaluated tasks, the dataset's own first ("{file}": its data file)
+    task_types: tuple[str, ...]
+    student_of: tuple[str, ...] = ()
+
+
+DATASETS = {
+    "bbc-news": Dataset(800, 300, ("bbc-news", "tweet-sentiment", "lee-sts"),
+                        ("Classification", "Clustering", "Retrieval", "STS"),
+                        ("tweet-sentiment=bbc-news", "lee-sts=bbc-news")),
+    "chatterbot": Dataset(None, None, ("{file}",), ("Classification", "Clustering")),
+}
+TWEETS_DEMO = ("1600", "300")  # tweet-sentiment's held-out texts: the demo's split
+CHATTERBOT_PER_TOPIC = 150
 
 
 def stage(script: str, *args: str) -> None:
@@ -55,42 +115,233 @@ def stage(script: str, *args: str) -> None:
     print(f"  {Path(script).name} {' '.join(args[:2])}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
-POINTS_PER_EPOCH = 2
+def chatterbot_file(base: Path) -> Path:
+    """The user file (JSONL, text and label) from the installed chatterbot-corpus wheel."""
+    path = base / "data" / "chatterbot.jsonl"
+    if path.is_file():
+        return path
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None:
+        raise SystemExit("the chatterbot dataset needs the chatterbot-corpus wheel: pip install --no-deps chatterbot-corpus")
+    import yaml
+
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    labels: dict[str, set[str]] = {}
+    for topic in sorted(folder.glob("*.yml")):
+        for conversation in yaml.safe_load(topic.read_text(encoding="utf-8")).get("conversations", []):
+            for statement in conversation if isinstance(conversation, list) else [conversation]:
+                text = " ".join(str(statement).split())
+                if text:
+                    labels.setdefault(text, set()).add(topic.stem)
+    per_topic: dict[str, list[str]] = {}
+    for text, topics in sorted(labels.items()):
+        if len(topics) == 1:  # a text under two topics has no label
+            per_topic.setdefault(next(iter(topics)), []).append(text)
+    rows = []
+    for topic, texts in sorted(per_topic.items()):
+        random.Random(f"chatterbot-{topic}").shuffle(texts)
+        rows += [{"text": text, "label": topic} for text in texts[:CHATTERBOT_PER_TOPIC]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    ambiguous = sum(len(topics) > 1 for topics in labels.values())
+    print(f"  {path}: {len(rows)} texts, {len(per_topic)} topics ({ambiguous} texts under two topics left out)")
+    return path
 
 
-def gather(task: str, base: Path, texts: int, args) -> None:
-    """The task's training and held-out texts and the teacher's combined token states."""
+def rule_paths(base: Path, task: str, rule: str) -> tuple[Path, Path]:
+    """The rule's dictionary and targets (sense_dict/<task>/minilm.<rule>.kmeanspkl,
+    work/<task>/minilm/targets.<rule>.npz)."""
+    paths = Paths(base, task, "minilm")
+    return (paths.sense_dict.with_name(f"minilm.{rule}.kmeanspkl"),
+            paths.targets.with_name(f"targets.{rule}.npz"))
+
+
+def prepare(name: str, task: str, base: Path, rules: set[str], args) -> None:
+    """The dataset's texts, the teacher's combined token states, each rule's dictionary and targets."""
+    dataset = DATASETS[name]
     common = ["--task", task, "--base-dir", str(base), "--seed", "0"]
     length = ["--max-length", str(args.max_length)]
-    stage("scripts/00_texts.py", *common, "--max-train", str(texts), "--max-test", str(args.test))
+    sizes = [*(["--max-train", str(args.train or dataset.train)] if args.train or dataset.train else []),
+             *(["--max-test", str(args.test or dataset.test)] if args.test or dataset.test else [])]
+    stage("scripts/00_texts.py", *common, *sizes)
+    if "tweet-sentiment" in dataset.scored_on:
+        stage("scripts/00_texts.py", "--task", "tweet-sentiment", "--base-dir", str(base), "--seed", "0",
+              "--max-train", TWEETS_DEMO[0], "--max-test", TWEETS_DEMO[1])
     stage("scripts/01_count.py", *common, *length)
     stage("scripts/02_gather.py", *common, *length, "--batch-size", "32")
     stage("a0_generate_combinepkl.py", *common)
+    for rule in sorted(rules):
+        dictionary, targets = rule_paths(base, resolve_task(task).slug, rule)
+        stage("scripts/03_cluster.py", *common, "--sense-rule", rule, "--output", str(dictionary))
+        stage("scripts/04_targets.py", *common, *length, "--batch-size", "32", "--sense-dict", str(dictionary),
+              "--targets", str(targets))
 
 
-def prepare(task: str, base: Path, texts: int, args) -> None:
-    gather(task, base, texts, args)
-    common = ["--task", task, "--base-dir", str(base), "--seed", "0"]
-    stage("scripts/03_cluster.py", *common)
-    stage("scripts/04_targets.py", *common, "--max-length", str(args.max_length), "--batch-size", "32")
+def train(task: str, base: Path, variant: str, seed: int, args) -> list[int]:
+    """One run validated and checkpointed every half epoch; each validated step's weights saved
+    as ``curve/step-<s>`` (step 0: the untrained student, not saved); returns the steps."""
+    paths = Paths(base, resolve_task(task).slug, "minilm", f"{variant}-s{seed}")
+    spec = VARIANTS[variant]
+    every = max(1, -(-len(load_json(paths.train_json)) // args.batch_size) // 2)
+    sense = []
+    if spec.rule:
+        dictionary, targets = rule_paths(base, paths.task, spec.rule)
+        sense = ["--sense-dict", str(dictionary), "--targets", str(targets)]
+    stage("scripts/05_train.py", "--task", task, "--base-dir", str(base), "--loss", spec.loss,
+          "--run", paths.run, "--seed", str(seed), "--max-length", str(args.max_length), "--epochs", str(args.epochs),
+          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "10",
+          "--save-every", str(every), "--val-every", str(every), "--keep-last", "1000", "--log-every", "10",
+          *sense, *(["--no-export-replace"] if spec.rule else []))
+    saved = {int(c.stem.split("-")[1]): c for c in paths.checkpoint_dir.glob("step-*.pt")}
+    steps = [row["step"] for row in load_json(paths.run_dir / "selection.json")["scores"]]
+    if len(steps) < 2:
+        raise SystemExit(f"{paths.run_dir}: no validation (too few texts to hold out 8): use more --train texts")
+    teacher = None
+    for step in steps[1:]:
+        folder = paths.run_dir / "curve" / f"step-{step}"
+        if step not in saved:
+            raise SystemExit(f"{paths.run_dir}: step {step} was validated but not checkpointed")
+        if not (folder / "config.json").is_file():
+            teacher = teacher or load_teacher("minilm", device="cpu", layers=2)
+            student = build_student(teacher, 2)
+            student.load_state_dict(torch.load(saved[step], map_location="cpu", weights_only=True)["model"])
+            save_hf(student, teacher.tokenizer, folder, input_format=teacher.input_format,
+                    normalize=teacher.normalize,
+                    max_seq_length=effective_max_length(args.max_length, teacher.max_seq_length))
+    return steps
 
 
-def training_args(args) -> list[str]:
-    """scripts/05_train.py's options for the demo's optimiser settings (run_demo.sh) as set by
-    --max-length, --epochs, --batch-size and --lr."""
-    return ["--max-length", str(args.max_length), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--warmup-steps", "10"]
+def model_specs(base: Path, runs: dict[str, list[int]]) -> list[str]:
+    """The references, then every run's validated steps (plain) and last step (replace mode)."""
+    dot = f"{base}/sense_dict/{{task}}/minilm.dot.kmeanspkl"
+    models = ["teacher=teacher:minilm", f"teacher-replace=replace:minilm@{dot}", "untrained=untrained:minilm@2",
+              f"untrained-replace=replace:minilm@2@{dot}", "model2vec=st:baselines/model2vec/minilm"]
+    for run, steps in runs.items():
+        for step in steps[1:]:
+            models.append(f"{run}.step{step}=student:{base}/runs/{{task}}/{run}/curve/step-{step}")
+        rule = VARIANTS[run.rsplit("-s", 1)[0]].rule
+        if rule:
+            dictionary = f"{base}/sense_dict/{{task}}/minilm.{rule}.kmeanspkl"
+            models.append(f"{run}.step{steps[-1]}-replace=replace:{base}/runs/{{task}}/{run}/curve/step-{steps[-1]}"
+                          f"@{dictionary}")
+    return models
 
 
-def study_parser(doc: str, name: str, train: list[int]) -> argparse.ArgumentParser:
-    """A study's options: --out (default bench/out/<name>), the data and training settings
-    (defaults: the demo's, but ``train`` texts per task) and --seeds."""
+def scores_of(table: dict) -> dict[str, dict[str, float]]:
+    """Model label -> {family: mean score in %, "mean": mean over families}."""
+    return {m["label"]: {**{f: 100 * v for f, v in m["family_means"].items()}, "mean": 100 * m["mean_over_families"]}
+            for m in table["models"]}
+
+
+def kept_step(history: list[dict], criterion: str) -> int:
+    """The step a criterion keeps: the best validated one, step 0 included, a later step
+    replacing it only when strictly better (embdistill.validation.CheckpointSelection's rule)."""
+    sign = 1 if HIGHER_IS_BETTER[criterion] else -1
+    best = history[0]
+    for row in history[1:]:
+        if sign * row[criterion] > sign * best[criterion]:
+            best = row
+    return best["step"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(name: str, table: dict, base: Path, task_slug: str, runs: dict[str, list[int]], args) -> dict:
+    """Per variant: last step, each criterion's kept step, replace mode (mean +- std over seeds);
+    per criterion: within-run rank correlation with the mteb mean and the regret of its pick."""
+    scores = scores_of(table)
+    columns = [*table["families"], "mean"]
+
+    def at(run: str, step: int) -> dict[str, float]:
+        return scores["untrained"] if step == 0 else scores[f"{run}.step{step}"]
+
+    rows = {label: {c: (scores[label][c], 0.0) for c in columns}
+            for label in ("teacher", "teacher-replace", "untrained", "untrained-replace", "model2vec")}
+    agreement = {c: {"spearman": [], "regret": []} for c in CRITERIA}
+    curves = {}
+    for variant in args.variants:
+        seeds = {f"{variant}-s{seed}": runs[f"{variant}-s{seed}"] for seed in args.seeds}
+        histories = {run: load_json(Paths(base, task_slug, "minilm", run).run_dir / "selection.json")["scores"]
+                     for run in seeds}
+        picks = {"last": {run: steps[-1] for run, steps in seeds.items()}}
+        picks.update({f"kept by {c}": {run: kept_step(histories[run], c) for run in seeds} for c in CRITERIA})
+        for pick, steps in picks.items():
+            rows[f"{variant} ({pick})"] = {c: mean_std([at(run, step)[c] for run, step in steps.items()])
+                                           for c in columns}
+        if VARIANTS[variant].rule:
+            rows[f"{variant}-replace (last)"] = {
+                c: mean_std([scores[f"{run}.step{steps[-1]}-replace"][c] for run, steps in seeds.items()]) for c in columns}
+        for run, history in histories.items():
+            mteb = [at(run, row["step"])["mean"] for row in history]
+            for criterion in CRITERIA:
+                values = [row[criterion] for row in history]
+                rho = spearmanr(values, mteb).statistic
+                agreement[criterion]["spearman"].append(
+                    float(rho if HIGHER_IS_BETTER[criterion] else -rho))
+                agreement[criterion]["regret"].append(max(mteb) - at(run, kept_step(history, criterion))["mean"])
+        curves[variant] = [(row["step"], *mean_std([at(run, seeds[run][i])["mean"] for run in seeds]))
+                           for i, row in enumerate(histories[next(iter(seeds))])]
+    untrained = scores["untrained"]["mean"]
+    lines = [f"### {name}: mteb main scores (%), mean over each family's tasks; mean ± std over seeds "
+             f"{args.seeds}", "", "| model | " + " | ".join(columns) + " | vs untrained |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for label, values in rows.items():
+        cells = [f"{values[c][0]:.1f}" + (f" ± {values[c][1]:.1f}" if values[c][1] else "") for c in columns]
+        gain = values["mean"][0] - untrained if "replace" not in label else values["mean"][0] - \
+            scores["untrained-replace"]["mean"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {gain:+.1f}{' ▼' if gain < 0 else ''} |")
+    lines += ["", f"criterion agreement with the mteb mean over families, within each run's validated steps "
+              f"(step 0 included; {len(next(iter(agreement.values()))['spearman'])} runs):", "",
+              "| criterion | Spearman (mean ± std over runs) | regret of its pick (points) |", "|---|---|---|"]
+    for criterion, values in agreement.items():
+        rho, regret = mean_std(values["spearman"]), mean_std(values["regret"])
+        lines.append(f"| {criterion} | {rho[0]:.2f} ± {rho[1]:.2f} | {regret[0]:.2f} ± {regret[1]:.2f} |")
+    return {"markdown": "\n".join(lines), "rows": {k: {c: list(v) for c, v in r.items()} for k, r in rows.items()},
+            "agreement": agreement, "curves": curves, "references": {k: scores[k]["mean"] for k in
+                                                                    ("teacher", "untrained", "model2vec")}}
+
+
+def plot(summaries: dict[str, dict], path: Path) -> None:
+    """Per dataset: the mteb mean over families against training steps, per variant (mean +- std
+    over seeds), the references as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.2), squeeze=False)
+    for axis, (name, summary) in zip(axes[0], summaries.items()):
+        for variant, curve in summary["curves"].items():
+            points = np.array(curve)
+            axis.plot(points[:, 0], points[:, 1], marker="o", label=variant)
+            axis.fill_between(points[:, 0], points[:, 1] - points[:, 2], points[:, 1] + points[:, 2], alpha=0.15)
+        for label, style in (("teacher", "--"), ("untrained", ":"), ("model2vec", "-.")):
+            axis.axhline(summary["references"][label], color="k", linestyle=style, linewidth=1, label=label)
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("mteb mean over families (%)")
+    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.suptitle("the exported student over training, per objective (mean ± std over seeds)")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+def study_parser(doc: str, name: str, variants: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A study's options: --out (default bench/out/<name>), datasets, variants, sizes, the demo's
+    training settings and --seeds."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / name), help="base dir of everything")
-    parser.add_argument("--train", type=int, nargs=2, default=train, metavar=("BBC", "TWEETS"),
-                        help="training texts of bbc-news and tweet-sentiment (the demo: 800 and 1600)")
-    parser.add_argument("--test", type=int, default=300, help="held-out texts per task")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(variants))
+    parser.add_argument("--train", type=int, help="training texts of every dataset (default: each dataset's)")
+    parser.add_argument("--test", type=int, help="held-out texts of every dataset (default: each dataset's)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -99,138 +350,41 @@ def study_parser(doc: str, name: str, train: list[int]) -> argparse.ArgumentPars
     return parser
 
 
-def train(task: str, base: Path, loss: str, seed: int, args) -> int:
-    """One run keeping a checkpoint every half epoch, each saved as a student folder
-    ``curve/point-<p>`` (p = 1 .. epochs x 2); returns the number of points."""
-    run = f"{LOSSES[loss]}-s{seed}"
-    paths = Paths(base, task, "minilm", run)
-    per_epoch = -(-len(json.loads(paths.train_json.read_text())) // args.batch_size)
-    stage("scripts/05_train.py", "--task", task, "--base-dir", str(base), "--loss", loss, "--run", run,
-          "--seed", str(seed), *training_args(args),
-          "--save-every", str(max(1, per_epoch // POINTS_PER_EPOCH)), "--keep-last", "1000",
-          "--log-every", "5", "--no-export-replace")
-    saved = {int(c.stem.split("-")[1]): c for c in paths.checkpoint_dir.glob("step-*.pt")}
-    teacher = load_teacher("minilm", device="cpu", layers=2)
-    points = args.epochs * POINTS_PER_EPOCH
-    for point in range(1, points + 1):  # the checkpoint nearest to each half epoch
-        step = min(saved, key=lambda s: abs(s - point * per_epoch / POINTS_PER_EPOCH))
-        folder = paths.run_dir / "curve" / f"point-{point}"
-        if not (folder / "config.json").is_file():
-            student = build_student(teacher, 2)
-            student.load_state_dict(torch.load(saved[step], map_location="cpu", weights_only=True)["model"])
-            save_hf(student, teacher.tokenizer, folder, input_format=teacher.input_format,
-                    normalize=teacher.normalize,
-                    max_seq_length=effective_max_length(args.max_length, teacher.max_seq_length))
-    return points
-
-
-def specs(points: int, seeds: list[int], base: Path) -> list[str]:
-    dictionary = f"{base}/sense_dict/{{task}}/minilm.kmeanspkl"
-    models = ["teacher=teacher:minilm", f"teacher-replace=replace:minilm@{dictionary}",
-              "untrained=untrained:minilm@2", f"untrained-replace=replace:minilm@2@{dictionary}"]
-    for loss in LOSSES.values():
-        for seed in seeds:
-            for point in range(1, points + 1):
-                folder = f"{base}/runs/{{task}}/{loss}-s{seed}/curve/point-{point}"
-                models.append(f"{loss}-s{seed}-{point}=student:{folder}")
-            models.append(f"{loss}-s{seed}-{points}-replace=replace:{folder}@{dictionary}")
-    return models
-
-
-def summarise(table: dict, points: int, seeds: list[int], out: Path) -> dict:
-    """mean +- std over seeds of each (loss, point), per task and over tasks; replace mode at
-    the last point."""
-    tasks = list(table["tasks"])
-    accuracy = accuracy_of(table)
-    columns = [*tasks, "mean"]
-    curves = {loss: {c: [(p / POINTS_PER_EPOCH, *mean_std([accuracy[f"{loss}-s{s}-{p}"][c] for s in seeds]))
-                         for p in range(1, points + 1)] for c in columns}
-              for loss in LOSSES.values()}
-    replaced = {f"{loss}-replace": {c: mean_std([accuracy[f"{loss}-s{s}-{points}-replace"][c] for s in seeds])
-                                    for c in columns} for loss in LOSSES.values()}
-    references = {name: accuracy[name] for name in REFERENCES}
-    lines = ["| model | epochs | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * len(columns)]
-    for name, values in references.items():
-        lines.append(f"| {name} | - | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
-    for name, curve in curves.items():
-        for i, (epoch, *_) in enumerate(curve["mean"]):
-            lines.append(f"| {name} | {epoch:g} | " + " | ".join(
-                f"{curve[c][i][1]:.1f} ± {curve[c][i][2]:.1f}" for c in columns) + " |")
-    for name, values in replaced.items():
-        lines.append(f"| {name} | {points / POINTS_PER_EPOCH:g} | " + " | ".join(
-            f"{values[c][0]:.1f} ± {values[c][1]:.1f}" for c in columns) + " |")
-    with atomic_open(out / "study.md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    _plot(curves, replaced, references, columns, out / "study.png")
-    return {"references": references, "curves": curves, "replace_mode_at_the_end": replaced}
-
-
-def accuracy_of(table: dict) -> dict[str, dict[str, float]]:
-    """An evaluation table's main scores in %: model label -> {task: score, "mean": their mean}."""
-    return {m["label"]: {**{t: 100 * m["scores"][t]["score"] for t in table["tasks"]},
-                         "mean": 100 * m["mean"]} for m in table["models"]}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def _plot(curves: dict, replaced: dict, references: dict, columns: list[str], path: Path) -> None:
-    """Per column (task, mean): accuracy against epochs, SKD and MSE (mean +- std over seeds),
-    the references as lines, replace mode at the end as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 4.2), squeeze=False)
-    for axis, column in zip(axes[0], columns):
-        for loss, colour in (("skd", "tab:blue"), ("mse", "tab:orange")):  # from the untrained student
-            points = np.array([(0.0, references["untrained"][column], 0.0), *curves[loss][column]])
-            axis.plot(points[:, 0], points[:, 1], marker="o", color=colour, label=f"{loss} (plain)")
-            axis.fill_between(points[:, 0], points[:, 1] - points[:, 2], points[:, 1] + points[:, 2],
-                              color=colour, alpha=0.2)
-            mean, std = replaced[f"{loss}-replace"][column]
-            axis.errorbar([points[-1, 0] + 0.08], [mean], yerr=[std], fmt="s", color=colour, capsize=3,
-                          label=f"{loss} (replace, end)")
-        for name, style in (("teacher", "k--"), ("teacher-replace", "k-."), ("untrained", "k:"),
-                            ("untrained-replace", "0.6")):
-            line = style[1:] if style.startswith("k") else "--"
-            colour = "k" if style.startswith("k") else style
-            axis.axhline(references[name][column], color=colour, linestyle=line, linewidth=1, label=name)
-        axis.set_title(column, fontsize=10)
-        axis.set_xlabel("epochs of training")
-        axis.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("accuracy (%)")
-    axes[0, -1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("SKD vs MSE: the exported student's accuracy over training (mean ± std over seeds)")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
+def run_study(args, name: str) -> dict[str, dict]:
+    """Every dataset's preparation, runs and evaluation; writes <name>.md / .json / .png."""
+    base = Path(args.out).resolve()
+    started = time.perf_counter()
+    stage("scripts/07_model2vec.py", "--teacher", "minilm", "--base-dir", str(base))
+    summaries = {}
+    for dataset in args.datasets:
+        task = str(chatterbot_file(base)) if dataset == "chatterbot" else dataset
+        print(f"{dataset}: texts, gather, dictionaries, targets", flush=True)
+        prepare(dataset, task, base, {VARIANTS[v].rule for v in args.variants if VARIANTS[v].rule} | {"dot"}, args)
+        runs = {f"{variant}-s{seed}": train(task, base, variant, seed, args)
+                for variant in args.variants for seed in args.seeds}
+        models = model_specs(base, runs)
+        spec = DATASETS[dataset]
+        print(f"{dataset}: evaluating {len(models)} models", flush=True)
+        config = EvaluationConfig(run=f"{name}-{dataset}", tasks=tuple(t.replace("{file}", task) for t in spec.scored_on),
+                                  models=tuple(models), task_types=spec.task_types, student_of=spec.student_of,
+                                  max_length=args.max_length, batch_size=64, throughput_texts=16)
+        table = evaluate(config, base, device=torch.device("cpu"))
+        summaries[dataset] = summarise(dataset, table, base, resolve_task(task).slug, runs, args)
+        summaries[dataset]["minutes_so_far"] = round((time.perf_counter() - started) / 60, 1)
+    with atomic_open(base / f"{name}.md", "w") as fh:
+        fh.write("\n\n".join(s["markdown"] for s in summaries.values()) + "\n")
+    with atomic_open(base / f"{name}.json", "w") as fh:
+        json.dump({"args": vars(args), "minutes": round((time.perf_counter() - started) / 60, 1),
+                   **{k: {kk: vv for kk, vv in v.items() if kk != "markdown"} for k, v in summaries.items()}},
+                  fh, indent=2)
+    plot(summaries, base / f"{name}.png")
+    print((base / f"{name}.md").read_text())
+    print(f"{(time.perf_counter() - started) / 60:.1f} min; {base / name}.md / .json / .png, results/{name}-*/")
+    return summaries
 
 
 def main() -> None:
-    args = study_parser(__doc__, "study_skd", train=[1000, 2000]).parse_args()
-    base = Path(args.out).resolve()
-    started = time.perf_counter()
-    for task, texts in zip(TASKS, args.train):
-        print(f"{task}: texts, gather, dictionary, targets", flush=True)
-        prepare(task, base, texts, args)
-        for seed in args.seeds:
-            for loss in LOSSES:
-                points = train(task, base, loss, seed, args)
-    models = specs(points, args.seeds, base)
-    print(f"evaluating {len(models)} models on {len(TASKS)} tasks", flush=True)
-    config = EvaluationConfig(run="study_skd", tasks=TASKS, models=tuple(models), max_length=args.max_length,
-                              batch_size=64, throughput_texts=16)
-    table = evaluate(config, base, device=torch.device("cpu"))
-    summary = summarise(table, points, args.seeds, base)
-    minutes = (time.perf_counter() - started) / 60
-    with atomic_open(base / "study.json", "w") as fh:
-        json.dump({"args": vars(args), "minutes": round(minutes, 1), **summary}, fh, indent=2)
-    print((base / "study.md").read_text())
-    print(f"{minutes:.1f} min; {base / 'study.png'}, {base / 'study.md'}, results/study_skd/table.md")
+    run_study(study_parser(__doc__, "study_skd", DEFAULT_VARIANTS).parse_args(), "study_skd")
 
 
 if __name__ == "__main__":
