@@ -124,6 +124,14 @@ def mean_pool(token_states: torch.Tensor, embed_mask: torch.Tensor) -> torch.Ten
     return summed / mask.sum(dim=1).clamp(min=1.0)
 
 
+def sentence_embedding(token_states: torch.Tensor, embed_mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """A text's sentence embedding as an exported SentenceTransformer folder emits it (its
+    ``Pooling`` mean over the text tokens, then ``Normalize`` when the model normalises):
+    :func:`mean_pool`, L2-normalised when ``normalize``; (B, d) float32."""
+    pooled = mean_pool(token_states, embed_mask)
+    return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+
 class Teacher:
     """A loaded teacher: tokenizer, backbone, pooling. Build it with :func:`load_teacher`."""
 
@@ -176,6 +184,12 @@ class Teacher:
         )
         return output.last_hidden_state
 
+    @torch.no_grad()
+    def sentence_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled embeddings of a tokenized batch (:func:`sentence_embedding`), (B, d) float32
+        on the teacher's device."""
+        return sentence_embedding(self.token_states(batch), batch["embed_mask"], self.normalize)
+
     def encode(self, examples: Sequence[str], batch_size: int = 32, max_length: int = 512,
                progress: bool = False) -> np.ndarray:
         """Pooled embeddings, (N, d) float32: mean over the embed mask, L2-normalised when the
@@ -189,10 +203,7 @@ class Teacher:
         for start in tqdm(starts, desc=f"encode {self.slug}", disable=not progress):
             index = order[start : start + batch_size]
             batch = self.tokenize([examples[i] for i in index], max_length)
-            pooled = mean_pool(self.token_states(batch), batch["embed_mask"])
-            if self.normalize:
-                pooled = F.normalize(pooled, p=2, dim=-1)
-            embeddings[index] = pooled.cpu().numpy()
+            embeddings[index] = self.sentence_embeddings(batch).cpu().numpy()
         return embeddings
 
 

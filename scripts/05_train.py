@@ -9,7 +9,9 @@ the stored sense targets of scripts/04_targets.py: no teacher runs; the loss sco
 the dictionary's rule (03_cluster.py --sense-rule) and leaves out tokens of a single sense
 (their share is logged and kept in the export manifest). mse (the ablation) runs the frozen
 teacher on the fly, on each example once while the states fit in --teacher-cache-gb (kept in
-memory for later epochs). Writes runs/<task>/<run>/:
+memory for later epochs). pooled-mse matches the student's sentence embedding (pooled and
+normalised as export/st embeds) to the whole teacher's, computed once per text; sense-pooled adds
+--sentence-weight times that term to the sense loss. Writes runs/<task>/<run>/:
 config.json, checkpoints/ (and best.pt), metrics.jsonl, loss.png, selection.json, export/hf
 (transformers folder: scripts/06_evaluate.py student:... and replace:...) and export/st
 (SentenceTransformer folder), with the objective's extras (sense: export/st-replace). Resumes from the latest checkpoint unless --no-resume/--overwrite.
@@ -33,7 +35,7 @@ from embdistill.objectives import STUDENT_OBJECTIVES, StudentObjective, StudentR
 from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.students import build_student, default_student_layers, export_student
 from embdistill.tasks import resolve_task
-from embdistill.teachers import load_tokenizer, mean_pool
+from embdistill.teachers import load_tokenizer, sentence_embedding
 from embdistill.texts import instruction_of, read_train_texts
 from embdistill.train_config import TrainConfig, add_training_args, resolved_config
 from embdistill.training import Trainer, to_device
@@ -49,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=tuple(STUDENT_OBJECTIVES), default="sense",
-                        help="the objective: sense: SKD's loss over the sense dictionary; mse: token states (ablation)")
+                        help="the objective: sense: SKD's loss over the sense dictionary; mse: token states (ablation); "
+                        "pooled-mse: the pooled sentence embedding; sense-pooled: sense + --sentence-weight x "
+                        "pooled-mse")
     parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: the objective's, "
-                        "e.g. skd or mse)")
+                        "skd, mse, pooled-mse, skd-pooled)")
     parser.add_argument("--student-layers", type=positive_int, default=None,
                         help="teacher layers the student keeps (default: 4 for Llama, 2 for encoders)")
     parser.add_argument("--max-length", type=positive_int, default=512,
@@ -100,9 +104,8 @@ def stage_validation(run: StudentRun, objective: StudentObjective, val_examples:
         for batch in batches:
             states = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-            pooled.append(mean_pool(states, batch["embed_mask"]))
-        embedding = torch.cat(pooled)
-        return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
+            pooled.append(sentence_embedding(states, batch["embed_mask"], normalize))
+        return torch.cat(pooled)
 
     return Validation(embed, {objective.teacher.slug: teacher_embeddings},
                       lambda model: evaluate_loss(model, objective, val_batches))

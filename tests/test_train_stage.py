@@ -179,6 +179,104 @@ def test_a_finished_run_is_skipped(pinned_run, tiny_bert_dir, capsys):
 
 
 # ------------------------------------------------------------------------------------------
+# the pooled objectives: pooled-mse, sense-pooled
+
+
+def test_sense_pooled_with_sentence_weight_0_trains_as_the_sense_loss(pinned_run, tiny_bert_dir, capsys):
+    """The same losses, sense accuracies and weights as the pinned sense run, to the bit; the
+    pooled term is logged, and the weight is in this run's identity only."""
+    args = train_script(pinned_run.base, tiny_bert_dir, *PINNED_ARGS, "--loss", "sense-pooled",
+                        "--sentence-weight", "0")
+    code, err = run_in_process(args, capsys)
+    assert code == 0, err
+    run = Paths(pinned_run.base, pinned_run.task, pinned_run.teacher, "skd-pooled")
+    sense_rows, rows = read_metrics(pinned_run.run_dir / "metrics.jsonl"), read_metrics(run.run_dir / "metrics.jsonl")
+    assert [row["loss"] for row in rows] == [row["loss"] for row in sense_rows]
+    assert [row["sense_accuracy"] for row in rows] == [row["sense_accuracy"] for row in sense_rows]
+    assert all(row["pooled_mse"] > 0 for row in rows)
+    last = "step-00000012.pt"
+    trained = torch.load(run.checkpoint_dir / last, weights_only=True)["model"]
+    for name, value in torch.load(pinned_run.checkpoint_dir / last, weights_only=True)["model"].items():
+        assert torch.equal(trained[name], value), name
+    assert json.loads((run.run_dir / "config.json").read_text())["run"]["sentence_weight"] == 0
+    assert "sentence_weight" not in json.loads((pinned_run.run_dir / "config.json").read_text())["run"]
+    assert (run.export_dir / "st-replace" / "modules.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def far_teacher_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT with a second layer that matters (the random one barely moves the pooled
+    embedding: its first layer alone starts at a pooled-mse of 0.003) and a Normalize module."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("far-teacher") / "far-bert"
+    shutil.copytree(tiny_bert_dir, folder)
+    model = BertModel.from_pretrained(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.encoder.layer[1].parameters():
+            parameter.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "2_Normalize").mkdir()
+    return folder
+
+
+POOLED_ARGS = ["--student-layers", "1", "--epochs", "3", "--batch-size", "3", "--lr", "2e-3", "--warmup-steps", "0",
+               "--max-length", "32", "--log-every", "1", "--val-texts", "3", "--val-every", "1", "--keep-best", "loss"]
+
+
+def test_pooled_mse_trains_validates_and_exports_what_it_trained(tmp_path, far_teacher_dir, capsys):
+    """The validation loss falls from the untrained start, and the kept step's is the squared
+    distance of sentence-transformers' embeddings of the held-out texts by the exported folder
+    and by the teacher's own folder (normalised: 2 - 2 cos)."""
+    from sentence_transformers import SentenceTransformer
+
+    paths = Paths(tmp_path, "bbc-news", far_teacher_dir.name)
+    save_json([format_example("Classify the topic of the given news article", s) for s in SENTENCES], paths.train_json)
+    code, err = run_in_process(train_script(tmp_path, far_teacher_dir, *POOLED_ARGS, "--loss", "pooled-mse"), capsys)
+    assert code == 0, err
+    run = Paths(tmp_path, paths.task, paths.teacher, "pooled-mse")
+    selection = json.loads((run.run_dir / "selection.json").read_text())
+    scores = {row["step"]: row["loss"] for row in selection["scores"]}
+    assert selection["kept_step"] > 0 and selection["kept_score"] < 0.8 * scores[0]
+    train_losses = [row["loss"] for row in read_metrics(run.run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(train_losses) == 9 and train_losses[-1] < train_losses[0]
+
+    examples = json.loads(paths.train_json.read_text())
+    texts = [examples[i].split("!@#$%^&*()")[1] for i in selection["validation"]["indices"]]
+    exported = SentenceTransformer(str(run.export_dir / "st"), device="cpu")
+    whole = SentenceTransformer(str(far_teacher_dir), device="cpu")
+    whole[1].include_prompt = False  # the prompt's tokens out of the mean, as the export's pooling
+    student, teacher = (torch.from_numpy(exported.encode(texts)),
+                        torch.from_numpy(whole.encode(texts, prompt=exported.prompts["task"])))
+    expected = torch.nn.functional.mse_loss(student, teacher, reduction="sum") / len(texts)
+    assert float(expected) == pytest.approx(selection["kept_score"], rel=1e-4)
+
+
+def test_sense_pooled_trains_and_its_sentence_weight_is_in_the_run_identity(stage_inputs, tiny_bert_dir, capsys):
+    args = train_script(stage_inputs.base, tiny_bert_dir, *POOLED_ARGS, "--loss", "sense-pooled")
+    code, err = run_in_process(args, capsys)
+    assert code == 0, err
+    run = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "skd-pooled")
+    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    trained = [row for row in rows if "loss" in row]
+    assert len(trained) == 9 and all(row["loss"] > row["pooled_mse"] > 0 for row in trained)  # sense + 1 x pooled
+    validated = [row for row in rows if "val/loss" in row]
+    assert validated[0]["step"] == 0 and {"val/sense_accuracy", "val/pooled_mse"} <= set(validated[0])
+    assert json.loads((run.run_dir / "config.json").read_text())["run"]["sentence_weight"] == 1.0
+
+    code, err = run_in_process(args, capsys)
+    assert code == 0 and "up to date" in err
+    code, err = run_in_process([*args, "--sentence-weight", "0.5"], capsys)
+    assert code == 2 and "sentence_weight: 1.0 -> 0.5" in err
+    code, err = run_in_process([*args, "--sentence-weight", "-1"], capsys)
+    assert code == 2 and "--sentence-weight" in err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------
 # kill -9 and resume
 
 

@@ -13,7 +13,9 @@ A new loss: a file here, one line in its stage's registry (README, "Adding a los
 
 from .base import StudentObjective, StudentRun, objective_named
 from .kernel_nll import KernelNLL
+from .pooled_matching import PooledMatching
 from .sense import SenseDistillation
+from .sense_pooled import SensePooled
 from .state_matching import StateMatching
 from .teacher_heads import MultiTeacherObjective
 from .teacher_mse import TeacherMSE
@@ -22,6 +24,8 @@ from .teacher_mse import TeacherMSE
 STUDENT_OBJECTIVES: dict[str, type[StudentObjective]] = {
     "sense": SenseDistillation,
     "mse": StateMatching,
+    "pooled-mse": PooledMatching,
+    "sense-pooled": SensePooled,
 }
 
 # scripts/11_train_multiteacher.py --loss
@@ -30,5 +34,5 @@ MULTITEACHER_OBJECTIVES: dict[str, type[MultiTeacherObjective]] = {
     "mse": TeacherMSE,
 }
 
-__all__ = ["MULTITEACHER_OBJECTIVES", "STUDENT_OBJECTIVES", "KernelNLL", "MultiTeacherObjective", "SenseDistillation",
-           "StateMatching", "StudentObjective", "StudentRun", "TeacherMSE", "objective_named"]
+__all__ = ["MULTITEACHER_OBJECTIVES", "STUDENT_OBJECTIVES", "KernelNLL", "MultiTeacherObjective", "PooledMatching",
+           "SenseDistillation", "SensePooled", "StateMatching", "StudentObjective", "StudentRun", "TeacherMSE", "objective_named"]

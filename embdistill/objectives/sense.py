@@ -18,7 +18,7 @@ from ..losses import SenseLoss
 from ..senses.dictionary import SenseDictionary
 from ..senses.packed import PackedSenses
 from ..senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
-from ..teachers import load_teacher
+from ..teachers import Teacher, load_teacher
 from ..training import LossOutput
 from .base import StudentObjective, StudentRun
 
@@ -79,9 +79,13 @@ class SenseDistillation(StudentObjective):
         return {"export_replace": run.args.export_replace}
 
     @classmethod
-    def build(cls, run: StudentRun, inputs: dict[str, Path | SenseDictionary]) -> "SenseDistillation":
+    def load_teacher(cls, run: StudentRun) -> Teacher:
         # the teacher only gives the student its first layers: those alone, on the CPU
-        teacher = load_teacher(run.args.teacher, device="cpu", dtype=torch.float32, layers=run.layers)
+        return load_teacher(run.args.teacher, device="cpu", dtype=torch.float32, layers=run.layers)
+
+    @classmethod
+    def build(cls, run: StudentRun, inputs: dict[str, Path | SenseDictionary]) -> "SenseDistillation":
+        teacher = cls.load_teacher(run)
         dictionary = inputs["sense_dict"]
         senses = dictionary.packed(teacher.vocab_size, hidden_size=teacher.hidden_size,
                                    teacher=None if run.args.allow_teacher_mismatch else teacher.slug).to(run.device)
@@ -100,6 +104,10 @@ class SenseDistillation(StudentObjective):
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.of_states(states, batch)
+
+    def of_states(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The loss of the student's final token ``states`` of ``batch``."""
         loss, accuracy, count = self.sense_loss(states, batch["input_ids"], batch["sense_targets"])
         return LossOutput(loss, count, {"sense_accuracy": accuracy})
 

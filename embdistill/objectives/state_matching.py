@@ -42,9 +42,9 @@ class StateMatching(StudentObjective):
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("--loss mse")
+        group = parser.add_argument_group("--loss mse, pooled-mse, sense-pooled")
         group.add_argument("--teacher-device", default=None,
-                           help="mse: default and cuda: a spare GPU per process (cuda:LOCAL_RANK + LOCAL_WORLD_SIZE) "
+                           help="mse, pooled-mse, sense-pooled (the whole teacher): default and cuda: a spare GPU per process (cuda:LOCAL_RANK + LOCAL_WORLD_SIZE) "
                            "when the node has one, else the student's (default) or this process's GPU (cuda); "
                            "otherwise as --device")
         group.add_argument("--teacher-cache-gb", type=non_negative_float, default=4.0,
