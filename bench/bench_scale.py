@@ -193,7 +193,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep each N's base directory")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="no runs: refit and report an earlier scale.json (written to --out)")
+    parser.add_argument("--unit-rates", action="store_true",
+                        help="no runs: measure the texts and count stages' CPU s per character and per "
+                        "token (seconds) and write them into --write-constants (its 'unit_rates')")
     args = parser.parse_args()
+    if args.unit_rates:
+        rates = measure_unit_rates(max_length=args.max_length)
+        print(json.dumps(rates, indent=1))
+        if args.write_constants:
+            constants = json.loads(args.write_constants.read_text())
+            args.write_constants.write_text(json.dumps({**constants, "unit_rates": rates}, indent=1) + "\n")
+        return
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         report(result, args)
@@ -219,6 +229,41 @@ def main() -> None:
         (args.out / "scale.json").write_text(json.dumps(result, indent=1))  # what has finished, if stopped
 
     report(result, args)
+
+
+def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
+    """CPU seconds per character of stage 0's own work (format, write train.json, read it back)
+    and per token of the count stage's (MiniLM's tokenizer, count_tokens), in this process, with
+    the work large enough to dwarf start-up: the stage runs above are dominated by their imports
+    at these N, so their fitted rates for texts and count are noise (the plan reads these instead)."""
+    import tempfile
+
+    import torch
+
+    from embdistill.artifacts import save_json
+    from embdistill.input_format import format_example
+    from embdistill.senses.gather import count_tokens
+    from embdistill.tasks import resolve_task
+    from embdistill.teachers import load_tokenizer
+    from embdistill.texts import JsonTextList
+
+    torch.set_num_threads(1)
+    splits = resolve_task("tweet-sentiment").load_splits(max_train=n_texts, max_test=1)
+    texts = list(splits.train_texts)
+    chars = sum(map(len, texts))
+    tokenizer = load_tokenizer("minilm")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.process_time()
+        save_json([format_example("Classify the sentiment", t) for t in texts], Path(tmp) / "train.json")
+        examples = JsonTextList(Path(tmp) / "train.json")
+        stage0 = time.process_time() - start
+        start = time.process_time()
+        counts = count_tokens(tokenizer.tokenize, examples, max_length, progress=False)
+        count = time.process_time() - start
+    tokens = sum(counts.values())
+    return {"texts": {"s_per_char": stage0 / chars, "chars": chars, "cpu_s": stage0},
+            "count": {"s_per_token": count / tokens, "tokens": tokens, "cpu_s": count},
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, load {os.getloadavg()[0]:.1f}"}
 
 
 def report(result: dict, args) -> None:

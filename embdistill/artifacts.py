@@ -153,7 +153,10 @@ def load_pickle(path: str | os.PathLike) -> Any:
                 "torch tensors are allowed"
             ) from None
         raise UserError(f"{path}: corrupt pickle ({exc})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+    except MemoryError:  # not the file's fault: say so, with what it takes
+        raise UserError(f"{path}: out of memory (MemoryError) loading this {path.stat().st_size / 2**20:.1f} MB "
+                        "pickle; the file is not known to be damaged: free memory or use a larger machine") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             RuntimeError, OSError) as exc:
         reason = "truncated" if isinstance(exc, EOFError) else type(exc).__name__
         raise UserError(f"{path}: corrupt pickle ({reason}: {exc})".rstrip(": ")) from None

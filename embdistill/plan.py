@@ -21,10 +21,11 @@ on our token counts, :func:`fit_zipf`; the same share assumed for another vocabu
   ``a`` and ``rate`` are fitted on our CPU (bench/bench_scale.py, MiniLM; ``fit_constants``) and
   ``model`` is the weights a stage holds, stated, not fitted (MiniLM's are subtracted before the
   fit, so that another teacher's replace them);
-* time ``x``: texts: characters; count: tokens; gather, targets, teacher embeddings: tokens x P
+* time ``x``: texts: characters; count: tokens (both per-unit costs measured on one large batch,
+  ``bench_scale.py --unit-rates``: CPU work, tokenising and JSON, on no GPU); gather, targets, teacher embeddings: tokens x P
   (forward FLOPs / 2) / R; combine: S x H; cluster: S x H x k x max_iter / R; train: steps x
   batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
-* host memory ``x``: texts, count: characters; gather: S x H x b / R (a rank merges its parts
+* host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather: S x H x b / R (a rank merges its parts
   whole); combine: S x H x b (today's whole dict); cluster: S x H x b / R (the row file, mapped);
   targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the corpus is
   held whole; embeddings go to disk shard by shard);
@@ -214,7 +215,7 @@ def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) ->
     eval_tokens = work.eval_texts * work.mean_tokens
     return {
         "texts": {"cpu_s": work.chars, "peak_rss_mb": work.chars, "disk_mb": work.chars},
-        "count": {"cpu_s": work.tokens, "peak_rss_mb": work.chars, "disk_mb": derived.token_ids},
+        "count": {"cpu_s": work.tokens, "peak_rss_mb": derived.token_ids, "disk_mb": derived.token_ids},
         "gather": {"cpu_s": work.tokens * P / R, "peak_rss_mb": S * H * b / R, "disk_mb": S * H * b},
         "combine": {"cpu_s": S * H, "peak_rss_mb": S * H * b, "disk_mb": S * H * b},
         "cluster": {"cpu_s": S * H * options.k * options.max_iter / options.cluster_procs,
@@ -292,7 +293,13 @@ def cpu_costs(constants: dict, work: Work, derived: Derived, teacher: Teacher, o
     """Each stage's wall s, peak host MB and disk MB at our CPU's rates."""
     x = drivers(work, derived, teacher, options)
     model = model_terms(teacher, options)
-    fitted = constants["stages"]
+    # texts and count: the stage runs that were fitted are start-up at bench sizes, so their
+    # per-unit CPU cost is the one measured on a large batch (bench_scale.py --unit-rates)
+    unit = constants.get("unit_rates", {})
+    fitted = {stage: dict(metrics) for stage, metrics in constants["stages"].items()}
+    for stage, key in (("texts", "s_per_char"), ("count", "s_per_token")):
+        if stage in unit:
+            fitted[stage]["cpu_s"] = {"a": fitted[stage]["cpu_s"]["a"], "rate": unit[stage][key]}
     return {stage: {m: fitted[stage][m]["a"] + fitted[stage][m]["rate"] * x[stage][m] + model[stage][m] for m in METRICS}
             for stage in STAGES}
 

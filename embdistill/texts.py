@@ -4,13 +4,23 @@
 so the original's downloaded files drop in. ``eval.json`` holds the labelled splits the
 evaluation uses: ``train`` (the same texts as train.json, with labels, for mteb's logistic
 regression) and ``test`` (held out: no test text is in train.json).
+
+Every rank of every later stage reads train.json, so it is read lazily (:class:`JsonTextList`):
+one streaming pass indexes where each text lies (16 bytes a text), and a text is read from the
+file when it is asked for. A rank holds the texts it is working on, not the task's (a 1M-text
+file of 500-character texts is about 1 GB as Python strings, in every rank).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import operator
+import os
+import re
+from array import array
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .artifacts import load_json, save_json, write_manifest
 from .errors import UserError
@@ -50,15 +60,93 @@ def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
     return {"train": len(examples), "test": len(splits.test_texts)}
 
 
-def read_train_texts(paths: Paths) -> list[str]:
-    """The examples of train.json; UserError when missing, malformed or empty."""
+# One token of a JSON list of strings, after optional whitespace: punctuation or a whole string
+# (UTF-8 continuation bytes are never '"' or '\\', so bytes are scanned as they are).
+_LIST_TOKEN = re.compile(rb'\s*(?:([\[\],])|("[^"\\]*(?:\\.[^"\\]*)*"))', re.DOTALL)
+_READ_BLOCK = 1 << 20
+_ITER_TEXTS = 256  # texts read per pread batch while iterating
+
+
+class JsonTextList(Sequence[str]):
+    """A file holding a JSON list of strings (any layout: one per line, as save_json writes it,
+    or all on one line, as the original's files are), read lazily. Building it checks the list's
+    syntax in one streaming pass and keeps each string's byte span; indexing reads and decodes
+    that string (a slice, the strings of the slice, as a list). The file must not change while it
+    is read: a read that finds it changed is a UserError."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._starts, self._ends = array("q"), array("q")
+        stat = self.path.stat()
+        self._stamp = (stat.st_size, stat.st_mtime_ns)
+        with open(self.path, "rb") as fh:
+            self._index(fh)
+
+    def _index(self, fh) -> None:
+        buf, base, pos, eof = b"", 0, 0, False
+        expect = b"["  # what may come next: b"s" a string, b"[" b"," b"]" punctuation, b"" the end
+        while True:
+            match = _LIST_TOKEN.match(buf, pos)
+            if match is None:  # the buffer ends in whitespace or inside a string, or the file is wrong
+                rest = buf[pos:].lstrip()
+                if (rest and not rest.startswith(b'"')) or (eof and (rest or expect)):
+                    raise self._malformed(base + len(buf) - len(rest))
+                if eof:
+                    return
+                block = fh.read(max(_READ_BLOCK, len(buf) - pos))  # doubles for a long string
+                buf, base, pos, eof = buf[pos:] + block, base + pos, 0, not block
+                continue
+            punct, string = match.groups()
+            kind = b"s" if string is not None else punct
+            if kind not in expect:
+                raise self._malformed(base + match.start(1 if punct else 2))
+            if string is not None:
+                self._starts.append(base + match.start(2))
+                self._ends.append(base + match.end(2))
+            expect = {b"[": b"s]", b"s": b",]", b",": b"s", b"]": b""}[kind]
+            pos = match.end()
+
+    def _malformed(self, offset: int) -> UserError:
+        return UserError(f"{self.path}: expected a JSON list of strings (malformed at byte {offset})")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self._read(range(len(self))[key])
+        index = operator.index(key)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.path}: text {index} of {len(self)}")
+        return self._read([index % len(self)])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), _ITER_TEXTS):
+            yield from self._read(range(start, min(start + _ITER_TEXTS, len(self))))
+
+    def _read(self, indices: Sequence[int]) -> list[str]:
+        with open(self.path, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != self._stamp:
+                raise UserError(f"{self.path}: changed while it was being read; rerun this stage")
+            fd, texts = fh.fileno(), []
+            for i in indices:
+                raw = os.pread(fd, self._ends[i] - self._starts[i], self._starts[i])
+                try:
+                    texts.append(json.loads(raw))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise UserError(f"{self.path}: string {i} is not valid JSON ({exc})") from None
+            return texts
+
+
+def read_train_texts(paths: Paths) -> Sequence[str]:
+    """The examples of train.json, read lazily (:class:`JsonTextList`); UserError when missing,
+    malformed or empty."""
     if not paths.train_json.is_file():
         raise UserError(
             f"missing {paths.train_json}: run scripts/00_texts.py --task {paths.task} first"
         )
-    examples = load_json(paths.train_json)
-    if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
-        raise UserError(f"{paths.train_json}: expected a JSON list of strings")
+    examples = JsonTextList(paths.train_json)
     if not examples:
         raise UserError(f"{paths.train_json}: the task has no training texts")
     return examples
@@ -78,12 +166,12 @@ def read_eval_split(paths: Paths) -> dict:
     return data
 
 
-def texts_only(examples: list[str]) -> list[str]:
+def texts_only(examples: Iterable[str]) -> list[str]:
     """The text part of formatted examples (instruction and separator removed)."""
     return [split_example(example)[1] for example in examples]
 
 
-def instruction_of(examples: list[str]) -> str:
+def instruction_of(examples: Iterable[str]) -> str:
     """The one instruction of a task's examples (what an exported student's prompt is)."""
     instructions = {split_example(example)[0] for example in examples}
     if len(instructions) > 1:

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from embdistill.quantize import load_student, quantize_student
 
     fp32 = load_student(st_dir)
-    texts = texts_only(read_train_texts(paths))
-    check_texts = texts[:: max(1, len(texts) // CHECK_TEXTS)][:CHECK_TEXTS]  # spread over the file
+    examples = read_train_texts(paths)  # lazy: only the check texts are read
+    check_texts = texts_only(examples[:: max(1, len(examples) // CHECK_TEXTS)][:CHECK_TEXTS])  # spread over the file
     summary = quantize_student(fp32, out, check_texts, weight_type=args.weight_type, min_cosine=args.min_cosine)
     write_manifest(out, stage="quantize", config=config, inputs=inputs, extra=summary)
     return 0

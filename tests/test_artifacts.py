@@ -84,6 +84,22 @@ def test_truncated_and_missing_pickles(tmp_path):
         artifacts.load_pickle(tmp_path / "nope.pkl")
 
 
+def test_out_of_memory_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A MemoryError while loading says so, with the file and its size, in one line."""
+    path = tmp_path / "s.pkl"
+    artifacts.save_pickle({1: np.zeros((1024, 256), np.float32)}, path)
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(artifacts.RestrictedUnpickler, "load", out_of_memory)
+    with pytest.raises(UserError) as failed:
+        artifacts.load_pickle(path)
+    message = str(failed.value)
+    assert len(message.splitlines()) == 1 and "corrupt" not in message
+    assert str(path) in message and "out of memory" in message and "1.0 MB" in message
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "out.pkl"
     artifacts.save_pickle({"a": 1}, path)
