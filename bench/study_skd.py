@@ -216,7 +216,7 @@ def model_specs(base: Path, runs: dict[str, list[int]]) -> list[str]:
     """The references, then every run's validated steps (plain) and last step (replace mode)."""
     dot = f"{base}/sense_dict/{{task}}/minilm.dot.kmeanspkl"
     models = ["teacher=teacher:minilm", f"teacher-replace=replace:minilm@{dot}", "untrained=untrained:minilm@2",
-              f"untrained-replace=replace:minilm@2@{dot}", "model2vec=st:baselines/model2vec/minilm"]
+              f"untrained-replace=replace:minilm@2@{dot}", f"model2vec=st:{base}/baselines/model2vec/minilm"]
     for run, steps in runs.items():
         for step in steps[1:]:
             models.append(f"{run}.step{step}=student:{base}/runs/{{task}}/{run}/curve/step-{step}")
