@@ -51,17 +51,38 @@ def write_texts(task: Task, paths: Paths, splits: Splits, config: dict,
 
 
 def read_train_texts(paths: Paths) -> list[str]:
-    """The examples of train.json; UserError when missing, malformed or empty."""
-    if not paths.train_json.is_file():
-        raise UserError(
-            f"missing {paths.train_json}: run scripts/00_texts.py --task {paths.task} first"
-        )
-    examples = load_json(paths.train_json)
-    if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
-        raise UserError(f"{paths.train_json}: expected a JSON list of strings")
-    if not examples:
-        raise UserError(f"{paths.train_json}: the task has no training texts")
-    return examples
+    """The examples of train.json (a task set's: each member's, in member order, each example
+    with its own task's instruction); UserError when one is missing, malformed or empty."""
+    return [example for examples in _train_examples(paths).values() for example in examples]
+
+
+def _train_examples(paths: Paths) -> dict[str, list[str]]:
+    """Each task's examples, by its folder name (a task set's members, see Paths.train_jsons)."""
+    by_task = {}
+    for task, train_json in paths.train_jsons.items():
+        if not train_json.is_file():
+            raise UserError(f"missing {train_json}: run scripts/00_texts.py --task {task} first")
+        examples = load_json(train_json)
+        if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+            raise UserError(f"{train_json}: expected a JSON list of strings")
+        if not examples:
+            raise UserError(f"{train_json}: the task has no training texts")
+        by_task[task] = examples
+    return by_task
+
+
+def texts_inputs(paths: Paths) -> dict[str, Path]:
+    """The training texts as a stage's recorded inputs: ``texts`` for one task (as before task
+    sets), ``texts/<member>`` for each member of a set, so that a member's change is seen."""
+    if not paths.members:
+        return {"texts": paths.train_json}
+    return {f"texts/{task}": train_json for task, train_json in paths.train_jsons.items()}
+
+
+def task_instructions(paths: Paths) -> dict[str, str]:
+    """Each member task's instruction, by its folder name (:func:`instruction_of` of its
+    examples): a task set's student has one prompt per member task."""
+    return {task: instruction_of(examples) for task, examples in _train_examples(paths).items()}
 
 
 def read_eval_split(paths: Paths) -> dict:
