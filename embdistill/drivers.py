@@ -361,7 +361,9 @@ def run_gather_sense(cli: Invocation) -> None:
     """Each task's counts, gather and combine; with several tasks (a task set), then the set's
     combine of its members' gathered states (each task is gathered once, for itself and for
     every set it is in)."""
-    tasks = cli.some_tasks()
+    from .tasks import expand_all
+
+    tasks = expand_all(cli.some_tasks())
     launch = cli.launch()
     for task in tasks:
         for stage in ("count", "gather", "combine"):

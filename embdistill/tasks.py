@@ -468,15 +468,19 @@ class TaskSet:
         return tuple(task.slug for task in self.members) if len(self.members) > 1 else ()
 
 
+def expand_all(args: list[str]) -> list[str]:
+    """The task arguments with ``all`` replaced by the indices 1-16."""
+    return [name for arg in args for name in
+            ([str(index) for index in TASKS] if str(arg).strip() == ALL_TASKS else [arg])]
+
+
 def resolve_task_set(args: str | list[str], text_column: str = "text", label_column: str = "label") -> TaskSet:
     """Turn ``--task`` values (each an index, a name, a file, or ``all``: tasks 1-16) into a
     :class:`TaskSet`; UserError for a task named twice or two tasks of one folder name."""
-    names = [args] if isinstance(args, str) else list(args)
+    names = expand_all([args] if isinstance(args, str) else list(args))
     if not names:
         raise UserError(f"no task given: choose {_choices()}")
-    tasks = [task for name in names for task in
-             ([_hub_task(spec) for spec in TASKS.values()] if str(name).strip() == ALL_TASKS
-              else [resolve_task(name, text_column, label_column)])]
+    tasks = [resolve_task(name, text_column, label_column) for name in names]
     by_slug: dict[str, Task] = {}
     for task in tasks:
         if task.slug in by_slug:

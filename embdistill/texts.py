@@ -109,5 +109,6 @@ def instruction_of(examples: list[str]) -> str:
     instructions = {split_example(example)[0] for example in examples}
     if len(instructions) > 1:
         raise UserError(f"the examples carry {len(instructions)} different instructions; an "
-                        "exported student has one prompt: train on one task's train.json")
+                        "exported student has one prompt per task: give each task its own train.json (several "
+                        "tasks as one task set train one student with a prompt per task)")
     return instructions.pop()
