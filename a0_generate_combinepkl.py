@@ -1,6 +1,8 @@
 """Combine gathered states of ranks and tasks into one dict per token, each capped (combined.pkl).
 
     python a0_generate_combinepkl.py --task bbc-news          # its gather/ -> work/bbc-news/minilm/combined.pkl
+    python a0_generate_combinepkl.py --task bbc-news tweet-sentiment   # a task set: the members' gather/
+                                                              # -> work/bbc-news+tweet-sentiment/minilm/combined.pkl
     python a0_generate_combinepkl.py --inputs bbc-news tweet-sentiment --output work/two-tasks/combined.pkl
     python a0_generate_combinepkl.py --inputs old/rank0.pkl old/rank1.pkl --output combined.pkl
 
@@ -21,11 +23,11 @@ from embdistill.distributed import print0
 from embdistill.errors import UserError
 from embdistill.paths import Paths, base_dir, slug
 from embdistill.senses.combine import PICKLE_AUTO_BYTES, PICKLE_MODES, combine, done_markers, resolve_inputs
-from embdistill.tasks import resolve_task
+from embdistill.tasks import resolve_task, resolve_task_set
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = stage_parser(__doc__.splitlines()[0])
+    parser = stage_parser(__doc__.splitlines()[0], task_set=True)
     parser.add_argument("--inputs", nargs="+", default=None,
                         help="rank pkls, gather folders or task names (default: --task's gather folder)")
     parser.add_argument("--output", default=None, help="combined pickle (default: --task's combined.pkl; "
@@ -50,13 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.inputs and not args.output:
         raise UserError("--output is required with --inputs")
-    output = Path(args.output) if args.output else task_paths(args.task).combined
-    # Without --inputs, --task's own gather folder: the task argument itself may be a data file,
-    # which is no rank file.
-    default = task_paths(args.task).gather_dir
-    if not args.inputs and not default.is_dir():
-        raise UserError(f"task {args.task}: nothing gathered in {default}; run run_gather_sense.sh {args.task}")
-    groups = resolve_inputs(args.inputs or [str(default)], lambda name: task_paths(name).gather_dir)
+    task_set = resolve_task_set(args.task, args.text_column, args.label_column)
+    output = Path(args.output) if args.output else Paths(base, task_set.slug, teacher).combined
+    # Without --inputs, the gather folder of each task of --task (a task set's: every member's,
+    # gathered once per task): the task argument itself may be a data file, which is no rank file.
+    defaults = [Paths(base, task.slug, teacher).gather_dir for task in task_set.members]
+    for task, default in zip(task_set.members, defaults) if not args.inputs else ():
+        if not default.is_dir():
+            raise UserError(f"task {task.name}: nothing gathered in {default}; run run_gather_sense.sh {task.slug}")
+    groups = resolve_inputs(args.inputs or [str(default) for default in defaults],
+                            lambda name: task_paths(name).gather_dir)
     files = [path for group in groups for path in group]
     config = {"inputs": [str(p) for p in files], "cap": args.cap, "seed": args.seed}
     inputs = {f"input{i}": path for i, path in enumerate(files)}

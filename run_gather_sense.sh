@@ -6,9 +6,11 @@ set -euo pipefail
 
 usage() {
   cat <<USAGE
-usage: bash run_gather_sense.sh TASK [launch flags] [stage options]
+usage: bash run_gather_sense.sh TASK [TASK ...] [launch flags] [stage options]
 
-  TASK   task index 1-16, a task name (bbc-news, tweet-sentiment, ...) or a .jsonl/.csv file
+  TASK   task index 1-16, a task name (bbc-news, tweet-sentiment, ...) or a .jsonl/.csv file;
+         several (or all: 1-16): each is gathered and combined, then their states are combined
+         for the task set (work/<set>/<teacher>/, e.g. work/bbc-news+tweet-sentiment/minilm/)
 
 Runs scripts/01_count.py, scripts/02_gather.py (under torchrun) and a0_generate_combinepkl.py.
 Stage options (see each script's --help) go to the scripts that take them:
@@ -25,6 +27,7 @@ With --nnodes > 1 the combine is left for one machine to run once all have finis
 
 examples:
   bash run_gather_sense.sh bbc-news
+  bash run_gather_sense.sh bbc-news tweet-sentiment   # and the two as one task set
   bash run_gather_sense.sh 14 --nproc_per_node 6 --teacher llm2vec-llama3-8b --max-length 512
 USAGE
 }

@@ -5,9 +5,10 @@ set -euo pipefail
 
 usage() {
   cat <<USAGE
-usage: $0 TASK [options of scripts/03_cluster.py]
+usage: $0 TASK [TASK ...] [options of scripts/03_cluster.py]
 
-TASK comes first: an index 1-16, bbc-news, tweet-sentiment or a data file.
+TASK comes first: an index 1-16, bbc-news, tweet-sentiment or a data file; several (or all):
+one task set's dictionary, over its tasks' combined states (run_gather_sense.sh with the same tasks).
 Examples:
   $0 bbc-news
   $0 bbc-news --k-rule mcl --backend sklearn --threads 2

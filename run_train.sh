@@ -7,10 +7,11 @@ set -euo pipefail
 
 usage() {
   cat <<USAGE
-usage: $0 TASK [--nproc_per_node N --nnodes N --node_rank R --master_addr A --master_port P]
+usage: $0 TASK [TASK ...] [--nproc_per_node N --nnodes N --node_rank R --master_addr A --master_port P]
           [options of scripts/05_train.py]
 
-TASK: an index 1-16, bbc-news, tweet-sentiment or a data file. Needs text_train/<task>/train.json
+TASK: an index 1-16, bbc-news, tweet-sentiment or a data file; several (or all): one task set,
+one student of every task's texts (runs/<set>/, e.g. runs/bbc-news+tweet-sentiment/). Needs text_train/<task>/train.json
 (scripts/00_texts.py) and, for --loss sense, sense_dict/<task>/<teacher>.kmeanspkl (run_sep_cluster.sh).
 With --loss sense (the default) scripts/04_targets.py runs first, under the same launch flags; it
 gets the options it takes (--teacher, --sense-dict, --targets, --max-length, --device, --overwrite

@@ -171,8 +171,10 @@ positive_float = bounded_float(0, low_included=False)
 fraction = bounded_float(0, 1, low_included=False)  # a share of the texts: neither none nor all
 
 
-def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
+def stage_parser(doc: str, *, task: bool = True, task_set: bool = False) -> argparse.ArgumentParser:
     """A parser with the options every stage shares: --task, --base-dir, --overwrite, --seed.
+    ``task_set``: --task takes several tasks, distilled together (a list; see
+    :func:`embdistill.tasks.resolve_task_set`).
 
     ``doc`` is the stage script's docstring: its first line describes the stage, the rest
     (usage examples) is shown after the options. The parser is named after the calling script's
@@ -186,9 +188,12 @@ def stage_parser(doc: str, *, task: bool = True) -> argparse.ArgumentParser:
     if task:
         parser.add_argument(
             "--task",
-            default="bbc-news",
+            nargs="+" if task_set else None,
+            default=["bbc-news"] if task_set else "bbc-news",
             help="task index 1-16, a task name (e.g. bbc-news, tweet-sentiment, "
-            "Banking77Classification) or a .jsonl/.csv file with text and label columns",
+            "Banking77Classification) or a .jsonl/.csv file with text and label columns"
+            + ("; several (or all: tasks 1-16): one task set, distilled together, under "
+               "its own folder name (e.g. bbc-news+tweet-sentiment)" if task_set else ""),
         )
         parser.add_argument("--text-column", default="text", help="text column of a user file")
         parser.add_argument("--label-column", default="label", help="label column of a user file")

@@ -1,7 +1,9 @@
 """The shell drivers' command lines and stage sequences: each ``run_*.sh`` prints its usage on
 ``--help`` and otherwise runs ``python -m embdistill.drivers NAME ARGS``.
 
-A driver's command line is ``TASK [TASK ...] [launch flags] [options]``, in any order:
+A driver's command line is ``TASK [TASK ...] [launch flags] [options]``, in any order (the
+SKD drivers take several tasks as one task set, distilled into one student; the gather driver
+gathers each task, then combines them):
 
 * the launch flags are torchrun's (``--nproc_per_node --nnodes --node_rank --master_addr
   --master_port``), for the stages run under :mod:`embdistill.torchrun` (one process on one
@@ -215,13 +217,18 @@ class Invocation:
                 for stage_name in driver.only.get(option, stage_options[option]):
                     self.stage_args[stage_name] += tokens
 
-    def one_task(self, required: bool = True) -> str | None:
+    def one_task(self) -> str | None:
+        """The task given, if any (a driver that takes at most one)."""
         if len(self.tasks) > 1:
             raise UserError(f"{self.driver.script} takes one task, got {' '.join(self.tasks)}")
-        if required and not self.tasks:
-            raise UserError(f"{self.driver.script} needs a TASK (first argument: an index 1-16, "
-                            "a task name or a data file); see --help")
         return self.tasks[0] if self.tasks else None
+
+    def some_tasks(self) -> list[str]:
+        """The tasks given (one, or several: a task set, see embdistill.tasks.TaskSet)."""
+        if not self.tasks:
+            raise UserError(f"{self.driver.script} needs a TASK (first arguments: an index 1-16, "
+                            "a task name or a data file; several: one task set); see --help")
+        return self.tasks
 
     def launch(self, **defaults) -> Launch:
         """The launch flags given (over ``defaults``), checked."""
@@ -351,20 +358,29 @@ def _positive(invocation: Invocation, option: str, default: int) -> int:
 
 
 def run_gather_sense(cli: Invocation) -> None:
-    task = ["--task", cli.one_task()]
+    """Each task's counts, gather and combine; with several tasks (a task set), then the set's
+    combine of its members' gathered states (each task is gathered once, for itself and for
+    every set it is in)."""
+    from .tasks import expand_all
+
+    tasks = expand_all(cli.some_tasks())
     launch = cli.launch()
-    for stage in ("count", "gather", "combine"):
-        cli.check(stage, task)
-    cli.run("count", task)
-    cli.run("gather", task, launch=launch)
-    if launch.nnodes == 1:
-        cli.run("combine", task)
-    elif launch.node_rank == 0:
-        print(f"when every machine has finished, combine the ranks with:\n  {cli.command('combine', task)}")
+    for task in tasks:
+        for stage in ("count", "gather", "combine"):
+            cli.check(stage, ["--task", task])
+    combines = [["--task", task] for task in tasks] + ([["--task", *tasks]] if len(tasks) > 1 else [])
+    for task in tasks:
+        cli.run("count", ["--task", task])
+        cli.run("gather", ["--task", task], launch=launch)
+    for combine in combines:
+        if launch.nnodes == 1:
+            cli.run("combine", combine)
+        elif launch.node_rank == 0:
+            print(f"when every machine has finished, combine the ranks with:\n  {cli.command('combine', combine)}")
 
 
 def run_sep_cluster(cli: Invocation) -> None:
-    task = ["--task", cli.one_task()]
+    task = ["--task", *cli.some_tasks()]
     launch = cli.launch()
     if launch.nproc_per_node != 1:
         raise UserError("run_sep_cluster.sh runs one process: use run_multithread_cluster.sh --procs N")
@@ -375,7 +391,7 @@ def run_sep_cluster(cli: Invocation) -> None:
 def run_multithread_cluster(cli: Invocation) -> None:
     threads = _positive(cli, "--threads", 1)
     procs = _positive(cli, "--procs", 2)
-    fixed = ["--task", cli.one_task(), "--threads", str(threads)]
+    fixed = ["--task", *cli.some_tasks(), "--threads", str(threads)]
     launch = cli.launch(nproc_per_node=procs)
     cli.check("cluster", fixed)
     cli.run("cluster", fixed, launch=launch, env={"OMP_NUM_THREADS": str(threads)})  # torchrun would set 1
@@ -384,7 +400,7 @@ def run_multithread_cluster(cli: Invocation) -> None:
 def run_train(cli: Invocation) -> None:
     from .objectives import STUDENT_OBJECTIVES
 
-    task = ["--task", cli.one_task()]
+    task = ["--task", *cli.some_tasks()]
     launch = cli.launch()
     if "targets" in STUDENT_OBJECTIVES[cli.check("train", task).loss].needs:  # e.g. not mse's: its teacher runs
         cli.check("targets", task)
@@ -393,7 +409,7 @@ def run_train(cli: Invocation) -> None:
 
 
 def run_evaluate(cli: Invocation) -> None:
-    task = cli.one_task(required=False)
+    task = cli.one_task()
     fixed = ["--task", task] if task else []
     cli.launch()  # one process: the launch flags are accepted (and checked), not used
     cli.check("evaluate", fixed)

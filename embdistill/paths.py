@@ -4,6 +4,8 @@ Layout under the base directory (``--base-dir``, else ``$EMBDISTILL_HOME``, else
 current directory)::
 
     text_train/<task>/train.json, eval.json        stage 0: training texts, held-out split
+                                                   (a task set, e.g. bbc-news+tweet-sentiment or
+                                                   all, has none: its members' are read)
     work/<task>/<teacher>/counts.pkl               stage 1: token counts
     work/<task>/<teacher>/gather/rank<R>.pkl       stage 2: sampled token states, per rank
     work/<task>/<teacher>/combined.pkl             a0_generate_combinepkl.py
@@ -60,6 +62,19 @@ class Paths:
     task: str  # task slug, from embdistill.tasks.Task.slug
     teacher: str = "minilm"  # teacher slug
     run: str = "skd"
+    # a task set's members (embdistill.tasks.TaskSet.member_slugs): its texts are theirs, its
+    # gathered states theirs combined; empty for one task
+    members: tuple[str, ...] = ()
+
+    def member(self, task: str) -> "Paths":
+        """The paths of one member task (same base and teacher)."""
+        return Paths(self.base, task, self.teacher, self.run)
+
+    @property
+    def train_jsons(self) -> dict[str, Path]:
+        """Each training-text file this pipeline reads, by its task's folder name: a task set's
+        are its members'."""
+        return {task: self.member(task).train_json for task in self.members or (self.task,)}
 
     @property
     def text_dir(self) -> Path:

@@ -10,7 +10,8 @@ exported:
   ``embdistill.teachers.load_teacher(export/hf)`` loads (token states, replace-mode
   evaluation, a later distillation);
 * ``export/st/``: a SentenceTransformer folder that embeds as the evaluation scored the
-  student: the task's instruction as its default prompt, the text tokens mean-pooled,
+  student: the task's instruction as its default prompt (a task set's student: one prompt per
+  member task, keyed by the task's name as mteb passes it), the text tokens mean-pooled,
   normalised when the teacher normalises. A MiniLM-like student is a standard folder
   (``SentenceTransformer(export/"st")``); an LLM2Vec student's names our module, which loads
   it bidirectional and reads llm2vec's input (``trust_remote_code=True`` on
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -89,7 +91,7 @@ def save_hf(student: nn.Module, tokenizer, folder: str | Path, *, input_format: 
 
 def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normalize: bool,
                    max_seq_length: int | None = None, pooling: str = "mean",
-                   input_format: InputFormat = PLAIN, instruction: str = "",
+                   input_format: InputFormat = PLAIN, instruction: str | Mapping[str, str] = "",
                    senses: PackedSenses | None = None) -> Path:
     """Write ``out_dir/hf``, ``out_dir/st`` and, given ``senses``, ``out_dir/st-replace`` (see
     the module docstring) and return ``out_dir``.
@@ -97,7 +99,8 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
     ``max_seq_length``: the tokens per example the student was trained at (default: its
     position limit), recorded in every folder, so that each reads as many.
     The SentenceTransformer folders embed as the evaluation does: ``instruction`` is their
-    default prompt, only the text tokens are pooled (a standard pipeline for the plain input
+    default prompt (a mapping, task name -> instruction: a task set's student, one prompt per
+    task under the task's name, which mteb selects by the task it evaluates; no default), only the text tokens are pooled (a standard pipeline for the plain input
     format; our :class:`~embdistill.st_modules.Encoder` for llm2vec's, which also keeps an LLM2Vec
     student bidirectional), normalised when the teacher normalises; ``st-replace`` adds
     :class:`~embdistill.st_modules.SenseReplace` (replace mode) before the pooling.
@@ -120,8 +123,8 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | Path, *, normal
 
 
 def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: bool,
-                  max_seq_length: int, pooling: str, input_format: InputFormat, instruction: str,
-                  senses: PackedSenses | None) -> None:
+                  max_seq_length: int, pooling: str, input_format: InputFormat,
+                  instruction: str | Mapping[str, str], senses: PackedSenses | None) -> None:
     from sentence_transformers import SentenceTransformer
 
     from .st_modules import Encoder, SenseReplace
@@ -129,18 +132,29 @@ def _build_export(student: nn.Module, tokenizer, building: Path, *, normalize: b
     hf_dir = save_hf(student, tokenizer, building / HF_FOLDER, input_format=input_format, normalize=normalize,
                      max_seq_length=max_seq_length)
     modules = sentence_transformer_modules()
-    example_prompt = format_example(instruction, "") if instruction.strip() else ""
     if input_format.llm2vec:  # our encoder reads whole examples: the prompt keeps the separator
-        first, prompt = Encoder(hf_dir, max_seq_length), example_prompt
+        first = Encoder(hf_dir, max_seq_length)
         pool = modules.Pooling(student.config.hidden_size, "mean")
     else:  # sentence-transformers' own prompt rule, which the plain format follows
-        first, prompt = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length), example_prompt.partition(SEPARATOR)[0]
+        first = modules.Transformer(str(hf_dir), max_seq_length=max_seq_length)
         # "mean" (SKD, and the multi-teacher default) or "cls" (the arctic-embed students)
         pool = modules.Pooling(student.config.hidden_size, pooling, include_prompt=False)
     tail = [pool, modules.Normalize()] if normalize else [pool]
-    prompts = {"prompts": {"task": prompt}, "default_prompt_name": "task"} if prompt else {}
+    if isinstance(instruction, str):
+        prompt = _prompt(instruction, input_format)
+        prompts = {"prompts": {"task": prompt}, "default_prompt_name": "task"} if prompt else {}
+    else:
+        prompts = {"prompts": {task: _prompt(text, input_format) for task, text in instruction.items()}}
     SentenceTransformer(modules=[first, *tail], device="cpu", **prompts).save(str(building / ST_FOLDER))
     if senses is not None:
         replace = SenseReplace(senses.cpu())
         SentenceTransformer(modules=[first, replace, *tail], device="cpu",
                             **prompts).save(str(building / ST_REPLACE_FOLDER))
+
+
+def _prompt(instruction: str, input_format: InputFormat) -> str:
+    """The SentenceTransformer prompt of an instruction: the example's prefix (our llm2vec
+    encoder reads whole examples, separator included), else sentence-transformers' own rule,
+    which the plain format follows (the instruction and a space); "" for none."""
+    example_prompt = format_example(instruction, "") if instruction.strip() else ""
+    return example_prompt if input_format.llm2vec else example_prompt.partition(SEPARATOR)[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -425,3 +426,64 @@ def _hub_task(spec: HubTaskSpec) -> Task:
                 mteb_name=spec.name, index=spec.index,
                 _load=_hub_loader(spec), train_split=spec.train_split,
                 eval_split=spec.eval_split)
+
+
+# ---------------------------------------------------------------------------- task sets
+
+ALL_TASKS = "all"  # the original's 16 hub tasks, as a task set's name and as an argument
+_SET_SEPARATOR = "+"
+_SET_NAME_MAX = 120  # a longer joined name gets a digest (a folder name has at most 255 bytes)
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """Several tasks distilled into one student (the paper's SKD over all its tasks): one
+    sense dictionary over the members' gathered states, one student over their training texts,
+    each example with its own task's instruction. ``members``: in the order of their folder
+    names, whatever order they were given in; one member is that task alone."""
+
+    members: tuple[Task, ...]
+
+    @property
+    def slug(self) -> str:
+        """The folder name under work/, sense_dict/ and runs/: the one task's own; ``all`` for
+        the 16 hub tasks; else the members' joined by ``+`` (a digest when that is too long)."""
+        slugs = [task.slug for task in self.members]
+        if len(slugs) == 1:
+            return slugs[0]
+        if sorted(slugs) == sorted(spec.name for spec in TASKS.values()):
+            return ALL_TASKS
+        joined = _SET_SEPARATOR.join(slugs)
+        if len(joined) <= _SET_NAME_MAX:
+            return joined
+        return f"tasks{len(slugs)}-{hashlib.sha256(joined.encode()).hexdigest()[:12]}"
+
+    @property
+    def name(self) -> str:
+        return self.members[0].name if len(self.members) == 1 else self.slug
+
+    @property
+    def member_slugs(self) -> tuple[str, ...]:
+        """The members' folder names; none for a set of one (its files are the task's own)."""
+        return tuple(task.slug for task in self.members) if len(self.members) > 1 else ()
+
+
+def expand_all(args: list[str]) -> list[str]:
+    """The task arguments with ``all`` replaced by the indices 1-16."""
+    return [name for arg in args for name in
+            ([str(index) for index in TASKS] if str(arg).strip() == ALL_TASKS else [arg])]
+
+
+def resolve_task_set(args: str | list[str], text_column: str = "text", label_column: str = "label") -> TaskSet:
+    """Turn ``--task`` values (each an index, a name, a file, or ``all``: tasks 1-16) into a
+    :class:`TaskSet`; UserError for a task named twice or two tasks of one folder name."""
+    names = expand_all([args] if isinstance(args, str) else list(args))
+    if not names:
+        raise UserError(f"no task given: choose {_choices()}")
+    tasks = [resolve_task(name, text_column, label_column) for name in names]
+    by_slug: dict[str, Task] = {}
+    for task in tasks:
+        if task.slug in by_slug:
+            raise UserError(f"the task {task.slug} is given twice")
+        by_slug[task.slug] = task
+    return TaskSet(tuple(by_slug[key] for key in sorted(by_slug)))

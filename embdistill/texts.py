@@ -139,17 +139,66 @@ class JsonTextList(Sequence[str]):
             return texts
 
 
+class ConcatenatedTexts(Sequence[str]):
+    """Several text sequences read as one (a task set's members, in member order), each still lazy."""
+
+    def __init__(self, parts: Sequence[Sequence[str]]):
+        self._parts = list(parts)
+        self._offsets = [0]
+        for part in self._parts:
+            self._offsets.append(self._offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(len(self))[key]]
+        index = operator.index(key)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"text {index} of {len(self)}")
+        index %= len(self)
+        part = next(p for p in range(len(self._parts)) if index < self._offsets[p + 1])
+        return self._parts[part][index - self._offsets[part]]
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts:
+            yield from part
+
+
 def read_train_texts(paths: Paths) -> Sequence[str]:
-    """The examples of train.json, read lazily (:class:`JsonTextList`); UserError when missing,
-    malformed or empty."""
-    if not paths.train_json.is_file():
-        raise UserError(
-            f"missing {paths.train_json}: run scripts/00_texts.py --task {paths.task} first"
-        )
-    examples = JsonTextList(paths.train_json)
-    if not examples:
-        raise UserError(f"{paths.train_json}: the task has no training texts")
-    return examples
+    """The examples of train.json, read lazily (:class:`JsonTextList`); a task set's: each
+    member's, in member order, each example with its own task's instruction. UserError when one
+    is missing, malformed or empty."""
+    members = list(_train_examples(paths).values())
+    return members[0] if len(members) == 1 else ConcatenatedTexts(members)
+
+
+def _train_examples(paths: Paths) -> dict[str, JsonTextList]:
+    """Each task's examples, by its folder name (a task set's members, see Paths.train_jsons)."""
+    by_task = {}
+    for task, train_json in paths.train_jsons.items():
+        if not train_json.is_file():
+            raise UserError(f"missing {train_json}: run scripts/00_texts.py --task {task} first")
+        examples = JsonTextList(train_json)
+        if not examples:
+            raise UserError(f"{train_json}: the task has no training texts")
+        by_task[task] = examples
+    return by_task
+
+
+def texts_inputs(paths: Paths) -> dict[str, Path]:
+    """The training texts as a stage's recorded inputs: ``texts`` for one task (as before task
+    sets), ``texts/<member>`` for each member of a set, so that a member's change is seen."""
+    if not paths.members:
+        return {"texts": paths.train_json}
+    return {f"texts/{task}": train_json for task, train_json in paths.train_jsons.items()}
+
+
+def task_instructions(paths: Paths) -> dict[str, str]:
+    """Each member task's instruction, by its folder name (:func:`instruction_of` of its
+    examples): a task set's student has one prompt per member task."""
+    return {task: instruction_of(examples) for task, examples in _train_examples(paths).items()}
 
 
 def read_eval_split(paths: Paths) -> dict:
@@ -176,5 +225,6 @@ def instruction_of(examples: Iterable[str]) -> str:
     instructions = {split_example(example)[0] for example in examples}
     if len(instructions) > 1:
         raise UserError(f"the examples carry {len(instructions)} different instructions; an "
-                        "exported student has one prompt: train on one task's train.json")
+                        "exported student has one prompt per task: give each task its own train.json (several "
+                        "tasks as one task set train one student with a prompt per task)")
     return instructions.pop()

@@ -1,6 +1,7 @@
 """Stage 3: cluster gathered token states into the sense dictionary sense_dict/<task>/<teacher>.kmeanspkl.
 
     python scripts/03_cluster.py --task bbc-news
+    python scripts/03_cluster.py --task bbc-news tweet-sentiment   # a task set's: sense_dict/bbc-news+tweet-sentiment/
     python scripts/03_cluster.py --task bbc-news --k-rule mcl --backend sklearn
     python scripts/03_cluster.py --task bbc-news --sense-rule l2 --output sense_dict/bbc-news/minilm.l2.kmeanspkl
     torchrun --nproc_per_node 4 scripts/03_cluster.py --task bbc-news --threads 2
@@ -23,11 +24,11 @@ from embdistill.senses.dictionary import SENSE_DTYPES
 from embdistill.senses.kmeans import BACKENDS
 from embdistill.senses.packed import COS_TEMPERATURE, DEFAULT_SENSE_RULE, SENSE_RULES
 from embdistill.senses.krule import K_RULES
-from embdistill.tasks import resolve_task
+from embdistill.tasks import resolve_task_set
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, task_set=True)
     parser.add_argument("--teacher", default="minilm", help="teacher whose states are clustered")
     parser.add_argument("--input", default=None,
                         help="gathered states (default work/<task>/<teacher>/combined.pkl, or its "
@@ -72,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     device = bind_device(resolve_device(args.device))  # this process's own GPU
-    task = resolve_task(args.task, args.text_column, args.label_column)
+    task = resolve_task_set(args.task, args.text_column, args.label_column)
     teacher = slug(args.teacher)
-    paths = Paths(base_dir(args.base_dir), task.slug, teacher)
+    paths = Paths(base_dir(args.base_dir), task.slug, teacher)  # a task set's: its members' states combined
     input_path = combined_artifact(paths.combined if args.input is None else Path(args.input).resolve())
     if not input_path.is_file():
-        raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {args.task} "
+        raise UserError(f"missing gathered states {input_path}: run run_gather_sense.sh {' '.join(args.task)} "
                         "and a0_generate_combinepkl.py first, or pass --input")
     cfg = ClusterConfig(teacher=teacher, k_rule=args.k_rule, senses=args.senses, backend=args.backend, seed=args.seed,
                         max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, dtype=args.dtype,

@@ -2,6 +2,7 @@
 
     python scripts/04_targets.py --task bbc-news
     torchrun --nproc_per_node 6 scripts/04_targets.py --task 14 --teacher llm2vec-llama3-8b
+    python scripts/04_targets.py --task bbc-news tweet-sentiment   # a task set: its members' texts
 
 For every text token, the teacher's sense in the dictionary under the rule the dictionary
 records (03_cluster.py --sense-rule; dot when none), or -1 (no entry), so that
@@ -20,13 +21,13 @@ from embdistill.input_format import MaxLength
 from embdistill.paths import Paths, base_dir
 from embdistill.senses.dictionary import SenseDictionary
 from embdistill.senses.targets import TargetsConfig, compute_targets
-from embdistill.tasks import resolve_task
+from embdistill.tasks import resolve_task_set
 from embdistill.teachers import load_teacher, load_tokenizer
-from embdistill.texts import read_train_texts
+from embdistill.texts import read_train_texts, texts_inputs
 
 
 def build_parser():
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, task_set=True)
     parser.add_argument("--teacher", default="minilm", help="teacher alias, folder or hub id")
     parser.add_argument("--sense-dict", default=None,
                         help="sense dictionary (default: sense_dict/<task>/<teacher>.kmeanspkl)")
@@ -62,19 +63,19 @@ def main(argv: list[str] | None = None) -> int:
 def targets(args) -> int:
     if args.dist_timeout <= 0:
         raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
-    task = resolve_task(args.task, args.text_column, args.label_column)
+    task = resolve_task_set(args.task, args.text_column, args.label_column)
     tokenizer = load_tokenizer(args.teacher)
-    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug)
+    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, members=task.member_slugs)
     sense_dict = paths.sense_dict if args.sense_dict is None else Path(args.sense_dict)
     if not sense_dict.is_file():
-        raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh {args.task} "
+        raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh {' '.join(args.task)} "
                         "first, or pass --sense-dict")
     dictionary = SenseDictionary.open(sense_dict)
     max_length = MaxLength.of(args.max_length, tokenizer.max_seq_length)
     dictionary.check_gathered_with(max_length, tokenizer.input_format.name, args.allow_max_length_mismatch)
     out = paths.targets if args.output is None else Path(args.output)
     cfg = TargetsConfig.of(tokenizer, max_length.used, dictionary)
-    inputs = {"sense_dict": sense_dict, "texts": paths.train_json}
+    inputs = {"sense_dict": sense_dict, **texts_inputs(paths)}
     examples = read_train_texts(paths)
     if skip_if_done(out, config=asdict(cfg), inputs=inputs, overwrite=args.overwrite, what="targets"):
         return 0

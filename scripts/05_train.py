@@ -3,6 +3,7 @@
     python scripts/05_train.py --task bbc-news                 # the paper's settings
     python scripts/05_train.py --task bbc-news --epochs 1 --max-steps 300 --max-length 128 --lr 2e-5
     ./run_train.sh bbc-news --nproc_per_node 2 --max-steps 300  # targets, then torchrun, DDP
+    python scripts/05_train.py --task bbc-news tweet-sentiment  # a task set: one student, runs/bbc-news+tweet-sentiment/
 
 --loss picks the objective (embdistill/objectives/, STUDENT_OBJECTIVES): sense (SKD) trains on
 the stored sense targets of scripts/04_targets.py: no teacher runs; the loss scores senses by
@@ -14,7 +15,8 @@ normalised as export/st embeds) to the whole teacher's, computed once per text; 
 --sentence-weight times that term to the sense loss. Writes runs/<task>/<run>/:
 config.json, checkpoints/ (and best.pt), metrics.jsonl, loss.png, selection.json, export/hf
 (transformers folder: scripts/06_evaluate.py student:... and replace:...) and export/st
-(SentenceTransformer folder), with the objective's extras (sense: export/st-replace). Resumes from the latest checkpoint unless --no-resume/--overwrite.
+(SentenceTransformer folder; a task set's student has one prompt per member task, under the
+task's name as mteb passes it), with the objective's extras (sense: export/st-replace). Resumes from the latest checkpoint unless --no-resume/--overwrite.
 
 Validation (embdistill/validation.py): --val-fraction of the texts (at most 256; none when that
 is fewer than 8: pass --val-texts) are held out, seeded by --seed, never trained on; the student
@@ -34,9 +36,9 @@ from embdistill.input_format import MaxLength
 from embdistill.objectives import STUDENT_OBJECTIVES, StudentObjective, StudentRun
 from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.students import build_student, default_student_layers, export_student
-from embdistill.tasks import resolve_task
+from embdistill.tasks import resolve_task_set
 from embdistill.teachers import load_tokenizer, sentence_embedding
-from embdistill.texts import instruction_of, read_train_texts
+from embdistill.texts import instruction_of, read_train_texts, task_instructions, texts_inputs
 from embdistill.train_config import TrainConfig, add_training_args, resolved_config
 from embdistill.training import Trainer, to_device
 from embdistill.validation import (BEST_NAME, CheckpointSelection, Validation, ValidationHook, add_selection_arg,
@@ -48,7 +50,7 @@ VALIDATIONS_PER_EPOCH = 4  # --val-every 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, task_set=True)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=tuple(STUDENT_OBJECTIVES), default="sense",
                         help="the objective: sense: SKD's loss over the sense dictionary; mse: token states (ablation); "
@@ -114,12 +116,12 @@ def stage_validation(run: StudentRun, objective: StudentObjective, val_examples:
 def train(args: argparse.Namespace) -> int:
     objective_class = STUDENT_OBJECTIVES[args.loss]
     run_name = check_run_name(args.run or objective_class.run_name, "runs/<task>/")
-    task = resolve_task(args.task, args.text_column, args.label_column)
+    task = resolve_task_set(args.task, args.text_column, args.label_column)
     device = bind_device(resolve_device(args.device, dist_env()))  # before NCCL joins on it
     env = init_distributed(timeout_s=args.dist_timeout)
     config = TrainConfig.from_args(args, lr_scale=env.world_size)
     tokenizer = load_tokenizer(args.teacher)
-    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run_name)
+    paths = Paths(base_dir(args.base_dir), task.slug, tokenizer.slug, run_name, task.member_slugs)
     examples = read_train_texts(paths)
     length = MaxLength.of(args.max_length, tokenizer.max_seq_length)
     max_length = length.used
@@ -135,7 +137,9 @@ def train(args: argparse.Namespace) -> int:
     run_config = {
         "task": task.name, "teacher": tokenizer.name, "input_format": tokenizer.input_format.name,
         "student_layers": run.layers, "loss": args.loss, "max_length": max_length,
-        "texts": fingerprint(paths.train_json), **objective_class.identity(run, inputs),
+        "texts": {name: fingerprint(path) for name, path in texts_inputs(paths).items()} if paths.members
+        else fingerprint(paths.train_json),  # (one task's as recorded before task sets)
+        **objective_class.identity(run, inputs),
         "validation": {"texts": len(val_index), "seed": args.seed, "indices_sha256": indices_digest(val_index),
                        "every": args.val_every, "keep_best": criterion},
     }
@@ -170,7 +174,8 @@ def train(args: argparse.Namespace) -> int:
         kept = selection.restore_kept(trainer.module, result.global_step)
         export_student(trainer.module, tokenizer.tokenizer, paths.export_dir, normalize=normalize,
                        max_seq_length=max_length, input_format=tokenizer.input_format,
-                       instruction=instruction_of(examples), **objective.export_extras())
+                       instruction=task_instructions(paths) if paths.members else instruction_of(examples),
+                       **objective.export_extras())
         summary = selection.summary(kept, result.global_step, run_config["validation"] | {
             "every": hook.val_every if hook else None, "indices": val_index.tolist()})
         write_selection(summary, paths.run_dir)

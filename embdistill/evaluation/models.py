@@ -128,9 +128,17 @@ class TeacherEncoder(AbsEncoder):
 
 class PlainTextEncoder(SentenceTransformerEncoderWrapper):
     """A sentence-transformers model as mteb wraps it, renamed to its row label, reading at
-    most ``max_length`` tokens (None: its own max_seq_length; :func:`cut_to_length`)."""
+    most ``max_length`` tokens (None: its own max_seq_length; :func:`cut_to_length`).
 
-    def __init__(self, spec: ModelSpec, model, *, batch_size: int, max_length: int | None):
+    ``prompt_tasks``: each evaluated mteb task's name -> the folder name of the task whose
+    students serve it (``--student-of``). A task set's student has one prompt per member task,
+    under the member's folder name (mteb's own task name for tasks 1-16 and the offline tasks);
+    mteb keeps only prompts named after tasks it has registered, and a local task is evaluated
+    as several mteb tasks (``bbc-news-clustering``), so each evaluated task gets its task's
+    prompt here, by the name mteb then passes."""
+
+    def __init__(self, spec: ModelSpec, model, *, batch_size: int, max_length: int | None,
+                 prompt_tasks: Mapping[str, str] = {}):
         # An exported student's default prompt is named "task", which is no mteb task or prompt
         # type: mteb warns (twice, with its list of every task type) that it ignores the name,
         # while the SentenceTransformer still applies its default prompt (tests/test_export.py:
@@ -138,9 +146,13 @@ class PlainTextEncoder(SentenceTransformerEncoderWrapper):
         # 6's renamed get_sentence_embedding_dimension. Nothing for a user to act on.
         with logger_level("mteb.models", logging.ERROR), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some prompts are not in the expected format")
-            warnings.filterwarnings("ignore", message="Task name task is not valid")
+            warnings.filterwarnings("ignore", message="Task name .* is not valid")
             warnings.filterwarnings("ignore", message="The `get_sentence_embedding_dimension` method")
             super().__init__(model)
+        own = model.prompts or {}
+        by_task = {name: own[folder] for name, folder in prompt_tasks.items() if folder in own}
+        if by_task:
+            self.model_prompts = {**(self.model_prompts or {}), **by_task}
         self.spec = spec
         self.batch_size = batch_size
         self.tokens = cut_to_length(model, max_length, spec.label)
@@ -215,16 +227,18 @@ Encoder = TeacherEncoder | PlainTextEncoder
 
 def load_encoder(spec: ModelSpec, instructions: Mapping[str, str], *, device, batch_size: int,
                  max_length: int, loaded: dict[str, Teacher] | None = None,
-                 allow_max_length_mismatch: bool = False, dictionary=None) -> Encoder:
+                 allow_max_length_mismatch: bool = False, dictionary=None,
+                 prompt_tasks: Mapping[str, str] = {}) -> Encoder:
     """Load the model of ``spec`` and wrap it for mteb. ``loaded`` caches models by target,
     so that a model in plain and in replace mode loads once. A replace-mode dictionary picks
     senses by the rule its manifest records, and must have been gathered with the length the
     model reads, ``max_length`` cut to its limit (unless ``allow_max_length_mismatch``), and the
     model's input format. ``dictionary``: the spec's, opened by the caller
-    (:class:`~embdistill.senses.dictionary.SenseDictionary`), else opened here."""
+    (:class:`~embdistill.senses.dictionary.SenseDictionary`), else opened here.
+    ``prompt_tasks``: an ``st`` model's (:class:`PlainTextEncoder`)."""
     if spec.kind == "st":
         return PlainTextEncoder(spec, load_sentence_transformer(spec.target, device), batch_size=batch_size,
-                                max_length=None if spec.own_length else max_length)
+                                max_length=None if spec.own_length else max_length, prompt_tasks=prompt_tasks)
     loaded = {} if loaded is None else loaded
     if spec.target not in loaded:
         loaded[spec.target] = load_teacher(spec.target, device=device)

@@ -140,7 +140,8 @@ def evaluate_models(specs: list[ModelSpec], tasks: list[EvaluationTask], cache_d
                 encoder = load_encoder(resolved, instructions, device=device,
                                        batch_size=config.batch_size, max_length=config.max_length,
                                        loaded=loaded, allow_max_length_mismatch=config.allow_max_length_mismatch,
-                                       dictionary=dictionaries.get(resolved.sense_dict))
+                                       dictionary=dictionaries.get(resolved.sense_dict),
+                                       prompt_tasks=model_slug)
                 encoder_spec = resolved
             if not result_files:  # the first task's model stands for the row
                 texts_per_second = measure_throughput(encoder, throughput_texts, tasks[0].name)

@@ -19,6 +19,7 @@ from ..senses.dictionary import SenseDictionary
 from ..senses.packed import PackedSenses
 from ..senses.targets import TargetCollator, TargetsConfig, load_targets, single_sense_count
 from ..teachers import Teacher, load_teacher
+from ..texts import texts_inputs
 from ..training import LossOutput
 from .base import StudentObjective, StudentRun
 
@@ -60,13 +61,13 @@ class SenseDistillation(StudentObjective):
         targets = paths.targets if args.targets is None else Path(args.targets)
         if not sense_dict.is_file():
             raise UserError(f"missing sense dictionary {sense_dict}: run run_sep_cluster.sh "
-                            f"{args.task} --teacher {args.teacher} first, or pass --sense-dict")
+                            f"{' '.join(args.task)} --teacher {args.teacher} first, or pass --sense-dict")
         # opened once (its manifest read once) and passed on to identity() and build()
         dictionary = SenseDictionary.open(sense_dict)
         dictionary.check_gathered_with(run.length, run.tokenizer.input_format.name, args.allow_max_length_mismatch)
         if not targets.is_file():
             raise UserError(f"missing sense targets {targets}: run scripts/04_targets.py "
-                            f"--task {args.task} --teacher {args.teacher} first (run_train.sh does)")
+                            f"--task {' '.join(args.task)} --teacher {args.teacher} first (run_train.sh does)")
         return {"targets": targets, "sense_dict": dictionary}
 
     @classmethod
@@ -90,7 +91,7 @@ class SenseDistillation(StudentObjective):
         senses = dictionary.packed(teacher.vocab_size, hidden_size=teacher.hidden_size,
                                    teacher=None if run.args.allow_teacher_mismatch else teacher.slug).to(run.device)
         config = TargetsConfig.of(run.tokenizer, run.max_length, dictionary)
-        stored = load_targets(inputs["targets"], config, {"sense_dict": dictionary.path, "texts": run.paths.train_json},
+        stored = load_targets(inputs["targets"], config, {"sense_dict": dictionary.path, **texts_inputs(run.paths)},
                               senses, len(run.examples))
         single, scored, share = single_sense_count(stored.token_ids, stored.targets, senses)
         log.info("sense dictionary %s: %d tokens, %d senses, sense rule %s; targets %s: %d of %d scored "
