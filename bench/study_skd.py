@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -350,8 +351,9 @@ def study_parser(doc: str, name: str, variants: tuple[str, ...]) -> argparse.Arg
     return parser
 
 
-def run_study(args, name: str) -> dict[str, dict]:
-    """Every dataset's preparation, runs and evaluation; writes <name>.md / .json / .png."""
+def run_study(args, name: str, check: Callable[[Path, str], None] | None = None) -> dict[str, dict]:
+    """Every dataset's preparation, runs and evaluation; writes <name>.md / .json / .png.
+    ``check(base, task_slug)`` runs after a dataset's dictionaries are built."""
     base = Path(args.out).resolve()
     started = time.perf_counter()
     stage("scripts/07_model2vec.py", "--teacher", "minilm", "--base-dir", str(base))
@@ -360,6 +362,8 @@ def run_study(args, name: str) -> dict[str, dict]:
         task = str(chatterbot_file(base)) if dataset == "chatterbot" else dataset
         print(f"{dataset}: texts, gather, dictionaries, targets", flush=True)
         prepare(dataset, task, base, {VARIANTS[v].rule for v in args.variants if VARIANTS[v].rule} | {"dot"}, args)
+        if check:
+            check(base, resolve_task(task).slug)
         runs = {f"{variant}-s{seed}": train(task, base, variant, seed, args)
                 for variant in args.variants for seed in args.seeds}
         models = model_specs(base, runs)
