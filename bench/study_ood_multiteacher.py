@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from common import family_scores, study_parser
-from study_multiteacher import REPO, minilm_folder, run_record, stage, training_summary
+from study_multiteacher import REPO, lsa_spec, minilm_folder, run_record, stage, training_summary
 
 from embdistill.evaluation.offline_tasks import LEE_STS  # noqa: E402 (study_multiteacher puts REPO on the path)
 from embdistill.paths import EXPORT_FOLDER, ST_FOLDER, Paths  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> int:
     before = Paths(base, CORPUS, run=run_name(args.name, args.arms[0], args.seeds[0])).initial_dir / ST_FOLDER
     models = [f"before=st:{before}",
               f"minilm=st:{minilm_folder()}",
-              f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
+              lsa_spec(base, CORPUS)]
     for arm in args.arms:
         for seed in args.seeds:
             for step in steps[1:]:
