@@ -37,3 +37,10 @@ def study_parser(doc: str, *, out: str, out_help: str) -> argparse.ArgumentParse
     parser.add_argument("--base-dir", required=True, help="the pipeline's base directory (data, runs, results)")
     parser.add_argument("--out", default=out, help=out_help)
     return parser
+
+
+def family_scores(table: dict) -> dict[str, dict[str, float]]:
+    """An evaluation's table.json -> model label -> {task family: its mean score in %, "mean":
+    the mean over families in %}, as stage 6 computed them (family_means, mean_over_families)."""
+    return {m["label"]: {**{f: 100 * v for f, v in m["family_means"].items()}, "mean": 100 * m["mean_over_families"]}
+            for m in table["models"]}

@@ -115,7 +115,7 @@ def main() -> int:
     first_run = run_name(args.name, next(iter(variants)), args.losses[0], args.seeds[0])
     reference = [f"student-before=st:{Paths(base, CORPUS, run=first_run).initial_dir / ST_FOLDER}",
                  f"minilm=st:{minilm_folder()}",
-                 f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
+                 lsa_spec(base, CORPUS)]
     evaluations = {f"{args.name}-reference": reference}
     for variant in variants:
         evaluations[f"{args.name}-{variant}"] = [
@@ -147,6 +147,15 @@ def minilm_folder() -> Path:
     from embdistill.teachers import minilm_path
 
     return minilm_path()
+
+
+def lsa_spec(base: Path, corpus: str) -> str:
+    """Stage 6's row of the LSA teacher stage 10 saved for ``corpus``: a bag of words has no
+    token limit to cut to the evaluation's --max-length, so it reads each text whole
+    (@own-length), as it was fitted."""
+    from embdistill.evaluation.specs import OWN_LENGTH
+
+    return f"lsa=st:{base / 'embeddings' / corpus / 'lsa' / 'sentence-transformer'}{OWN_LENGTH}"
 
 
 def targets_of(run_dirs: list[Path]) -> str:

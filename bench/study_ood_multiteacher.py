@@ -1,5 +1,6 @@
 """Study: multi-teacher distillation out of domain: distil on tweets, evaluate on news
-(bbc-news classification and clustering), per loss arm, along training.
+(bbc-news classification, clustering and headline -> body retrieval; STS on the Lee corpus),
+per loss arm, along training.
 
     nice -n 5 python bench/study_ood_multiteacher.py --base-dir /tmp/ood-study       # the study
     python bench/study_ood_multiteacher.py --base-dir /tmp/ood-tiny --tweets 200 --steps 6 \
@@ -10,8 +11,9 @@ Runs the pipeline's own stage scripts, each skipped when done (a rerun resumes):
 
 1. stage 0: --tweets tweet-sentiment texts (the distillation corpus; its labels are not used);
    bbc-news with --bbc-max-train training texts (the classifier's, 32 per label per
-   experiment) and --bbc-max-test held-out articles (classification's test split, and the
-   whole clustering task);
+   experiment) and --bbc-max-test held-out articles (classification's test split, the whole
+   clustering task, and the retrieval task's headlines and bodies, near duplicates left out);
+   the Lee corpus needs no stage 0 (it ships with the gensim wheel);
 2. stage 10: MiniLM and LSA (--lsa-dim) embeddings of the tweets, once;
 3. stage 11 for every arm x seed (the student is the stage's default: MiniLM's first 2 layers),
    --steps optimiser steps with a checkpoint every third of them (kept); each arm passes
@@ -26,29 +28,31 @@ Runs the pipeline's own stage scripts, each skipped when done (a rerun resumes):
 
 4. the checkpoints at 1/3 and 2/3 of the steps exported as students
    (:func:`embdistill.multiteacher.train.export_checkpoint`, beside the run's export/);
-5. stage 6 once (--task-types Classification Clustering, 32 samples per label, 10
+5. stage 6 once, on the four families the project scores offline (--tasks bbc-news lee-sts
+   --task-types Classification Clustering Retrieval STS; 32 samples per label, 10
    experiments): the student before distillation (step 0, the run's initial/), every arm x
-   seed at 1/3, 2/3 and the end (export/), and both teachers as reference lines.
+   seed at 1/3, 2/3 and the end (export/), and both teachers as reference lines. Every row is
+   one sentence-transformers model for all tasks, so lee-sts needs no --student-of.
 
-Writes <out>/<name>.json and <name>.md (rows: arm; columns: bbc-news accuracy, bbc-news
-V-measure, the family means and their mean, at the end, mean ± std over seeds (ddof 1)), and
---figure (each score against the step, per arm, mean ± std over seeds).
+Writes <out>/<name>.json and <name>.md (rows: arm; columns: each family's score and the mean
+over families, as stage 6's table.json gives them (family_means, mean_over_families), in %, at
+the end, mean ± std over seeds (ddof 1), and each arm's gain over step 0, per family in a
+second table), and --figure (a panel per family and one for the mean: each score against the
+step, per arm, mean ± std over seeds, the legend giving each arm's gain at the end).
 
-Sizing (the defaults; meant to take <= 30 min on the 2 CPU cores when idle). Not measured
-idle: the machine was shared (load 5-9) throughout. From the repository's own records
-(BENCHMARKS.md, multi-teacher study: 304-step runs of mixed bbc-news/tweet batches at max
-length 128 took about 5 min at load ~4, i.e. ~1 s a step, and the same demo command ran 3.2x
-faster idle than at load 4-5) a step of 32 tweets (~50 tokens, shorter than those batches) is
-estimated at <= 0.5 s idle, and a run's fixed cost (loading, 100 head warm-up steps on cached
-embeddings, the initial and final exports) at ~30 s. A tiny run (the second command, with
---train-args at max length 256; load 5-7, 2026-12-03) took 15 min: about 2 min per 6-step run
-(mostly the fixed cost) and about 30 s per evaluated student (180 bbc-news texts at 256 tokens;
-70 s for the MiniLM teacher). Hence: 12 runs (4 arms x 3 seeds) of 96 steps (--tweets 3200: one pass over the corpus) ~ 12 x (48 + 30) s ~ 16 min;
-39 models (12 runs x 3 points, the student before, 2 teachers) each embedding ~600 bbc-news
-texts (200 training texts the classifier draws from, 200 held-out articles embedded once per
-task type) at 128 tokens ~ 39 x 10 s ~ 7 min (the 6-layer teachers, at their own 256 tokens,
-longer); stages 0 and 10 ~ 1.5 min. About 25 min. --steps, --tweets and --bbc-max-test scale it;
-rerun the full command on an idle machine to record its wall time (the .json's wall_s).
+Sizing (the defaults; estimates, not measured with the four families). The two-family version
+(classification and clustering only) took 35.2 min on one thread of the 2-core CPU, the other
+core busy for its first 22 min (BENCHMARKS.md, 2026-12-03): teacher embeddings 64 s, each of
+the 12 trainings of 96 steps 117-146 s, stage 6 on 39 models 527 s (~13.5 s a model). Retrieval
+embeds, per model, the held-out articles' headlines and bodies again (<= 2 x --bbc-max-test
+texts, the bodies as long as the clustering task's) and STS the Lee corpus's 50 documents: an
+estimated +50-70 % of a model's evaluation, i.e. stage 6 ~13-15 min on one thread (the 6-layer
+teachers, at their own 256 tokens, the longest), and the whole study ~40-45 min on one thread,
+less with both cores idle. --steps, --tweets and --bbc-max-test scale it; the .json records
+the wall time and each stage's seconds (wall_s, stage_seconds). Measured on a smaller tiny
+look than the second command (--steps 3 --arms nll --seeds 0 1, else the same; 2026-12-07,
+the 2-core CPU shared, load 3.4-5.3): stage 6 on 9 models 186 s, a student 13-20 s (of which
+retrieval and STS 4-5 s, with 40 held-out articles), MiniLM 63 s, LSA 4 s.
 """
 
 from __future__ import annotations
@@ -62,22 +66,23 @@ from pathlib import Path
 
 import numpy as np
 
-from common import study_parser
-from study_multiteacher import REPO, minilm_folder, run_record, stage, training_summary
+from common import family_scores, study_parser
+from study_multiteacher import REPO, lsa_spec, minilm_folder, run_record, stage, training_summary
 
-from embdistill.paths import EXPORT_FOLDER, ST_FOLDER, Paths  # noqa: E402 (study_multiteacher puts REPO on the path)
+from embdistill.evaluation.offline_tasks import LEE_STS  # noqa: E402 (study_multiteacher puts REPO on the path)
+from embdistill.paths import EXPORT_FOLDER, ST_FOLDER, Paths  # noqa: E402
 
 CORPUS = "tweet-sentiment"
 EVAL_TASK = "bbc-news"
-COLUMNS = {"bbc-news": "bbc-news accuracy", "bbc-news-clustering": "bbc-news V-measure",
-           "Classification": "Classification mean", "Clustering": "Clustering mean", "mean": "mean"}
+# The four families the project scores offline: bbc-news classification, clustering and
+# headline -> body retrieval, and STS on the Lee corpus (news too, evaluation only).
+FAMILIES = ("Classification", "Clustering", "Retrieval", "STS")
 ARMS = {
     "nll": "--loss nll --standardize",
     "mse-raw": "--loss mse --no-standardize",
     "mse-std": "--loss mse --standardize",
     "nll-dim": "--loss nll --standardize --normalize-by-dim",
 }
-PLOTTED = ("bbc-news", "bbc-news-clustering", "mean")  # each family mean is one of these tasks
 POINTS = 3  # checkpoints at 1/3, 2/3 and the end of training
 # Max length 128: tweets are shorter, and the exported students read news at the length they were trained at.
 TRAIN_ARGS = "--batch-size 32 --max-length 128 --lr 1e-4 --val-every 32 --log-every 16"
@@ -131,13 +136,14 @@ def main() -> int:
     before = Paths(base, CORPUS, run=run_name(args.name, args.arms[0], args.seeds[0])).initial_dir / ST_FOLDER
     models = [f"before=st:{before}",
               f"minilm=st:{minilm_folder()}",
-              f"lsa=st:{base / 'embeddings' / CORPUS / 'lsa' / 'sentence-transformer'}"]
+              lsa_spec(base, CORPUS)]
     for arm in args.arms:
         for seed in args.seeds:
             for step in steps[1:]:
                 models.append(f"{arm}-s{seed}-{step}=st:{student_folder(runs / run_name(args.name, arm, seed), step, steps[-1])}")
-    results = f"{args.name}-{EVAL_TASK}"
-    seconds["evaluate"] = stage("06_evaluate.py", "--task", EVAL_TASK, "--task-types", "Classification", "Clustering",
+    # st: rows are one model for every task (no {task} in them), so lee-sts needs no --student-of.
+    results = f"{args.name}-{EVAL_TASK}-{LEE_STS}"
+    seconds["evaluate"] = stage("06_evaluate.py", "--tasks", EVAL_TASK, LEE_STS, "--task-types", *FAMILIES,
                                 "--run", results, "--throughput-texts", 32, "--models", *models, *common,
                                 log_file=log_file)
     table = json.loads((base / "results" / results / "table.json").read_text())
@@ -179,41 +185,60 @@ def export_points(run_dir: Path, steps: list[int]) -> float:
 
 
 def summarise(table: dict, arms: list[str], seeds: list[int], steps: list[int]) -> dict:
-    """Per arm: every column at every step, mean ± std over seeds (step 0: the student before
-    distillation, the same for every arm and seed); the reference rows as single values."""
-    values = {model["label"]: {**{t: s["score"] for t, s in model["scores"].items()}, **model["family_means"],
-                               "mean": model["mean"]} for model in table["models"]}
-    columns = [c for c in COLUMNS if c in values["before"]]
+    """Per arm: each family's score and the mean over families (stage 6's family_means and
+    mean_over_families, in %) at every step, mean ± std over seeds (step 0: the student before
+    distillation, the same for every arm and seed), and the end's gain over step 0; the
+    reference rows as single values."""
+    scores = family_scores(table)
+    columns = [*table["families"], "mean"]
+    main_scores = {family: ", ".join(f"{t} {table['tasks'][t]['main_score']}" for t in tasks)
+                   for family, tasks in table["families"].items()}
+    names = {family: f"{family} ({tasks})" for family, tasks in main_scores.items()} | {"mean": "mean over families"}
+    before = scores["before"]
     curves = {}
     for arm in arms:
-        curves[arm] = {"step": steps, "mean": {c: [values["before"][c]] for c in columns},
+        curves[arm] = {"step": steps, "mean": {c: [before[c]] for c in columns},
                        "std": {c: [0.0] for c in columns}, "per_seed": {}}
         for step in steps[1:]:
-            per_seed = [values[f"{arm}-s{seed}-{step}"] for seed in seeds]
+            per_seed = [scores[f"{arm}-s{seed}-{step}"] for seed in seeds]
             curves[arm]["per_seed"][step] = per_seed
             for c in columns:
-                scores = [row[c] for row in per_seed]
-                curves[arm]["mean"][c].append(float(np.mean(scores)))
-                curves[arm]["std"][c].append(float(np.std(scores, ddof=1)) if len(scores) > 1 else None)
-    return {"columns": columns, "column_names": {c: COLUMNS[c] for c in columns}, "seeds": seeds,
-            "curves": curves, "references": {label: values[label] for label in ("before", "minilm", "lsa")},
-            "std": "sample std (ddof 1) over the seeds of each arm's mteb main score"}
+                values = [row[c] for row in per_seed]
+                curves[arm]["mean"][c].append(float(np.mean(values)))
+                curves[arm]["std"][c].append(float(np.std(values, ddof=1)) if len(values) > 1 else None)
+        curves[arm]["gain_over_step_0"] = {c: curves[arm]["mean"][c][-1] - before[c] for c in columns}
+    return {"columns": columns, "column_names": names, "seeds": seeds, "curves": curves,
+            "references": {label: scores[label] for label in ("before", "minilm", "lsa")},
+            "scores": "mteb main scores in %: each family's mean over its tasks (one task each here) and "
+                      "their mean, as stage 6's table.json gives them (family_means, mean_over_families)",
+            "std": "sample std (ddof 1) over the seeds of each arm",
+            "gain_over_step_0": "the arm's mean over seeds at the end minus the student before distillation "
+                                "(its std: the end's)"}
 
 
 def markdown(study: dict) -> str:
     columns, names = study["columns"], study["column_names"]
-    lines = [f"| model | {' | '.join(names[c] for c in columns)} |", "|---" * (len(columns) + 1) + "|"]
+
+    def cell(value: float, std: float | None, sign: str = "") -> str:
+        return f"{value:{sign}.1f}" + ("" if std is None else f" ± {std:.1f}")
+
+    lines = [f"| model | {' | '.join(names[c] for c in columns)} | gain over step 0 (mean) |",
+             "|---" * (len(columns) + 2) + "|"]
     for arm, curve in study["curves"].items():
-        cells = [f"{100 * curve['mean'][c][-1]:.1f}" + ("" if curve["std"][c][-1] is None
-                                                         else f" ± {100 * curve['std'][c][-1]:.1f}")
-                 for c in columns]
-        lines.append(f"| {arm} (end, {len(study['seeds'])} seeds) | " + " | ".join(cells) + " |")
+        cells = [cell(curve["mean"][c][-1], curve["std"][c][-1]) for c in columns]
+        gain = cell(curve["gain_over_step_0"]["mean"], curve["std"]["mean"][-1], "+")
+        lines.append(f"| {arm} (end, {len(study['seeds'])} seeds) | " + " | ".join(cells) + f" | {gain} |")
     for label, values in study["references"].items():
-        name = "student before distillation" if label == "before" else f"teacher {label}"
-        lines.append(f"| {name} | " + " | ".join(f"{100 * values[c]:.1f}" for c in columns) + " |")
-    lines += ["", "Main scores (%) on bbc-news (news; distilled on tweets): mteb accuracy (32 samples "
-              "per label, 10 experiments) and V-measure (k-means on held-out articles, 10 bootstrap "
-              "samples); mean ± std over seeds. Along training: the .json's curves and the figure."]
+        name = "student before distillation (step 0)" if label == "before" else f"teacher {label}"
+        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " | |")
+    lines += ["", "Gain over step 0 per family (points; mean over seeds at the end minus the student before distillation):",
+              "", f"| arm | {' | '.join(names[c] for c in columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for arm, curve in study["curves"].items():
+        lines.append(f"| {arm} | " + " | ".join(f"{curve['gain_over_step_0'][c]:+.1f}" for c in columns) + " |")
+    lines += ["", "Main scores (%) of news tasks, distilled on tweets: bbc-news accuracy (32 samples per label, "
+              "10 experiments), V-measure (k-means on held-out articles, 10 bootstrap samples), headline -> "
+              "body nDCG@10 (held-out articles), Lee-corpus STS cosine Spearman; mean ± std over seeds. "
+              "Along training: the .json's curves and the figure."]
     return "\n".join(lines) + "\n"
 
 
@@ -223,21 +248,21 @@ def plot(study: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in study["columns"] if c in PLOTTED]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.6), squeeze=False)
+    columns = study["columns"]
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
     for axis, column in zip(axes[0], columns):
         for arm, curve in study["curves"].items():
-            mean = 100 * np.array(curve["mean"][column])
-            std = 100 * np.array([s or 0.0 for s in curve["std"][column]])
-            axis.plot(curve["step"], mean, marker="o", label=arm)
+            mean = np.array(curve["mean"][column])
+            std = np.array([s or 0.0 for s in curve["std"][column]])
+            axis.plot(curve["step"], mean, marker="o", label=f"{arm} ({curve['gain_over_step_0'][column]:+.1f} at the end)")
             axis.fill_between(curve["step"], mean - std, mean + std, alpha=0.2)
         for label, style in (("minilm", ":"), ("lsa", "--")):
-            axis.axhline(100 * study["references"][label][column], color="grey", linestyle=style, label=f"teacher {label}")
+            axis.axhline(study["references"][label][column], color="grey", linestyle=style, label=f"teacher {label}")
         axis.set_title(study["column_names"][column], fontsize=9)
-        axis.set_xlabel("step")
+        axis.set_xlabel("step (0: before distillation)")
+        axis.legend(fontsize=6)  # per panel: each arm's gain over step 0 is the panel's own
     axes[0][0].set_ylabel("main score (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"distilled on tweets, evaluated on bbc-news ({study['date']}; bands: std over "
+    fig.suptitle(f"distilled on tweets, evaluated on news: bbc-news and the Lee corpus ({study['date']}; bands: std over "
                  f"{len(study['seeds'])} seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

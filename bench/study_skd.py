@@ -57,6 +57,8 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import family_scores  # noqa: E402
+
 from embdistill.artifacts import atomic_open, load_json  # noqa: E402
 from embdistill.drivers import run_stage  # noqa: E402
 from embdistill.evaluation.run import EvaluationConfig, evaluate  # noqa: E402
@@ -229,12 +231,6 @@ def model_specs(base: Path, runs: dict[str, list[int]]) -> list[str]:
     return models
 
 
-def scores_of(table: dict) -> dict[str, dict[str, float]]:
-    """Model label -> {family: mean score in %, "mean": mean over families}."""
-    return {m["label"]: {**{f: 100 * v for f, v in m["family_means"].items()}, "mean": 100 * m["mean_over_families"]}
-            for m in table["models"]}
-
-
 def kept_step(history: list[dict], criterion: str) -> int:
     """The step a criterion keeps: the best validated one, step 0 included, a later step
     replacing it only when strictly better (embdistill.validation.CheckpointSelection's rule)."""
@@ -253,7 +249,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarise(name: str, table: dict, base: Path, task_slug: str, runs: dict[str, list[int]], args) -> dict:
     """Per variant: last step, each criterion's kept step, replace mode (mean +- std over seeds);
     per criterion: within-run rank correlation with the mteb mean and the regret of its pick."""
-    scores = scores_of(table)
+    scores = family_scores(table)
     columns = [*table["families"], "mean"]
 
     def at(run: str, step: int) -> dict[str, float]:
