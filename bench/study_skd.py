@@ -3,9 +3,9 @@ four task families, over training and seeds, on the demo's bbc-news and on a use
 texts nobody tuned for; and which validation criterion picks the checkpoint mteb prefers.
 
     pip install --no-deps chatterbot-corpus     # the user file's source (once)
-    PYTHONPATH=. python bench/study_skd.py --out /work/studies/quality      # the study (times in BENCHMARKS.md)
-    PYTHONPATH=. python bench/study_skd.py --out /tmp/q --datasets bbc-news --variants skd mse \\
-        --train 120 --test 60 --seeds 0 --epochs 1                          # a quick look
+    PYTHONPATH=. python bench/study_skd.py --base-dir /work/studies/quality     # the study (times in BENCHMARKS.md)
+    PYTHONPATH=. python bench/study_skd.py --base-dir /tmp/q --datasets bbc-news --variants skd mse \\
+        --train 200 --test 60 --seeds 0 --epochs 1                          # a quick look
 
 Datasets (``--datasets``): ``bbc-news`` (the demo's: 800 training texts, 300 held out, max
 length 128), its students scored on four families (bbc-news classification and clustering,
@@ -26,8 +26,8 @@ mode, the last in replace mode for sense variants, and the references: the teach
 and the untrained student with the dictionary (replace mode), the untrained student and
 model2vec at the same 128 tokens.
 
-Writes, under --out: results/study_skd-<dataset>/ (the evaluation's tables with the mteb result
-files), study_skd.md / .json / .png:
+Writes results/study_skd-<dataset>/ under --base-dir (the evaluation's tables with the mteb
+result files), and study_skd.md / .json / .png under --out:
 * per dataset, model and family: the mean +- std over seeds of the last step, of the step each
   validation criterion keeps (similarity, cka, loss: what the export would ship), and of replace
   mode; the gain over the untrained student;
@@ -57,7 +57,7 @@ from scipy.stats import spearmanr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import family_scores  # noqa: E402
+from common import family_scores, study_parser  # noqa: E402
 
 from embdistill.artifacts import atomic_open, load_json  # noqa: E402
 from embdistill.drivers import run_stage  # noqa: E402
@@ -329,12 +329,10 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def study_parser(doc: str, name: str, variants: tuple[str, ...]) -> argparse.ArgumentParser:
-    """A study's options: --out (default bench/out/<name>), datasets, variants, sizes, the demo's
-    training settings and --seeds."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-    parser.add_argument("--out", default=str(REPO / "bench" / "out" / name), help="base dir of everything")
+def quality_parser(doc: str, variants: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The quality studies' options: --base-dir (everything), --out (the summary; default
+    --base-dir), datasets, variants, sizes, the demo's training settings and --seeds."""
+    parser = study_parser(doc, out="", out_help="folder of the summary (default: --base-dir)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(variants))
     parser.add_argument("--train", type=int, help="training texts of every dataset (default: each dataset's)")
@@ -350,7 +348,7 @@ def study_parser(doc: str, name: str, variants: tuple[str, ...]) -> argparse.Arg
 def run_study(args, name: str, check: Callable[[Path, str], None] | None = None) -> dict[str, dict]:
     """Every dataset's preparation, runs and evaluation; writes <name>.md / .json / .png.
     ``check(base, task_slug)`` runs after a dataset's dictionaries are built."""
-    base = Path(args.out).resolve()
+    base, out = Path(args.base_dir).resolve(), Path(args.out or args.base_dir).resolve()
     started = time.perf_counter()
     stage("scripts/07_model2vec.py", "--teacher", "minilm", "--base-dir", str(base))
     summaries = {}
@@ -371,20 +369,21 @@ def run_study(args, name: str, check: Callable[[Path, str], None] | None = None)
         table = evaluate(config, base, device=torch.device("cpu"))
         summaries[dataset] = summarise(dataset, table, base, resolve_task(task).slug, runs, args)
         summaries[dataset]["minutes_so_far"] = round((time.perf_counter() - started) / 60, 1)
-    with atomic_open(base / f"{name}.md", "w") as fh:
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / f"{name}.md", "w") as fh:
         fh.write("\n\n".join(s["markdown"] for s in summaries.values()) + "\n")
-    with atomic_open(base / f"{name}.json", "w") as fh:
+    with atomic_open(out / f"{name}.json", "w") as fh:
         json.dump({"args": vars(args), "minutes": round((time.perf_counter() - started) / 60, 1),
                    **{k: {kk: vv for kk, vv in v.items() if kk != "markdown"} for k, v in summaries.items()}},
                   fh, indent=2)
-    plot(summaries, base / f"{name}.png")
-    print((base / f"{name}.md").read_text())
-    print(f"{(time.perf_counter() - started) / 60:.1f} min; {base / name}.md / .json / .png, results/{name}-*/")
+    plot(summaries, out / f"{name}.png")
+    print((out / f"{name}.md").read_text())
+    print(f"{(time.perf_counter() - started) / 60:.1f} min; {out / name}.md / .json / .png, {base}/results/{name}-*/")
     return summaries
 
 
 def main() -> None:
-    run_study(study_parser(__doc__, "study_skd", DEFAULT_VARIANTS).parse_args(), "study_skd")
+    run_study(quality_parser(__doc__, DEFAULT_VARIANTS).parse_args(), "study_skd")
 
 
 if __name__ == "__main__":
