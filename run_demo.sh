@@ -52,28 +52,27 @@ ALL_EPOCHS=1
 ALL_TASKS=bbc-news+tweet-sentiment  # the task set's folder name (its tasks', sorted, joined by +)
 
 step() { echo; echo "== $* =="; }
+skd_student() {  # skd_student EPOCHS TASK...: gathered states, dictionary, targets, SKD student
+  local epochs=$1; shift
+  step "$*: gather teacher token states (a task set: its tasks' own, combined)"
+  bash run_gather_sense.sh "$@" --max-length "$MAX_LENGTH" --batch-size 32 "${COMMON[@]}"
+  step "$*: sense dictionary"
+  bash run_sep_cluster.sh "$@" "${COMMON[@]}"
+  step "$*: sense targets, then the SKD student (sense loss)"
+  bash run_train.sh "$@" --loss sense --epochs "$epochs" "${TRAIN[@]}" "${COMMON[@]}"
+}
 for task in "${TASKS[@]}"; do
   step "$task: training texts"
   run_stage scripts/00_texts.py --task "$task" --max-train "$(max_train "$task")" --max-test "$MAX_TEST" \
     "${COMMON[@]}"
-  step "$task: gather teacher token states"
-  bash run_gather_sense.sh "$task" --max-length "$MAX_LENGTH" --batch-size 32 "${COMMON[@]}"
-  step "$task: sense dictionary"
-  bash run_sep_cluster.sh "$task" "${COMMON[@]}"
-  step "$task: sense targets, then the SKD student (sense loss)"
-  bash run_train.sh "$task" --loss sense --epochs "$EPOCHS" "${TRAIN[@]}" "${COMMON[@]}"
+  skd_student "$EPOCHS" "$task"
   step "$task: the SKD student with int8 weights (ONNX)"
   run_stage scripts/08_quantize.py --task "$task" --run skd "${COMMON[@]}"
   step "$task: MSE student (ablation)"
   bash run_train.sh "$task" --loss mse --epochs "$EPOCHS" "${TRAIN[@]}" "${COMMON[@]}"
 done
-
-step "${TASKS[*]} as one task set: combine their gathered states (each task's own, reused)"
-bash run_gather_sense.sh "${TASKS[@]}" --max-length "$MAX_LENGTH" --batch-size 32 "${COMMON[@]}"
-step "${TASKS[*]} as one task set: the sense dictionary"
-bash run_sep_cluster.sh "${TASKS[@]}" "${COMMON[@]}"
-step "${TASKS[*]} as one task set: sense targets, then one SKD student of both (skd-all)"
-bash run_train.sh "${TASKS[@]}" --loss sense --epochs "$ALL_EPOCHS" "${TRAIN[@]}" "${COMMON[@]}"
+# The two tasks as one task set (skd-all): one student of both.
+skd_student "$ALL_EPOCHS" "${TASKS[@]}"
 
 step "baseline: model2vec's static embeddings of the teacher"
 run_stage scripts/07_model2vec.py --teacher minilm "${COMMON[@]}"
