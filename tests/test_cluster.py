@@ -17,7 +17,7 @@ from embdistill.errors import UserError
 from embdistill.distributed import DistEnv
 from embdistill.artifacts import PartFiles
 from embdistill.senses.cluster import Batching, ClusterConfig, cluster_rank, load_states, plan_batches
-from embdistill.senses.combine import rows_path, write_combined
+from embdistill.senses.combine import TokenRows, rows_path, write_combined
 from embdistill.senses.dictionary import SenseDictionary, load_sense_dict, save_sense_dict, senses_histogram
 from bench.bench_cluster import mcl_count_reference
 from embdistill.senses.krule import k_from_mcl_count, keeps_raw_vectors, mcl_counts, spot_check
@@ -398,9 +398,10 @@ def mapped_rss(path: Path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux's /proc/self/smaps")
 @pytest.mark.parametrize("world_size", [1, 4])
-def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
-    """Rank 0 of P clusters every P-th batch: of the row file it maps (and so holds in its
-    resident memory) about 1/P, not all of it."""
+def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size, monkeypatch):
+    """Rank 0 of P clusters every P-th batch: of the row file it maps it reads about 1/P, not
+    all of it, and drops each batch's rows from its resident memory (the mapped pages count in
+    RSS until then) once the batch is done."""
     rng = np.random.default_rng(6)
     states = {t: rng.normal(size=(64, 1024)).astype(np.float32) for t in range(128)}  # 256 KiB each
     path = tmp_path / "combined.pkl"
@@ -410,9 +411,13 @@ def test_a_cluster_rank_reads_only_its_own_tokens_rows(tmp_path, world_size):
     cfg = ClusterConfig("minilm", max_iter=3)
     batches = plan_batches({t: len(v) for t, v in loaded.items()}, cfg, width, Batching(tokens=4))
     assert mapped_rss(rows_path(path)) < 64 * 1024  # planning read nothing
+    read = []  # resident bytes of the row file as each batch is done: the rows it read
+    release = TokenRows.release
+    monkeypatch.setattr(TokenRows, "release", lambda self: (read.append(mapped_rss(rows_path(path))), release(self)))
     cluster_rank(loaded, batches, PartFiles(tmp_path / "parts", "batch", {}), cfg,
                  DistEnv(rank=0, world_size=world_size), torch.device("cpu"), path)
-    share = mapped_rss(rows_path(path)) / rows_path(path).stat().st_size
+    share = sum(read) / rows_path(path).stat().st_size
+    assert mapped_rss(rows_path(path)) < 64 * 1024  # none held once done
     assert len(list((tmp_path / "parts").glob("*.npz"))) == len(batches[::world_size])
     if world_size == 1:
         assert share > 0.9

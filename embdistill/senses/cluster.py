@@ -7,8 +7,8 @@ centroids (:mod:`.kmeans`).
 
 Input: combined.pkl's rows are read through its memory-mapped row file
 (:func:`.combine.open_combined`; where the combine wrote no pickle, the row file alone), so each
-rank reads only the rows of its own tokens and host memory per process is about 1/P of the
-states plus a constant; files without a row file (the original's, rank files) are loaded whole,
+rank reads only the rows of its own tokens, and drops their mapped pages from its resident
+memory after each batch (:meth:`.combine.TokenRows.release`): a batch's rows at a time; files without a row file (the original's, rank files) are loaded whole,
 in every process. Every row a rank clusters is checked
 to be finite first, and the dictionary is checked before it is written.
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..artifacts import PartFiles, fingerprint, read_manifest
 from ..distributed import DistEnv, barrier, dist_env, shard
 from ..errors import UserError
-from .combine import check_finite, open_combined, read_source
+from .combine import TokenRows, check_finite, open_combined, read_source
 from .dictionary import SENSE_DTYPES, plot_path, plot_senses, save_sense_dict, summary_path, write_summary
 from .kmeans import check_backend, kmeans
 from .packed import DEFAULT_SENSE_RULE, check_sense_rule
@@ -234,6 +234,9 @@ def cluster_rank(states: Mapping[int, np.ndarray], batches: list[list[int]], par
             check_finite(input_path, token, rows)
         parts.write(index, _part_arrays(cluster_batch(points, tokens, cfg, device)))
         progress.update(len(tokens))
+        if isinstance(states, TokenRows):  # resident memory bounded by a batch's rows, not the file
+            del points
+            states.release()
     progress.close()
 
 

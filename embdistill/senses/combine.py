@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import numpy as np
 from ..artifacts import atomic_open, fingerprint, load_pickle, manifest_path, read_manifest, write_manifest
 from ..errors import UserError
 from .gather import index_path
+from .rowfile import rows_path, save_mapped_pickle, start_row_file, write_rows
 
 log = logging.getLogger("embdistill.combine")
 
@@ -294,16 +294,6 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int, output: Path,
     return meta
 
 
-def write_rows(fh, header: int, rows: np.ndarray, places: np.ndarray) -> None:
-    """Write ``rows`` as rows ``places`` (ascending) of the row file ``fh``, whose data start
-    at byte ``header``: one write per run of consecutive places."""
-    row_bytes = rows.dtype.itemsize * rows.shape[1]
-    runs = np.flatnonzero(np.diff(places) != 1) + 1
-    for a, b in zip([0, *runs], [*runs, len(places)]) if len(places) else ():  # all capped away
-        fh.seek(header + int(places[a]) * row_bytes)
-        fh.write(np.ascontiguousarray(rows[a:b]).tobytes())
-
-
 def gathered_with(gather_configs: Sequence[Mapping | None]) -> dict:
     """The max length and input format the states were gathered with (recorded down to the
     sense dictionary, whose users check them); None where the inputs disagree or do not say."""
@@ -312,11 +302,6 @@ def gathered_with(gather_configs: Sequence[Mapping | None]) -> dict:
         values = {config.get(key) if config else None for config in gather_configs}
         settings[key] = values.pop() if len(values) == 1 else None
     return settings
-
-
-def rows_path(combined: Path) -> Path:
-    """Every row of combined.pkl in one array: ``combined.rows.npy``."""
-    return combined.with_suffix(".rows.npy")
 
 
 def tokens_path(combined: Path) -> Path:
@@ -367,10 +352,7 @@ def write_outputs(output: Path, table: np.ndarray, meta: dict, fill: Callable, c
     size = shape[0] * shape[1] * dtype.itemsize
     with_pickle = combined_pickle == "always" or (combined_pickle == "auto" and size <= PICKLE_AUTO_BYTES)
     with atomic_open(rows_path(output), "wb") as fh:
-        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                  "fortran_order": False, "shape": shape})
-        header = fh.tell()
-        fh.truncate(header + size)
+        header = start_row_file(fh, shape, dtype)
         fill(fh, header)  # a bad input file stops it here: the previous outputs stay as they were
         for marker in (output, rows_path(output)):  # no manifest says "done" while the files change
             manifest_path(marker).unlink(missing_ok=True)
@@ -391,36 +373,6 @@ def write_outputs(output: Path, table: np.ndarray, meta: dict, fill: Callable, c
     write_manifest(marker, stage="combine", config=config, inputs=inputs, extra={**meta, "files": files})
 
 
-def save_mapped_pickle(output: Path, rows_file: Path, header: int, shape: tuple, dtype: np.dtype,
-                       table: np.ndarray) -> None:
-    """combined.pkl, ``{token_id: its rows}``, pickled from views of the mapped row file: the
-    rows are never all in memory. Mapped copy-on-write, the views are writable arrays, which
-    pickle exactly as the arrays of a dict in memory (read-only ones pickle as other opcodes);
-    the pages the pickler has read are dropped from this process as it goes (they stay in the
-    page cache), so resident memory stays bounded too."""
-    with open(rows_file, "rb") as fh:
-        mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if shape[0] else None
-    rows = np.frombuffer(mapping, dtype, shape[0] * shape[1], offset=header).reshape(shape) if mapping else None
-    with atomic_open(output, "wb") as fh:  # save_pickle's protocol
-        pickle.dump({int(t): rows[a:b] for t, a, b in table}, ReleasingWriter(fh, mapping), protocol=5)
-
-
-class ReleasingWriter:
-    """A file to pickle into that drops ``mapping``'s pages from this process after every
-    ``every`` bytes written (the pickler has copied them to the file by then)."""
-
-    def __init__(self, fh, mapping: mmap.mmap | None, every: int = 16 << 20):
-        self.fh, self.mapping, self.every, self.pending = fh, mapping, every, 0
-
-    def write(self, data) -> int:
-        written = self.fh.write(data)
-        self.pending += written
-        if self.mapping is not None and self.pending >= self.every:
-            self.mapping.madvise(mmap.MADV_DONTNEED)
-            self.pending = 0
-        return written
-
-
 class TokenRows(Mapping):
     """``{token_id: (n, d) rows}`` read from the memory-mapped row file: looking a token up
     maps its rows (a read-only view, read from disk on first use), so a process that clusters
@@ -433,6 +385,12 @@ class TokenRows(Mapping):
     def __getitem__(self, token: int) -> np.ndarray:
         start, end = self.where[token]
         return np.asarray(self.rows[start:end])  # a plain ndarray view (pickles as one)
+
+    def release(self) -> None:
+        """Drop the rows read so far from this process's resident memory: mapped pages count
+        in its RSS until then, though the kernel may reclaim them (they stay in the page cache,
+        and a token used again is read from there)."""
+        self.rows._mmap.madvise(mmap.MADV_DONTNEED)  # np.load(mmap_mode="r")'s mapping
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.where)

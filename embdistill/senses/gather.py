@@ -16,6 +16,10 @@ atomically (``rank<R>.pkl.parts/rank<R>.part<NNNNN>.npz`` + manifest, :class:`~e
 memory stays bounded and a killed run resumes from its finished parts. At the end the parts are merged into ``rank<R>.pkl`` =
 {token_id: (n, d) array} and ``rank<R>.index.pkl`` = {token_id: int64 occurrence ids
 ``text_idx * max_length + position``}, rows in occurrence order, and the parts are deleted.
+The merge never holds the rank's states: it writes each part's rows to their places in a row
+file (``rank<R>.rows.npy``, deleted once done) and pickles from its memory map, so the
+gather's memory is bounded by a part, the device buffer and a batch (plus 32 bytes of ids
+per kept row), not by the kept states.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import PartFiles, fingerprint, load_pickle, manifest_path, read_manifest, save_pickle, write_manifest
+from ..artifacts import PartFiles, atomic_open, fingerprint, load_pickle, manifest_path, read_manifest, save_pickle, write_manifest
 from ..distributed import DistEnv, shard
 from ..errors import UserError
 from ..input_format import effective_max_length
+from .rowfile import rows_path, save_mapped_pickle, start_row_file, write_rows
 
 log = logging.getLogger("embdistill.gather")
 
@@ -229,34 +234,40 @@ def gather_texts(
     }
 
 
-def merge_parts(parts: PartFiles, count: int) -> tuple[dict, dict]:
-    """The ``count`` parts' rows grouped by token id, each token's rows in occurrence order:
-    ({token_id: (n, d) states, views of one array}, {token_id: (n,) int64 occurrence ids}).
+def merge_parts(parts: PartFiles, count: int, rows_file: Path, hidden_size: int,
+                dtype: str) -> tuple[dict, np.ndarray, int]:
+    """The ``count`` parts' rows grouped by token id, each token's rows in occurrence order,
+    written to the row file ``rows_file``: ({token_id: (n,) int64 occurrence ids}, its token
+    table ((T, 3): id, first row, end row), the length of its header).
 
-    Memory: the result and one part. The parts' ids are read first (not their states), which
-    place every row; then each part's states, copied straight into their rows and dropped."""
-    if not count:  # a rank with no texts (more ranks than texts)
-        return {}, {}
+    Memory: a part (twice), and 32 bytes per row, never the rank's states: the parts' ids are
+    read first (not their states), which place every row; then each part's states are written
+    to their places and dropped."""
     ids = [parts.load(p, ["token_ids", "occurrence_ids"]) for p in range(count)]
-    token_ids = np.concatenate([part["token_ids"] for part in ids])
-    occurrences = np.concatenate([part["occurrence_ids"] for part in ids])
+    empty = np.empty(0, dtype=np.int64)
+    token_ids = np.concatenate([part["token_ids"] for part in ids] or [empty])
+    occurrences = np.concatenate([part["occurrence_ids"] for part in ids] or [empty])
+    del ids
     order = np.lexsort((occurrences, token_ids))
     destination = np.empty_like(order)
     destination[order] = np.arange(len(order))
-    states, start = None, 0
-    for p in range(count):
-        part_states = parts.load(p, ["states"])["states"]
-        if states is None:
-            states = np.empty((len(order), *part_states.shape[1:]), dtype=part_states.dtype)
-        states[destination[start : start + len(part_states)]] = part_states
-        start += len(part_states)
-        del part_states
+    shape, np_dtype = (len(order), hidden_size), np.dtype(dtype)
+    with atomic_open(rows_file, "wb") as fh:
+        header = start_row_file(fh, shape, np_dtype)
+        start = 0
+        for p in range(count):
+            part_states = parts.load(p, ["states"])["states"]
+            places = destination[start : start + len(part_states)]
+            by_place = np.argsort(places)
+            write_rows(fh, header, part_states[by_place], places[by_place])
+            start += len(part_states)
+            del part_states
+    del destination
     token_ids, occurrences = token_ids[order], occurrences[order]
     tokens, starts = np.unique(token_ids, return_index=True)
-    ends = np.append(starts[1:], len(token_ids))
-    states_by_token = {int(t): states[a:b] for t, a, b in zip(tokens, starts, ends)}
+    ends = np.append(starts[1:], len(token_ids)) if len(tokens) else starts  # no rows: a rank with no texts
     index_by_token = {int(t): occurrences[a:b] for t, a, b in zip(tokens, starts, ends)}
-    return states_by_token, index_by_token
+    return index_by_token, np.column_stack([tokens, starts, ends]).astype(np.int64).reshape(-1, 3), header
 
 
 def gather_shard(
@@ -275,6 +286,7 @@ def gather_shard(
     for old in (rank_file, index_path(rank_file)):
         manifest_path(old).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
+    rows_path(rank_file).unlink(missing_ok=True)  # left by a run killed while pickling
 
     config = cfg.rank_config(env)
     input_fingerprints = {key: fingerprint(path) for key, path in inputs.items()}
@@ -301,21 +313,26 @@ def gather_shard(
                 parts.write(p, gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
                                             batch_size=batch_size, buffer_rows=buffer_rows, progress=progress))
 
-    states_by_token, index_by_token = merge_parts(parts, len(chunks))
-    n_rows = sum(len(v) for v in states_by_token.values())
+    # The rank's states go through a row file: the pickle is written from its memory map
+    # (save_mapped_pickle: the same bytes as pickling the dict from memory), which is then
+    # deleted. Held at once: a part and the rows' ids, not the rank's states.
+    rows_file = rows_path(rank_file)
+    index_by_token, table, header = merge_parts(parts, len(chunks), rows_file, teacher.hidden_size, cfg.dtype)
+    n_rows = int(table[-1, 2]) if len(table) else 0
     summary = {
         "rank": env.rank, "world_size": env.world_size, "texts": len(indices),
-        "texts_resumed": resumed_texts, "parts": len(chunks), "token_ids": len(states_by_token),
+        "texts_resumed": resumed_texts, "parts": len(chunks), "token_ids": len(table),
         "rows": n_rows, "hidden_size": teacher.hidden_size, "dtype": cfg.dtype,
         "seconds": round(time.perf_counter() - started, 2),
     }
     extra = {"teacher": teacher.slug, "hidden_size": teacher.hidden_size, "dtype": cfg.dtype,
-             "rows": n_rows, "token_ids": len(states_by_token), "texts": len(indices)}
+             "rows": n_rows, "token_ids": len(table), "texts": len(indices)}
     # Index first, states last, manifests after each: a manifest beside rank<R>.pkl means
     # both files are complete.
     save_pickle(index_by_token, index_path(rank_file))
     write_manifest(index_path(rank_file), stage="gather", config=config, inputs=inputs, extra=extra)
-    save_pickle(states_by_token, rank_file)
+    save_mapped_pickle(rank_file, rows_file, header, (n_rows, teacher.hidden_size), np.dtype(cfg.dtype), table)
     write_manifest(rank_file, stage="gather", config=config, inputs=inputs, extra=extra)
+    rows_file.unlink()
     parts.clear()
     return summary
