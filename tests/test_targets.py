@@ -328,3 +328,17 @@ def test_the_dictionary_identity_changes_with_its_manifest_alone(tmp_path):
     write_manifest(path, stage="cluster", config={"sense_rule": "dot", "k_rule": "sqrt"})  # the same bytes
     recorded = SenseDictionary.open(path).identity
     assert recorded["sha256"] == original["sha256"] and recorded != original
+
+
+def test_the_tokenizer_is_known_by_its_content_not_its_folder(tiny_bert_dir, tiny_llama_dir, tmp_path):
+    """The same model folder copied elsewhere (another virtual environment's copy of an
+    installed teacher) gives targets of the same identity; another tokenizer does not."""
+    import shutil
+
+    from embdistill.senses.targets import tokenizer_identity
+
+    copy = shutil.copytree(tiny_bert_dir, tmp_path / "elsewhere")
+    here, there = (load_teacher(str(folder), device="cpu").tokenizer for folder in (tiny_bert_dir, copy))
+    assert here.name_or_path != there.name_or_path
+    assert tokenizer_identity(here) == tokenizer_identity(there)
+    assert tokenizer_identity(load_teacher(str(tiny_llama_dir), device="cpu").tokenizer) != tokenizer_identity(here)

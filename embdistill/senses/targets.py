@@ -21,6 +21,8 @@ entry has a single sense (the sense loss leaves them out: :mod:`embdistill.losse
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -41,12 +43,28 @@ from .packed import PackedSenses
 log = logging.getLogger("embdistill.targets")
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """A tokenizer by its content: its class, the sha256 of its whole definition (a fast
+    tokenizer's ``tokenizer.json``: normaliser, pre-tokeniser, vocabulary, less the truncation and
+    padding that each call sets; else the sorted vocabulary) and its size. Not its folder: the same
+    tokenizer read from another virtual environment or a copied model folder is the same one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None), definition.pop("padding", None)
+    else:
+        definition = sorted(tokenizer.get_vocab().items())
+    definition = json.dumps(definition, sort_keys=True)
+    digest = hashlib.sha256(definition.encode("utf-8")).hexdigest()[:16]
+    return f"{type(tokenizer).__name__} sha256:{digest} ({len(tokenizer)} tokens)"
+
+
 @dataclass(frozen=True)
 class TargetsConfig:
     """What the targets depend on besides the dictionary's and the texts' content."""
 
     teacher: str  # the teacher's name (alias, hub id or folder)
-    tokenizer: str  # the tokenizer's name_or_path and vocabulary size
+    tokenizer: str  # the tokenizer's content (tokenizer_identity), not where it was read from
     input_format: str
     max_length: int  # the length used: --max-length cut to the teacher's (effective_max_length)
     dictionary: str  # its path (its content is fingerprinted as an input)
@@ -54,8 +72,7 @@ class TargetsConfig:
 
     @classmethod
     def of(cls, teacher, max_length: int, dictionary: SenseDictionary) -> "TargetsConfig":
-        tokenizer = f"{teacher.tokenizer.name_or_path} ({len(teacher.tokenizer)} tokens)"
-        return cls(teacher.name, tokenizer, teacher.input_format.name, max_length, str(dictionary.path),
+        return cls(teacher.name, tokenizer_identity(teacher.tokenizer), teacher.input_format.name, max_length, str(dictionary.path),
                    dictionary.sense_rule)
 
 
