@@ -1,11 +1,13 @@
 """Stage 5: train the SKD student (the teacher's first layers) and export it; runs/<task>/<run>/.
 
-    python scripts/05_train.py --task bbc-news                 # the paper's settings
+    python scripts/05_train.py --task bbc-news                 # the default objective (pooled-mse)
+    python scripts/05_train.py --task bbc-news --loss sense    # SKD, the paper's objective
     python scripts/05_train.py --task bbc-news --epochs 1 --max-steps 300 --max-length 128 --lr 2e-5
-    ./run_train.sh bbc-news --nproc_per_node 2 --max-steps 300  # targets, then torchrun, DDP
+    ./run_train.sh bbc-news --loss sense --nproc_per_node 2 --max-steps 300  # targets, then torchrun, DDP
     python scripts/05_train.py --task bbc-news tweet-sentiment  # a task set: one student, runs/bbc-news+tweet-sentiment/
 
---loss picks the objective (embdistill/objectives/, STUDENT_OBJECTIVES): sense (SKD) trains on
+--loss picks the objective (embdistill/objectives/, STUDENT_OBJECTIVES; the default, pooled-mse,
+won the quality study on four task families: BENCHMARKS.md): sense (SKD, the paper's) trains on
 the stored sense targets of scripts/04_targets.py: no teacher runs; the loss scores senses by
 the dictionary's rule (03_cluster.py --sense-rule) and leaves out tokens of a single sense
 (their share is logged and kept in the export manifest). mse (the ablation) runs the frozen
@@ -33,7 +35,7 @@ from embdistill.cli import (bounded_float, log, non_negative_int, positive_int, 
                             stage_parser)
 from embdistill.distributed import DEVICE_HELP, bind_device, cleanup, dist_env, init_distributed, print0, resolve_device
 from embdistill.input_format import MaxLength
-from embdistill.objectives import STUDENT_OBJECTIVES, StudentObjective, StudentRun
+from embdistill.objectives import DEFAULT_OBJECTIVE, STUDENT_OBJECTIVES, StudentObjective, StudentRun
 from embdistill.paths import Paths, base_dir, check_run_name
 from embdistill.students import build_student, default_student_layers, export_student
 from embdistill.tasks import resolve_task_set
@@ -52,8 +54,9 @@ VALIDATIONS_PER_EPOCH = 4  # --val-every 0
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(__doc__, task_set=True)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
-    parser.add_argument("--loss", choices=tuple(STUDENT_OBJECTIVES), default="sense",
-                        help="the objective: sense: SKD's loss over the sense dictionary; mse: token states (ablation); "
+    parser.add_argument("--loss", choices=tuple(STUDENT_OBJECTIVES), default=DEFAULT_OBJECTIVE,
+                        help=f"the objective (default {DEFAULT_OBJECTIVE}, by the quality study in BENCHMARKS.md): "
+                        "sense: SKD's loss over the sense dictionary (the paper's); mse: token states (ablation); "
                         "pooled-mse: the pooled sentence embedding; sense-pooled: sense + --sentence-weight x "
                         "pooled-mse")
     parser.add_argument("--run", default=None, help="run name under runs/<task>/ (default: the objective's, "

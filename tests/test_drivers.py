@@ -303,7 +303,7 @@ def test_every_driver_runs_on_a_user_data_file(tmp_path, tiny_bert_dir):
     ok("run_sep_cluster.sh", *teacher)
     ok("run_multithread_cluster.sh", *teacher, "--procs", "1", "--output", str(tmp_path / "mt.kmeanspkl"))
     assert paths.sense_dict.is_file() and (tmp_path / "mt.kmeanspkl").is_file()
-    ok("run_train.sh", *teacher, "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
+    ok("run_train.sh", *teacher, "--loss", "sense", "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
        "--max-length", "32")
     student = paths.export_dir / "hf"
     evaluation = ["--batch-size", "16", "--max-length", "32", "--throughput-texts", "8", "--n-experiments", "1",

@@ -127,7 +127,7 @@ def default_length_run(tmp_path_factory):
     for stage, *options in (["scripts/01_count.py"], ["scripts/02_gather.py", "--batch-size", "6"],
                             ["a0_generate_combinepkl.py"], ["scripts/03_cluster.py", "--senses", "2"],
                             ["scripts/04_targets.py"],
-                            ["scripts/05_train.py", "--student-layers", "1", "--epochs", "1", "--max-steps", "2",
+                            ["scripts/05_train.py", "--loss", "sense", "--student-layers", "1", "--epochs", "1", "--max-steps", "2",
                              "--batch-size", "3"]):
         assert run_stage(stage, *common, *options) == 0, stage
     return paths

@@ -25,7 +25,7 @@ from test_train_stage import subprocess_env
 REPO = Path(__file__).resolve().parents[1]
 GATHER = ["--max-length", "32", "--batch-size", "8", "--per-token", "6"]
 CLUSTER = ["--batch-tokens", "8"]
-TRAIN = ["--student-layers", "1", "--max-steps", "2", "--batch-size", "4", "--max-length", "32"]
+TRAIN = ["--loss", "sense", "--student-layers", "1", "--max-steps", "2", "--batch-size", "4", "--max-length", "32"]
 
 
 def on_two_nodes(script: str, *args: str) -> None:

@@ -204,7 +204,7 @@ def test_training_refuses_targets_of_another_max_length_in_one_line(setup, tmp_p
     paths, teacher, senses, examples = setup
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "05_train.py"), "--task", "bbc-news", "--base-dir",
-         str(paths.base), "--teacher", str(teacher.name), "--max-length", "24", "--max-steps", "1"],
+         str(paths.base), "--teacher", str(teacher.name), "--max-length", "24", "--max-steps", "1", "--loss", "sense"],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -317,7 +317,7 @@ def test_stages_4_and_5_read_the_dictionary_and_its_manifest_once(setup, tmp_pat
     assert run_stage("scripts/04_targets.py", *common) == 0
     assert sorted(reads) == [("load_pickle", paths.sense_dict), ("read_manifest", paths.sense_dict)]
     reads.clear()
-    assert run_stage("scripts/05_train.py", *common, "--run", "read-once", "--max-steps", "1",
+    assert run_stage("scripts/05_train.py", *common, "--run", "read-once", "--loss", "sense", "--max-steps", "1",
                      "--student-layers", "1", "--val-fraction", "0") == 0
     assert sorted(reads) == [("load_pickle", paths.sense_dict), ("read_manifest", paths.sense_dict)]
 

@@ -64,7 +64,7 @@ def set_pipeline(tmp_path_factory, tiny_bert_dir):
     assert drive(["gather_sense", *tasks, *common, "--max-length", "32", "--batch-size", "16",
                   "--per-token", "20"]) == 0
     assert drive(["sep_cluster", *tasks, *common, "--senses", "2"]) == 0
-    assert drive(["train", *tasks, *common, "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
+    assert drive(["train", *tasks, *common, "--loss", "sense", "--student-layers", "1", "--max-steps", "2", "--batch-size", "4",
                   "--max-length", "32", "--val-fraction", "0"]) == 0
     return tasks, common, Paths(base, "money+sports", tiny_bert_dir.name, members=("money", "sports"))
 

@@ -77,7 +77,7 @@ def make_inputs(base: Path, teacher_dir: Path, task: str = "bbc-news", senses_pe
 
 
 def train_script(base: Path, teacher_dir: Path, *extra: str) -> list[str]:
-    return ["--task", "bbc-news", "--base-dir", str(base), "--teacher", str(teacher_dir), *extra]
+    return ["--task", "bbc-news", "--base-dir", str(base), "--teacher", str(teacher_dir), "--loss", "sense", *extra]
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
