@@ -76,6 +76,8 @@ CRITERIA = tuple(HIGHER_IS_BETTER)
 class Variant:
     loss: str  # scripts/05_train.py --loss
     rule: str | None = None  # the sense rule of its dictionary and targets (sense objectives)
+    lr: float | None = None  # the recipe's, where it is not the study's --lr
+    schedule: str = "cosine"  # scripts/05_train.py --schedule
 
 
 VARIANTS = {
@@ -85,6 +87,11 @@ VARIANTS = {
     "skd-pooled": Variant("sense-pooled", "dot"),  # sense + the pooled term
     "skd-l2": Variant("sense", "l2"),
     "skd-cos": Variant("sense", "cos"),
+    # the recipe study (bench/study_recipe.py): the default objective at other learning rates and
+    # without the cosine decay
+    "pooled-mse-lr1e-4": Variant("pooled-mse", lr=1e-4),
+    "pooled-mse-lr1e-3": Variant("pooled-mse", lr=1e-3),
+    "pooled-mse-constant": Variant("pooled-mse", schedule="constant"),
 }
 DEFAULT_VARIANTS = ("skd", "mse", "pooled-mse", "skd-pooled")
 
@@ -193,7 +200,8 @@ def train(task: str, base: Path, variant: str, seed: int, args) -> list[int]:
         sense = ["--sense-dict", str(dictionary), "--targets", str(targets)]
     stage("scripts/05_train.py", "--task", task, "--base-dir", str(base), "--loss", spec.loss,
           "--run", paths.run, "--seed", str(seed), "--max-length", str(args.max_length), "--epochs", str(args.epochs),
-          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", "10",
+          "--batch-size", str(args.batch_size), "--lr", str(spec.lr or args.lr), "--warmup-steps", "10",
+          "--schedule", spec.schedule,
           "--save-every", str(every), "--val-every", str(every), "--keep-last", "1000", "--log-every", "10",
           *sense, *(["--no-export-replace"] if spec.rule else []))
     saved = {int(c.stem.split("-")[1]): c for c in paths.checkpoint_dir.glob("step-*.pt")}
@@ -203,9 +211,9 @@ def train(task: str, base: Path, variant: str, seed: int, args) -> list[int]:
     teacher = None
     for step in steps[1:]:
         folder = paths.run_dir / "curve" / f"step-{step}"
-        if step not in saved:
-            raise SystemExit(f"{paths.run_dir}: step {step} was validated but not checkpointed")
         if not (folder / "config.json").is_file():
+            if step not in saved:
+                raise SystemExit(f"{paths.run_dir}: step {step} was validated but not checkpointed")
             teacher = teacher or load_teacher("minilm", device="cpu", layers=2)
             student = build_student(teacher, 2)
             student.load_state_dict(torch.load(saved[step], map_location="cpu", weights_only=True)["model"])
