@@ -49,7 +49,7 @@ def write_rows(fh, header: int, rows: np.ndarray, places: np.ndarray) -> None:
     runs = np.flatnonzero(np.diff(places) != 1) + 1
     for a, b in zip([0, *runs], [*runs, len(places)]) if len(places) else ():  # all capped away
         fh.seek(header + int(places[a]) * row_bytes)
-        fh.write(np.ascontiguousarray(rows[a:b]).tobytes())
+        fh.write(np.ascontiguousarray(rows[a:b]))  # its buffer, not a copy (tobytes)
 
 
 def save_mapped_pickle(output: Path, rows_file: Path, header: int, shape: tuple, dtype: np.dtype,
