@@ -308,7 +308,7 @@ groups = resolve_inputs(folders, lambda name: Path(name))
 if mode == "one":  # the control: one rank file in memory, as the combine's second pass held it
     states = load_pickle(groups[0][0])
 else:
-    combine(groups, 100_000, 0, Path(output), {}, {}, combined_pickle="never")
+    combine(groups, 1_000_000, 0, Path(output), {}, {}, combined_pickle="never")
 """
 
 
