@@ -22,9 +22,13 @@ uses the row file only while it matches, so each clustering process reads just i
 and host memory does not grow with the number of processes.
 
 Host memory does not grow with the states either (:func:`combine`): a first pass reads the
-gathers' occurrence ids (the original's files: their states, one file at a time) and places
-every input row in the row file; a second loads one rank file at a time and writes its rows to
-their places. Held at once: one rank file's states, and 8 bytes per input row.
+gathers' occurrence ids (the original's files: their pickle's layout) and places every input
+row in the row file; a second reads each rank file a token at a time, the token's rows a block
+of at most 4 MiB at a time (:func:`embdistill.senses.rowfile.row_blocks`), and writes them to
+their places. Held at once: one block of rows, 16 bytes per input row (its place and occurrence
+id) and a small record per token of each file. A pickle that protocol 5 did not write (the
+original's files may be protocol 4) cannot be read this way: its arrays are loaded with it, one
+file at a time, as before.
 """
 
 from __future__ import annotations
