@@ -21,6 +21,7 @@ from embdistill.senses.combine import (combine, combined_artifact, open_combined
                                        tokens_path, write_combined)
 from helpers import combine_to_dict, run_stage
 from test_train_stage import subprocess_env
+from embdistill.senses import rowfile
 from embdistill.senses.gather import index_path
 
 
@@ -289,6 +290,52 @@ def test_combined_pickle_option_and_skip(tmp_path, capsys):
     assert "skipping" not in capsys.readouterr().err
     assert sorted(load_pickle(output)) == [5, 7, 9] and read_manifest(rows_path(output)) is None
     assert combined_artifact(output) == output
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_a_pickle_read_a_block_at_a_time_equals_it_loaded_whole(tmp_path, monkeypatch, protocol):
+    """open_stored_pickle: protocol 5's C-ordered 2-d arrays stay in the file (inside a frame or,
+    large, outside), each block read from it (a file cut short meanwhile: one line); everything else (other protocols, a Fortran-ordered
+    or read-only array, a 1-d one) is read as load_pickle reads it; an array met twice is one
+    object; a truncated file and a refused global are load_pickle's one-line errors."""
+    monkeypatch.setattr(rowfile, "ROW_BLOCK_BYTES", 1000)
+    rng = np.random.default_rng(0)
+    read_only = rng.normal(size=(3000, 8))
+    read_only.flags.writeable = False
+    states = {1: rng.normal(size=(3, 8)).astype(np.float32), 2: rng.normal(size=(5000, 8)).astype(np.float16),
+              3: np.asfortranarray(rng.normal(size=(300, 40))), 4: read_only, 5: rng.normal(size=(5,)),
+              6: np.zeros((0, 4))}
+    states[7] = states[1]
+    path = tmp_path / "states.pkl"
+    path.write_bytes(pickle.dumps(states, protocol=protocol))
+    whole = load_pickle(path)
+    with rowfile.open_stored_pickle(path) as stored:
+        assert list(stored) == list(whole) and stored[7] is stored[1]
+        for token, rows in stored.items():
+            assert rows.dtype == whole[token].dtype and rows.shape == whole[token].shape
+            if rows.ndim == 2 and len(rows):
+                np.testing.assert_array_equal(np.concatenate([b for _, b in rowfile.row_blocks(rows)]), whole[token])
+        kinds = {t: type(rows).__name__ for t, rows in stored.items()}
+        if protocol == 5:  # cut short while open: its rows are read from the file
+            with open(path, "r+b") as fh:
+                fh.truncate(stored[2].offset + 10)
+            with pytest.raises(UserError, match="truncated while it was being read"):
+                list(rowfile.row_blocks(stored[2]))
+    assert kinds == ({1: "StoredRows", 2: "StoredRows", 3: "ndarray", 4: "ndarray", 5: "ndarray", 6: "StoredRows",
+                      7: "StoredRows"} if protocol == 5 else dict.fromkeys(states, "ndarray"))
+    path.write_bytes(pickle.dumps(states, protocol=protocol)[:-100])
+    with pytest.raises(UserError, match="corrupt pickle"):
+        with rowfile.open_stored_pickle(path):
+            pass
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path.write_bytes(pickle.dumps({5: states[2], 6: Evil()}, protocol=protocol))
+    with pytest.raises(UserError, match="unsafe pickle"):
+        with rowfile.open_stored_pickle(path):
+            pass
 
 
 MEMORY_CHILD = """
