@@ -172,7 +172,11 @@ class StoredRowsUnpickler(RestrictedGlobals, pickle._Unpickler):
             if math.prod(shape) * dtype.itemsize != buffer.size:
                 raise ValueError(f"an array of shape {shape} and {dtype} in {buffer.size} bytes")
             return StoredRows(self.file, buffer.offset, dtype, shape)
-        data = bytearray(os.pread(self.file.fileno(), buffer.size, buffer.offset))
+        data, resume = bytearray(buffer.size), self.file.tell()
+        self.file.seek(buffer.offset)
+        if self.file.readinto(data) != buffer.size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.file.seek(resume)
         return self.numpy_frombuffer(data, dtype, shape, order, *axis_order)
 
 
