@@ -11,7 +11,7 @@ each checked: non-negative token ids to finite float rows. The rows go to one ar
 combined.rows.npy, and combined.tokens.npy says where each token's rows are; the cluster stage
 maps them, so that each of its processes reads only its own tokens' rows. combined.pkl, the same
 states in the original's format, is written from them unless --combined-pickle skips it. Host
-memory holds one rank file's states at a time, not all of them.
+memory holds a block of one token's rows at a time (4 MiB), not a rank file's states.
 """
 
 import argparse

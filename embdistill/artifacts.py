@@ -29,6 +29,7 @@ import pickle
 import platform
 import shutil
 import socket
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -123,8 +124,10 @@ def _load_storage_from_bytes(data: bytes):
         raise pickle.UnpicklingError(f"refused a torch storage: {weights_only_refusal(exc)}") from None
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals our artefacts contain."""
+class RestrictedGlobals:
+    """The unpickling rule of our artefacts: resolve only the globals they contain. A mixin, for
+    the C unpickler (:class:`RestrictedUnpickler`) and pickle's pure-Python one
+    (:class:`embdistill.senses.rowfile.StoredRowsUnpickler`)."""
 
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
         if (module, name) in _ALLOWED_GLOBALS:
@@ -138,14 +141,24 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load global '{module}.{name}'")
 
 
+class RestrictedUnpickler(RestrictedGlobals, pickle.Unpickler):
+    """An unpickler that resolves only the globals our artefacts contain."""
+
+
 def load_pickle(path: str | os.PathLike) -> Any:
     """Load a pickle through the restricted unpickler; every failure is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file: {path}")
+    with open(path, "rb") as fh:
+        return read_pickle(fh, path)
+
+
+def read_pickle(fh, path: Path, unpickler: type = RestrictedUnpickler) -> Any:
+    """The pickle in the open file ``fh`` (``path`` names it in errors) through ``unpickler``, a
+    restricted one (:class:`RestrictedGlobals`); every failure is a one-line UserError."""
     try:
-        with open(path, "rb") as fh:
-            return RestrictedUnpickler(fh).load()
+        return unpickler(fh).load()
     except pickle.UnpicklingError as exc:
         if "refused" in str(exc):
             raise UserError(
@@ -157,8 +170,8 @@ def load_pickle(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: out of memory (MemoryError) loading this {path.stat().st_size / 2**20:.1f} MB "
                         "pickle; the file is not known to be damaged: free memory or use a larger machine") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RuntimeError, OSError) as exc:
-        reason = "truncated" if isinstance(exc, EOFError) else type(exc).__name__
+            RuntimeError, OSError, struct.error) as exc:  # struct.error: pure-Python unpickling's short read
+        reason = "truncated" if isinstance(exc, (EOFError, struct.error)) else type(exc).__name__
         raise UserError(f"{path}: corrupt pickle ({reason}: {exc})".rstrip(": ")) from None
 
 

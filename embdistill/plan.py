@@ -26,7 +26,11 @@ on our token counts, :func:`fit_zipf`; the same share assumed for another vocabu
   (forward FLOPs / 2) / R; combine: S x H; cluster: S x H x k x max_iter / R; train: steps x
   batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
 * host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather: S x H x b / R (a rank merges its parts
-  whole); combine: S x H x b (today's whole dict); cluster: S x H x b / R (the row file, mapped);
+  whole); combine: S (a place and an occurrence id per row, and per-token records; the rows pass
+  in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66 bytes a row); its rate,
+  fitted when the combine held a rank file's rows, is re-expressed per MiniLM row of 768 bytes
+  (904 bytes a row): an upper bound until bench_scale.py runs again; cluster: S x H x b / R (the
+  row file, mapped);
   targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the corpus is
   held whole; embeddings go to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
@@ -217,7 +221,7 @@ def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) ->
         "texts": {"cpu_s": work.chars, "peak_rss_mb": work.chars, "disk_mb": work.chars},
         "count": {"cpu_s": work.tokens, "peak_rss_mb": derived.token_ids, "disk_mb": derived.token_ids},
         "gather": {"cpu_s": work.tokens * P / R, "peak_rss_mb": S * H * b / R, "disk_mb": S * H * b},
-        "combine": {"cpu_s": S * H, "peak_rss_mb": S * H * b, "disk_mb": S * H * b},
+        "combine": {"cpu_s": S * H, "peak_rss_mb": S, "disk_mb": S * H * b},
         "cluster": {"cpu_s": S * H * options.k * options.max_iter / options.cluster_procs,
                     "peak_rss_mb": S * H * b / options.cluster_procs, "disk_mb": D * H},
         "targets": {"cpu_s": work.tokens * P / R, "peak_rss_mb": D * H, "disk_mb": work.tokens},

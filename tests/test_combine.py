@@ -21,6 +21,7 @@ from embdistill.senses.combine import (combine, combined_artifact, open_combined
                                        tokens_path, write_combined)
 from helpers import combine_to_dict, run_stage
 from test_train_stage import subprocess_env
+from embdistill.senses import rowfile
 from embdistill.senses.gather import index_path
 
 
@@ -291,6 +292,52 @@ def test_combined_pickle_option_and_skip(tmp_path, capsys):
     assert combined_artifact(output) == output
 
 
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_a_pickle_read_a_block_at_a_time_equals_it_loaded_whole(tmp_path, monkeypatch, protocol):
+    """open_stored_pickle: protocol 5's C-ordered 2-d arrays stay in the file (inside a frame or,
+    large, outside), each block read from it (a file cut short meanwhile: one line); everything else (other protocols, a Fortran-ordered
+    or read-only array, a 1-d one) is read as load_pickle reads it; an array met twice is one
+    object; a truncated file and a refused global are load_pickle's one-line errors."""
+    monkeypatch.setattr(rowfile, "ROW_BLOCK_BYTES", 1000)
+    rng = np.random.default_rng(0)
+    read_only = rng.normal(size=(3000, 8))
+    read_only.flags.writeable = False
+    states = {1: rng.normal(size=(3, 8)).astype(np.float32), 2: rng.normal(size=(5000, 8)).astype(np.float16),
+              3: np.asfortranarray(rng.normal(size=(300, 40))), 4: read_only, 5: rng.normal(size=(5,)),
+              6: np.zeros((0, 4))}
+    states[7] = states[1]
+    path = tmp_path / "states.pkl"
+    path.write_bytes(pickle.dumps(states, protocol=protocol))
+    whole = load_pickle(path)
+    with rowfile.open_stored_pickle(path) as stored:
+        assert list(stored) == list(whole) and stored[7] is stored[1]
+        for token, rows in stored.items():
+            assert rows.dtype == whole[token].dtype and rows.shape == whole[token].shape
+            if rows.ndim == 2 and len(rows):
+                np.testing.assert_array_equal(np.concatenate([b for _, b in rowfile.row_blocks(rows)]), whole[token])
+        kinds = {t: type(rows).__name__ for t, rows in stored.items()}
+        if protocol == 5:  # cut short while open: its rows are read from the file
+            with open(path, "r+b") as fh:
+                fh.truncate(stored[2].offset + 10)
+            with pytest.raises(UserError, match="truncated while it was being read"):
+                list(rowfile.row_blocks(stored[2]))
+    assert kinds == ({1: "StoredRows", 2: "StoredRows", 3: "ndarray", 4: "ndarray", 5: "ndarray", 6: "StoredRows",
+                      7: "StoredRows"} if protocol == 5 else dict.fromkeys(states, "ndarray"))
+    path.write_bytes(pickle.dumps(states, protocol=protocol)[:-100])
+    with pytest.raises(UserError, match="corrupt pickle"):
+        with rowfile.open_stored_pickle(path):
+            pass
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path.write_bytes(pickle.dumps({5: states[2], 6: Evil()}, protocol=protocol))
+    with pytest.raises(UserError, match="unsafe pickle"):
+        with rowfile.open_stored_pickle(path):
+            pass
+
+
 MEMORY_CHILD = """
 import resource, sys
 from pathlib import Path
@@ -305,36 +352,40 @@ def vm_size():
 mode, headroom, output, *folders = sys.argv[1:]
 resource.setrlimit(resource.RLIMIT_AS, (vm_size() + int(headroom), resource.RLIM_INFINITY))
 groups = resolve_inputs(folders, lambda name: Path(name))
-if mode == "all":  # the control: every rank file in memory at once
-    states = [load_pickle(path) for group in groups for path in group]
+if mode == "one":  # the control: one rank file in memory, as the combine's second pass held it
+    states = load_pickle(groups[0][0])
 else:
-    combine(groups, 10_000, 0, Path(output), {}, {}, combined_pickle="never")
+    combine(groups, 1_000_000, 0, Path(output), {}, {}, combined_pickle="never")
 """
 
 
-def test_combine_holds_one_rank_file_not_all_of_them(tmp_path):
-    """96 MB of states in 4 rank files of 24 MB, combined under an address-space limit of 48 MB
-    above the child's own after its imports: holding every rank file (the control, as the
-    whole-dict combine did) fails under it; the combine does not."""
+def test_combine_holds_a_block_of_rows_not_a_rank_file(tmp_path):
+    """168 MB of states in 4 rank files of 42 MB (100 tokens of 120 rows of 1 KB, and one token
+    of 30,000 rows: 30 MB), combined under an address-space limit of 24 MB above the child's own
+    after its imports: holding one rank file (the control, as the combine's second pass did)
+    fails under it; the combine, which reads a token's rows 4 MiB at a time, does not."""
     rng = np.random.default_rng(0)
-    first_rows = []  # token 0's first row in each rank file
+    first_rows = {0: [], 100: []}  # tokens 0 and 100: their first row in each rank file
     for gather in ("a", "b"):
         for rank in range(2):
-            occurrences = {t: np.arange(rank, 480, 2) for t in range(100)}  # 100 tokens x 240 rows x 1 KB
-            states = {t: rng.normal(size=(240, 256)).astype(np.float32) for t in occurrences}
+            occurrences = {t: np.arange(rank, 240, 2) for t in range(100)} | {100: np.arange(rank, 60_000, 2)}
+            states = {t: rng.normal(size=(len(o), 256)).astype(np.float32) for t, o in occurrences.items()}
             write_rank(tmp_path / gather, rank, occurrences, hidden_size=256, dtype="float32", states=states)
-            first_rows.append(states[0][0])
+            for token, rows in first_rows.items():
+                rows.append(states[token][0])
     output = tmp_path / "combined.pkl"
 
     def child(mode: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(48 << 20), str(output),
+        return subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(24 << 20), str(output),
                                str(tmp_path / "a"), str(tmp_path / "b")],
                               capture_output=True, text=True, timeout=300, env=subprocess_env())
 
-    control = child("all")
+    control = child("one")
     assert control.returncode != 0 and "MemoryError" in control.stderr
     streamed = child("combine")
     assert streamed.returncode == 0, streamed.stderr[-2000:]
     rows = np.load(rows_path(output), mmap_mode="r")
-    assert rows.shape == (100 * 960, 256)  # token 0: a's occurrences 0, 1, ... then b's
-    np.testing.assert_array_equal(rows[[0, 1, 480, 481]], np.stack(first_rows))
+    assert rows.shape == (2 * (100 * 240 + 60_000), 256)  # token 0: a's occurrences 0, 1, ... then b's
+    np.testing.assert_array_equal(rows[[0, 1, 240, 241]], np.stack(first_rows[0]))
+    big = 2 * 100 * 240  # token 100's first row
+    np.testing.assert_array_equal(rows[[big, big + 1, big + 60_000, big + 60_001]], np.stack(first_rows[100]))

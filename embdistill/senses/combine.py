@@ -22,13 +22,18 @@ uses the row file only while it matches, so each clustering process reads just i
 and host memory does not grow with the number of processes.
 
 Host memory does not grow with the states either (:func:`combine`): a first pass reads the
-gathers' occurrence ids (the original's files: their states, one file at a time) and places
-every input row in the row file; a second loads one rank file at a time and writes its rows to
-their places. Held at once: one rank file's states, and 8 bytes per input row.
+gathers' occurrence ids (the original's files: their pickle's layout) and places every input
+row in the row file; a second reads each rank file a token at a time, the token's rows a block
+of at most 4 MiB at a time (:func:`embdistill.senses.rowfile.row_blocks`), and writes them to
+their places. Held at once: one block of rows, 16 bytes per input row (its place and occurrence
+id) and a small record per token of each file. A pickle that protocol 5 did not write (the
+original's files may be protocol 4) cannot be read this way: its arrays are loaded with it, one
+file at a time, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import re
@@ -41,7 +46,7 @@ import numpy as np
 from ..artifacts import atomic_open, fingerprint, load_pickle, manifest_path, read_manifest, write_manifest
 from ..errors import UserError
 from .gather import index_path
-from .rowfile import rows_path, save_mapped_pickle, start_row_file, write_rows
+from .rowfile import StoredRows, open_stored_pickle, row_blocks, rows_path, save_mapped_pickle, start_row_file, write_rows
 
 log = logging.getLogger("embdistill.combine")
 
@@ -105,17 +110,19 @@ PICKLE_AUTO_BYTES = 16 << 30
 
 def check_rows(path: Path, token, rows) -> None:
     """One entry of a states file: a non-negative token id -> finite (n >= 1, d) float array;
-    UserError naming the file and the token otherwise."""
+    UserError naming the file and the token otherwise. Rows left in the file (StoredRows) are
+    checked to be finite as they are read (:func:`combine`)."""
     if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or token < 0:
         raise UserError(f"{path}: token id {token!r} is not a non-negative integer")
-    if not isinstance(rows, np.ndarray) or rows.ndim != 2 or not len(rows):
+    if not isinstance(rows, (np.ndarray, StoredRows)) or rows.ndim != 2 or not len(rows):
         shape = getattr(rows, "shape", type(rows).__name__)
         raise UserError(f"{path}: expected a dict token_id -> (n, d) array; entry {token!r} is not "
                         f"(it is {shape})")
     if str(rows.dtype) not in STATE_DTYPES:
         raise UserError(f"{path}: the states of token {token} are {rows.dtype}, not one of "
                         f"{', '.join(STATE_DTYPES)}")
-    check_finite(path, token, rows)
+    if isinstance(rows, np.ndarray):
+        check_finite(path, token, rows)
 
 
 def check_finite(path: Path, token, rows: np.ndarray) -> None:
@@ -143,10 +150,23 @@ def check_states(path: Path, states) -> tuple[set[int], set[str]]:
 
 
 def read_source(path: Path) -> tuple[Source, dict[int, np.ndarray]]:
-    """Load one gathered file whole and check it (:func:`check_states`; a rank file of ours
-    against its manifest and index): (what it is, its states); UserError naming the file
-    otherwise."""
+    """Load one gathered file whole and check it (:func:`describe_states`): (what it is, its
+    states)."""
     states = load_pickle(path)
+    return describe_states(path, states), {int(t): rows for t, rows in states.items()}
+
+
+@contextlib.contextmanager
+def stream_source(path: Path) -> Iterator[tuple[Source, dict[int, np.ndarray | StoredRows]]]:
+    """:func:`read_source` without reading the rows: the arrays of a protocol-5 pickle (ours)
+    stay in the file (StoredRows, open while the context lasts), any other pickle's are read."""
+    with open_stored_pickle(path) as states:
+        yield describe_states(path, states), {int(t): rows for t, rows in states.items()}
+
+
+def describe_states(path: Path, states) -> Source:
+    """Check a gathered file's states (:func:`check_states`; a rank file of ours against its
+    manifest and index): what it is; UserError naming the file otherwise."""
     widths, dtypes = check_states(path, states)
     manifest = read_manifest(path) or {}
     extra = manifest.get("extra", {})
@@ -157,15 +177,14 @@ def read_source(path: Path) -> tuple[Source, dict[int, np.ndarray]]:
                         f"{hidden_size}-d {dtype}")
     if hidden_size is None:
         raise UserError(f"{path}: empty and without a manifest; its hidden size is unknown")
-    states = {int(t): rows for t, rows in states.items()}
-    counts = {t: len(rows) for t, rows in states.items()}
+    counts = {int(t): len(rows) for t, rows in states.items()}
     gather = manifest.get("config") if manifest.get("stage") == "gather" else None
     occurrences = None
     if gather is not None:
         occurrences = read_index(path)
         if {t: len(o) for t, o in occurrences.items()} != counts:
             raise UserError(f"{index_path(path)} does not match {path}; rerun the gather with --overwrite")
-    return Source(path, counts, occurrences, extra.get("teacher"), int(hidden_size), str(dtype), gather), states
+    return Source(path, counts, occurrences, extra.get("teacher"), int(hidden_size), str(dtype), gather)
 
 
 def read_index(path: Path) -> dict[int, np.ndarray]:
@@ -180,12 +199,13 @@ def read_index(path: Path) -> dict[int, np.ndarray]:
 
 def describe_source(path: Path) -> Source:
     """The first pass's view of one file: a rank file of ours from its manifest and index (its
-    states are read in the second pass); any other file from its states, read whole, checked
-    and dropped."""
+    states are read in the second pass); any other file from its pickle (:func:`stream_source`:
+    its arrays' shapes and dtypes, their rows checked in the second pass)."""
     manifest = read_manifest(path) or {}
     extra = manifest.get("extra", {})
     if manifest.get("stage") != "gather" or "hidden_size" not in extra or "dtype" not in extra:
-        return read_source(path)[0]
+        with stream_source(path) as (source, _):
+            return source
     if not path.is_file():
         raise UserError(f"missing file: {path}")
     occurrences = read_index(path)
@@ -280,15 +300,17 @@ def combine(groups: Sequence[Sequence[Path]], cap: int, seed: int, output: Path,
             "token_ids": len(table), "capped": capped,
             **gathered_with([s.gather for group in sources for s in group])}
 
-    def fill(fh, header: int) -> None:  # one input file's states in memory at a time
+    def fill(fh, header: int) -> None:  # a block of one token's rows in memory at a time
         for source, file_places in ((s, p) for group, ps in zip(sources, places) for s, p in zip(group, ps)):
-            loaded, states = read_source(source.path)
-            if loaded.counts != source.counts:
-                raise UserError(f"{source.path} changed while it was being combined; run the combine again")
-            for token, rows in states.items():
-                kept = file_places[token] >= 0
-                write_rows(fh, header, np.asarray(rows[kept], dtype=meta["dtype"]), file_places[token][kept])
-            del states
+            with stream_source(source.path) as (loaded, states):
+                if loaded.counts != source.counts:
+                    raise UserError(f"{source.path} changed while it was being combined; run the combine again")
+                for token, rows in states.items():
+                    for start, block in row_blocks(rows):
+                        check_finite(source.path, token, block)
+                        block_places = file_places[token][start:start + len(block)]
+                        kept = block_places >= 0
+                        write_rows(fh, header, np.asarray(block[kept], dtype=meta["dtype"]), block_places[kept])
 
     write_outputs(output, table, meta, fill, config, inputs, combined_pickle)
     return meta
