@@ -253,12 +253,22 @@ def replacing_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
+        share_files(building)
         previous = out_dir.with_name(f".{out_dir.name}.previous")
         shutil.rmtree(previous, ignore_errors=True)
         if out_dir.exists():
             out_dir.rename(previous)
         building.rename(out_dir)
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def share_files(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions a plain write gives (0666 less the
+    umask): libraries that write through temp files (transformers' save_pretrained, for
+    model.safetensors) leave them 0600, unreadable by the other users of a shared cluster."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, (0o666 & ~_UMASK) | (path.stat().st_mode & 0o111))
 
 
 def _lock_holder(lock: Path) -> str:

@@ -111,6 +111,23 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.pkl"]  # no temp file left
 
 
+def test_a_replaced_folder_is_readable_by_others_like_any_written_file(tmp_path):
+    # transformers' save_pretrained writes model.safetensors through a temp file: 0600
+    import tempfile
+
+    with artifacts.replacing_folder(tmp_path / "export") as building:
+        building.mkdir()
+        fd, temp = tempfile.mkstemp(dir=building)
+        os.close(fd)
+        os.replace(temp, building / "model.safetensors")
+        (building / "sub").mkdir()
+        (building / "sub" / "run.sh").write_text("")
+        os.chmod(building / "sub" / "run.sh", 0o700)
+    plain = 0o666 & ~artifacts._UMASK
+    assert (tmp_path / "export" / "model.safetensors").stat().st_mode & 0o777 == plain
+    assert (tmp_path / "export" / "sub" / "run.sh").stat().st_mode & 0o777 == plain | 0o100
+
+
 def test_a_failed_write_names_the_file(tmp_path):
     """A full disk fails inside write(), whose OSError names no file: the error must."""
     path = tmp_path / "out.pkl"
