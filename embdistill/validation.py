@@ -134,7 +134,8 @@ class Validation:
 
     ``embed(model)``: the student's pooled embeddings of the validation texts, as its export
     embeds them; ``teachers``: each teacher's embeddings of the same texts (computed once);
-    ``loss(model)``: the objective's metrics on them (:func:`evaluate_loss`), or None."""
+    ``loss(model)``: the objective's metrics on them (:func:`evaluate_loss`), or None; it runs
+    after ``embed``, on the same weights (so it may reuse the embedding pass's forward)."""
 
     def __init__(self, embed: Callable[[nn.Module], torch.Tensor], teachers: Mapping[str, np.ndarray],
                  loss: Callable[[nn.Module], dict[str, float]] | None = None):

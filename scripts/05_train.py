@@ -29,6 +29,7 @@ step by --keep-best (the untrained student when training never beats it).
 import argparse
 
 import torch
+from torch import nn
 
 from embdistill.artifacts import fingerprint, skip_if_done, write_manifest
 from embdistill.cli import (bounded_float, log, non_negative_int, positive_int, run_main, setup_logging,
@@ -92,28 +93,50 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
 
 
+class _ReplayedStudent(nn.Module):
+    """The student in the validation loss: the output the embedding pass computed for the same
+    held-out batch (the same input tensors), so that both scores come from one forward pass."""
+
+    def __init__(self, outputs: dict[int, tuple]):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        kept = self.outputs.get(id(input_ids))
+        if kept is None or kept[0] is not input_ids or kept[1] is not attention_mask:
+            raise RuntimeError("the validation loss ran on a batch that the embedding pass did not")
+        return kept[2]
+
+
 def stage_validation(run: StudentRun, objective: StudentObjective, val_examples: list[str],
                      val_batches: list[dict]) -> Validation:
-    """The student's scores on the held-out examples: the objective's loss on their batches,
-    and its pooled embeddings as export/st computes them (the text tokens mean-pooled,
-    normalised as the teacher), against the whole teacher's, computed once here."""
-    args, device = run.args, run.device
+    """The student's scores on the held-out examples (``val_batches``, collated by the
+    objective): its pooled embeddings as export/st computes them (the text tokens mean-pooled,
+    normalised as the teacher), against the whole teacher's, computed once here, and the
+    objective's loss on the same forward pass (:class:`_ReplayedStudent`; a second pass took
+    half of each validation)."""
+    args = run.args
     whole = objective.reference_teacher(run)
     teacher_embeddings = whole.encode(val_examples, batch_size=args.batch_size, max_length=run.max_length)
     normalize = objective.teacher.normalize
-    batches = [run.tokenizer.tokenize(val_examples[i : i + args.batch_size], run.max_length)
-               for i in range(0, len(val_examples), args.batch_size)]
+    outputs: dict[int, tuple] = {}  # id(input_ids) -> (input_ids, attention_mask, the student's output)
 
-    def embed(model: torch.nn.Module) -> torch.Tensor:
+    def embed(model: nn.Module) -> torch.Tensor:
+        outputs.clear()
         pooled = []
-        for batch in batches:
-            states = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).last_hidden_state
-            pooled.append(sentence_embedding(states, batch["embed_mask"], normalize))
+        for batch in val_batches:
+            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            outputs[id(batch["input_ids"])] = (batch["input_ids"], batch["attention_mask"], output)
+            pooled.append(sentence_embedding(output.last_hidden_state, batch["embed_mask"], normalize))
         return torch.cat(pooled)
 
-    return Validation(embed, {objective.teacher.slug: teacher_embeddings},
-                      lambda model: evaluate_loss(model, objective, val_batches))
+    def loss(model: nn.Module) -> dict[str, float]:
+        try:
+            return evaluate_loss(_ReplayedStudent(outputs), objective, val_batches)
+        finally:
+            outputs.clear()
+
+    return Validation(embed, {objective.teacher.slug: teacher_embeddings}, loss)
 
 
 def train(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from embdistill.teachers import load_teacher
 from embdistill.students import build_student
 from embdistill.metrics_plot import read_metrics
 from embdistill.training import Trainer
-from embdistill.validation import indices_digest, linear_cka, similarity_agreement, validation_split
+from embdistill.validation import Validation, indices_digest, linear_cka, similarity_agreement, validation_split
 from test_train_stage import make_inputs, run_in_process, train_script
 
 VALIDATED = ["--student-layers", "1", "--epochs", "2", "--batch-size", "2", "--warmup-steps", "0",
@@ -68,6 +68,33 @@ def test_the_held_out_texts_are_never_batched_and_are_recorded(stage_inputs, tin
     rows = read_metrics(stage_inputs.run_dir / "metrics.jsonl")
     assert [row["step"] for row in rows if "val/similarity" in row] == [0, 2, 4, 6, 8]
     assert {"val/cka", "val/loss", "val/sense_accuracy"} <= set(rows[0])
+
+
+def test_a_validation_runs_the_student_once_per_held_out_batch(stage_inputs, tiny_bert_dir, capsys, monkeypatch):
+    """The validation loss reuses the forward pass of the embeddings (it took a second one)."""
+    from transformers import BertModel
+
+    forwards, validating = [], []
+    forward, validate = BertModel.forward, Validation.__call__
+
+    def counting_forward(self, *args, **kwargs):
+        forwards.extend(validating)
+        return forward(self, *args, **kwargs)
+
+    def flagged_validation(self, model):
+        validating.append(True)
+        try:
+            return validate(self, model)
+        finally:
+            validating.clear()
+
+    monkeypatch.setattr(BertModel, "forward", counting_forward)
+    monkeypatch.setattr(Validation, "__call__", flagged_validation)
+    train(stage_inputs, tiny_bert_dir, capsys, "--lr", "1e-3")
+    rows = read_metrics(stage_inputs.run_dir / "metrics.jsonl")
+    validations = [row for row in rows if "val/similarity" in row]
+    assert len(validations) == 5 and all("val/loss" in row for row in validations)
+    assert len(forwards) == 5 * 2  # 4 held-out texts in batches of 2, at steps 0, 2, 4, 6, 8
 
 
 def test_a_destructive_learning_rate_exports_the_untrained_student_with_one_warning(
