@@ -333,8 +333,12 @@ class Trainer:
         for parameter in self.parameters:
             if parameter.grad is not None:
                 parameter.grad.mul_(scale)
-        max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        total_norm = nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+        # not clip_grad_norm_(inf): unclipped, it multiplies every gradient by 1.0, a pass over
+        # all of them (the embedding matrix's included) for nothing
+        if self.config.max_grad_norm:
+            nn.utils.clip_grads_with_norm_(self.parameters, self.config.max_grad_norm, total_norm)
+        grad_norm = float(total_norm)
         if not math.isfinite(grad_norm):
             self._stop(f"the gradient norm is {grad_norm}")
         lr = self.scheduler.get_last_lr()[0]
