@@ -59,6 +59,34 @@ class TrainConfig:
         )
 
 
+# Stage 5's optimisation recipes (scripts/05_train.py --recipe; an option given explicitly wins).
+# "measured": what the recipe study measured on the demo's bbc-news and a user file of short texts
+# (BENCHMARKS.md, "Recipe study"): with the checkpoint kept by validation, no exported student below
+# its untrained start. "paper": the SKD paper's reference run, per process (lr x world size).
+STUDENT_RECIPES = {
+    "measured": TrainConfig(epochs=2, batch_size=16, lr=3e-4, warmup_steps=10),
+    "paper": TrainConfig(),
+}
+DEFAULT_RECIPE = "measured"
+
+
+def recipe_arg(parser, recipe: str) -> None:
+    """The --recipe option (its value ``recipe`` is already known: :func:`recipe_of`)."""
+    recipes = "; ".join(f"{name}: {c.epochs} epochs, batch {c.batch_size} per process, lr {c.lr:g} (x world "
+                        f"size), {c.warmup_steps} warm-up steps, {c.schedule} decay"
+                        for name, c in STUDENT_RECIPES.items())
+    parser.add_argument("--recipe", choices=tuple(STUDENT_RECIPES), default=recipe,
+                        help=f"the training loop's defaults ({recipes}); options given explicitly win")
+
+
+def recipe_of(argv) -> str:
+    """The --recipe in ``argv`` (None: the command line; default :data:`DEFAULT_RECIPE`), read before the stage's parser is
+    built so that its defaults (and --help) are the recipe's; a bad value exits 2 naming it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe", choices=tuple(STUDENT_RECIPES), default=DEFAULT_RECIPE)
+    return parser.parse_known_args(argv)[0].recipe
+
+
 def add_training_args(parser, defaults: TrainConfig, *, lr_help: str = "learning rate",
                       schedule_help: str = "") -> None:
     """The shared loop's options, with a method's reference run as their defaults

@@ -42,7 +42,8 @@ from embdistill.students import build_student, default_student_layers, export_st
 from embdistill.tasks import resolve_task_set
 from embdistill.teachers import load_tokenizer, sentence_embedding
 from embdistill.texts import instruction_of, read_train_texts, task_instructions, texts_inputs
-from embdistill.train_config import TrainConfig, add_training_args, resolved_config
+from embdistill.train_config import (DEFAULT_RECIPE, STUDENT_RECIPES, TrainConfig, add_training_args, recipe_arg,
+                                     recipe_of, resolved_config)
 from embdistill.training import Trainer, to_device
 from embdistill.validation import (BEST_NAME, CheckpointSelection, Validation, ValidationHook, add_selection_arg,
                                    evaluate_loss, indices_digest, validation_split, write_selection)
@@ -52,7 +53,8 @@ FRACTION_MIN_TEXTS = 8  # fewer: a rank correlation over < 28 pairs picks checkp
 VALIDATIONS_PER_EPOCH = 4  # --val-every 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: str = DEFAULT_RECIPE) -> argparse.ArgumentParser:
+    """The stage's options; the training loop's defaults are ``recipe``'s (STUDENT_RECIPES)."""
     parser = stage_parser(__doc__, task_set=True)
     parser.add_argument("--teacher", default="minilm", help="teacher: alias, hub id or folder")
     parser.add_argument("--loss", choices=tuple(STUDENT_OBJECTIVES), default=DEFAULT_OBJECTIVE,
@@ -79,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"steps between validations (also at step 0 and the last step; 0: "
                        f"{VALIDATIONS_PER_EPOCH} per epoch)")
     add_selection_arg(group)
-    # The original's reference run (per process; lr is multiplied by the world size).
-    add_training_args(parser, TrainConfig(), lr_help="learning rate per process (x world size)")
+    recipe_arg(parser, recipe)
+    add_training_args(parser, STUDENT_RECIPES[recipe], lr_help="learning rate per process (x world size)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(recipe_of(argv)).parse_args(argv)
     setup_logging(args.log_level)
     try:
         return train(args)

@@ -393,6 +393,25 @@ def test_a_finished_run_is_redone_for_a_dictionary_recorded_with_another_rule(st
     assert config["run"]["sense_dict"]["sense_rule"] == "cos"
 
 
+def test_the_recipe_gives_the_loops_defaults_and_an_explicit_option_wins(stage_inputs, tiny_bert_dir, capsys):
+    def trained_with(run: str, *extra: str) -> dict:
+        args = train_script(stage_inputs.base, tiny_bert_dir, "--student-layers", "1", "--max-length", "32",
+                            "--max-steps", "1", "--val-fraction", "0", "--run", run, *extra)
+        code, err = run_in_process(args, capsys)
+        assert code == 0, err
+        config = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, run).run_dir / "config.json"
+        return json.loads(config.read_text())["train"]
+
+    measured = trained_with("measured")
+    assert (measured["epochs"], measured["batch_size"], measured["lr"], measured["warmup_steps"]) == (2, 16, 3e-4, 10)
+    paper = trained_with("paper", "--recipe", "paper")
+    assert (paper["epochs"], paper["batch_size"], paper["lr"], paper["warmup_steps"]) == (5, 3, 5e-6, 300)
+    explicit = trained_with("paper-lr", "--recipe", "paper", "--lr", "1e-4")
+    assert (explicit["batch_size"], explicit["lr"]) == (3, 1e-4)
+    code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--recipe", "fast"), capsys)
+    assert code == 2 and "--recipe" in err.strip().splitlines()[-1]
+
+
 def test_lr_inf_is_refused_before_anything_runs(stage_inputs, tiny_bert_dir, capsys):
     code, err = run_in_process(train_script(stage_inputs.base, tiny_bert_dir, "--lr", "inf"), capsys)
     assert code == 2 and err.strip() == "error: argument --lr: expected a finite number, got 'inf' (see 05_train.py --help)"
@@ -459,7 +478,7 @@ def test_run_train_sh_trains_with_two_processes_and_the_mse_loss(stage_inputs, t
     assert done.returncode == 0, done.stderr[-3000:]
     run = Paths(stage_inputs.base, stage_inputs.task, stage_inputs.teacher, "mse")
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert config["train"]["world_size"] == 2 and config["train"]["lr"] == pytest.approx(1e-5)  # 5e-6 x 2
+    assert config["train"]["world_size"] == 2 and config["train"]["lr"] == pytest.approx(6e-4)  # 3e-4 x 2
     assert [row["step"] for row in read_metrics(run.run_dir / "metrics.jsonl")] == [2, 4]
     assert (run.export_dir / "st" / "modules.json").is_file()
 
