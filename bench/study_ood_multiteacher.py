@@ -40,7 +40,8 @@ the end, mean ± std over seeds (ddof 1), and each arm's gain over step 0, per f
 second table), and --figure (a panel per family and one for the mean: each score against the
 step, per arm, mean ± std over seeds, the legend giving each arm's gain at the end).
 
-Sizing (the defaults; estimates, not measured with the four families). The two-family version
+Sizing (the defaults). Measured with the four families (2026-12-07, the 2-core CPU shared, load
+5-7; BENCHMARKS.md): a training 280-472 s, stage 6 on 39 models 1,336 s. Earlier estimates: The two-family version
 (classification and clustering only) took 35.2 min on one thread of the 2-core CPU, the other
 core busy for its first 22 min (BENCHMARKS.md, 2026-12-03): teacher embeddings 64 s, each of
 the 12 trainings of 96 steps 117-146 s, stage 6 on 39 models 527 s (~13.5 s a model). Retrieval
