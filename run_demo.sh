@@ -9,7 +9,8 @@ usage() {
 usage: bash run_demo.sh [--overwrite]
 
 Per task: training texts -> gather + combine -> sense dictionary -> sense targets + SKD
-student (and its int8 ONNX copy), and MSE student; the two tasks as one task set (the paper's
+student (and its int8 ONNX copy), MSE student (the ablation) and pooled-MSE student (stage 5's
+default objective); the two tasks as one task set (the paper's
 SKD over all its tasks): their gathered states combined -> one sense dictionary -> one SKD
 student of both tasks' texts, each with its task's prompt; once: model2vec's static embeddings of the
 teacher (the baseline a user could pick instead); then one evaluation of every model (teacher,
@@ -70,6 +71,8 @@ for task in "${TASKS[@]}"; do
   run_stage scripts/08_quantize.py --task "$task" --run skd "${COMMON[@]}"
   step "$task: MSE student (ablation)"
   bash run_train.sh "$task" --loss mse --epochs "$EPOCHS" "${TRAIN[@]}" "${COMMON[@]}"
+  step "$task: pooled-MSE student (stage 5's default objective: the sentence embedding to the teacher's)"
+  bash run_train.sh "$task" --loss pooled-mse --epochs "$EPOCHS" "${TRAIN[@]}" "${COMMON[@]}"
 done
 # The two tasks as one task set (skd-all): one student of both.
 skd_student "$ALL_EPOCHS" "${TASKS[@]}"
@@ -93,6 +96,7 @@ bash run_evaluate.sh "${TASKS[0]}" --tasks "${TASKS[@]:1}" lee-sts --run demo \
            untrained=untrained:minilm@2 \
            'untrained-replace=replace:minilm@2@sense_dict/{task}/minilm.kmeanspkl' \
            'mse=st:runs/{task}/mse/export/st' \
+           'pooled-mse=st:runs/{task}/pooled-mse/export/st' \
            'skd-int8=st:runs/{task}/skd/export/st-int8' \
            model2vec=st:baselines/model2vec/minilm
 echo
