@@ -10,10 +10,10 @@ usage: bash run_demo.sh [--overwrite]
 
 Per task: training texts -> gather + combine -> sense dictionary -> sense targets + SKD
 student (and its int8 ONNX copy), MSE student (the ablation) and pooled-MSE student (stage 5's
-default objective); the two tasks as one task set (the paper's
-SKD over all its tasks): their gathered states combined -> one sense dictionary -> one SKD
-student of both tasks' texts, each with its task's prompt; once: model2vec's static embeddings of the
-teacher (the baseline a user could pick instead); then one evaluation of every model (teacher,
+default objective); the two tasks as one task set (the paper's SKD over all its tasks): their
+gathered states combined -> one sense dictionary -> one SKD student of both tasks' texts, each
+with its task's prompt; once: model2vec's static embeddings of the teacher (the baseline a user
+could pick instead); then one evaluation of every model (teacher,
 students, the untrained student with and without the dictionary, model2vec) through mteb on four
 task families: classification (both tasks), clustering (both tasks' held-out texts), retrieval
 (bbc-news headline -> body) and STS (the Lee corpus, scored with the bbc-news students), with

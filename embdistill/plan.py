@@ -25,12 +25,13 @@ on our token counts, :func:`fit_zipf`; the same share assumed for another vocabu
   ``bench_scale.py --unit-rates``: CPU work, tokenising and JSON, on no GPU); gather, targets, teacher embeddings: tokens x P
   (forward FLOPs / 2) / R; combine: S x H; cluster: S x H x k x max_iter / R; train: steps x
   batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
-* host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather: S x H x b / R (an upper
-  bound: a rank holds one part's rows and 32 bytes of ids a row; +34 % at 16k texts); combine: S (a place and an occurrence id per row, and per-token records; the rows pass
-  in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66 bytes a row; fitted on
-  the streaming combine, 140 bytes a row); cluster: S x H x b / R (the row file, mapped);
-  targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the corpus is
-  held whole; embeddings go to disk shard by shard);
+* host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather:
+  S x H x b / R (an upper bound: a rank holds one part's rows and 32 bytes of ids a row; +34 % at
+  16k texts, BENCHMARKS.md); combine: S (a place and an occurrence id per row, and per-token
+  records; the rows pass in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66
+  bytes a row; fitted on the streaming combine, 140 bytes a row); cluster: S x H x b / R (the row
+  file, mapped); targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the
+  corpus is held whole; embeddings go to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
   (combined.pkl and the row file); cluster: D x H; targets: tokens; train: D x H; evaluate:
   eval texts; teacher embeddings: texts x H x teachers;
