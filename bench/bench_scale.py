@@ -14,7 +14,10 @@ with what the plan (embdistill/plan.py) reads as the work: texts, text tokens an
 (``sum(min(count, cap))`` over the token counts). Writes, under --out: ``scale.json``,
 ``scale.md`` (table and log-log slopes), ``scale.png`` (log-log, one line per stage) and the
 stages' logs; --fit-max-n then fits the plan's constants (``bench/plan_constants.json`` with
---write-constants) on the sizes up to it and checks their prediction at the largest size.
+--write-constants) on the sizes up to it and checks their prediction at the largest size. The
+CPU rates that growing N cannot measure (``embdistill.plan.UNIT_RATE_TERMS``: stage 0's and the
+count's, which are start-up at these sizes, and the combine's per byte of states) are measured
+first, in this process (``measure_unit_rates``, ~10 s), and recorded in scale.json.
 
 ``bbc-news`` has 2,225 articles (about 1,780 for training): N larger than that gives all of
 them, and the recorded N is the count stage 0 wrote.
@@ -193,17 +196,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep each N's base directory")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="no runs: refit and report an earlier scale.json (written to --out)")
-    parser.add_argument("--unit-rates", action="store_true",
-                        help="no runs: measure the texts and count stages' CPU s per character and per "
-                        "token (seconds) and write them into --write-constants (its 'unit_rates')")
     args = parser.parse_args()
-    if args.unit_rates:
-        rates = measure_unit_rates(max_length=args.max_length)
-        print(json.dumps(rates, indent=1))
-        if args.write_constants:
-            constants = json.loads(args.write_constants.read_text())
-            args.write_constants.write_text(json.dumps({**constants, "unit_rates": rates}, indent=1) + "\n")
-        return
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         report(result, args)
@@ -212,7 +205,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.1f} at start", "settings": settings, "records": []}
+              f"load {os.getloadavg()[0]:.1f} at start", "settings": settings, "records": [],
+              "unit_rates": measure_unit_rates(max_length=args.max_length)}
+    print(f"unit rates: {json.dumps(result['unit_rates'])}", flush=True)
     for n in args.sizes:
         base = args.out / f"n{n}"
         shutil.rmtree(base, ignore_errors=True)
@@ -232,16 +227,21 @@ def main() -> None:
 
 
 def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
-    """CPU seconds per character of stage 0's own work (format, write train.json, read it back)
-    and per token of the count stage's (MiniLM's tokenizer, count_tokens), in this process, with
-    the work large enough to dwarf start-up: the stage runs above are dominated by their imports
-    at these N, so their fitted rates for texts and count are noise (the plan reads these instead)."""
+    """The CPU rates the plan does not fit (embdistill.plan.UNIT_RATE_TERMS), measured in this
+    process on work large enough to dwarf start-up: seconds per character of stage 0's own work
+    (format, write train.json, read it back), per token of the count's (MiniLM's tokenizer,
+    count_tokens), and per byte of states of the combine's (the real combine of a synthetic rank
+    file of 16 token ids, at 2,000 and at 20,000 rows each: the difference over the bytes, so that
+    neither start-up nor the per-token work counts). The stage runs are dominated by their imports
+    at bench sizes, and the combine's time by its per-token work: fitted, these rates are noise."""
     import tempfile
 
+    import numpy as np
     import torch
 
-    from embdistill.artifacts import save_json
+    from embdistill.artifacts import save_json, save_pickle
     from embdistill.input_format import format_example
+    from embdistill.senses.combine import combine
     from embdistill.senses.gather import count_tokens
     from embdistill.tasks import resolve_task
     from embdistill.teachers import load_tokenizer
@@ -252,6 +252,7 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
     texts = list(splits.train_texts)
     chars = sum(map(len, texts))
     tokenizer = load_tokenizer("minilm")
+    combine_s = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.process_time()
         save_json([format_example("Classify the sentiment", t) for t in texts], Path(tmp) / "train.json")
@@ -260,9 +261,20 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
         start = time.process_time()
         counts = count_tokens(tokenizer.tokenize, examples, max_length, progress=False)
         count = time.process_time() - start
+        rng = np.random.default_rng(0)
+        for rows in (2_000, 20_000):
+            rank_file = Path(tmp) / f"r{rows}" / "rank0.pkl"
+            rank_file.parent.mkdir()
+            save_pickle({t: rng.standard_normal((rows, 384)).astype(np.float16) for t in range(16)}, rank_file)
+            start = time.process_time()
+            combine([[rank_file]], rows, 0, rank_file.with_name("combined.pkl"), {}, {"input0": rank_file})
+            combine_s[rows] = time.process_time() - start
     tokens = sum(counts.values())
-    return {"texts": {"s_per_char": stage0 / chars, "chars": chars, "cpu_s": stage0},
-            "count": {"s_per_token": count / tokens, "tokens": tokens, "cpu_s": count},
+    state_bytes = 16 * (20_000 - 2_000) * 384 * 2
+    return {"texts": {"term": "chars", "rate": stage0 / chars, "chars": chars, "cpu_s": stage0},
+            "count": {"term": "tokens", "rate": count / tokens, "tokens": tokens, "cpu_s": count},
+            "combine": {"term": "state_bytes", "rate": max(combine_s[20_000] - combine_s[2_000], 0) / state_bytes,
+                        "state_bytes": state_bytes, "cpu_s": combine_s},
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, load {os.getloadavg()[0]:.1f}"}
 
 
@@ -272,7 +284,8 @@ def report(result: dict, args) -> None:
 
     fit_on = [r for r in result["records"] if r["work"]["texts"] <= args.fit_max_n]
     if len(fit_on) >= 2 and len(fit_on) < len(result["records"]):
-        constants = fit_constants(fit_on, result["settings"], result["date"], result["machine"])
+        constants = fit_constants(fit_on, result["settings"], result["date"], result["machine"],
+                                  result.get("unit_rates"))
         result["validation"] = {"fit_max_n": args.fit_max_n, "stages": validate(constants, result["records"][-1])}
         if args.write_constants:
             args.write_constants.write_text(json.dumps(constants, indent=1) + "\n")

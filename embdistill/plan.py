@@ -2,10 +2,13 @@
 unit costs we measured (``scripts/09_plan.py`` prints it).
 
 **The work.** ``texts`` training texts of ``mean_tokens`` text tokens each (cut to the max
-length), so ``tokens = texts x mean_tokens``. Which token ids occur how often follows Zipf's law
-over the teacher's vocabulary ``V``: the id of rank ``r`` occurs ``c_r = tokens x r^-s / sum
-r^-s`` times, over the share ``u`` of the vocabulary that occurs at all (``s`` and ``u`` fitted
-on our token counts, :func:`fit_zipf`; the same share assumed for another vocabulary). From it:
+length), so ``tokens = texts x mean_tokens``. Which token ids occur how often follows a
+Zipf-Mandelbrot law over the teacher's vocabulary ``V``: the id of rank ``r`` occurs ``c_r =
+tokens x (r + q)^-s / sum (r + q)^-s`` times, over the share ``u`` of the vocabulary that occurs at
+all (``s``, ``q`` and ``u`` fitted on our token counts, :func:`fit_zipf`; the same share and offset
+assumed for another vocabulary). The offset ``q`` flattens the head: tweets' most frequent ids are
+more alike in frequency than Zipf's law has them, and a pure law (``q = 0``) fitted on 1k-4k tweets
+saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
 
 * kept states ``S = sum_r min(c_r, per_token)`` (gather's rule: every occurrence of an id seen at
   most ``per_token`` times, about ``per_token`` of the others; combine's ``--cap`` on top);
@@ -17,26 +20,33 @@ on our token counts, :func:`fit_zipf`; the same share assumed for another vocabu
 **Formulas** (``b``: bytes of a state, 2 for fp16; ``H`` hidden size; ``P`` teacher parameters;
 ``Ps`` the student's: embeddings plus its share of the layers; ``R`` ranks of the stage):
 
-* every quantity of a stage is ``a + rate x x + model`` where ``x`` is the stage's work below,
-  ``a`` and ``rate`` are fitted on our CPU (bench/bench_scale.py, MiniLM; ``fit_constants``) and
-  ``model`` is the weights a stage holds, stated, not fitted (MiniLM's are subtracted before the
-  fit, so that another teacher's replace them);
-* time ``x``: texts: characters; count: tokens (both per-unit costs measured on one large batch,
-  ``bench_scale.py --unit-rates``: CPU work, tokenising and JSON, on no GPU); gather, targets, teacher embeddings: tokens x P
-  (forward FLOPs / 2) / R; combine: S x H; cluster: S x H x k x max_iter / R; train: steps x
-  batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
+* every quantity of a stage is ``a + sum(rate x) + model`` over the stage's work terms ``x``
+  below (:func:`drivers`); ``a`` and the rates are fitted on our CPU (bench/bench_scale.py,
+  MiniLM; ``fit_constants``), but for the CPU rates of :data:`UNIT_RATE_TERMS`, measured on their
+  own (bench_scale.py's ``measure_unit_rates``); ``model`` is what a stage holds whatever the
+  work's size, stated, not fitted (MiniLM's is subtracted before the fit, so that another
+  teacher's replaces it);
+* time ``x``: texts: characters; count: tokens (both measured on one large batch: CPU work,
+  tokenising and JSON, on no GPU); gather, targets, teacher embeddings: tokens x P (forward
+  FLOPs / 2) / R; combine: distinct ids (its per-token Python work, which dominates at bench
+  sizes: 4.4k to 13.7k ids took 1.7 to 2.7 s) plus S x H x b (reading, checking, writing and
+  hashing the states' bytes: measured on a synthetic rank file); cluster: S x H x k x max_iter /
+  R; train: steps x batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
 * host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather:
-  S x H x b / R (an upper bound: a rank holds one part's rows and 32 bytes of ids a row; +34 % at
-  16k texts, BENCHMARKS.md); combine: S (a place and an occurrence id per row, and per-token
-  records; the rows pass in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66
-  bytes a row; fitted on the streaming combine, 140 bytes a row); cluster: S x H x b / R (the row
-  file, mapped); targets, train: D x H; evaluate: eval texts; teacher embeddings: characters (the
-  corpus is held whole; embeddings go to disk shard by shard);
+  none fitted, its growth is stated below (``a`` alone is fitted: the heap handed back after
+  every part, its peak no longer grows with the batches, and a slope fitted on 1k-4k was noise);
+  combine: S (a place and an occurrence id per row, and
+  per-token records; the rows pass in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132
+  MB, 66 bytes a row); cluster: S x H x b / R (the row file, mapped); targets, train: D x H;
+  evaluate: eval texts; teacher embeddings: characters (the corpus is held whole; embeddings go
+  to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
   (combined.pkl and the row file); cluster: D x H; targets: tokens; train: D x H; evaluate:
   eval texts; teacher embeddings: texts x H x teachers;
 * ``model`` (host): the teacher's weights in fp32 on a CPU, one bf16 copy passing through the
-  host on a GPU (P x 4 or P x 2 bytes); the student's in training: Ps x 16 bytes (weights, grads,
+  host on a GPU (P x 4 or P x 2 bytes); the gather's part: ``flush_every`` texts' rows, every
+  text token at most, twice (its blocks and the array they make: 2 x flush_every x mean_tokens
+  x H x b), and the merge's 32 bytes of ids a kept row of the rank (S / R x 32); the student's in training: Ps x 16 bytes (weights, grads,
   two AdamW moments) on its device, Ps x 4 x 5 bytes on disk (a checkpoint with the moments and
   two exports);
 * device memory (GPU only): teacher weights P x 2 + activations batch x length x H x 2 x 16
@@ -150,6 +160,7 @@ class Options:
     max_iter: int = 20
     batch_elements: int = 1 << 26
     gather_batch: int = 16
+    flush_every: int = 256  # 02_gather.py --flush-every: texts of a part
     train_batch: int = 3
     train_steps: int = 0  # 0: epochs x texts / (batch x train GPUs)
     epochs: int = 5
@@ -167,15 +178,16 @@ class Options:
         return self.train_steps or math.ceil(self.epochs * work.texts / (self.train_batch * self.train_gpus))
 
 
-def zipf_counts(tokens: float, vocab: int, exponent: float) -> np.ndarray:
-    """Expected occurrences of each token id, by rank."""
-    weights = np.arange(1, vocab + 1, dtype=np.float64) ** -exponent
+def zipf_counts(tokens: float, vocab: int, exponent: float, offset: float = 0.0) -> np.ndarray:
+    """Expected occurrences of each token id, by rank: ``tokens x (r + offset)^-exponent``, normalised."""
+    weights = (np.arange(1, vocab + 1, dtype=np.float64) + offset) ** -exponent
     return tokens * weights / weights.sum()
 
 
-def law_counts(tokens: float, vocab: int, law: tuple[float, float]) -> np.ndarray:
-    exponent, share = law
-    return zipf_counts(tokens, max(int(vocab * share), 1), exponent)
+def law_counts(tokens: float, vocab: int, law: tuple[float, float, float]) -> np.ndarray:
+    """The expected counts of a law ``(exponent, offset, share of the vocabulary in use)``."""
+    exponent, offset, share = law
+    return zipf_counts(tokens, max(int(vocab * share), 1), exponent, offset)
 
 
 @dataclass(frozen=True)
@@ -185,61 +197,82 @@ class Derived:
     token_ids: float
 
 
-def derive(work: Work, teacher: Teacher, options: Options, law: tuple[float, float]) -> Derived:
-    """The kept states, dictionary rows and distinct ids of Zipf's ``law``: (exponent, share of
-    the vocabulary that occurs at all)."""
+def derive(work: Work, teacher: Teacher, options: Options, law: tuple[float, float, float]) -> Derived:
+    """The kept states, dictionary rows and distinct ids of the ``law`` (:func:`law_counts`)."""
     counts = law_counts(work.tokens, teacher.vocab, law)
     return Derived(kept_states=float(np.minimum(counts, min(options.per_token, options.cap)).sum()),
                    dictionary_states=float(np.minimum(counts, options.k).sum()),
                    token_ids=float((1 - np.exp(-counts)).sum()))
 
 
-def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> tuple[float, float]:
-    """The exponent and the share of the vocabulary in use whose kept states, dictionary rows
-    and distinct ids best match the counts (squared log error over the records)."""
-    def error(law):
+LAW_KEYS = ("kept_states", "dictionary_states", "token_ids")
+
+
+def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> tuple[float, float, float]:
+    """The law (exponent, offset, share of the vocabulary in use) whose kept states, dictionary
+    rows and distinct ids best match the counts (squared log error over the records): a coarse
+    grid, then a finer one around its best."""
+    measured = [(r["work"]["tokens"], [r["work"][key] for key in LAW_KEYS]) for r in records]
+
+    def error(law) -> float:
+        exponent, offset, share = law
+        weights = (np.arange(1, max(int(vocab * share), 1) + 1, dtype=np.float64) + offset) ** -exponent
+        weights /= weights.sum()
         total = 0.0
-        for r in records:
-            w = r["work"]
-            d = derive(Work(w["texts"], w["tokens"], w["chars"], w["eval_texts"]), TEACHERS["minilm"],
-                       Options(per_token=cap, cap=cap, senses=senses), law)
-            total += sum(math.log(p / w[key]) ** 2 for p, key in [(d.kept_states, "kept_states"),
-                         (d.dictionary_states, "dictionary_states"), (d.token_ids, "token_ids")])
+        for tokens, observed in measured:
+            counts = tokens * weights
+            predicted = (np.minimum(counts, cap).sum(), np.minimum(counts, senses).sum(), (1 - np.exp(-counts)).sum())
+            total += sum(math.log(p / o) ** 2 for p, o in zip(predicted, observed))
         return total
 
-    grid = [(round(s, 2), share) for s in np.arange(0.6, 1.6, 0.02) for share in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)]
-    return min(grid, key=error)
+    grid = [(s, q, u) for s in np.arange(0.8, 2.01, 0.05) for q in (0, 2, 5, 10, 20, 50) for u in np.arange(0.1, 1.01, 0.1)]
+    s0, q0, u0 = min(grid, key=error)
+    offsets = sorted({q0 * f for f in (0.5, 0.7, 0.85, 1, 1.2, 1.4, 2)})
+    fine = [(s, q, u) for s in np.arange(s0 - 0.05, s0 + 0.051, 0.01) for q in offsets
+            for u in np.arange(max(u0 - 0.08, 0.02), min(u0 + 0.08, 1.0) + 1e-9, 0.02)]
+    return tuple(round(float(v), 3) for v in min(fine, key=error))
 
 
-def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) -> dict[str, dict[str, float]]:
-    """Each stage's work x per metric (the module docstring's list)."""
+def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) -> dict[str, dict[str, dict[str, float]]]:
+    """Each stage's work per metric as named terms ``{term: x}`` (the module docstring's list):
+    the metric is ``a + sum(rate x)`` over them."""
     H, P, Ps, b = teacher.hidden, teacher.params, teacher.student_params, 2
-    S, D, R = derived.kept_states, derived.dictionary_states, options.gather_gpus
+    S, D, T, R = derived.kept_states, derived.dictionary_states, derived.token_ids, options.gather_gpus
     eval_tokens = work.eval_texts * work.mean_tokens
     return {
-        "texts": {"cpu_s": work.chars, "peak_rss_mb": work.chars, "disk_mb": work.chars},
-        "count": {"cpu_s": work.tokens, "peak_rss_mb": derived.token_ids, "disk_mb": derived.token_ids},
-        "gather": {"cpu_s": work.tokens * P / R, "peak_rss_mb": S * H * b / R, "disk_mb": S * H * b},
-        "combine": {"cpu_s": S * H, "peak_rss_mb": S, "disk_mb": S * H * b},
-        "cluster": {"cpu_s": S * H * options.k * options.max_iter / options.cluster_procs,
-                    "peak_rss_mb": S * H * b / options.cluster_procs, "disk_mb": D * H},
-        "targets": {"cpu_s": work.tokens * P / R, "peak_rss_mb": D * H, "disk_mb": work.tokens},
-        "train": {"cpu_s": options.steps(work) * options.train_batch * work.mean_tokens * Ps,
-                  "peak_rss_mb": D * H, "disk_mb": D * H},
-        "evaluate": {"cpu_s": eval_tokens * Ps, "peak_rss_mb": work.eval_texts, "disk_mb": work.eval_texts},
-        "teacher_embeddings": {"cpu_s": work.tokens * P * options.teachers / R,
-                               "peak_rss_mb": work.chars, "disk_mb": work.texts * H * options.teachers},
+        "texts": {"cpu_s": {"chars": work.chars}, "peak_rss_mb": {"chars": work.chars}, "disk_mb": {"chars": work.chars}},
+        "count": {"cpu_s": {"tokens": work.tokens}, "peak_rss_mb": {"token_ids": T}, "disk_mb": {"token_ids": T}},
+        "gather": {"cpu_s": {"forward": work.tokens * P / R}, "peak_rss_mb": {},
+                   "disk_mb": {"state_bytes": S * H * b}},
+        "combine": {"cpu_s": {"token_ids": T, "state_bytes": S * H * b}, "peak_rss_mb": {"rows": S},
+                    "disk_mb": {"state_bytes": S * H * b}},
+        "cluster": {"cpu_s": {"kmeans": S * H * options.k * options.max_iter / options.cluster_procs},
+                    "peak_rss_mb": {"state_bytes": S * H * b / options.cluster_procs}, "disk_mb": {"dictionary": D * H}},
+        "targets": {"cpu_s": {"forward": work.tokens * P / R}, "peak_rss_mb": {"dictionary": D * H},
+                    "disk_mb": {"tokens": work.tokens}},
+        "train": {"cpu_s": {"student_tokens": options.steps(work) * options.train_batch * work.mean_tokens * Ps},
+                  "peak_rss_mb": {"dictionary": D * H}, "disk_mb": {"dictionary": D * H}},
+        "evaluate": {"cpu_s": {"student_tokens": eval_tokens * Ps}, "peak_rss_mb": {"eval_texts": work.eval_texts},
+                     "disk_mb": {"eval_texts": work.eval_texts}},
+        "teacher_embeddings": {"cpu_s": {"forward": work.tokens * P * options.teachers / R},
+                               "peak_rss_mb": {"chars": work.chars},
+                               "disk_mb": {"embeddings": work.texts * H * options.teachers}},
     }
 
 
-def model_terms(teacher: Teacher, options: Options) -> dict[str, dict[str, float]]:
-    """The weights each stage holds (MB), stated, not fitted."""
+def model_terms(teacher: Teacher, options: Options, work: Work, derived: Derived) -> dict[str, dict[str, float]]:
+    """What a stage holds by its design (MB), stated, not fitted: weights, and the gather's part
+    of texts and its merge's ids."""
     host_bytes = 4 if options.device == "cpu" else 2
     teacher_mb = teacher.params * host_bytes / MB
     student = teacher.student_params
     terms = {stage: dict.fromkeys(METRICS, 0.0) for stage in STAGES}
     for stage in ("gather", "targets", "teacher_embeddings"):
         terms[stage]["peak_rss_mb"] = teacher_mb
+    # a part's kept rows (at most every text token), twice: its blocks and the array they make;
+    # then the merge's 32 bytes of ids a kept row of the rank (merge_parts)
+    part_rows = options.flush_every * min(work.mean_tokens, options.max_length)
+    terms["gather"]["peak_rss_mb"] += (2 * part_rows * teacher.hidden * 2 + 32 * derived.kept_states / options.gather_gpus) / MB
     terms["train"]["peak_rss_mb"] = student * (16 if options.device == "cpu" else 4) / MB
     terms["train"]["disk_mb"] = student * 4 * 5 / MB
     terms["evaluate"]["peak_rss_mb"] = student * 4 / MB
@@ -256,6 +289,21 @@ def _fit_line(xs, ys) -> dict[str, float]:
     return {"a": float(a), "rate": float(rate)} if rate > 0 else {"a": float(ys.mean()), "rate": 0.0}
 
 
+def fit_terms(xs: list[dict[str, float]], ys: list[float], known: dict[str, float]) -> dict:
+    """``a`` and each term's rate of one stage's metric: the terms with a rate in ``known``
+    (measured on their own, :data:`UNIT_RATE_TERMS`) are taken from it and subtracted; the one
+    term left is fitted (:func:`_fit_line`), none left: ``a`` is the mean of what remains."""
+    known = {term: rate for term, rate in known.items() if term in xs[0]}
+    free = [term for term in xs[0] if term not in known]
+    if len(free) > 1:
+        raise ValueError(f"terms {free}: at most one can be fitted; measure the others' rates")
+    rest = [y - sum(rate * x[term] for term, rate in known.items()) for x, y in zip(xs, ys)]
+    if not free:
+        return {"a": float(np.mean(rest)), "rates": known}
+    line = _fit_line([x[free[0]] for x in xs], rest)
+    return {"a": line["a"], "rates": {free[0]: line["rate"], **known}}
+
+
 def record_inputs(record: dict, settings: dict) -> tuple[Work, Derived, Options]:
     """A bench record's work as measured (counts, not Zipf) and the bench's options."""
     w = record["work"]
@@ -267,11 +315,18 @@ def record_inputs(record: dict, settings: dict) -> tuple[Work, Derived, Options]
 
 
 BENCH_SETTINGS = ("task", "threads", "max_length", "cap", "senses", "train_steps")
+# The terms whose CPU rate is measured on its own (bench_scale.py's unit rates), not fitted:
+# stage 0 and the count are mostly start-up at bench sizes, and the combine's time has a term
+# per token id and one per byte of states, which growing N alone cannot tell apart.
+UNIT_RATE_TERMS = {"texts": "chars", "count": "tokens", "combine": "state_bytes"}
 
 
-def fit_constants(records: list[dict], settings: dict, date: str, machine: str) -> dict:
-    """The CPU unit costs from bench_scale records (MiniLM): per stage and metric, a and rate."""
+def fit_constants(records: list[dict], settings: dict, date: str, machine: str, unit_rates: dict | None = None) -> dict:
+    """The CPU unit costs from bench_scale records (MiniLM): per stage and metric, ``a`` and the
+    terms' rates; the CPU rates of :data:`UNIT_RATE_TERMS` from ``unit_rates`` (bench_scale's
+    ``measure_unit_rates``: ``{stage: {"term", "rate", ...}}``) where given."""
     minilm = TEACHERS["minilm"]
+    unit_rates = unit_rates or {}
     stages = {}
     for stage in STAGES:
         stages[stage] = {}
@@ -280,31 +335,34 @@ def fit_constants(records: list[dict], settings: dict, date: str, machine: str) 
             for record in records:
                 work, derived, options = record_inputs(record, settings)
                 xs.append(drivers(work, derived, minilm, options)[stage][metric])
-                ys.append(record["stages"][stage][metric] - model_terms(minilm, options)[stage][metric])
-            stages[stage][metric] = _fit_line(xs, ys)
+                ys.append(record["stages"][stage][metric] - model_terms(minilm, options, work, derived)[stage][metric])
+            measured = unit_rates.get(stage, {})
+            known = {measured["term"]: measured["rate"]} if metric == "cpu_s" and measured else {}
+            stages[stage][metric] = fit_terms(xs, ys, known)
     return {"date": date, "machine": machine, "fitted_on_texts": [r["work"]["texts"] for r in records],
             "settings": {key: settings[key] for key in BENCH_SETTINGS},
             "zipf_law": fit_zipf(records, minilm.vocab, settings["cap"], settings["senses"]),
-            "stages": stages}
+            "unit_rates": unit_rates, "stages": stages}
 
 
 def load_constants(path: Path = CONSTANTS_FILE) -> dict:
-    return json.loads(Path(path).read_text())
+    """bench_scale's fitted constants; ValueError for a file of another layout (an older fit,
+    with one rate per stage and a two-parameter law)."""
+    constants = json.loads(Path(path).read_text())
+    stages = constants.get("stages") if isinstance(constants, dict) else None
+    if not isinstance(stages, dict) or set(stages) != set(STAGES) or len(constants.get("zipf_law", ())) != 3 \
+            or any("rates" not in stages[stage].get(m, {}) for stage in STAGES for m in METRICS):
+        raise ValueError("not the constants of this version's bench/bench_scale.py (refit them with it)")
+    return constants
 
 
 def cpu_costs(constants: dict, work: Work, derived: Derived, teacher: Teacher, options: Options) -> dict:
     """Each stage's wall s, peak host MB and disk MB at our CPU's rates."""
     x = drivers(work, derived, teacher, options)
-    model = model_terms(teacher, options)
-    # texts and count: the stage runs that were fitted are start-up at bench sizes, so their
-    # per-unit CPU cost is the one measured on a large batch (bench_scale.py --unit-rates)
-    unit = constants.get("unit_rates", {})
-    fitted = {stage: dict(metrics) for stage, metrics in constants["stages"].items()}
-    for stage, key in (("texts", "s_per_char"), ("count", "s_per_token")):
-        if stage in unit:
-            fitted[stage]["cpu_s"] = {"a": fitted[stage]["cpu_s"]["a"], "rate": unit[stage][key]}
-    return {stage: {m: fitted[stage][m]["a"] + fitted[stage][m]["rate"] * x[stage][m] + model[stage][m] for m in METRICS}
-            for stage in STAGES}
+    model = model_terms(teacher, options, work, derived)
+    return {stage: {m: constants["stages"][stage][m]["a"] + model[stage][m]
+                    + sum(rate * x[stage][m][term] for term, rate in constants["stages"][stage][m]["rates"].items())
+                    for m in METRICS} for stage in STAGES}
 
 
 def validate(constants: dict, record: dict) -> dict:

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--max-steps", type=non_negative_int, default=0, help="0: epochs decide")
     parser.add_argument("--gather-batch-size", type=positive_int, default=16, help="02_gather.py's --batch-size")
+    parser.add_argument("--flush-every", type=positive_int, default=256, help="02_gather.py's: texts of a part")
     parser.add_argument("--gather-gpus", type=positive_int, default=1, help="ranks of gather, targets, embeddings")
     parser.add_argument("--train-gpus", type=positive_int, default=1, help="ranks of training")
     parser.add_argument("--cluster-procs", type=positive_int, default=1, help="processes of clustering")
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     work = work_of(args)
     options = Options(max_length=args.max_length, per_token=args.per_token, cap=args.cap, k_rule=args.k_rule,
                       senses=args.senses, max_iter=args.max_iter, gather_batch=args.gather_batch_size,
+                      flush_every=args.flush_every,
                       train_batch=args.batch_size, train_steps=args.max_steps, epochs=args.epochs,
                       gather_gpus=args.gather_gpus, train_gpus=args.train_gpus, cluster_procs=args.cluster_procs,
                       device=args.device, teachers=args.n_teachers)
@@ -120,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"--constants {args.constants}: cannot read it ({exc})") from None
     rows = plan(work, teacher, options, constants)
-    derived = derive(work, teacher, options, tuple(constants["zipf_law"]))
+    law = tuple(constants["zipf_law"])
+    derived = derive(work, teacher, options, law)
     stages = ("texts", "teacher_embeddings") if args.pipeline == "multiteacher" else STAGES[:-1]
     print(f"teacher {teacher.name}: hidden {teacher.hidden}, {teacher.layers} layers, vocabulary {teacher.vocab:,}, "
           f"{teacher.params:.3g} parameters (student: {teacher.student_layers} layers, {teacher.student_params:.3g})")
     print(f"work: {work.texts:,} texts, {work.tokens:,.0f} tokens ({work.mean_tokens:.0f} per text, max length "
           f"{options.max_length}), {work.eval_texts:,} held-out texts")
     if args.pipeline == "skd":
-        print(f"kept states {derived.kept_states:,.0f} (cap {min(options.per_token, options.cap)} per token id, Zipf "
-              f"s={constants['zipf_law'][0]} over {constants['zipf_law'][1]:.0%} of the vocabulary), dictionary rows {derived.dictionary_states:,.0f} (k {options.k}), "
+        print(f"kept states {derived.kept_states:,.0f} (cap {min(options.per_token, options.cap)} per token id, Zipf-Mandelbrot "
+              f"s={law[0]}, q={law[1]} over {law[2]:.0%} of the vocabulary), dictionary rows {derived.dictionary_states:,.0f} (k {options.k}), "
               f"{options.steps(work):,} training steps of {options.train_batch} texts x {options.train_gpus} rank(s)")
     else:
         print(f"{options.teachers} teacher(s) of this shape, {options.gather_gpus} rank(s)")

@@ -13,6 +13,10 @@ from embdistill.plan import METRICS, STAGES, TEACHERS, Options, Work
 SETTINGS = {"task": "synthetic", "threads": 1, "max_length": 128, "cap": 50, "senses": 5, "train_steps": 20}
 
 
+# every term costs 1e-6 a unit (synthetic_record): the rates measured on their own, as bench_scale's
+UNIT_RATES = {stage: {"term": term, "rate": 1e-6} for stage, term in plan.UNIT_RATE_TERMS.items()}
+
+
 def synthetic_record(texts: int, rng, exponent: float = 1.1) -> dict:
     """A bench_scale record whose token counts are drawn (Poisson) from a Zipf law and whose
     costs follow known rates plus 3 % noise: what the bench measures, without running it."""
@@ -25,8 +29,9 @@ def synthetic_record(texts: int, rng, exponent: float = 1.1) -> dict:
             "dictionary_states": int(np.minimum(counts, SETTINGS["senses"]).sum())}
     _, derived, options = plan.record_inputs({"work": work}, SETTINGS)
     x = plan.drivers(Work(texts, work["tokens"], work["chars"], work["eval_texts"]), derived, minilm, options)
-    model = plan.model_terms(minilm, options)
-    stages = {stage: {metric: (5.0 + 1e-6 * x[stage][metric] + model[stage][metric]) * rng.uniform(0.97, 1.03)
+    work_ = Work(texts, work["tokens"], work["chars"], work["eval_texts"])
+    model = plan.model_terms(minilm, options, work_, derived)
+    stages = {stage: {metric: (5.0 + 1e-6 * sum(x[stage][metric].values()) + model[stage][metric]) * rng.uniform(0.97, 1.03)
                       for metric in METRICS} for stage in STAGES}
     return {"n": texts, "work": work, "stages": stages}
 
@@ -35,8 +40,9 @@ def test_constants_fitted_on_two_sizes_predict_a_larger_one_within_a_quarter():
     rng = np.random.default_rng(0)
     small = [synthetic_record(n, rng) for n in (1000, 2000)]
     large = synthetic_record(4000, rng)
-    constants = plan.fit_constants(small, SETTINGS, "today", "here")
-    assert abs(constants["zipf_law"][0] - 1.1) <= 0.1 and constants["zipf_law"][1] == 1.0
+    constants = plan.fit_constants(small, SETTINGS, "today", "here", UNIT_RATES)
+    exponent, offset, share = constants["zipf_law"]  # drawn from a pure Zipf law over the vocabulary
+    assert abs(exponent - 1.1) <= 0.1 and offset <= 2 and share >= 0.9, constants["zipf_law"]
     checked = plan.validate(constants, large)
     errors = {(stage, m): row[m]["error"] for stage, row in checked.items() for m in METRICS}
     assert max(map(abs, errors.values())) < 0.25, errors
@@ -44,10 +50,20 @@ def test_constants_fitted_on_two_sizes_predict_a_larger_one_within_a_quarter():
     assert large["work"]["kept_states"] < 3.5 * small[0]["work"]["kept_states"]
 
 
+def test_a_term_measured_on_its_own_is_subtracted_and_the_other_fitted():
+    # the combine's time: a per-token term and a per-byte term that grow together with N
+    xs = [{"token_ids": t, "state_bytes": b} for t, b in [(10, 100), (20, 300), (40, 700)]]
+    ys = [2 + 3 * x["token_ids"] + 5 * x["state_bytes"] for x in xs]
+    fitted = plan.fit_terms(xs, ys, {"state_bytes": 5.0})
+    assert fitted["a"] == pytest.approx(2) and fitted["rates"] == pytest.approx({"token_ids": 3, "state_bytes": 5})
+    with pytest.raises(ValueError, match="at most one can be fitted"):
+        plan.fit_terms(xs, ys, {})
+
+
 def test_kept_states_stop_growing_once_every_id_reaches_the_cap():
     llama = TEACHERS["llm2vec-llama3-8b"]
     options = Options(per_token=1000, cap=4000)
-    sizes = [plan.derive(Work(n, n * 500.0, n * 2000.0, 0), llama, options, (1.0, 1.0)).kept_states for n in (10**3, 10**5, 10**8)]
+    sizes = [plan.derive(Work(n, n * 500.0, n * 2000.0, 0), llama, options, (1.0, 0.0, 1.0)).kept_states for n in (10**3, 10**5, 10**8)]
     assert sizes[0] < sizes[1] < sizes[2] <= llama.vocab * 1000 * 1.0001
     assert sizes[2] > 0.99 * llama.vocab * 1000
 
@@ -55,7 +71,8 @@ def test_kept_states_stop_growing_once_every_id_reaches_the_cap():
 @pytest.fixture
 def constants_file(tmp_path):
     rng = np.random.default_rng(1)
-    constants = plan.fit_constants([synthetic_record(n, rng) for n in (500, 1000)], SETTINGS, "2026-12-07", "test")
+    constants = plan.fit_constants([synthetic_record(n, rng) for n in (500, 1000)], SETTINGS, "2026-12-07", "test",
+                                   UNIT_RATES)
     path = tmp_path / "constants.json"
     path.write_text(json.dumps(constants))
     return str(path)
@@ -92,3 +109,13 @@ def test_bad_options_are_one_line_and_status_2(args, message, capsys):
     assert run_stage("scripts/09_plan.py", *args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_constants_of_an_older_fit_are_refused_in_one_line(constants_file, tmp_path, capsys):
+    older = json.loads(open(constants_file).read())
+    older["zipf_law"] = older["zipf_law"][::2]  # (exponent, share): before the offset was fitted
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps(older))
+    assert run_stage("scripts/09_plan.py", "--texts", "1000", "--mean-tokens", "20", "--constants", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --constants") and "refit them" in err and "\n" not in err, err

@@ -13,7 +13,9 @@ Each rank gathers its shard of texts in parts of ``flush_every`` texts. Selected
 the device (one boolean-mask index per batch; the original copied every vector to the CPU in a
 Python loop) and move to the CPU in blocks of ``buffer_rows``. A finished part is written
 atomically (``rank<R>.pkl.parts/rank<R>.part<NNNNN>.npz`` + manifest, :class:`~embdistill.artifacts.PartFiles`), so
-memory stays bounded and a killed run resumes from its finished parts. At the end the parts are merged into ``rank<R>.pkl`` =
+memory stays bounded and a killed run resumes from its finished parts; after each part the
+heap's free pages go back to the system (:func:`embdistill.heap.release_free_heap`: batches of
+varied shapes fragment it, and a CPU gather's peak grew with the number of batches). At the end the parts are merged into ``rank<R>.pkl`` =
 {token_id: (n, d) array} and ``rank<R>.index.pkl`` = {token_id: int64 occurrence ids
 ``text_idx * max_length + position``}, rows in occurrence order, and the parts are deleted.
 The merge never holds the rank's states: it writes each part's rows to their places in a row
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from ..artifacts import PartFiles, atomic_open, fingerprint, load_pickle, manifest_path, read_manifest, save_pickle, write_manifest
 from ..distributed import DistEnv, shard
 from ..errors import UserError
+from ..heap import release_free_heap
 from ..input_format import effective_max_length
 from .rowfile import rows_path, save_mapped_pickle, start_row_file, write_rows
 
@@ -312,6 +315,7 @@ def gather_shard(
             if not finished:
                 parts.write(p, gather_texts(teacher, [texts[i] for i in chunk], chunk, table, cfg,
                                             batch_size=batch_size, buffer_rows=buffer_rows, progress=progress))
+                release_free_heap()  # the part's batches fragment the heap (embdistill.heap)
 
     # The rank's states go through a row file: the pickle is written from its memory map
     # (save_mapped_pickle: the same bytes as pickling the dict from memory), which is then

@@ -7,8 +7,9 @@ frozen teacher runs once over the training texts here, after clustering, instead
 training step of every epoch (for the paper's teacher, 32 Llama layers against a 4-layer
 student, that is most of each step). Ranks share the texts by parts of ``flush_every``
 texts (part p goes to rank p mod world size, so the parts do not depend on the number of
-processes); each finished part is written at once (:class:`~embdistill.artifacts.PartFiles`)
-and a killed run resumes from its finished parts. Rank 0 then merges the parts into one file:
+processes); each finished part is written at once (:class:`~embdistill.artifacts.PartFiles`), the heap's
+free pages handed back after it (:func:`embdistill.heap.release_free_heap`), and a killed run
+resumes from its finished parts. Rank 0 then merges the parts into one file:
 
 ``targets.npz``: ``offsets`` (N + 1, int64), ``token_ids`` and ``targets`` (int32): text i's
 text tokens (its embed mask, in order) are rows ``offsets[i]:offsets[i+1]``; its manifest
@@ -37,6 +38,7 @@ from ..artifacts import NPZ_ERRORS, PartFiles, atomic_open, fingerprint, read_ma
 from ..digests import output_damage
 from ..distributed import DistEnv, barrier
 from ..errors import UserError
+from ..heap import release_free_heap
 from .dictionary import SenseDictionary
 from .packed import PackedSenses
 
@@ -138,6 +140,7 @@ def compute_targets(teacher, senses: PackedSenses, examples: Sequence[str], out_
             part = text_targets(teacher, senses, [examples[i] for i in chunks[p]], cfg.max_length,
                                 batch_size, progress)
             parts.write(p, part)
+            release_free_heap()  # the part's batches fragment the heap (embdistill.heap)
     barrier()
     if not env.is_main:
         return None
