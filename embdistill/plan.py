@@ -35,9 +35,8 @@ saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
 * host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather:
   none fitted, its growth is stated below (``a`` alone is fitted: the heap handed back after
   every part, its peak no longer grows with the batches, and a slope fitted on 1k-4k was noise);
-  combine: S (a place and an occurrence id per row, and
-  per-token records; the rows pass in blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132
-  MB, 66 bytes a row); cluster: S x H x b / R (the row file, mapped); targets, train: D x H;
+  combine: S (a place and an occurrence id per row, and per-token records; the rows pass in
+  blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66 bytes a row); cluster: S x H x b / R (the row file, mapped); targets, train: D x H;
   evaluate: eval texts; teacher embeddings: characters (the corpus is held whole; embeddings go
   to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
@@ -46,9 +45,9 @@ saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
 * ``model`` (host): the teacher's weights in fp32 on a CPU, one bf16 copy passing through the
   host on a GPU (P x 4 or P x 2 bytes); the gather's part: ``flush_every`` texts' rows, every
   text token at most, twice (its blocks and the array they make: 2 x flush_every x mean_tokens
-  x H x b), and the merge's 32 bytes of ids a kept row of the rank (S / R x 32); the student's in training: Ps x 16 bytes (weights, grads,
-  two AdamW moments) on its device, Ps x 4 x 5 bytes on disk (a checkpoint with the moments and
-  two exports);
+  x H x b), and the merge's 32 bytes of ids a kept row of the rank (S / R x 32); the student's
+  in training: Ps x 16 bytes (weights, grads, two AdamW moments) on its device, Ps x 4 x 5 bytes
+  on disk (a checkpoint with the moments and two exports);
 * device memory (GPU only): teacher weights P x 2 + activations batch x length x H x 2 x 16
   (inference, a rough factor) + the dictionary D x H x 2 where the stage scores senses;
   training Ps x 16 + D x H x 4 + batch x length x H x layers x 34 bytes (activations kept for
@@ -199,10 +198,13 @@ class Derived:
 
 def derive(work: Work, teacher: Teacher, options: Options, law: tuple[float, float, float]) -> Derived:
     """The kept states, dictionary rows and distinct ids of the ``law`` (:func:`law_counts`)."""
-    counts = law_counts(work.tokens, teacher.vocab, law)
-    return Derived(kept_states=float(np.minimum(counts, min(options.per_token, options.cap)).sum()),
-                   dictionary_states=float(np.minimum(counts, options.k).sum()),
-                   token_ids=float((1 - np.exp(-counts)).sum()))
+    return Derived(*count_quantities(law_counts(work.tokens, teacher.vocab, law), min(options.per_token, options.cap), options.k))
+
+
+def count_quantities(counts: np.ndarray, cap: int, senses: int) -> tuple[float, float, float]:
+    """The kept states, dictionary rows and distinct ids of expected ``counts`` per id."""
+    return (float(np.minimum(counts, cap).sum()), float(np.minimum(counts, senses).sum()),
+            float((1 - np.exp(-counts)).sum()))
 
 
 LAW_KEYS = ("kept_states", "dictionary_states", "token_ids")
@@ -215,13 +217,10 @@ def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> tuple[fl
     measured = [(r["work"]["tokens"], [r["work"][key] for key in LAW_KEYS]) for r in records]
 
     def error(law) -> float:
-        exponent, offset, share = law
-        weights = (np.arange(1, max(int(vocab * share), 1) + 1, dtype=np.float64) + offset) ** -exponent
-        weights /= weights.sum()
+        shares = law_counts(1.0, vocab, law)  # each id's share of the tokens, once per law
         total = 0.0
         for tokens, observed in measured:
-            counts = tokens * weights
-            predicted = (np.minimum(counts, cap).sum(), np.minimum(counts, senses).sum(), (1 - np.exp(-counts)).sum())
+            predicted = count_quantities(tokens * shares, cap, senses)
             total += sum(math.log(p / o) ** 2 for p, o in zip(predicted, observed))
         return total
 
