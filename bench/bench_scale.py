@@ -17,7 +17,8 @@ stages' logs; --fit-max-n then fits the plan's constants (``bench/plan_constants
 --write-constants) on the sizes up to it and checks their prediction at the largest size. The
 CPU rates that growing N cannot measure (``embdistill.plan.UNIT_RATE_TERMS``: stage 0's and the
 count's, which are start-up at these sizes, and the combine's per byte of states) are measured
-first, in this process (``measure_unit_rates``, ~10 s), and recorded in scale.json.
+after the stage runs, in this process (``measure_unit_rates``, ~10 s: after them, because a stage
+forked from this process counts its memory at the fork in its peak), and recorded in scale.json.
 
 ``bbc-news`` has 2,225 articles (about 1,780 for training): N larger than that gives all of
 them, and the recorded N is the count stage 0 wrote.
@@ -52,7 +53,8 @@ def stage_commands(task: str, n: int, args) -> dict[str, list[str]]:
     return {
         "texts": ["scripts/00_texts.py", "--task", task, "--max-train", str(n), "--max-test", str(max(n // 4, 50))],
         "count": ["scripts/01_count.py", "--task", task, *length],
-        "gather": ["scripts/02_gather.py", "--task", task, *length, "--per-token", str(args.cap), "--batch-size", "32"],
+        "gather": ["scripts/02_gather.py", "--task", task, *length, "--per-token", str(args.cap), "--batch-size", "32",
+                   "--flush-every", str(args.flush_every)],
         "combine": ["a0_generate_combinepkl.py", "--task", task, "--cap", str(args.cap)],
         "cluster": ["scripts/03_cluster.py", "--task", task, "--k-rule", "fixed", "--senses", str(args.senses),
                     "--max-iter", "20", "--threads", str(args.threads)],
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=CAP, help="per-token cap of gather and combine")
     parser.add_argument("--senses", type=int, default=5, help="k of the fixed k rule")
     parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--flush-every", type=int, default=256, help="texts of a gather part (02_gather.py's)")
     parser.add_argument("--fit-max-n", type=int, default=4000, help="fit the plan's constants on N up to this")
     parser.add_argument("--write-constants", type=Path, default=None,
                         help="write the fitted constants there (bench/plan_constants.json)")
@@ -205,9 +208,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.1f} at start", "settings": settings, "records": [],
-              "unit_rates": measure_unit_rates(max_length=args.max_length)}
-    print(f"unit rates: {json.dumps(result['unit_rates'])}", flush=True)
+              f"load {os.getloadavg()[0]:.1f} at start", "settings": settings, "records": []}
     for n in args.sizes:
         base = args.out / f"n{n}"
         shutil.rmtree(base, ignore_errors=True)
@@ -223,6 +224,8 @@ def main() -> None:
         result["slopes"] = slopes(result["records"]) if len(result["records"]) > 1 else {}
         (args.out / "scale.json").write_text(json.dumps(result, indent=1))  # what has finished, if stopped
 
+    result["unit_rates"] = measure_unit_rates(max_length=args.max_length)
+    print(f"unit rates: {json.dumps(result['unit_rates'])}", flush=True)
     report(result, args)
 
 
@@ -240,6 +243,7 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
     import torch
 
     from embdistill.artifacts import save_json, save_pickle
+    from embdistill.plan import UNIT_RATE_TERMS
     from embdistill.input_format import format_example
     from embdistill.senses.combine import combine
     from embdistill.senses.gather import count_tokens
@@ -248,6 +252,7 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
     from embdistill.texts import JsonTextList
 
     torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the stage runs have it
     splits = resolve_task("tweet-sentiment").load_splits(max_train=n_texts, max_test=1)
     texts = list(splits.train_texts)
     chars = sum(map(len, texts))
@@ -271,10 +276,11 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
             combine_s[rows] = time.process_time() - start
     tokens = sum(counts.values())
     state_bytes = 16 * (20_000 - 2_000) * 384 * 2
-    return {"texts": {"term": "chars", "rate": stage0 / chars, "chars": chars, "cpu_s": stage0},
-            "count": {"term": "tokens", "rate": count / tokens, "tokens": tokens, "cpu_s": count},
-            "combine": {"term": "state_bytes", "rate": max(combine_s[20_000] - combine_s[2_000], 0) / state_bytes,
-                        "state_bytes": state_bytes, "cpu_s": combine_s},
+    rates = {"texts": (stage0 / chars, {"chars": chars, "cpu_s": stage0}),
+             "count": (count / tokens, {"tokens": tokens, "cpu_s": count}),
+             "combine": (max(combine_s[20_000] - combine_s[2_000], 0) / state_bytes,
+                         {"state_bytes": state_bytes, "cpu_s": combine_s})}
+    return {**{stage: {"term": UNIT_RATE_TERMS[stage], "rate": rate, **measured} for stage, (rate, measured) in rates.items()},
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, load {os.getloadavg()[0]:.1f}"}
 
 
@@ -284,6 +290,9 @@ def report(result: dict, args) -> None:
 
     fit_on = [r for r in result["records"] if r["work"]["texts"] <= args.fit_max_n]
     if len(fit_on) >= 2 and len(fit_on) < len(result["records"]):
+        if "unit_rates" not in result:
+            raise SystemExit("error: this scale.json has no unit rates (a run before they were measured, or "
+                             "one stopped early): run bench_scale.py again to fit the plan")
         constants = fit_constants(fit_on, result["settings"], result["date"], result["machine"],
                                   result.get("unit_rates"))
         result["validation"] = {"fit_max_n": args.fit_max_n, "stages": validate(constants, result["records"][-1])}

@@ -30,7 +30,8 @@ saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
   tokenising and JSON, on no GPU); gather, targets, teacher embeddings: tokens x P (forward
   FLOPs / 2) / R; combine: distinct ids (its per-token Python work, which dominates at bench
   sizes: 4.4k to 13.7k ids took 1.7 to 2.7 s) plus S x H x b (reading, checking, writing and
-  hashing the states' bytes: measured on a synthetic rank file); cluster: S x H x k x max_iter /
+  hashing the states' bytes: measured on a synthetic rank file of 384-d rows, so the per-row work
+  is in it too, which overstates a wider teacher's: a bound); cluster: S x H x k x max_iter /
   R; train: steps x batch x mean_tokens x Ps; evaluate: eval texts x mean_tokens x Ps;
 * host memory ``x``: texts: characters; count: distinct ids (train.json is read lazily); gather:
   none fitted, its growth is stated below (``a`` alone is fitted: the heap handed back after
@@ -226,7 +227,7 @@ def fit_zipf(records: list[dict], vocab: int, cap: int, senses: int) -> tuple[fl
 
     grid = [(s, q, u) for s in np.arange(0.8, 2.01, 0.05) for q in (0, 2, 5, 10, 20, 50) for u in np.arange(0.1, 1.01, 0.1)]
     s0, q0, u0 = min(grid, key=error)
-    offsets = sorted({q0 * f for f in (0.5, 0.7, 0.85, 1, 1.2, 1.4, 2)})
+    offsets = sorted({q0 * f for f in (0.5, 0.7, 0.85, 1, 1.2, 1.4, 2)} if q0 else {0, 0.5, 1, 1.5})
     fine = [(s, q, u) for s in np.arange(s0 - 0.05, s0 + 0.051, 0.01) for q in offsets
             for u in np.arange(max(u0 - 0.08, 0.02), min(u0 + 0.08, 1.0) + 1e-9, 0.02)]
     return tuple(round(float(v), 3) for v in min(fine, key=error))
@@ -305,27 +306,32 @@ def fit_terms(xs: list[dict[str, float]], ys: list[float], known: dict[str, floa
 
 def record_inputs(record: dict, settings: dict) -> tuple[Work, Derived, Options]:
     """A bench record's work as measured (counts, not Zipf) and the bench's options."""
+    settings = {**BENCH_DEFAULTS, **settings}
     w = record["work"]
     work = Work(w["texts"], w["tokens"], w["chars"], w["eval_texts"])
     derived = Derived(w["kept_states"], w["dictionary_states"], w["token_ids"])
     options = Options(max_length=settings["max_length"], per_token=settings["cap"], cap=settings["cap"],
-                      senses=settings["senses"], train_batch=16, train_steps=settings["train_steps"])
+                      senses=settings["senses"], train_batch=16, train_steps=settings["train_steps"],
+                      flush_every=settings["flush_every"])
     return work, derived, options
 
 
-BENCH_SETTINGS = ("task", "threads", "max_length", "cap", "senses", "train_steps")
+BENCH_SETTINGS = ("task", "threads", "max_length", "cap", "senses", "train_steps", "flush_every")
+BENCH_DEFAULTS = {"flush_every": 256}  # runs from before it was recorded had 02_gather.py's default
 # The terms whose CPU rate is measured on its own (bench_scale.py's unit rates), not fitted:
 # stage 0 and the count are mostly start-up at bench sizes, and the combine's time has a term
 # per token id and one per byte of states, which growing N alone cannot tell apart.
 UNIT_RATE_TERMS = {"texts": "chars", "count": "tokens", "combine": "state_bytes"}
 
 
-def fit_constants(records: list[dict], settings: dict, date: str, machine: str, unit_rates: dict | None = None) -> dict:
+def fit_constants(records: list[dict], settings: dict, date: str, machine: str, unit_rates: dict) -> dict:
     """The CPU unit costs from bench_scale records (MiniLM): per stage and metric, ``a`` and the
     terms' rates; the CPU rates of :data:`UNIT_RATE_TERMS` from ``unit_rates`` (bench_scale's
-    ``measure_unit_rates``: ``{stage: {"term", "rate", ...}}``) where given."""
+    ``measure_unit_rates``: ``{stage: {"term", "rate", ...}}``), which must hold every one."""
     minilm = TEACHERS["minilm"]
-    unit_rates = unit_rates or {}
+    given = {stage: unit_rates.get(stage, {}).get("term") for stage in UNIT_RATE_TERMS}
+    if given != UNIT_RATE_TERMS:
+        raise ValueError(f"unit rates for {given}, the plan needs {UNIT_RATE_TERMS}")
     stages = {}
     for stage in STAGES:
         stages[stage] = {}
@@ -335,11 +341,10 @@ def fit_constants(records: list[dict], settings: dict, date: str, machine: str, 
                 work, derived, options = record_inputs(record, settings)
                 xs.append(drivers(work, derived, minilm, options)[stage][metric])
                 ys.append(record["stages"][stage][metric] - model_terms(minilm, options, work, derived)[stage][metric])
-            measured = unit_rates.get(stage, {})
-            known = {measured["term"]: measured["rate"]} if metric == "cpu_s" and measured else {}
+            known = {UNIT_RATE_TERMS[stage]: unit_rates[stage]["rate"]} if metric == "cpu_s" and stage in UNIT_RATE_TERMS else {}
             stages[stage][metric] = fit_terms(xs, ys, known)
     return {"date": date, "machine": machine, "fitted_on_texts": [r["work"]["texts"] for r in records],
-            "settings": {key: settings[key] for key in BENCH_SETTINGS},
+            "settings": {key: {**BENCH_DEFAULTS, **settings}[key] for key in BENCH_SETTINGS},
             "zipf_law": fit_zipf(records, minilm.vocab, settings["cap"], settings["senses"]),
             "unit_rates": unit_rates, "stages": stages}
 
@@ -348,9 +353,24 @@ def load_constants(path: Path = CONSTANTS_FILE) -> dict:
     """bench_scale's fitted constants; ValueError for a file of another layout (an older fit,
     with one rate per stage and a two-parameter law)."""
     constants = json.loads(Path(path).read_text())
-    stages = constants.get("stages") if isinstance(constants, dict) else None
-    if not isinstance(stages, dict) or set(stages) != set(STAGES) or len(constants.get("zipf_law", ())) != 3 \
-            or any("rates" not in stages[stage].get(m, {}) for stage in STAGES for m in METRICS):
+    terms = drivers(Work(1, 1, 1, 1), Derived(1, 1, 1), TEACHERS["minilm"], Options())
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def fitted(row, stage: str, metric: str) -> bool:
+        rates = row.get("rates") if isinstance(row, dict) else None
+        return number(row.get("a")) and isinstance(rates, dict) and set(rates) <= set(terms[stage][metric]) \
+            and all(map(number, rates.values()))
+
+    try:
+        valid = isinstance(constants["date"], str) and isinstance(constants["machine"], str) \
+            and number(constants["settings"]["threads"]) and len(constants["zipf_law"]) == 3 \
+            and all(map(number, constants["zipf_law"])) and set(constants["stages"]) == set(STAGES) \
+            and all(fitted(constants["stages"][stage][m], stage, m) for stage in STAGES for m in METRICS)
+    except (KeyError, TypeError):
+        valid = False
+    if not valid:
         raise ValueError("not the constants of this version's bench/bench_scale.py (refit them with it)")
     return constants
 

@@ -24,4 +24,3 @@ def test_free_pages_between_live_blocks_are_returned():
     before = anonymous_mb()
     release_free_heap()
     assert anonymous_mb() < before - 60, "malloc_trim returned less than 60 of the 96 MB freed"
-

@@ -28,9 +28,9 @@ def synthetic_record(texts: int, rng, exponent: float = 1.1) -> dict:
             "token_ids": len(counts), "kept_states": int(np.minimum(counts, SETTINGS["cap"]).sum()),
             "dictionary_states": int(np.minimum(counts, SETTINGS["senses"]).sum())}
     _, derived, options = plan.record_inputs({"work": work}, SETTINGS)
-    x = plan.drivers(Work(texts, work["tokens"], work["chars"], work["eval_texts"]), derived, minilm, options)
-    work_ = Work(texts, work["tokens"], work["chars"], work["eval_texts"])
-    model = plan.model_terms(minilm, options, work_, derived)
+    measured = Work(texts, work["tokens"], work["chars"], work["eval_texts"])
+    x = plan.drivers(measured, derived, minilm, options)
+    model = plan.model_terms(minilm, options, measured, derived)
     stages = {stage: {metric: (5.0 + 1e-6 * sum(x[stage][metric].values()) + model[stage][metric]) * rng.uniform(0.97, 1.03)
                       for metric in METRICS} for stage in STAGES}
     return {"n": texts, "work": work, "stages": stages}
@@ -58,6 +58,13 @@ def test_a_term_measured_on_its_own_is_subtracted_and_the_other_fitted():
     assert fitted["a"] == pytest.approx(2) and fitted["rates"] == pytest.approx({"token_ids": 3, "state_bytes": 5})
     with pytest.raises(ValueError, match="at most one can be fitted"):
         plan.fit_terms(xs, ys, {})
+
+
+def test_a_fit_needs_every_rate_that_is_measured_on_its_own():
+    rng = np.random.default_rng(2)
+    records = [synthetic_record(n, rng) for n in (500, 1000)]
+    with pytest.raises(ValueError, match="the plan needs"):
+        plan.fit_constants(records, SETTINGS, "today", "here", {k: v for k, v in UNIT_RATES.items() if k != "combine"})
 
 
 def test_kept_states_stop_growing_once_every_id_reaches_the_cap():
