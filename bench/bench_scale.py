@@ -297,6 +297,7 @@ def report(result: dict, args) -> None:
                                   result.get("unit_rates"))
         result["validation"] = {"fit_max_n": args.fit_max_n, "stages": validate(constants, result["records"][-1])}
         if args.write_constants:
+            args.write_constants.parent.mkdir(parents=True, exist_ok=True)
             args.write_constants.write_text(json.dumps(constants, indent=1) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(result, indent=1))

@@ -37,7 +37,10 @@ saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
   none fitted, its growth is stated below (``a`` alone is fitted: the heap handed back after
   every part, its peak no longer grows with the batches, and a slope fitted on 1k-4k was noise);
   combine: S (a place and an occurrence id per row, and per-token records; the rows pass in
-  blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66 bytes a row); cluster: S x H x b / R (the row file, mapped); targets, train: D x H;
+  blocks of 4 MiB: 2M synthetic rows of 20k tokens took 132 MB, 66 bytes a row); cluster: none
+  fitted (its share of the row file, mapped, S x H x b / R, is stated below: a slope fitted on
+  1k-4k, where the file is 21-67 MB beside 400 MB of start-up, was noise and missed 16k by
+  -28 %); targets, train: D x H;
   evaluate: eval texts; teacher embeddings: characters (the corpus is held whole; embeddings go
   to disk shard by shard);
 * disk ``x``: texts: characters; count: distinct ids; gather: S x H x b; combine: S x H x b
@@ -46,7 +49,8 @@ saw 34 % fewer distinct ids at 16k than there were (BENCHMARKS.md). From it:
 * ``model`` (host): the teacher's weights in fp32 on a CPU, one bf16 copy passing through the
   host on a GPU (P x 4 or P x 2 bytes); the gather's part: ``flush_every`` texts' rows, every
   text token at most, twice (its blocks and the array they make: 2 x flush_every x mean_tokens
-  x H x b), and the merge's 32 bytes of ids a kept row of the rank (S / R x 32); the student's
+  x H x b), and the merge's 32 bytes of ids a kept row of the rank (S / R x 32); a clustering
+  process's share of the mapped row file (S x H x b / R); the student's
   in training: Ps x 16 bytes (weights, grads, two AdamW moments) on its device, Ps x 4 x 5 bytes
   on disk (a checkpoint with the moments and two exports);
 * device memory (GPU only): teacher weights P x 2 + activations batch x length x H x 2 x 16
@@ -247,7 +251,7 @@ def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) ->
         "combine": {"cpu_s": {"token_ids": T, "state_bytes": S * H * b}, "peak_rss_mb": {"rows": S},
                     "disk_mb": {"state_bytes": S * H * b}},
         "cluster": {"cpu_s": {"kmeans": S * H * options.k * options.max_iter / options.cluster_procs},
-                    "peak_rss_mb": {"state_bytes": S * H * b / options.cluster_procs}, "disk_mb": {"dictionary": D * H}},
+                    "peak_rss_mb": {}, "disk_mb": {"dictionary": D * H}},
         "targets": {"cpu_s": {"forward": work.tokens * P / R}, "peak_rss_mb": {"dictionary": D * H},
                     "disk_mb": {"tokens": work.tokens}},
         "train": {"cpu_s": {"student_tokens": options.steps(work) * options.train_batch * work.mean_tokens * Ps},
@@ -261,8 +265,8 @@ def drivers(work: Work, derived: Derived, teacher: Teacher, options: Options) ->
 
 
 def model_terms(teacher: Teacher, options: Options, work: Work, derived: Derived) -> dict[str, dict[str, float]]:
-    """What a stage holds by its design (MB), stated, not fitted: weights, and the gather's part
-    of texts and its merge's ids."""
+    """What a stage holds by its design (MB), stated, not fitted: weights, the gather's part of
+    texts and its merge's ids, the clustering's mapped rows."""
     host_bytes = 4 if options.device == "cpu" else 2
     teacher_mb = teacher.params * host_bytes / MB
     student = teacher.student_params
@@ -273,6 +277,8 @@ def model_terms(teacher: Teacher, options: Options, work: Work, derived: Derived
     # then the merge's 32 bytes of ids a kept row of the rank (merge_parts)
     part_rows = options.flush_every * min(work.mean_tokens, options.max_length)
     terms["gather"]["peak_rss_mb"] += (2 * part_rows * teacher.hidden * 2 + 32 * derived.kept_states / options.gather_gpus) / MB
+    # a clustering process's share of the row file, mapped: each page read once, resident
+    terms["cluster"]["peak_rss_mb"] = derived.kept_states * teacher.hidden * 2 / options.cluster_procs / MB
     terms["train"]["peak_rss_mb"] = student * (16 if options.device == "cpu" else 4) / MB
     terms["train"]["disk_mb"] = student * 4 * 5 / MB
     terms["evaluate"]["peak_rss_mb"] = student * 4 / MB
