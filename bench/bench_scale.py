@@ -41,10 +41,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from embdistill.plan import STAGES  # noqa: E402
+from embdistill.plan import STAGES, Options  # noqa: E402
 from embdistill.torchrun import die_with_parent  # noqa: E402
 
 CAP = 500  # per-token cap of gather and combine: small, so that it binds at these N
+COMBINE_ROWS = (2_000, 20_000)  # rows per id of the synthetic rank files the combine's byte rate compares
 
 
 def stage_commands(task: str, n: int, args) -> dict[str, list[str]]:
@@ -192,7 +193,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=CAP, help="per-token cap of gather and combine")
     parser.add_argument("--senses", type=int, default=5, help="k of the fixed k rule")
     parser.add_argument("--train-steps", type=int, default=20)
-    parser.add_argument("--flush-every", type=int, default=256, help="texts of a gather part (02_gather.py's)")
+    parser.add_argument("--flush-every", type=int, default=Options.flush_every, help="texts of a gather part (02_gather.py's)")
     parser.add_argument("--fit-max-n", type=int, default=4000, help="fit the plan's constants on N up to this")
     parser.add_argument("--write-constants", type=Path, default=None,
                         help="write the fitted constants there (bench/plan_constants.json)")
@@ -267,7 +268,7 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
         counts = count_tokens(tokenizer.tokenize, examples, max_length, progress=False)
         count = time.process_time() - start
         rng = np.random.default_rng(0)
-        for rows in (2_000, 20_000):
+        for rows in COMBINE_ROWS:
             rank_file = Path(tmp) / f"r{rows}" / "rank0.pkl"
             rank_file.parent.mkdir()
             save_pickle({t: rng.standard_normal((rows, 384)).astype(np.float16) for t in range(16)}, rank_file)
@@ -275,10 +276,11 @@ def measure_unit_rates(n_texts: int = 20_000, max_length: int = 128) -> dict:
             combine([[rank_file]], rows, 0, rank_file.with_name("combined.pkl"), {}, {"input0": rank_file})
             combine_s[rows] = time.process_time() - start
     tokens = sum(counts.values())
-    state_bytes = 16 * (20_000 - 2_000) * 384 * 2
+    small, large = COMBINE_ROWS
+    state_bytes = 16 * (large - small) * 384 * 2
     rates = {"texts": (stage0 / chars, {"chars": chars, "cpu_s": stage0}),
              "count": (count / tokens, {"tokens": tokens, "cpu_s": count}),
-             "combine": (max(combine_s[20_000] - combine_s[2_000], 0) / state_bytes,
+             "combine": (max(combine_s[large] - combine_s[small], 0) / state_bytes,
                          {"state_bytes": state_bytes, "cpu_s": combine_s})}
     return {**{stage: {"term": UNIT_RATE_TERMS[stage], "rate": rate, **measured} for stage, (rate, measured) in rates.items()},
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()}, load {os.getloadavg()[0]:.1f}"}
@@ -293,8 +295,7 @@ def report(result: dict, args) -> None:
         if "unit_rates" not in result:
             raise SystemExit("error: this scale.json has no unit rates (a run before they were measured, or "
                              "one stopped early): run bench_scale.py again to fit the plan")
-        constants = fit_constants(fit_on, result["settings"], result["date"], result["machine"],
-                                  result.get("unit_rates"))
+        constants = fit_constants(fit_on, result["settings"], result["date"], result["machine"], result["unit_rates"])
         result["validation"] = {"fit_max_n": args.fit_max_n, "stages": validate(constants, result["records"][-1])}
         if args.write_constants:
             args.write_constants.parent.mkdir(parents=True, exist_ok=True)

@@ -323,7 +323,7 @@ def record_inputs(record: dict, settings: dict) -> tuple[Work, Derived, Options]
 
 
 BENCH_SETTINGS = ("task", "threads", "max_length", "cap", "senses", "train_steps", "flush_every")
-BENCH_DEFAULTS = {"flush_every": 256}  # runs from before it was recorded had 02_gather.py's default
+BENCH_DEFAULTS = {"flush_every": Options.flush_every}  # runs from before it was recorded had the default
 # The terms whose CPU rate is measured on its own (bench_scale.py's unit rates), not fitted:
 # stage 0 and the count are mostly start-up at bench sizes, and the combine's time has a term
 # per token id and one per byte of states, which growing N alone cannot tell apart.
@@ -338,19 +338,20 @@ def fit_constants(records: list[dict], settings: dict, date: str, machine: str, 
     given = {stage: unit_rates.get(stage, {}).get("term") for stage in UNIT_RATE_TERMS}
     if given != UNIT_RATE_TERMS:
         raise ValueError(f"unit rates for {given}, the plan needs {UNIT_RATE_TERMS}")
+    settings = {**BENCH_DEFAULTS, **settings}
+    inputs = [record_inputs(record, settings) for record in records]
+    work_terms = [drivers(work, derived, minilm, options) for work, derived, options in inputs]
+    stated = [model_terms(minilm, options, work, derived) for work, derived, options in inputs]
     stages = {}
     for stage in STAGES:
         stages[stage] = {}
         for metric in METRICS:
-            xs, ys = [], []
-            for record in records:
-                work, derived, options = record_inputs(record, settings)
-                xs.append(drivers(work, derived, minilm, options)[stage][metric])
-                ys.append(record["stages"][stage][metric] - model_terms(minilm, options, work, derived)[stage][metric])
+            xs = [x[stage][metric] for x in work_terms]
+            ys = [record["stages"][stage][metric] - model[stage][metric] for record, model in zip(records, stated)]
             known = {UNIT_RATE_TERMS[stage]: unit_rates[stage]["rate"]} if metric == "cpu_s" and stage in UNIT_RATE_TERMS else {}
             stages[stage][metric] = fit_terms(xs, ys, known)
     return {"date": date, "machine": machine, "fitted_on_texts": [r["work"]["texts"] for r in records],
-            "settings": {key: {**BENCH_DEFAULTS, **settings}[key] for key in BENCH_SETTINGS},
+            "settings": {key: settings[key] for key in BENCH_SETTINGS},
             "zipf_law": fit_zipf(records, minilm.vocab, settings["cap"], settings["senses"]),
             "unit_rates": unit_rates, "stages": stages}
 
